@@ -1,0 +1,197 @@
+"""Official Hugging Face checkpoint directories: read and write them, one tensor at a time.
+
+Reads `config.json` plus `model.safetensors`, `pytorch_model.bin` or their sharded forms with an index. Weights
+are streamed into a model built on the meta device and cast to the target dtype tensor by tensor, so a load
+never holds two copies of the weights. `.bin` files are read with `weights_only=True`: no arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from baichuan.config import Config, ConfigError
+from baichuan.model import Baichuan, NormHead
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Keys the originals keep in their state dicts that are not weights: Baichuan-7B's persistent RoPE buffer.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be loaded; the message says what is wrong and where."""
+
+
+def read_config(directory: str | os.PathLike, position: str | None = None, norm_head: bool | None = None) -> Config:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (is this a Baichuan model directory?)")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return Config.from_hf_dict(hf, position=position, norm_head=norm_head)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The weight files of a directory in load order, preferring safetensors; checks that shards exist."""
+    directory = Path(directory)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+            shards = [directory / name for name in dict.fromkeys(weight_map.values())]
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise CheckpointError(f"{directory}: shard(s) listed in {index_name} are missing: {', '.join(missing)}")
+            return shards
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise CheckpointError(
+        f"{directory}: no weights found (expected model.safetensors, pytorch_model.bin or a sharded index)"
+    )
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one weight file, reading lazily where the format allows."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            for name in list(state):
+                yield name, state.pop(name)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read weights (truncated or corrupt file?): {first_line}") from None
+    except Exception as e:  # unpickling refused by weights_only, and similar
+        if type(e).__name__ == "UnpicklingError":
+            raise CheckpointError(f"{path}: refused to unpickle non-tensor objects (weights_only=True)") from None
+        raise
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
+
+
+def load_weights(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu") -> None:
+    """Stream a directory's weights into `model` (which may live on the meta device), casting each tensor."""
+    expected = dict(model.state_dict(keep_vars=True))
+    seen: set[str] = set()
+    for path in weight_files(directory):
+        for name, tensor in iter_tensors(path):
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            if name not in expected:
+                raise CheckpointError(f"{path}: unexpected tensor {name!r} (not a Baichuan weight of this config)")
+            param = expected[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}"
+                )
+            target_dtype = dtype or (tensor.dtype if tensor.is_floating_point() else param.dtype)
+            value = tensor.to(device=device, dtype=target_dtype)
+            _assign(model, name, value)
+            seen.add(name)
+            del tensor, value
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{directory}: weights missing from the checkpoint: {', '.join(missing[:5])}{more}")
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(attr, value)
+
+
+def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+               position: str | None = None, norm_head: bool | None = None) -> Baichuan:
+    """Load an official or toolkit checkpoint directory as the plain-PyTorch `Baichuan` model (eval mode)."""
+    config = read_config(directory, position, norm_head)
+    with torch.device("meta"):
+        model = Baichuan(config)
+    load_weights(model, directory, dtype, device)
+    return model.eval()
+
+
+def fold_norm_head(model: nn.Module) -> nn.Module:
+    """Swap a NormHead for a plain Linear holding the normalised rows: identical logits, no per-call
+    normalisation. This is also the Baichuan2 -> Baichuan-1 head migration of the Baichuan2 README."""
+    head = model.lm_head
+    if isinstance(head, NormHead):
+        with torch.no_grad():
+            weight = torch.nn.functional.normalize(head.weight.float(), dim=-1).to(head.weight.dtype)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
+        model.lm_head = linear
+    return model
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], directory: str | os.PathLike,
+                 max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write sharded safetensors (`model-0000x-of-0000y.safetensors`) plus the index, as the hub layout does."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous()
+        size += nbytes
+    total = len(shards)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for i, shard in enumerate(shards, start=1):
+        filename = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = filename
+            total_size += tensor.numel() * tensor.element_size()
+    if total > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def save_config(config: Config, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    hf = config.to_hf_dict()
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+
+
+def save_model(model: Baichuan, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Save in the official layout; config.json also states the position encoding and head explicitly."""
+    dtype = next(model.parameters()).dtype
+    save_config(model.config, directory, dtype)
+    save_weights(model.state_dict(), directory, max_shard_bytes)

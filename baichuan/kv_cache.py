@@ -1,0 +1,47 @@
+"""A preallocated key/value cache, passed to the model rather than stored on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """(layers, B, H, S_max, D) key and value buffers.
+
+    The model calls `update(layer, start, k, v)` with the new keys/values of positions start..start+T-1 and gets
+    back everything cached for positions 0..start+T-1. Writing at an earlier `start` overwrites from there, which
+    is how a chat re-uses the cache of a shared prefix. Keys are stored after RoPE, as in the originals.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (n_layers, batch_size, n_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, max_seq_len: int, dtype: torch.dtype, device=None) -> KVCache:
+        return cls(config.n_layers, batch_size, config.n_heads, max_seq_len, config.head_dim, dtype, device)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked to write up to {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (sequences that finished leave the batch)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
