@@ -30,7 +30,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be loaded; the message says what is wrong and where."""
 
 
-def read_config(directory: str | os.PathLike, position: str | None = None, norm_head: bool | None = None) -> Config:
+def read_config(
+    directory: str | os.PathLike, position: str | None = None, norm_head: bool | None = None
+) -> Config:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (is this a Baichuan model directory?)")
@@ -57,7 +59,9 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
             shards = [directory / name for name in dict.fromkeys(weight_map.values())]
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
-                raise CheckpointError(f"{directory}: shard(s) listed in {index_name} are missing: {', '.join(missing)}")
+                raise CheckpointError(
+                    f"{directory}: shard(s) listed in {index_name} are missing: {', '.join(missing)}"
+                )
             return shards
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
@@ -82,10 +86,14 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(e, CheckpointError):
             raise
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read weights (truncated or corrupt file?): {first_line}") from None
+        raise CheckpointError(
+            f"{path}: cannot read weights (truncated or corrupt file?): {first_line}"
+        ) from None
     except Exception as e:  # unpickling refused by weights_only, and similar
         if type(e).__name__ == "UnpicklingError":
-            raise CheckpointError(f"{path}: refused to unpickle non-tensor objects (weights_only=True)") from None
+            raise CheckpointError(
+                f"{path}: refused to unpickle non-tensor objects (weights_only=True)"
+            ) from None
         raise
 
 
@@ -94,8 +102,12 @@ def _is_zip(path: Path) -> bool:
         return f.read(2) == b"PK"
 
 
-def load_weights(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu") -> None:
+def load_weights(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> None:
     """Stream a directory's weights into `model` (which may live on the meta device), casting each tensor."""
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
@@ -104,7 +116,9 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, dtype: torch.dt
             if name.endswith(IGNORED_SUFFIXES):
                 continue
             if name not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor {name!r} (not a Baichuan weight of this config)")
+                raise CheckpointError(
+                    f"{path}: unexpected tensor {name!r} (not a Baichuan weight of this config)"
+                )
             param = expected[name]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(
@@ -118,7 +132,9 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, dtype: torch.dt
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{directory}: weights missing from the checkpoint: {', '.join(missing[:5])}{more}")
+        raise CheckpointError(
+            f"{directory}: weights missing from the checkpoint: {', '.join(missing[:5])}{more}"
+        )
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -131,8 +147,13 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module.register_buffer(attr, value)
 
 
-def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-               position: str | None = None, norm_head: bool | None = None) -> Baichuan:
+def load_model(
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    position: str | None = None,
+    norm_head: bool | None = None,
+) -> Baichuan:
     """Load an official or toolkit checkpoint directory as the plain-PyTorch `Baichuan` model (eval mode)."""
     config = read_config(directory, position, norm_head)
     with torch.device("meta"):
@@ -154,8 +175,9 @@ def fold_norm_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], directory: str | os.PathLike,
-                 max_shard_bytes: int = 2 * 1024**3) -> None:
+def save_weights(
+    state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3
+) -> None:
     """Write sharded safetensors (`model-0000x-of-0000y.safetensors`) plus the index, as the hub layout does."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

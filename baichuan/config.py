@@ -61,12 +61,24 @@ class Config:
     # --- the official config.json ------------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], position: str | None = None, norm_head: bool | None = None) -> Config:
+    def from_hf_dict(
+        cls, hf: dict[str, Any], position: str | None = None, norm_head: bool | None = None
+    ) -> Config:
         """Read an official (or our) Baichuan config.json. `position`/`norm_head` override the clues."""
         model_type = hf.get("model_type")
         if model_type not in (None, "baichuan"):
             raise ConfigError(f"model_type is {model_type!r}, expected 'baichuan'")
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf]
+        missing = [
+            k
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+            )
+            if k not in hf
+        ]
         if missing:
             raise ConfigError(f"config.json lacks required keys: {', '.join(missing)}")
         act = hf.get("hidden_act", "silu")
@@ -83,7 +95,7 @@ class Config:
             norm_head=resolve_norm_head(hf) if norm_head is None else bool(norm_head),
             max_seq_len=int(max_len),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_base=float(hf.get("rope_theta", 10_000.0)),
+            rope_base=float(hf.get("rope_theta") or 10_000.0),
             z_loss_weight=float(hf.get("z_loss_weight") or 0.0),
             pad_token_id=_int_or(hf.get("pad_token_id"), 0),
             bos_token_id=_int_or(hf.get("bos_token_id"), 1),
@@ -164,7 +176,9 @@ def resolve_position(hf: dict[str, Any]) -> str:
         )
     if len(votes) > 1:
         detail = "; ".join(f"{why} -> {p}" for p, why in clues)
-        raise ConfigError(f"config.json clues conflict on the position encoding ({detail}); pass position= explicitly")
+        raise ConfigError(
+            f"config.json clues conflict on the position encoding ({detail}); pass position= explicitly"
+        )
     return votes.pop()
 
 
@@ -196,13 +210,33 @@ def resolve_norm_head(hf: dict[str, Any]) -> bool:
 
 PRESETS: dict[str, Config] = {
     # https://github.com/baichuan-inc/Baichuan-7B (BaiChuanConfig defaults)      -> 7,000,559,616 params
-    "baichuan-7b": Config(vocab_size=BAICHUAN1_VOCAB, dim=4096, n_layers=32, n_heads=32, ffn_dim=11_008, position=ROPE),
+    "baichuan-7b": Config(
+        vocab_size=BAICHUAN1_VOCAB, dim=4096, n_layers=32, n_heads=32, ffn_dim=11_008, position=ROPE
+    ),
     # https://huggingface.co/baichuan-inc/Baichuan-13B-Base/blob/main/config.json -> 13,264,901,120
-    "baichuan-13b": Config(vocab_size=BAICHUAN1_VOCAB, dim=5120, n_layers=40, n_heads=40, ffn_dim=13_696, position=ALIBI),
+    "baichuan-13b": Config(
+        vocab_size=BAICHUAN1_VOCAB, dim=5120, n_layers=40, n_heads=40, ffn_dim=13_696, position=ALIBI
+    ),
     # https://huggingface.co/baichuan-inc/Baichuan2-7B-Base/blob/main/config.json -> 7,505,973,248
-    "baichuan2-7b": Config(vocab_size=BAICHUAN2_VOCAB, dim=4096, n_layers=32, n_heads=32, ffn_dim=11_008, position=ROPE, norm_head=True),
+    "baichuan2-7b": Config(
+        vocab_size=BAICHUAN2_VOCAB,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        ffn_dim=11_008,
+        position=ROPE,
+        norm_head=True,
+    ),
     # https://huggingface.co/baichuan-inc/Baichuan2-13B-Base/blob/main/config.json -> 13,896,668,160
-    "baichuan2-13b": Config(vocab_size=BAICHUAN2_VOCAB, dim=5120, n_layers=40, n_heads=40, ffn_dim=13_696, position=ALIBI, norm_head=True),
+    "baichuan2-13b": Config(
+        vocab_size=BAICHUAN2_VOCAB,
+        dim=5120,
+        n_layers=40,
+        n_heads=40,
+        ffn_dim=13_696,
+        position=ALIBI,
+        norm_head=True,
+    ),
 }
 
 

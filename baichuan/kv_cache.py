@@ -14,8 +14,16 @@ class KVCache(nn.Module):
     is how a chat re-uses the cache of a shared prefix. Keys are stored after RoPE, as in the originals.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         shape = (n_layers, batch_size, n_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -33,7 +41,9 @@ class KVCache(nn.Module):
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked to write up to {end}")

@@ -20,7 +20,9 @@ from baichuan.position import ALiBi, RoPE, build_position
 class Cache(Protocol):
     """What attention needs from a cache: store new keys/values of positions start.., return all of them."""
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class RMSNorm(nn.Module):
@@ -45,10 +47,19 @@ class Attention(nn.Module):
         self.W_pack = nn.Linear(config.dim, 3 * config.dim, bias=False)  # q, k, v stacked
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, pos: RoPE | ALiBi, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache: Cache | None, start: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: RoPE | ALiBi,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+        start: int,
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.W_pack(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        q, k, v = (
+            self.W_pack(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (B, H, T, D)
         q, k = pos.rotate(q, k, positions)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, H, S, D)
@@ -94,9 +105,14 @@ class BaichuanModel(nn.Module):
         self.position = build_position(config)  # one object shared by all layers; no parameters
         self.gradient_checkpointing = False
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0, cache: Cache | None = None,
-                attention_mask: torch.Tensor | None = None,
-                hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        start_pos: int = 0,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        hidden_states: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """idx (B, T) holds positions start_pos..start_pos+T-1. With a cache, keys cover 0..start_pos+T-1 and
         `attention_mask` (B, start_pos+T) marks real tokens (1) and padding (0) among them; without one, keys are
         the T new tokens and the mask is (B, T). Collects the official `output_hidden_states` into
@@ -112,7 +128,9 @@ class BaichuanModel(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(x)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, self.position, positions, mask, cache, start_pos, use_reentrant=False)
+                x = checkpoint(
+                    layer, x, self.position, positions, mask, cache, start_pos, use_reentrant=False
+                )
             else:
                 x = layer(x, self.position, positions, mask, cache, start_pos)
         x = self.norm(x)
@@ -120,8 +138,9 @@ class BaichuanModel(nn.Module):
             hidden_states.append(x)
         return x
 
-    def attention_bias(self, q_positions: torch.Tensor, k_len: int, attention_mask: torch.Tensor | None,
-                       dtype: torch.dtype) -> torch.Tensor | None:
+    def attention_bias(
+        self, q_positions: torch.Tensor, k_len: int, attention_mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """The additive mask for SDPA, (B|1, H|1, T, S), or None where plain causal attention is exact."""
         T = q_positions.shape[0]
         bias = self.position.bias(q_positions, k_len)  # (H, T, S) or None
@@ -131,7 +150,9 @@ class BaichuanModel(nn.Module):
         keep = k_positions[None, :] <= q_positions[:, None]  # (T, S) causal
         if attention_mask is not None:
             if attention_mask.shape[-1] != k_len:
-                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {k_len}")
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} positions, expected {k_len}"
+                )
             # Every query keeps its own key, so padding rows stay finite (they attend to themselves only)
             # instead of turning into NaN; the originals fill them with uniform garbage instead.
             diagonal = k_positions[None, :] == q_positions[:, None]
@@ -171,8 +192,14 @@ class Baichuan(nn.Module):
         self.model = BaichuanModel(config)
         self.lm_head = build_head(config)
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0, cache: Cache | None = None,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        start_pos: int = 0,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         x = self.model(idx, start_pos, cache, attention_mask)
         if last_only:  # generation needs only the next-token logits
             x = x[:, -1:]
@@ -199,7 +226,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_weight: fl
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+    )
     if z_loss_weight:
         loss = loss + z_loss_weight * shift_logits.max(dim=-1).values.pow(2).mean()
     return loss

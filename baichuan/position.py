@@ -29,7 +29,10 @@ class RoPE(nn.Module):
         if table is None or table[0].shape[0] < length or table[0].device != device:
             # Grow past max_seq_len when asked, as the originals do, rather than fail on long inputs.
             size = max(length, self.max_seq_len)
-            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim))
+            inv_freq = 1.0 / (
+                self.base
+                ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+            )
             t = torch.arange(size, device=device, dtype=torch.float32)
             freqs = torch.outer(t, inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -37,7 +40,9 @@ class RoPE(nn.Module):
             self._table = table
         return table
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k: (B, H, T, D); positions: (T,) shared by the batch, or (B, T)
         cos, sin = self._cos_sin(int(positions.max()) + 1, q.device)
         cos, sin = cos[positions], sin[positions]
@@ -87,7 +92,9 @@ class ALiBi(nn.Module):
             self._slopes = torch.tensor(alibi_slopes(self.n_heads), dtype=torch.float32, device=device)
         return self._slopes
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
     def bias(self, q_positions: torch.Tensor, k_len: int) -> torch.Tensor:

@@ -26,8 +26,16 @@ def tiny_config(position: str = ROPE, norm_head: bool = False, **overrides) -> C
     # 10 heads for ALiBi: not a power of two, like the real 13B's 40.
     heads = 10 if position == ALIBI else 4
     dim = 80 if position == ALIBI else 64
-    base = Config(vocab_size=512, dim=dim, n_layers=2, n_heads=heads, ffn_dim=172, position=position,
-                  norm_head=norm_head, max_seq_len=256)
+    base = Config(
+        vocab_size=512,
+        dim=dim,
+        n_layers=2,
+        n_heads=heads,
+        ffn_dim=172,
+        position=position,
+        norm_head=norm_head,
+        max_seq_len=256,
+    )
     return base.replace(**overrides)
 
 

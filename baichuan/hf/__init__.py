@@ -1,0 +1,32 @@
+"""The transformers face: config, model and tokenizer classes, registered with the Auto classes.
+
+The only package that imports transformers; `import baichuan` calls `register()`.
+"""
+
+from __future__ import annotations
+
+from baichuan.hf.config import BaichuanConfig
+from baichuan.hf.model import BaichuanForCausalLM
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModelForCausalLM / AutoTokenizer resolve `model_type: baichuan` to our classes,
+    so official checkpoints load without trust_remote_code."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:  # TEMP
+        from baichuan.hf.tokenizer import BaichuanTokenizer, BaichuanTokenizerFast
+    except ImportError:
+        BaichuanTokenizer = None
+    AutoConfig.register("baichuan", BaichuanConfig, exist_ok=True)
+    AutoModelForCausalLM.register(BaichuanConfig, BaichuanForCausalLM, exist_ok=True)
+    if BaichuanTokenizer is not None:
+        AutoTokenizer.register(
+            BaichuanConfig,
+            slow_tokenizer_class=BaichuanTokenizer,
+            fast_tokenizer_class=BaichuanTokenizerFast,
+            exist_ok=True,
+        )
+
+
+__all__ = ["BaichuanConfig", "BaichuanForCausalLM", "register"]

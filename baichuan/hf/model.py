@@ -1,0 +1,132 @@
+"""The transformers face of the core model: `BaichuanForCausalLM` (PreTrainedModel + GenerationMixin).
+
+A thin adapter: the modules are the core ones from `baichuan.model`, so parameter names are the official
+ones and `AutoModelForCausalLM`, `generate`, peft and Trainer work without remote code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from baichuan.hf.config import BaichuanConfig
+from baichuan.model import BaichuanModel, DecoderLayer, NormHead, RMSNorm, build_head, causal_lm_loss
+
+
+class _TransformersCache:
+    """Presents a transformers `Cache` through the core model's `update(layer, start, k, v)` protocol."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, layer)
+
+
+class BaichuanPreTrainedModel(PreTrainedModel):
+    config_class = BaichuanConfig
+    config: BaichuanConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # Baichuan-7B checkpoints carry a persistent RoPE buffer that is not a weight.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding, NormHead)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
+    def __init__(self, config: BaichuanConfig):
+        super().__init__(config)
+        self.core_config = config.to_core()
+        self.model = BaichuanModel(self.core_config)
+        self.lm_head = build_head(self.core_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        self.model.gradient_checkpointing = enable
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        # position_ids are accepted and not needed: RoPE sees relative offsets only, so positions counted
+        # with or without left padding give the same logits for real tokens (checked against the originals).
+        if inputs_embeds is not None:
+            raise ValueError("BaichuanForCausalLM takes input_ids; inputs_embeds is not supported")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.model.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        start = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = _TransformersCache(past_key_values) if past_key_values is not None else None
+
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # all real tokens: let the model take its mask-free fast path
+        if attention_mask is not None and attention_mask.shape[-1] != start + input_ids.shape[1]:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions; expected past ({start}) + new "
+                f"({input_ids.shape[1]})"
+            )
+
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
+        x = self.model(input_ids, start, cache, attention_mask, hidden_states)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, self.core_config.z_loss_weight)
+        if hidden_states is not None:
+            # The official tuple: embeddings, the output of every layer but the last, then the final norm.
+            hidden_states = tuple(hidden_states)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=hidden_states,
+        )
+
+
+__all__ = ["BaichuanForCausalLM", "BaichuanPreTrainedModel", "DecoderLayer"]

@@ -1,0 +1,116 @@
+"""The transformers face: Auto classes on official directories, parity with the original, generate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+import baichuan
+from baichuan.hf import BaichuanConfig, BaichuanForCausalLM
+from tests.conftest import VARIANTS, shared_path
+
+ATOL = 1e-4
+
+
+def official(variant):
+    root = shared_path("oracle", "fixtures", variant)
+    model = AutoModelForCausalLM.from_pretrained(root / "checkpoint", dtype=torch.float32).eval()
+    ref = np.load(root / "reference.npz")
+    facts = json.loads((root / "reference.json").read_text())
+    return model, ref, facts
+
+
+def t(a):
+    return torch.from_numpy(np.asarray(a))
+
+
+def test_public_names():
+    assert baichuan.BaichuanForCausalLM is BaichuanForCausalLM
+    assert baichuan.BaichuanConfig is BaichuanConfig
+    config = BaichuanConfig.from_preset("baichuan2-13b")
+    assert config.position_encoding == "alibi" and config.norm_head and config.vocab_size == 125_696
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_auto_classes_load_official_directory(variant):
+    model, ref, facts = official(variant)
+    assert isinstance(model, BaichuanForCausalLM)
+    config = AutoConfig.from_pretrained(shared_path("oracle", "fixtures", variant, "checkpoint"))
+    assert isinstance(config, BaichuanConfig)
+    assert config.position_encoding == ("alibi" if "13b" in variant else "rope")
+    assert config.norm_head == variant.startswith("baichuan2")
+    names = {n for n, _ in model.named_parameters()}
+    assert "model.layers.0.self_attn.W_pack.weight" in names and "lm_head.weight" in names
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_loss_and_hidden_states_match_original(variant):
+    model, ref, facts = official(variant)
+    with torch.no_grad():
+        out = model(t(ref["input_ids"]), labels=t(ref["labels"]), output_hidden_states=True)
+    assert (out.logits - t(ref["logits_full"])).abs().max() < ATOL
+    assert out.loss.item() == pytest.approx(facts["loss"]["eval_loss"], abs=1e-4)
+    hidden = torch.stack(out.hidden_states)[:, 0]
+    assert hidden.shape == ref["hidden_states"].shape
+    assert (hidden - t(ref["hidden_states"])).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_incremental_with_transformers_cache(variant):
+    model, ref, _ = official(variant)
+    ids = t(ref["input_ids"])
+    with torch.no_grad():
+        out = model(ids[:, :8], use_cache=True)
+        steps, past = [out.logits], out.past_key_values
+        for i in range(8, ids.shape[1]):
+            out = model(ids[:, i : i + 1], past_key_values=past, use_cache=True)
+            steps.append(out.logits)
+    assert (torch.cat(steps, 1) - t(ref["logits_incremental_prefill8"])).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_generate_matches_original(variant):
+    model, ref, facts = official(variant)
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=24, repetition_penalty=1.0, eos_token_id=2, pad_token_id=0
+    )
+    with torch.no_grad():
+        out = model.generate(t(ref["prompt_ids"]), generation_config=config)
+    assert out.tolist() == ref["greedy_sequences"].tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_generate_matches_original(variant):
+    model, ref, _ = official(variant)
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=12, repetition_penalty=1.0, eos_token_id=None, pad_token_id=0
+    )
+    with torch.no_grad():
+        out = model.generate(
+            t(ref["padded_input_ids"]),
+            attention_mask=t(ref["padded_attention_mask"]),
+            generation_config=config,
+        )
+    assert out.tolist() == ref["padded_generate_sequences"].tolist()
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    config = BaichuanConfig.from_preset(
+        "baichuan2-13b",
+        hidden_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=10,
+        intermediate_size=96,
+        vocab_size=128,
+    )
+    torch.manual_seed(0)
+    model = BaichuanForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["position_encoding"] == "alibi" and saved["norm_head"] is True
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
