@@ -7,6 +7,9 @@ checkpoint directories load with `AutoModelForCausalLM.from_pretrained(dir)` and
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 from baichuan.config import PRESETS, Config
@@ -34,16 +37,37 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'baichuan' has no attribute {name!r}")
 
 
+class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
+    """Registers our Auto classes right after transformers is first imported.
+
+    transformers takes seconds to import; the core, the CLI and the server do not need it, so `import baichuan`
+    registers eagerly only if transformers is already loaded, and otherwise the moment it is."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                _register_with_transformers()
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
 def _register_with_transformers() -> None:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:  # the core works without transformers
-        return
     from baichuan.hf import register
 
     register()
 
 
-_register_with_transformers()
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
 
 __all__ = ["PRESETS", "Config", *_LAZY]

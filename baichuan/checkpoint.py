@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -176,29 +176,41 @@ def fold_norm_head(model: nn.Module) -> nn.Module:
 
 
 def save_weights(
-    state_dict: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3
+    tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+    directory: str | os.PathLike,
+    max_shard_bytes: int = 2 * 1024**3,
 ) -> None:
-    """Write sharded safetensors (`model-0000x-of-0000y.safetensors`) plus the index, as the hub layout does."""
+    """Write sharded safetensors (`model-0000x-of-0000y.safetensors`) plus the index, as the hub layout does.
+
+    `tensors` may be a generator: each shard is written as soon as it is full, so a checkpoint larger than
+    memory can be produced tensor by tensor."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state_dict.items():
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total_size = 0
+
+    def flush() -> None:
+        path = directory / f".shard-{len(written) + 1:05d}.tmp"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+
+    for name, tensor in items:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.detach().contiguous()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensor.detach().contiguous()
         size += nbytes
-    total = len(shards)
+        total_size += nbytes
+    flush()
+    total = len(written)
     weight_map: dict[str, str] = {}
-    total_size = 0
-    for i, shard in enumerate(shards, start=1):
+    for i, (path, names) in enumerate(written, start=1):
         filename = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
-        save_file(shard, str(directory / filename), metadata={"format": "pt"})
-        for name, tensor in shard.items():
-            weight_map[name] = filename
-            total_size += tensor.numel() * tensor.element_size()
+        path.replace(directory / filename)
+        weight_map.update(dict.fromkeys(names, filename))
     if total > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,168 @@
+"""`baichuan init`: a randomly initialised checkpoint directory, with a tokenizer, in the official layout.
+
+Used by tests, benchmarks and anyone pretraining from scratch. The tokenizer is either copied from a given
+`tokenizer.model` or trained here (SentencePiece BPE with byte fallback and split digits, like the originals)
+on a small built-in text sample, so that the directory is complete without downloading anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from baichuan.checkpoint import save_config, save_weights
+from baichuan.config import Config
+from baichuan.model import Baichuan, init_weights
+
+USER_TOKEN_ID = 195
+ASSISTANT_TOKEN_ID = 196
+# Ids 3..392 of the real vocabulary are reserved user-defined symbols; 195/196 are the chat roles among them.
+N_RESERVED = 390
+
+# The Baichuan2-Chat generation_config.json values.
+CHAT_GENERATION_CONFIG = {
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "user_token_id": USER_TOKEN_ID,
+    "assistant_token_id": ASSISTANT_TOKEN_ID,
+    "max_new_tokens": 2048,
+    "temperature": 0.3,
+    "top_k": 5,
+    "top_p": 0.85,
+    "repetition_penalty": 1.05,
+    "do_sample": True,
+}
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "BaichuanTokenizer",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "clean_up_tokenization_spaces": False,
+    "sp_model_kwargs": {},
+}
+
+
+_ENGLISH = """the of and to in is that for it as was with be by on not he this are or his from at which but have an
+they you were her she there been one all we their has would when if so no what up out who them some could more into
+time only new other may then two first any these like now my over such our man me even most made after also did many
+before must through back years where much your way well down should because each just those people how too little
+state good very make world still own see men work long get here between both life being under never day same another
+know while last might us great old year off come since against go came right used take three model language token
+"""
+
+
+def sample_text(n_lines: int = 4000, seed: int = 0) -> list[str]:
+    """Mixed English/Chinese/digit/code lines for training a small tokenizer; deterministic."""
+    zen = _ENGLISH.split()
+    rng = random.Random(seed)
+    common_cjk = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    punctuation = "，。！？：；“”（）、"
+    lines = []
+    for i in range(n_lines):
+        kind = i % 4
+        if kind == 0:
+            lines.append(" ".join(rng.choice(zen) for _ in range(rng.randint(5, 20))))
+        elif kind == 1:
+            lines.append(
+                "".join(rng.choice(common_cjk + list(punctuation)) for _ in range(rng.randint(8, 40)))
+            )
+        elif kind == 2:
+            lines.append(f"{rng.randint(0, 10**6)} + {rng.randint(0, 999)} = {rng.random():.4f}")
+        else:
+            lines.append(f"    def f_{i}(x):\n        return x * {rng.randint(2, 9)}  # {rng.choice(zen)}")
+    return lines
+
+
+def train_tokenizer(path: str | os.PathLike, vocab_size: int = 4000, lines: list[str] | None = None) -> int:
+    """Train a Baichuan-style SentencePiece BPE model at `path`; returns its vocabulary size."""
+    import sentencepiece as spm
+
+    lines = lines if lines is not None else sample_text()
+    reserved = [f"<reserved_{i}>" for i in range(N_RESERVED)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=0.9995,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        user_defined_symbols=reserved,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    Path(path).write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_file=str(path))
+    return processor.vocab_size()
+
+
+def random_weights(
+    config: Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Randomly initialised weights, one block at a time, so even a 13B checkpoint is made in little memory."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = Baichuan(config)
+    blocks = [("model.embed_tokens", model.model.embed_tokens)]
+    blocks += [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+    blocks += [("model.norm", model.model.norm), ("lm_head", model.lm_head)]
+    for prefix, block in blocks:
+        block.to_empty(device="cpu")
+        init_weights(block, generator=generator)
+        for name, tensor in block.state_dict().items():
+            yield f"{prefix}.{name}", tensor.to(dtype)
+        block.to("meta")
+
+
+def init_checkpoint(
+    config: Config,
+    directory: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    tokenizer: str | os.PathLike | None = None,
+    tokenizer_vocab: int = 4000,
+) -> Path:
+    """Write config.json, generation_config.json, safetensors weights and tokenizer files to `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, directory / "tokenizer.model")
+    else:
+        trained = train_tokenizer(directory / "tokenizer.model", min(tokenizer_vocab, config.vocab_size))
+        if trained > config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {trained} pieces but the model vocabulary is {config.vocab_size}"
+            )
+    save_config(config, directory, dtype)
+    save_weights(random_weights(config, dtype, seed), directory)
+    tokenizer_config = dict(TOKENIZER_CONFIG, model_max_length=config.max_seq_len)
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8"
+    )
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    (directory / "generation_config.json").write_text(
+        json.dumps(CHAT_GENERATION_CONFIG, indent=2) + "\n", encoding="utf-8"
+    )
+    return directory

@@ -1,0 +1,53 @@
+"""The `baichuan` command line: real runs on tiny checkpoints, and one clear line for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from baichuan.checkpoint import load_model
+from baichuan.cli import app
+
+runner = CliRunner()
+TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--ffn", "128", "--vocab", "4096"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+    result = runner.invoke(app, ["init", "--preset", "baichuan2-13b", *TINY, str(directory)])
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def test_init_writes_a_loadable_official_layout(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    } <= names
+    model = load_model(tiny_dir)
+    assert model.config.position == "alibi" and model.config.norm_head and model.config.n_layers == 2
+
+
+def test_init_refuses_non_empty_directory(tiny_dir):
+    result = runner.invoke(app, ["init", str(tiny_dir)])
+    assert result.exit_code == 1
+    assert "not empty" in result.output and "Traceback" not in result.output
+
+
+def test_init_unknown_preset(tmp_path):
+    result = runner.invoke(app, ["init", "--preset", "gpt2", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "unknown preset" in result.output
+
+
+def test_help_is_fast_and_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "baichuan.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0
+    assert "init" in out.stdout
