@@ -42,14 +42,28 @@ class KVCache(nn.Module):
         return self.k.shape[1]
 
     def update(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
+        """k, v: (B, H, T, D) for positions start..start+T-1; `start` is an int or a (B,) tensor of per-row
+        positions. Returns the cached (B, H, end, D) up to the furthest row's end."""
+        T = k.shape[2]
+        if isinstance(start, torch.Tensor):
+            slots = start.to(self.k.device)[:, None] + torch.arange(T, device=self.k.device)  # (B, T)
+            end = int(slots.max()) + 1
+            self._check(end)
+            rows = torch.arange(k.shape[0], device=self.k.device)[:, None]
+            self.k[layer, rows, :, slots] = k.transpose(1, 2)  # indexed as (B, T, H, D)
+            self.v[layer, rows, :, slots] = v.transpose(1, 2)
+        else:
+            end = start + T
+            self._check(end)
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def _check(self, end: int) -> None:
         if end > self.max_seq_len:
             raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked to write up to {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (sequences that finished leave the batch)."""

@@ -108,20 +108,27 @@ class BaichuanModel(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         hidden_states: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """idx (B, T) holds positions start_pos..start_pos+T-1. With a cache, keys cover 0..start_pos+T-1 and
         `attention_mask` (B, start_pos+T) marks real tokens (1) and padding (0) among them; without one, keys are
-        the T new tokens and the mask is (B, T). Collects the official `output_hidden_states` into
-        `hidden_states` when a list is given."""
+        the T new tokens and the mask is (B, T). `start_pos` may be a (B,) tensor: each row then continues at
+        its own position (the rows of a continuously batched server). Collects the official
+        `output_hidden_states` into `hidden_states` when a list is given."""
         B, T = idx.shape
-        if cache is None and start_pos:
+        steps = torch.arange(T, device=idx.device)
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(idx.device)[:, None] + steps  # (B, T)
+            k_len = int(start_pos.max()) + T
+        else:
+            positions = start_pos + steps  # (T,)
+            k_len = start_pos + T
+        if cache is None and k_len != T:
             raise ValueError("start_pos > 0 needs a cache holding the earlier positions")
-        positions = torch.arange(start_pos, start_pos + T, device=idx.device)
-        mask = self.attention_bias(positions, start_pos + T, attention_mask, self.embed_tokens.weight.dtype)
+        mask = self.attention_bias(positions, k_len, attention_mask, self.embed_tokens.weight.dtype)
 
         x = self.embed_tokens(idx)
         for layer in self.layers:
@@ -141,13 +148,14 @@ class BaichuanModel(nn.Module):
     def attention_bias(
         self, q_positions: torch.Tensor, k_len: int, attention_mask: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        """The additive mask for SDPA, (B|1, H|1, T, S), or None where plain causal attention is exact."""
-        T = q_positions.shape[0]
-        bias = self.position.bias(q_positions, k_len)  # (H, T, S) or None
-        if bias is None and attention_mask is None and (T == k_len or T == 1):
+        """The additive mask for SDPA, (B|1, H|1, T, S), or None where plain causal attention is exact.
+        q_positions is (T,), shared by the batch, or (B, T)."""
+        T = q_positions.shape[-1]
+        bias = self.position.bias(q_positions, k_len)  # (H, T, S), (B, H, T, S) or None
+        if bias is None and attention_mask is None and q_positions.dim() == 1 and (T == k_len or T == 1):
             return None
         k_positions = torch.arange(k_len, device=q_positions.device)
-        keep = k_positions[None, :] <= q_positions[:, None]  # (T, S) causal
+        keep = k_positions <= q_positions[..., None]  # (T, S) or (B, T, S): causal
         if attention_mask is not None:
             if attention_mask.shape[-1] != k_len:
                 raise ValueError(
@@ -155,12 +163,12 @@ class BaichuanModel(nn.Module):
                 )
             # Every query keeps its own key, so padding rows stay finite (they attend to themselves only)
             # instead of turning into NaN; the originals fill them with uniform garbage instead.
-            diagonal = k_positions[None, :] == q_positions[:, None]
-            keep = (keep[None] & attention_mask[:, None, :].bool()) | diagonal[None]  # (B, T, S)
-            keep = keep[:, None]  # (B, 1, T, S)
+            diagonal = k_positions == q_positions[..., None]
+            keep = (keep & attention_mask[:, None, :].bool()) | diagonal  # (B, T, S)
+        keep = keep.unsqueeze(-3)  # (..., 1, T, S)
         if bias is None:
-            bias = torch.zeros(keep.shape[-2:], device=keep.device)
-        return bias.masked_fill(~keep, float("-inf")).to(dtype)
+            bias = torch.zeros((), device=keep.device)
+        return torch.where(keep, bias, float("-inf")).to(dtype)
 
 
 class NormHead(nn.Module):
@@ -195,7 +203,7 @@ class Baichuan(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,

@@ -98,10 +98,11 @@ class ALiBi(nn.Module):
         return q, k
 
     def bias(self, q_positions: torch.Tensor, k_len: int) -> torch.Tensor:
-        # (H, T, S) = -slope_h * (i - j); positive (future) offsets are masked by the caller anyway.
+        # (H, T, S), or (B, H, T, S) for per-row positions: -slope_h * (i - j). Future keys (j > i) get a
+        # positive bias here and are masked by the caller.
         k_positions = torch.arange(k_len, device=q_positions.device)
-        distance = (k_positions[None, :] - q_positions[:, None]).float()
-        return self.slopes(q_positions.device)[:, None, None] * distance[None]
+        distance = (k_positions - q_positions[..., None]).float().unsqueeze(-3)  # (..., 1, T, S)
+        return self.slopes(q_positions.device)[:, None, None] * distance
 
 
 def build_position(config: Config) -> RoPE | ALiBi:

@@ -158,3 +158,24 @@ def test_gradients_flow(tiny):
     loss = causal_lm_loss(model(ids), ids)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_per_row_positions_equal_separate_runs(tiny):
+    # Rows at different positions in one decode step (continuous batching) give each row's own logits.
+    torch.manual_seed(0)
+    model = Baichuan(tiny).eval()
+    model.init_weights()
+    prompts = [torch.randint(0, tiny.vocab_size, (1, n)) for n in (3, 7, 5)]
+    nxt = torch.randint(0, tiny.vocab_size, (3, 1))
+    batch_cache = KVCache.for_model(tiny, 3, 16, torch.float32)
+    expected = []
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            single = KVCache.for_model(tiny, 1, 16, torch.float32)
+            model(prompt, 0, single)
+            expected.append(model(nxt[row : row + 1], prompt.shape[1], single))
+            batch_cache.k[:, row : row + 1] = single.k
+            batch_cache.v[:, row : row + 1] = single.v
+        lengths = torch.tensor([p.shape[1] for p in prompts])
+        got = model(nxt, lengths, batch_cache)
+    assert (got - torch.cat(expected)).abs().max() < 1e-5
