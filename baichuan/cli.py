@@ -117,6 +117,133 @@ def init(
     )
 
 
+ModelDir = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint directory (official or ours).")]
+Device = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="auto (bf16 where the hardware computes it natively, else fp32/fp16), bf16, fp16, fp32."
+    ),
+]
+MaxNew = Annotated[
+    int | None, typer.Option(help="Most tokens to generate [default: generation_config.json's].")
+]
+Temperature = Annotated[float | None, typer.Option(help="Sampling temperature [default: the checkpoint's].")]
+TopK = Annotated[int | None, typer.Option(help="Top-k sampling, 0 = off [default: the checkpoint's].")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus sampling [default: the checkpoint's].")]
+Penalty = Annotated[float | None, typer.Option(help="Repetition penalty [default: the checkpoint's].")]
+Seed = Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")]
+Greedy = Annotated[bool, typer.Option(help="Greedy decoding instead of sampling.")]
+
+
+def _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy):
+    try:
+        sampling = loaded.sampling.replace(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+        return sampling.replace(do_sample=False) if greedy else sampling
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _load(model: Path, device: str, dtype: str):
+    from rich.console import Console
+
+    from baichuan.runtime import load_for_inference
+
+    try:
+        with Console(stderr=True).status(f"loading {model}"):
+            return load_for_inference(model, device, dtype)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+@app.command()
+@friendly
+def generate(
+    model: ModelDir,
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="The prompt; '-' reads it from standard input.")
+    ],
+    chat: Annotated[
+        bool, typer.Option(help="Send the prompt as a user message in the model's chat format.")
+    ] = False,
+    system: Annotated[str | None, typer.Option(help="A system prompt (with --chat).")] = None,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    repetition_penalty: Penalty = None,
+    seed: Seed = None,
+    greedy: Greedy = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Complete a prompt (or answer it as a chat message with --chat) and stream the text to standard output."""
+    from rich.console import Console
+
+    from baichuan.generate import chat as chat_answer
+    from baichuan.generate import stream_text
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    loaded = _load(model, device, dtype)
+    Console(stderr=True).print(f"[dim]{loaded.note}[/]")
+    sampling = _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        try:
+            pieces = chat_answer(
+                loaded.model,
+                loaded.tokenizer,
+                messages,
+                sampling,
+                stream=True,
+                chat_format=loaded.chat_format,
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        ids = ([loaded.tokenizer.bos_id] if loaded.add_bos else []) + loaded.tokenizer.encode(prompt)
+        if not ids:
+            raise UserError("the prompt is empty")
+        pieces = stream_text(loaded.model, loaded.tokenizer, ids, sampling)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+@friendly
+def chat(
+    model: ModelDir,
+    system: Annotated[str | None, typer.Option(help="A system prompt (Baichuan2 chat models).")] = None,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    repetition_penalty: Penalty = None,
+    seed: Seed = None,
+    greedy: Greedy = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Chat in the terminal: streaming answers, history, /clear, /exit, Ctrl-C stops an answer."""
+    from baichuan import chat as repl
+
+    loaded = _load(model, device, dtype)
+    sampling = _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
+    repl.run(loaded, sampling, system)
+
+
 def main() -> None:
     app(prog_name="baichuan")
 

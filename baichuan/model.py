@@ -216,6 +216,14 @@ class Baichuan(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         init_weights(self, std, generator)
 
+    @classmethod
+    def from_modules(cls, config: Config, model: BaichuanModel, lm_head: nn.Module) -> Baichuan:
+        """A view over existing modules (no copy), e.g. those of the transformers face."""
+        view = cls.__new__(cls)
+        nn.Module.__init__(view)
+        view.config, view.model, view.lm_head = config, model, lm_head
+        return view
+
 
 def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Random initialisation for training from scratch: N(0, std) for linears and embeddings, ones for norms."""

@@ -6,14 +6,26 @@ ones and `AutoModelForCausalLM`, `generate`, peft and Trainer work without remot
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from baichuan.checkpoint import fold_norm_head
 from baichuan.hf.config import BaichuanConfig
-from baichuan.model import BaichuanModel, DecoderLayer, NormHead, RMSNorm, build_head, causal_lm_loss
+from baichuan.model import (
+    Baichuan,
+    BaichuanModel,
+    DecoderLayer,
+    NormHead,
+    RMSNorm,
+    build_head,
+    causal_lm_loss,
+)
+from baichuan.tokenizer import Tokenizer
 
 
 class _TransformersCache:
@@ -127,6 +139,47 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=hidden_states,
         )
+
+    # --- the originals' chat API ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def chat(self, tokenizer, messages: list[dict[str, str]], stream: bool = False, generation_config=None):
+        """Drop-in for the original `model.chat`: the answer as a string, or with stream=True an iterator of the
+        growing answer text (as the original yields it). Sampling follows `generation_config` (default: the
+        checkpoint's generation_config.json); the role ids always come from the checkpoint's, as in the original."""
+        from baichuan.chat_format import chat_format_for
+        from baichuan.generate import SamplingConfig
+        from baichuan.generate import chat as chat_engine
+
+        core_tokenizer = _core_tokenizer(tokenizer)
+        sampling = SamplingConfig.from_generation_config(
+            generation_config or self.generation_config, vocab_size=core_tokenizer.vocab_size
+        )
+        chat_format = chat_format_for(self.config, self.generation_config)
+        answer = chat_engine(
+            self._inference_view(), core_tokenizer, messages, sampling, stream, chat_format=chat_format
+        )
+        return itertools.accumulate(answer) if stream else answer
+
+    def _inference_view(self) -> Baichuan:
+        """The core model over these modules, with the NormHead folded once (re-folded if the head changes)."""
+        key = (self.lm_head.weight.data_ptr(), self.lm_head.weight._version, self.lm_head.weight.dtype)
+        cached = self.__dict__.get("_folded_head")  # kept out of the module tree, so never saved
+        if cached is None or cached[0] != key:
+            view = Baichuan.from_modules(self.core_config, self.model, self.lm_head)
+            cached = self.__dict__["_folded_head"] = (key, fold_norm_head(view).lm_head)
+        return Baichuan.from_modules(self.core_config, self.model, cached[1])
+
+
+def _core_tokenizer(tokenizer) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if not vocab_file:
+        raise ValueError(
+            "chat needs the tokenizer's SentencePiece file (tokenizer.vocab_file) to decode streams"
+        )
+    return Tokenizer(vocab_file)
 
 
 __all__ = ["BaichuanForCausalLM", "BaichuanPreTrainedModel", "DecoderLayer"]

@@ -114,3 +114,24 @@ def test_save_pretrained_round_trip(tmp_path):
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+@pytest.mark.parametrize("variant", ["baichuan1_13b", "baichuan2_7b", "baichuan2_13b"])
+def test_model_chat_matches_original_greedy_chat(variant):
+    from transformers import AutoTokenizer
+
+    model, ref, facts = official(variant)
+    tokenizer = AutoTokenizer.from_pretrained(shared_path("oracle", "fixtures", variant, "checkpoint"))
+    case = facts["chat"]["chat_greedy"]
+    messages = facts["chat"]["messages"]["multi_turn"]
+    if variant == "baichuan1_13b":  # Baichuan-13B-Chat has no system role
+        messages = [m for m in messages if m["role"] != "system"]
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=case["max_new_tokens"], repetition_penalty=1.0)
+    before = model.lm_head.weight.detach().clone()
+    answer = model.chat(tokenizer, messages, generation_config=greedy)
+    assert answer == case["response"]
+    streamed = list(model.chat(tokenizer, messages, stream=True, generation_config=greedy))
+    assert streamed[-1] == answer  # the original streams the growing answer
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))
+    assert torch.equal(model.lm_head.weight, before)  # chat folds a copy of the NormHead, never the weight
+    assert not any("_folded" in name for name in model.state_dict())

@@ -1,0 +1,89 @@
+"""The terminal chat (`baichuan chat`): streaming answers, multi-turn history, /clear, /exit, multi-line input,
+and Ctrl-C that stops the current answer without leaving. The KV cache of earlier turns is re-used."""
+
+from __future__ import annotations
+
+import threading
+
+from rich.console import Console
+
+from baichuan.generate import ChatSession, SamplingConfig
+from baichuan.runtime import Loaded
+
+HELP = (
+    "Type a message and press Enter. End a line with \\ to continue on the next line, or start and end a "
+    'block with """ for pasted text.\n/clear forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops '
+    "an answer."
+)
+
+
+def read_message(console: Console) -> str | None:
+    """One user message (possibly multi-line); None at end of input."""
+    try:
+        line = console.input("[bold cyan]User:[/] ")
+    except EOFError:
+        return None
+    if line.strip() == '"""':
+        lines = []
+        while True:
+            try:
+                more = console.input("")
+            except EOFError:
+                break
+            if more.strip() == '"""':
+                break
+            lines.append(more)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        try:
+            line = console.input("[dim]...[/] ")
+        except EOFError:
+            break
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def run(
+    loaded: Loaded, sampling: SamplingConfig, system: str | None = None, console: Console | None = None
+) -> None:
+    console = console or Console()
+    session = ChatSession(loaded.model, loaded.tokenizer, loaded.chat_format, sampling)
+    history: list[dict[str, str]] = []
+    console.print(f"[dim]{loaded.note}[/]")
+    console.print(f"[dim]{HELP}[/]")
+    while True:
+        try:
+            message = read_message(console)
+        except KeyboardInterrupt:
+            console.print("\n[dim](Ctrl-C stops an answer; /exit or Ctrl-D leaves)[/]")
+            continue
+        if message is None or message.strip() == "/exit":
+            console.print("[dim]bye[/]")
+            return
+        if message.strip() == "/clear":
+            history.clear()
+            session.reset()
+            console.print("[dim]conversation cleared[/]")
+            continue
+        if not message.strip():
+            continue
+        history.append({"role": "user", "content": message})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        cancel = threading.Event()
+        answer = ""
+        console.print("[bold green]Baichuan:[/] ", end="")
+        try:
+            for delta in session.chat(messages, stream=True, cancel=cancel):
+                answer += delta
+                console.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            cancel.set()
+            console.print(" [dim](stopped)[/]", end="")
+        except ValueError as e:  # e.g. a conversation that no longer fits the context
+            history.pop()
+            console.print(f"\n[bold red]error:[/] {e}")
+            continue
+        console.print()
+        history.append({"role": "assistant", "content": answer})
