@@ -1,5 +1,6 @@
 """The transformers face: Auto classes on official directories, parity with the original, generate."""
 
+import itertools
 import json
 
 import numpy as np
@@ -132,6 +133,6 @@ def test_model_chat_matches_original_greedy_chat(variant):
     assert answer == case["response"]
     streamed = list(model.chat(tokenizer, messages, stream=True, generation_config=greedy))
     assert streamed[-1] == answer  # the original streams the growing answer
-    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(streamed))
     assert torch.equal(model.lm_head.weight, before)  # chat folds a copy of the NormHead, never the weight
     assert not any("_folded" in name for name in model.state_dict())
