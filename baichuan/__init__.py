@@ -65,7 +65,7 @@ def _register_with_transformers() -> None:
     register()
 
 
-if "transformers" in sys.modules:
+if sys.modules.get("transformers") is not None:
     _register_with_transformers()
 elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterWhenTransformersLoads())

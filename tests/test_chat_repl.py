@@ -1,0 +1,64 @@
+"""The terminal chat, driven for real in tmux: type, read the streamed answer, /clear, Ctrl-C, /exit."""
+
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from baichuan.config import preset
+from baichuan.scaffold import init_checkpoint
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+
+def wait_for(session, text, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = subprocess.run(
+            ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+        ).stdout
+        if text in screen:
+            return screen
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} did not appear; screen:\n{screen}")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chat") / "tiny"
+    config = preset("baichuan2-7b").replace(n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=4096)
+    init_checkpoint(config, directory)
+    return directory
+
+
+def test_chat_session_in_tmux(checkpoint):
+    session = f"bc-{uuid.uuid4().hex[:8]}"
+    command = f"{sys.executable} -m baichuan.cli chat --model {checkpoint} --max-new-tokens 2000 --seed 0"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", command], check=True)
+    try:
+        wait_for(session, "User:")
+        subprocess.run(["tmux", "send-keys", "-t", session, "你好，百川！", "Enter"], check=True)
+        wait_for(session, "Baichuan:")
+        # A long random answer is streaming: Ctrl-C stops it without leaving the program.
+        time.sleep(1.0)
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        screen = wait_for(session, "(stopped)")
+        assert screen.count("User:") >= 1
+        wait_for(session, "User:", timeout=10)
+        subprocess.run(["tmux", "send-keys", "-t", session, "/clear", "Enter"], check=True)
+        wait_for(session, "conversation cleared")
+        subprocess.run(
+            ["tmux", "send-keys", "-t", session, "line one \\", "Enter", "line two", "Enter"], check=True
+        )
+        wait_for(session, "...")
+        time.sleep(0.5)
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        wait_for(session, "(stopped)")
+        subprocess.run(["tmux", "send-keys", "-t", session, "/exit", "Enter"], check=True)
+        wait_for(session, "bye")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
