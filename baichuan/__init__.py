@@ -60,9 +60,10 @@ class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
 
 
 def _register_with_transformers() -> None:
-    from baichuan.hf import register
-
-    register()
+    # baichuan.hf registers itself at the end of its import. If it is being imported right now (it is what
+    # imported transformers), it will do so when it finishes.
+    if "baichuan.hf" not in sys.modules:
+        importlib.import_module("baichuan.hf")
 
 
 if sys.modules.get("transformers") is not None:

@@ -190,6 +190,35 @@ BAICHUAN_13B = ChatFormat(
 )
 
 
+def jinja_template(chat_format: ChatFormat, user_piece: str, assistant_piece: str, eos_piece: str) -> str:
+    """The format as a transformers `chat_template`, for `tokenizer.apply_chat_template(messages,
+    add_generation_prompt=True)`. The role pieces are written as text, so the tokenizer must treat them as
+    special tokens (ours does), and it gives the ids of `build` for conversations that fit (no truncation:
+    a template cannot count tokens)."""
+    system = (
+        "{%- if message['role'] == 'system' -%}{%- if not loop.first -%}"
+        "{{ raise_exception('the system message must come first') }}{%- endif -%}{{ message['content'] }}"
+        if chat_format.system_allowed
+        else "{%- if message['role'] == 'system' -%}"
+        "{{ raise_exception('this chat model has no system role') }}"
+    )
+    eos = eos_piece if chat_format.eos_after_assistant else ""
+    ends_with_prompt = (
+        "add_generation_prompt"
+        if chat_format.always_prompt_assistant
+        else "add_generation_prompt and messages[-1]['role'] != 'assistant'"
+    )
+    return (
+        "{%- for message in messages -%}"
+        f"{system}"
+        f"{{%- elif message['role'] == 'user' -%}}{user_piece}{{{{ message['content'] }}}}"
+        f"{{%- elif message['role'] == 'assistant' -%}}{assistant_piece}{{{{ message['content'] }}}}{eos}"
+        "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+        "{%- endif -%}{%- endfor -%}"
+        f"{{%- if {ends_with_prompt} -%}}{assistant_piece}{{%- endif -%}}"
+    )
+
+
 def chat_format_for(config: Config | Mapping[str, Any] | Any, generation_config: Any = None) -> ChatFormat:
     """Pick the template for a model config (ours, a transformers config, or a config.json dict).
 

@@ -14,7 +14,7 @@ from baichuan.scaffold import init_checkpoint
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 
-def wait_for(session, text, timeout=60.0):
+def wait_for(session, text, timeout=120.0):
     deadline = time.monotonic() + timeout
     screen = ""
     while time.monotonic() < deadline:
@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
 
 def test_chat_session_in_tmux(checkpoint):
     session = f"bc-{uuid.uuid4().hex[:8]}"
-    command = f"{sys.executable} -m baichuan.cli chat --model {checkpoint} --max-new-tokens 2000 --seed 0"
+    command = f"{sys.executable} -m baichuan.cli chat --model {checkpoint} --max-new-tokens 4000 --seed 0"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "40", command], check=True)
     try:
         wait_for(session, "User:")
@@ -48,7 +48,7 @@ def test_chat_session_in_tmux(checkpoint):
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
         screen = wait_for(session, "(stopped)")
         assert screen.count("User:") >= 1
-        wait_for(session, "User:", timeout=10)
+        wait_for(session, "User:", timeout=30)
         subprocess.run(["tmux", "send-keys", "-t", session, "/clear", "Enter"], check=True)
         wait_for(session, "conversation cleared")
         subprocess.run(

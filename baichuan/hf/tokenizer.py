@@ -1,0 +1,408 @@
+"""The transformers face of the tokenizer: `BaichuanTokenizer` (sentencepiece) and `BaichuanTokenizerFast` (Rust).
+
+`BaichuanTokenizer` behaves like the official `tokenization_baichuan.py`: it reads `add_bos_token` and
+`add_eos_token` from tokenizer_config.json, its special tokens are `<unk>`, `<s>`, `</s>` (pad `<unk>`), and text
+between special tokens is encoded by sentencepiece, which adds its dummy-prefix `▁` to each such stretch.
+One bug is not copied: the original decode put a space before every special token that followed text
+(`"你好</s>"` came back as `" 你好</s>"`); here both classes decode each stretch as sentencepiece does.
+
+`BaichuanTokenizerFast` runs the same model in `tokenizers`, built from tokenizer.model by
+`convert_sentencepiece`, and gives the same ids. transformers' own SpmConverter does not fit Baichuan-7B's model:
+* SentencePiece matches user-defined symbols (`\\n`, `０`, `，`, `<reserved_102>`...) in the raw text before NFKC
+  and then never merges them. As added tokens they would break the text into pieces that each get a dummy `▁`,
+  so they are isolated after normalisation by a pre-tokenizer, and the normalisation rules that would rewrite a
+  symbol (`\\n` -> space, `１` -> `1`) are dropped from the charsmap, which sentencepiece recompiles for us.
+* The BPE merges are ordered by piece score, the order sentencepiece merges in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.models import BPE
+from transformers import SentencePieceBackend, TokenizersBackend
+
+from baichuan.tokenizer import MODEL_FILE
+
+TOKENIZER_JSON = "tokenizer.json"
+SPACE = "▁"
+# sentencepiece_model.proto: ModelProto.SentencePiece.Type, and TrainerSpec.ModelType
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
+BPE_MODEL = 2
+REGEX_SPECIAL = set(r".^$*+?()[]{}|\/")
+
+
+def convert_sentencepiece(model_file: str | os.PathLike) -> RustTokenizer:
+    """A `tokenizers.Tokenizer` giving the ids of `SentencePieceProcessor.encode` for a BPE tokenizer.model."""
+    proto = _read_model_proto(model_file)
+    trainer, spec = proto.trainer_spec, proto.normalizer_spec
+    unsupported = {
+        "a non-BPE model": trainer.model_type != BPE_MODEL,
+        "treat_whitespace_as_suffix": trainer.treat_whitespace_as_suffix,
+        "remove_extra_whitespaces": spec.remove_extra_whitespaces,
+        "escape_whitespaces off": not spec.escape_whitespaces,
+    }
+    if any(unsupported.values()):
+        names = ", ".join(name for name, found in unsupported.items() if found)
+        raise NotImplementedError(f"{model_file}: cannot convert a sentencepiece model with {names}")
+
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    symbols = [piece.piece for piece in proto.pieces if piece.type == USER_DEFINED]
+    # ignore_merges: an isolated symbol is looked up whole. A stretch of text between symbols that is itself a
+    # normal piece is also what sentencepiece makes of it (checked for the Baichuan vocabularies in
+    # tests/hf/test_tokenizer.py); one that spells a control piece is split by `_spell_out_reserved`.
+    model = BPE(
+        vocab,
+        _merges_by_score(proto),
+        unk_token=trainer.unk_piece,
+        fuse_unk=True,
+        byte_fallback=trainer.byte_fallback,
+        ignore_merges=bool(symbols),
+    )
+    tokenizer = RustTokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence(_normalizer_steps(spec, symbols))
+    if symbols:
+        longest_first = "|".join(_escape(s) for s in sorted(symbols, key=len, reverse=True))
+        steps = [
+            pre_tokenizers.Split(Regex(longest_first), behavior="isolated"),
+            _spell_out_reserved(proto, symbols),
+        ]
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([step for step in steps if step is not None])
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.add_dummy_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    specials = [piece.piece for piece in proto.pieces if piece.type in (UNKNOWN, CONTROL)]
+    tokenizer.add_special_tokens([AddedToken(piece, normalized=False, special=True) for piece in specials])
+    return tokenizer
+
+
+def _read_model_proto(model_file: str | os.PathLike) -> model_pb2.ModelProto:
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"no SentencePiece tokenizer model at {model_file}")
+    proto = model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        try:
+            proto.ParseFromString(f.read())
+        except Exception as error:  # protobuf's DecodeError
+            raise ValueError(f"{model_file} is not a valid SentencePiece model ({error})") from None
+    return proto
+
+
+def _merges_by_score(proto: model_pb2.ModelProto) -> list[tuple[str, str]]:
+    # SentencePiece BPE merges the adjacent pair whose concatenation is the highest-scoring normal piece; as a
+    # ranked merge list that is every split of every normal piece into two normal pieces, best piece first.
+    normal = {piece.piece: (-piece.score, i) for i, piece in enumerate(proto.pieces) if piece.type == NORMAL}
+    ranked = []
+    for piece, rank in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((rank, cut, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, left, right in ranked]
+
+
+def _spell_out_reserved(proto: model_pb2.ModelProto, symbols: Sequence[str]) -> pre_tokenizers.Split | None:
+    # With ignore_merges, a stretch that spells a control, unknown or byte piece (a literal "</s>" after "。",
+    # encoded with split_special_tokens=True) would come out as that piece. Split exactly such stretches into the
+    # pieces sentencepiece spells them with.
+    bare = model_pb2.ModelProto()
+    bare.CopyFrom(proto)
+    bare.normalizer_spec.Clear()
+    bare.normalizer_spec.name = "identity"
+    bare.normalizer_spec.add_dummy_prefix = False
+    bare.normalizer_spec.remove_extra_whitespaces = False
+    spelling = spm.SentencePieceProcessor(model_proto=bare.SerializeToString())
+    alternatives = []
+    for piece in proto.pieces:
+        if piece.type in (NORMAL, USER_DEFINED) or any(s in piece.piece for s in symbols):
+            continue  # a stretch between symbols never contains one
+        parts = spelling.encode(piece.piece, out_type=str)
+        for i, part in enumerate(parts):
+            # `part`, where the stretch so far is exactly `parts[:i + 1]` and the rest exactly `parts[i + 1:]`.
+            # The literal comes first so that the regex engine only stops at characters that can start one.
+            upto, after = "".join(parts[: i + 1]), "".join(parts[i + 1 :])
+            alternatives.append(f"{_escape(part)}(?<=\\A{_escape(upto)})(?={_escape(after)}\\z)")
+    return pre_tokenizers.Split(Regex("|".join(alternatives)), behavior="isolated") if alternatives else None
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if c in REGEX_SPECIAL else c for c in text)
+
+
+def _normalizer_steps(spec: model_pb2.NormalizerSpec, symbols: Sequence[str]) -> list[normalizers.Normalizer]:
+    steps = []
+    if spec.precompiled_charsmap:
+        rules = spm.SentencePieceNormalizer(normalizer_spec=spec).Decompile()
+        # Where a user-defined symbol starts, sentencepiece takes the symbol verbatim before any rule applies.
+        starts, first_chars = tuple(symbols), {symbol[0] for symbol in symbols}
+        kept = [(src, dst) for src, dst in rules if not (src[0] in first_chars and src.startswith(starts))]
+        compiled = model_pb2.NormalizerSpec()
+        spm.set_min_log_level(2)  # the charsmap compiler logs its progress to stderr at INFO
+        try:
+            compiled.ParseFromString(spm.SentencePieceNormalizer(norm_map=kept).serialized_normalizer_spec())
+        finally:
+            spm.set_min_log_level(0)  # sentencepiece's default; it has no getter to restore from
+        rule_of = dict(rules)
+        if "\n" in symbols and "\r" in rule_of:
+            # tokenizers' Precompiled rewrites a whole grapheme cluster by the rule of its first character, and
+            # "\r\n" is one cluster: it would turn into a single space and lose the "\n" symbol.
+            steps.append(normalizers.Replace("\r\n", rule_of["\r"] + "\n"))
+        steps.append(normalizers.Precompiled(compiled.precompiled_charsmap))
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(SPACE))
+    steps.append(normalizers.Replace(" ", SPACE))
+    return steps
+
+
+def _as_special(token: str | AddedToken | None) -> AddedToken | None:
+    # Official configs mark the special tokens normalized=True. Matched after normalisation, "<s>" would be looked
+    # for as "▁<s>" (the dummy prefix) by the fast tokenizer; the slow one matches them in the raw text.
+    return None if token is None else AddedToken(str(token), normalized=False, special=True)
+
+
+class _BosEosFlagsInConfig:
+    """transformers 5 neither saves `add_bos_token`/`add_eos_token` to tokenizer_config.json nor reads them when a
+    tokenizer.json sits beside it. Baichuan's configs rely on `add_bos_token: false`, so keep them both ways."""
+
+    add_bos_token: bool
+    add_eos_token: bool
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any
+    ) -> tuple[str, ...]:
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        for file in files:
+            if str(file).endswith("tokenizer_config.json"):
+                with open(file, encoding="utf-8") as f:
+                    config = json.load(f)
+                config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+                with open(file, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        return files
+
+    @classmethod
+    def _from_pretrained(
+        cls, resolved_vocab_files: dict[str, Any], name_or_path: Any, *args: Any, **kwargs: Any
+    ):
+        if not any(resolved_vocab_files.get(key) for key in cls.vocab_files_names):
+            files = " or ".join(cls.vocab_files_names.values())
+            raise FileNotFoundError(f"{name_or_path} has no {files}, which {cls.__name__} is loaded from")
+        config_file = resolved_vocab_files.get("tokenizer_config_file")
+        if config_file and resolved_vocab_files.get("tokenizer_file"):
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+            for key in ("add_bos_token", "add_eos_token"):
+                if key in config:
+                    kwargs.setdefault(key, config[key])
+        tokenizer = super()._from_pretrained(resolved_vocab_files, name_or_path, *args, **kwargs)
+        vocab = next(
+            resolved_vocab_files[key] for key in cls.vocab_files_names if resolved_vocab_files.get(key)
+        )
+        install_chat_template(tokenizer, Path(vocab).parent)
+        return tokenizer
+
+
+def install_chat_template(tokenizer: Any, directory: Path) -> None:
+    """Give a tokenizer the chat format of the checkpoint beside it (config.json and generation_config.json say
+    which and name the role ids), as a `chat_template` unless it has one, with the role pieces made special
+    tokens so that the template's text turns back into exactly those ids."""
+    from baichuan.chat_format import BAICHUAN2, jinja_template, load_chat_format
+
+    try:
+        chat_format = load_chat_format(directory)
+    except (OSError, ValueError):  # a tokenizer without its model's config: the Baichuan2 format
+        generation = directory / "generation_config.json"
+        chat_format = BAICHUAN2.with_ids(json.loads(generation.read_text()) if generation.is_file() else None)
+    pieces = [tokenizer.convert_ids_to_tokens(i) for i in (chat_format.user_id, chat_format.assistant_id)]
+    if None in pieces:
+        return  # role ids outside this vocabulary: no template can name them
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(p, normalized=False, special=True) for p in pieces]},
+        replace_extra_special_tokens=False,
+    )
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = jinja_template(chat_format, *pieces, str(tokenizer.eos_token))
+
+
+class BaichuanTokenizer(_BosEosFlagsInConfig, SentencePieceBackend):
+    """The official Baichuan slow tokenizer: sentencepiece encodes, special tokens are parsed from the text."""
+
+    vocab_files_names = {"vocab_file": MODEL_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        unk_token: str | AddedToken = "<unk>",
+        bos_token: str | AddedToken = "<s>",
+        eos_token: str | AddedToken = "</s>",
+        pad_token: str | AddedToken | None = "<unk>",
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        clean_up_tokenization_spaces: bool = False,
+        **kwargs: Any,
+    ):
+        if vocab_file is None:
+            raise FileNotFoundError(f"BaichuanTokenizer needs vocab_file, the path of a {MODEL_FILE}")
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"no SentencePiece tokenizer model at {vocab_file}")
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        super().__init__(
+            vocab_file=vocab_file,
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        text, run = [], []
+        for token in tokens:
+            if token in self._added_tokens_encoder:  # special and added tokens are not sentencepiece pieces
+                text += [self.sp_model.decode(run), token]
+                run = []
+            else:
+                run.append(token)
+        text.append(self.sp_model.decode(run))
+        return "".join(text)
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        ids = bos + token_ids_0 + eos
+        if token_ids_1 is not None:
+            ids += bos + token_ids_1 + eos
+        return ids
+
+    def get_special_tokens_mask(
+        self,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
+        already_has_special_tokens: bool = False,
+    ) -> list[int]:
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        bos = [1] if self.add_bos_token else []
+        eos = [1] if self.add_eos_token else []
+        mask = bos + [0] * len(token_ids_0) + eos
+        if token_ids_1 is not None:
+            mask += bos + [0] * len(token_ids_1) + eos
+        return mask
+
+    def create_token_type_ids_from_sequences(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        first = len(self.build_inputs_with_special_tokens(token_ids_0))
+        second = len(self.build_inputs_with_special_tokens(token_ids_1)) if token_ids_1 is not None else 0
+        return [0] * first + [1] * second
+
+
+class BaichuanTokenizerFast(_BosEosFlagsInConfig, TokenizersBackend):
+    """`BaichuanTokenizer` in `tokenizers`: the same ids, built from tokenizer.model or read from tokenizer.json."""
+
+    vocab_files_names = {"vocab_file": MODEL_FILE, "tokenizer_file": TOKENIZER_JSON}
+    slow_tokenizer_class = BaichuanTokenizer
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        tokenizer_file: str | None = None,
+        unk_token: str | AddedToken = "<unk>",
+        bos_token: str | AddedToken = "<s>",
+        eos_token: str | AddedToken = "</s>",
+        pad_token: str | AddedToken | None = "<unk>",
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        clean_up_tokenization_spaces: bool = False,
+        **kwargs: Any,
+    ):
+        if tokenizer_file is None or not os.path.isfile(tokenizer_file):
+            tokenizer_file = None
+            if kwargs.get("tokenizer_object") is None:
+                if vocab_file is None:
+                    raise FileNotFoundError(
+                        f"BaichuanTokenizerFast needs a {MODEL_FILE} or a {TOKENIZER_JSON}"
+                    )
+                kwargs["tokenizer_object"] = convert_sentencepiece(vocab_file)
+        super().__init__(
+            vocab_file=vocab_file,
+            tokenizer_file=tokenizer_file,
+            unk_token=_as_special(unk_token),
+            bos_token=_as_special(bos_token),
+            eos_token=_as_special(eos_token),
+            pad_token=_as_special(pad_token),
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
+
+    def _add_tokens(self, new_tokens: list[str | AddedToken], special_tokens: bool = False) -> int:
+        # A token matched after normalisation would be looked for with the dummy-prefix `▁` in front of it; match
+        # new tokens in the raw text, as the slow tokenizer does.
+        new_tokens = [
+            AddedToken(t, normalized=False, special=special_tokens) if isinstance(t, str) else t
+            for t in new_tokens
+        ]
+        return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+
+    @classmethod
+    def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs: Any) -> dict[str, Any]:
+        # The base class would extract a vocabulary and merges for a generic converter; __init__ builds the
+        # backend itself, from tokenizer.json when there is one, else from tokenizer.model.
+        return kwargs
+
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs: Any,
+    ) -> str:
+        # Like the slow tokenizer: special tokens are dropped first when skipped, then each stretch between the
+        # remaining special (or added) tokens is decoded on its own, which drops the dummy-prefix space that
+        # encoding put after a special token.
+        ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
+        if skip_special_tokens:
+            skipped = set(self.all_special_ids)
+            ids = [i for i in ids if i not in skipped]
+        verbatim = self.added_tokens_decoder
+        text, run = [], []
+        for i in ids:
+            if i in verbatim:
+                text += [self._tokenizer.decode(run, skip_special_tokens=False), verbatim[i].content]
+                run = []
+            else:
+                run.append(i)
+        text.append(self._tokenizer.decode(run, skip_special_tokens=False))
+        return "".join(text)
+
+    def _save_pretrained(
+        self, save_directory: str | os.PathLike, file_names: tuple[str, ...], *args: Any, **kwargs: Any
+    ):
+        # transformers 5 writes only tokenizer.json for a fast tokenizer; keep the official layout loadable by the
+        # slow tokenizer and by the original code too.
+        file_names = super()._save_pretrained(save_directory, file_names, *args, **kwargs)
+        if self.can_save_slow_tokenizer:
+            file_names += self.save_vocabulary(
+                str(save_directory), filename_prefix=kwargs.get("filename_prefix")
+            )
+        return file_names
