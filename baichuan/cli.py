@@ -44,7 +44,7 @@ def friendly(command: Callable) -> Callable:
         except _user_errors() as e:
             from rich.console import Console
 
-            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(1) from None
 
     return run

@@ -51,3 +51,80 @@ def test_help_is_fast_and_lists_commands():
     )
     assert out.returncode == 0
     assert "init" in out.stdout
+
+
+def test_generate_streams_text(tiny_dir):
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "你好",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--dtype",
+            "fp32",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "你好",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--dtype",
+            "fp32",
+        ],
+    )
+    assert again.output == result.output  # greedy is deterministic
+
+
+def test_generate_chat_mode_and_stdin(tiny_dir):
+    result = runner.invoke(
+        app,
+        ["generate", "-m", str(tiny_dir), "-p", "-", "--chat", "--seed", "3", "--max-new-tokens", "4"],
+        input="hello\n",
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "tokenizer.model").unlink(), "no tokenizer.model"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:500]),
+            "truncated or corrupt",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                (d / "config.json").read_text().replace('"baichuan"', '"gpt2"')
+            ),
+            "model_type",
+        ),
+    ],
+    ids=["missing-tokenizer", "truncated-weights", "unknown-model-type"],
+)
+def test_generate_bad_checkpoint_is_one_clear_line(tiny_dir, tmp_path, damage, message):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    damage(broken)
+    result = runner.invoke(app, ["generate", "--model", str(broken), "--prompt", "hi"])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_generate_bad_sampling_value(tiny_dir):
+    result = runner.invoke(app, ["generate", "-m", str(tiny_dir), "-p", "hi", "--top-p", "1.5"])
+    assert result.exit_code == 1 and "top_p" in result.output
