@@ -7,9 +7,10 @@ never holds two copies of the weights. `.bin` files are read with `weights_only=
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -107,28 +108,39 @@ def load_weights(
     directory: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    assign: Callable[[str, torch.Tensor], None] | None = None,
+    bnb4: bool = False,
 ) -> None:
-    """Stream a directory's weights into `model` (which may live on the meta device), casting each tensor."""
+    """Stream a directory's weights into `model` (which may live on the meta device), casting each float
+    tensor. `assign(name, tensor)` puts each one in place (quantize-on-load passes its own); `bnb4` turns
+    bitsandbytes NF4 parts back into float weights as they arrive."""
+    assign = assign or functools.partial(_assign, model)
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
-    for path in weight_files(directory):
-        for name, tensor in iter_tensors(path):
-            if name.endswith(IGNORED_SUFFIXES):
-                continue
-            if name not in expected:
-                raise CheckpointError(
-                    f"{path}: unexpected tensor {name!r} (not a Baichuan weight of this config)"
-                )
-            param = expected[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"{path}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}"
-                )
-            target_dtype = dtype or (tensor.dtype if tensor.is_floating_point() else param.dtype)
-            value = tensor.to(device=device, dtype=target_dtype)
-            _assign(model, name, value)
-            seen.add(name)
-            del tensor, value
+    stream: Iterable[tuple[str, torch.Tensor]] = (
+        (name, tensor) for path in weight_files(directory) for name, tensor in iter_tensors(path)
+    )
+    if bnb4:  # the parts of one bitsandbytes 4-bit weight may span shards
+        from baichuan.quantize import dequantize_bnb_stream
+
+        stream = dequantize_bnb_stream(stream, dtype)
+    for name, tensor in stream:
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"{directory}: unexpected tensor {name!r} (not a Baichuan weight of this config)"
+            )
+        param = expected[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{directory}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}"
+            )
+        # Integer tensors are quantized codes: never cast them.
+        target_dtype = (dtype or tensor.dtype) if tensor.is_floating_point() else param.dtype
+        assign(name, tensor.to(device=device, dtype=target_dtype))
+        seen.add(name)
+        del tensor
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -153,13 +165,61 @@ def load_model(
     device: torch.device | str = "cpu",
     position: str | None = None,
     norm_head: bool | None = None,
+    quantize: int | None = None,
+    group_size: int = 128,
 ) -> Baichuan:
-    """Load an official or toolkit checkpoint directory as the plain-PyTorch `Baichuan` model (eval mode)."""
+    """Load an official or toolkit checkpoint directory as the plain-PyTorch `Baichuan` model (eval mode).
+
+    `quantize=8|4` quantizes each weight as it is read, so peak memory stays near the quantized size. Our saved
+    quantized checkpoints and the official bitsandbytes NF4 ones (dequantized) load as they are."""
+
     config = read_config(directory, position, norm_head)
     with torch.device("meta"):
         model = Baichuan(config)
-    load_weights(model, directory, dtype, device)
+    load_into(model, directory, config, dtype, device, quantize, group_size)
     return model.eval()
+
+
+def load_into(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    config: Config,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    quantize: int | None = None,
+    group_size: int = 128,
+) -> None:
+    """Fill a model built on the meta device (the core one or the transformers face: both have the official
+    names) from a directory, quantizing on the way when asked or when the checkpoint is quantized. Sets
+    `model.quantization` to the config.json record of the quantization (None for a float model)."""
+    from baichuan.quantize import (
+        QUANT_METHOD,
+        QuantizationError,
+        QuantizingLoader,
+        prepare_quantized,
+        read_quantization,
+    )
+
+    try:
+        stored = read_quantization(json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")))
+        ours = stored is not None and stored["quant_method"] == QUANT_METHOD
+        if ours and quantize is not None:
+            raise QuantizationError(f"already quantized ({stored['bits']} bits); load it without quantize=")
+        quantized = quantize is not None or ours
+        if quantized:
+            fold_norm_head(
+                model
+            )  # on meta: the head becomes a Linear; float rows are normalised as they arrive
+        if ours:
+            prepare_quantized(model, stored)
+        normalize = ["lm_head.weight"] if config.norm_head and quantized else []
+        loader = QuantizingLoader(model, quantize, group_size, normalize=normalize)
+        bnb4 = stored is not None and stored["quant_method"] == "bitsandbytes"
+        load_weights(model, directory, dtype, device, assign=loader, bnb4=bnb4)
+        loader.finish()
+    except QuantizationError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    model.quantization = stored if ours else loader.record()
 
 
 def fold_norm_head(model: nn.Module) -> nn.Module:
@@ -216,8 +276,15 @@ def save_weights(
         (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def save_config(config: Config, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+def save_config(
+    config: Config,
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    quantization: dict | None = None,
+) -> None:
     hf = config.to_hf_dict()
+    if quantization:
+        hf["quantization"] = quantization
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -227,5 +294,5 @@ def save_config(config: Config, directory: str | os.PathLike, dtype: torch.dtype
 def save_model(model: Baichuan, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> None:
     """Save in the official layout; config.json also states the position encoding and head explicitly."""
     dtype = next(model.parameters()).dtype
-    save_config(model.config, directory, dtype)
+    save_config(model.config, directory, dtype, getattr(model, "quantization", None))
     save_weights(model.state_dict(), directory, max_shard_bytes)

@@ -134,6 +134,9 @@ TopP = Annotated[float | None, typer.Option(help="Nucleus sampling [default: the
 Penalty = Annotated[float | None, typer.Option(help="Repetition penalty [default: the checkpoint's].")]
 Seed = Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")]
 Greedy = Annotated[bool, typer.Option(help="Greedy decoding instead of sampling.")]
+Quantize = Annotated[
+    int | None, typer.Option(help="Quantize the weights while loading: 8 or 4 bits (weight-only).")
+]
 
 
 def _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy):
@@ -151,14 +154,14 @@ def _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_pena
         raise UserError(str(e)) from None
 
 
-def _load(model: Path, device: str, dtype: str):
+def _load(model: Path, device: str, dtype: str, quantize: int | None = None):
     from rich.console import Console
 
     from baichuan.runtime import load_for_inference
 
     try:
         with Console(stderr=True).status(f"loading {model}"):
-            return load_for_inference(model, device, dtype)
+            return load_for_inference(model, device, dtype, quantize)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -183,6 +186,7 @@ def generate(
     greedy: Greedy = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = None,
 ) -> None:
     """Complete a prompt (or answer it as a chat message with --chat) and stream the text to standard output."""
     from rich.console import Console
@@ -192,7 +196,7 @@ def generate(
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    loaded = _load(model, device, dtype)
+    loaded = _load(model, device, dtype, quantize)
     Console(stderr=True).print(f"[dim]{loaded.note}[/]")
     sampling = _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
     if chat:
@@ -235,13 +239,53 @@ def chat(
     greedy: Greedy = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    quantize: Quantize = None,
 ) -> None:
     """Chat in the terminal: streaming answers, history, /clear, /exit, Ctrl-C stops an answer."""
     from baichuan import chat as repl
 
-    loaded = _load(model, device, dtype)
+    loaded = _load(model, device, dtype, quantize)
     sampling = _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
     repl.run(loaded, sampling, system)
+
+
+@app.command()
+@friendly
+def quantize(
+    model: ModelDir,
+    bits: Annotated[int, typer.Option(help="8 (per-channel int8) or 4 (group-wise int4).")],
+    out: Annotated[Path, typer.Option(help="Where to write the quantized checkpoint directory.")],
+    group_size: Annotated[
+        int, typer.Option(help="int4 group size (32, 64, 128 or 256 use the fast CPU kernel).")
+    ] = 128,
+    dtype: Annotated[
+        str, typer.Option(help="dtype of the float parts (embeddings, norms, scales).")
+    ] = "bf16",
+    force: Annotated[bool, typer.Option(help="Write into a non-empty directory.")] = False,
+) -> None:
+    """Quantize a checkpoint shard by shard (peak memory near the quantized size) and save it, with the
+    quantization recorded in config.json; it then loads anywhere this toolkit does."""
+    import shutil
+
+    from rich.console import Console
+
+    from baichuan.checkpoint import load_model, save_model
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty (pass --force to write into it)")
+    console = Console(stderr=True)
+    with console.status(f"quantizing {model} to int{bits}"):
+        quantized = load_model(model, dtype=parse_dtype(dtype), quantize=bits, group_size=group_size)
+        save_model(quantized, out)
+    for name in (
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
+        if (model / name).is_file():
+            shutil.copyfile(model / name, out / name)
+    console.print(f"[green]wrote[/] {out}: int{bits} weights ({quantized.quantization})")
 
 
 def main() -> None:

@@ -77,8 +77,11 @@ class Loaded:
     note: str  # what was chosen and why, for the user
 
 
-def load_for_inference(directory: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Loaded:
-    """Model (eval, NormHead folded), tokenizer, the checkpoint's sampling defaults and chat format."""
+def load_for_inference(
+    directory: str | os.PathLike, device: str = "auto", dtype: str = "auto", quantize: int | None = None
+) -> Loaded:
+    """Model (eval, NormHead folded, optionally quantized while loading), tokenizer, the checkpoint's sampling
+    defaults and chat format."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
@@ -88,7 +91,9 @@ def load_for_inference(directory: str | os.PathLike, device: str = "auto", dtype
         )
     target = pick_device(device)
     torch_dtype, why = pick_dtype(dtype, target)
-    model = fold_norm_head(load_model(directory, dtype=torch_dtype, device=target))
+    model = fold_norm_head(load_model(directory, dtype=torch_dtype, device=target, quantize=quantize))
+    if model.quantization:
+        why += f", weights int{model.quantization['bits']}"
     tokenizer = Tokenizer(directory / "tokenizer.model")
     tokenizer_config = directory / "tokenizer_config.json"
     settings = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else {}

@@ -120,3 +120,32 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model.norm.weight": torch.ones(64), "evil": object()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="unpickle|cannot read"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_on_load_equals_quantize_after_load_and_round_trips(tmp_path, bits):
+    from baichuan.checkpoint import fold_norm_head
+    from baichuan.quantize import quantize_model
+
+    model = tiny_model("alibi", True)
+    save_model(model, tmp_path / "float", max_shard_bytes=100_000)
+    on_load = load_model(tmp_path / "float", quantize=bits, group_size=32)
+    after = fold_norm_head(load_model(tmp_path / "float"))
+    quantize_model(after, bits, group_size=32)
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        expected = after(ids)
+        assert torch.equal(on_load(ids), expected)
+    save_model(on_load, tmp_path / "quantized")
+    record = json.loads((tmp_path / "quantized" / "config.json").read_text())["quantization"]
+    assert record["bits"] == bits and record["group_size"] == 32
+    reloaded = load_model(tmp_path / "quantized")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), expected)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        load_model(tmp_path / "quantized", quantize=8)
+
+
+def test_unsupported_bits_is_a_clear_error(saved):
+    with pytest.raises(CheckpointError, match="bits"):
+        load_model(saved, quantize=3)

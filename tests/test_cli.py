@@ -128,3 +128,26 @@ def test_generate_bad_checkpoint_is_one_clear_line(tiny_dir, tmp_path, damage, m
 def test_generate_bad_sampling_value(tiny_dir):
     result = runner.invoke(app, ["generate", "-m", str(tiny_dir), "-p", "hi", "--top-p", "1.5"])
     assert result.exit_code == 1 and "top_p" in result.output
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_command_and_quantized_generate(tiny_dir, tmp_path, bits):
+    out = tmp_path / f"int{bits}"
+    result = runner.invoke(
+        app,
+        ["quantize", "--model", str(tiny_dir), "--bits", str(bits), "--out", str(out), "--group-size", "32"],
+    )
+    assert result.exit_code == 0, result.output
+    assert load_model(out).quantization["bits"] == bits
+    for directory, extra in ((out, []), (tiny_dir, ["--quantize", str(bits)])):
+        result = runner.invoke(
+            app, ["generate", "-m", str(directory), "-p", "hi", "--greedy", "--max-new-tokens", "4", *extra]
+        )
+        assert result.exit_code == 0, result.output
+
+
+def test_quantize_command_rejects_bad_bits(tiny_dir, tmp_path):
+    result = runner.invoke(
+        app, ["quantize", "-m", str(tiny_dir), "--bits", "3", "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 1 and "bits" in result.output and "Traceback" not in result.output

@@ -7,6 +7,8 @@ ones and `AutoModelForCausalLM`, `generate`, peft and Trainer work without remot
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from baichuan.checkpoint import fold_norm_head
+from baichuan.checkpoint import fold_norm_head, load_into
 from baichuan.hf.config import BaichuanConfig
 from baichuan.model import (
     Baichuan,
@@ -139,6 +141,51 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=hidden_states,
         )
+
+    # --- quantization --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        quantize: int | None = None,
+        group_size: int = 128,
+        **kwargs,
+    ):
+        """transformers' loader, plus `quantize=8|4` (quantized while loading, shard by shard) and our saved
+        quantized checkpoints and the official bitsandbytes NF4 ones, which take our own streaming loader."""
+        directory = Path(str(pretrained_model_name_or_path))
+        hf = json.loads((directory / "config.json").read_text(encoding="utf-8")) if directory.is_dir() else {}
+        if quantize is None and not (hf.get("quantization") or hf.get("quantization_config")):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        device = kwargs.pop("device_map", None) or "cpu"
+        if not isinstance(device, (str, torch.device)):
+            raise ValueError("quantized loading takes one device (device_map='cpu', 'cuda', ...)")
+        config = BaichuanConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        load_into(
+            model,
+            directory,
+            model.core_config,
+            dtype if dtype != "auto" else None,
+            device,
+            quantize,
+            group_size,
+        )
+        model.config.quantization = model.quantization
+        return model.eval()
+
+    def quantize(self, bits: int, group_size: int = 128) -> BaichuanForCausalLM:
+        """Weight-only int8/int4 in place, on CPU or CUDA: the originals' `model.quantize(8|4)`, which here also
+        saves and reloads (`save_pretrained`, then `from_pretrained`)."""
+        from baichuan.quantize import quantize_model
+
+        fold_norm_head(self)  # quantize the normalised head rows, never the raw NormHead weight
+        self.quantization = self.config.quantization = quantize_model(self, bits, group_size)
+        return self
 
     # --- the originals' chat API ------------------------------------------------------------------------
 

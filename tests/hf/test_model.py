@@ -136,3 +136,31 @@ def test_model_chat_matches_original_greedy_chat(variant):
     assert all(b.startswith(a) for a, b in itertools.pairwise(streamed))
     assert torch.equal(model.lm_head.weight, before)  # chat folds a copy of the NormHead, never the weight
     assert not any("_folded" in name for name in model.state_dict())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_save_and_reload_on_the_transformers_face(tmp_path, bits):
+    config = BaichuanConfig.from_preset(
+        "baichuan2-7b",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=256,
+    )
+    torch.manual_seed(0)
+    model = BaichuanForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        reference = model(ids).logits
+    model.save_pretrained(tmp_path / "float")
+    on_load = BaichuanForCausalLM.from_pretrained(tmp_path / "float", quantize=bits)
+    model.quantize(bits)
+    with torch.no_grad():
+        quantized = model(ids).logits
+        assert torch.equal(on_load(ids).logits, quantized)
+    assert (quantized - reference).abs().max() < (0.05 if bits == 8 else 0.5)
+    model.save_pretrained(tmp_path / "quantized")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, quantized)
