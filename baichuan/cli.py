@@ -249,6 +249,140 @@ def chat(
     repl.run(loaded, sampling, system)
 
 
+Host = Annotated[
+    str,
+    typer.Option(
+        help="Address to bind. 127.0.0.1 keeps the server local; 0.0.0.0 exposes it (set --api-key)."
+    ),
+]
+Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="BAICHUAN_API_KEY",
+        show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on /v1 routes (the variable keeps it out of `ps`).",
+    ),
+]
+MaxBatch = Annotated[int, typer.Option(min=1, help="Requests decoded together (rows of the KV cache).")]
+MaxQueue = Annotated[int, typer.Option(min=1, help="Requests that may wait for a row; beyond that HTTP 429.")]
+MaxSeqLen = Annotated[
+    int | None, typer.Option(min=2, help="Positions per cache row (default: the model's context length).")
+]
+ModelName = Annotated[
+    str | None, typer.Option(help="The model id clients send (default: the directory name).")
+]
+Threads = Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: one per core).")]
+
+
+def _serve(
+    model,
+    host,
+    port,
+    api_key,
+    max_batch,
+    max_queue,
+    max_seq_len,
+    quantize,
+    model_name,
+    threads,
+    device,
+    dtype,
+    open_browser,
+):
+    from baichuan.serve.app import run
+
+    if quantize not in (None, 8, 4):
+        raise UserError(f"--quantize takes 8 or 4, not {quantize}")
+    try:
+        run(
+            model,
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_seq_len=max_seq_len,
+            quantize=quantize,
+            model_name=model_name,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+            open_browser=open_browser,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+@app.command()
+@friendly
+def serve(
+    model: ModelDir,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    api_key: ApiKey = None,
+    max_batch: MaxBatch = 8,
+    max_queue: MaxQueue = 64,
+    max_seq_len: MaxSeqLen = None,
+    quantize: Quantize = None,
+    model_name: ModelName = None,
+    threads: Threads = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with continuous
+    batching, and a chat page at /."""
+    _serve(
+        model,
+        host,
+        port,
+        api_key,
+        max_batch,
+        max_queue,
+        max_seq_len,
+        quantize,
+        model_name,
+        threads,
+        device,
+        dtype,
+        open_browser=False,
+    )
+
+
+@app.command()
+@friendly
+def web(
+    model: ModelDir,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    api_key: ApiKey = None,
+    max_batch: MaxBatch = 8,
+    max_queue: MaxQueue = 64,
+    max_seq_len: MaxSeqLen = None,
+    quantize: Quantize = None,
+    model_name: ModelName = None,
+    threads: Threads = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """`serve`, then open the chat page in a browser."""
+    _serve(
+        model,
+        host,
+        port,
+        api_key,
+        max_batch,
+        max_queue,
+        max_seq_len,
+        quantize,
+        model_name,
+        threads,
+        device,
+        dtype,
+        open_browser=True,
+    )
+
+
 @app.command()
 @friendly
 def quantize(
