@@ -275,21 +275,25 @@ ModelName = Annotated[
 Threads = Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: one per core).")]
 
 
-def _serve(
-    model,
-    host,
-    port,
-    api_key,
-    max_batch,
-    max_queue,
-    max_seq_len,
-    quantize,
-    model_name,
-    threads,
-    device,
-    dtype,
-    open_browser,
-):
+@app.command()
+@friendly
+def serve(
+    model: ModelDir,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    api_key: ApiKey = None,
+    max_batch: MaxBatch = 8,
+    max_queue: MaxQueue = 64,
+    max_seq_len: MaxSeqLen = None,
+    quantize: Quantize = None,
+    model_name: ModelName = None,
+    threads: Threads = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the chat page in a browser.")] = False,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with continuous
+    batching, and a web chat page at / (streaming answers, history, stop, sampling controls)."""
     from baichuan.serve.app import run
 
     if quantize not in (None, 8, 4):
@@ -312,75 +316,6 @@ def _serve(
         )
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-@app.command()
-@friendly
-def serve(
-    model: ModelDir,
-    host: Host = "127.0.0.1",
-    port: Port = 8000,
-    api_key: ApiKey = None,
-    max_batch: MaxBatch = 8,
-    max_queue: MaxQueue = 64,
-    max_seq_len: MaxSeqLen = None,
-    quantize: Quantize = None,
-    model_name: ModelName = None,
-    threads: Threads = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with continuous
-    batching, and a chat page at /."""
-    _serve(
-        model,
-        host,
-        port,
-        api_key,
-        max_batch,
-        max_queue,
-        max_seq_len,
-        quantize,
-        model_name,
-        threads,
-        device,
-        dtype,
-        open_browser=False,
-    )
-
-
-@app.command()
-@friendly
-def web(
-    model: ModelDir,
-    host: Host = "127.0.0.1",
-    port: Port = 8000,
-    api_key: ApiKey = None,
-    max_batch: MaxBatch = 8,
-    max_queue: MaxQueue = 64,
-    max_seq_len: MaxSeqLen = None,
-    quantize: Quantize = None,
-    model_name: ModelName = None,
-    threads: Threads = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-) -> None:
-    """`serve`, then open the chat page in a browser."""
-    _serve(
-        model,
-        host,
-        port,
-        api_key,
-        max_batch,
-        max_queue,
-        max_seq_len,
-        quantize,
-        model_name,
-        threads,
-        device,
-        dtype,
-        open_browser=True,
-    )
 
 
 @app.command()

@@ -151,3 +151,46 @@ def test_quantize_command_rejects_bad_bits(tiny_dir, tmp_path):
         app, ["quantize", "-m", str(tiny_dir), "--bits", "3", "--out", str(tmp_path / "q")]
     )
     assert result.exit_code == 1 and "bits" in result.output and "Traceback" not in result.output
+
+
+def test_serve_command_answers_on_loopback(tiny_dir):
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    pytest.importorskip("fastapi")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "baichuan.cli",
+            "serve",
+            "-m",
+            str(tiny_dir),
+            "--port",
+            str(port),
+            "--max-seq-len",
+            "256",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                    models = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.5)
+        assert models["data"][0]["id"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
