@@ -72,10 +72,14 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     )
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from one weight file, reading lazily where the format allows."""
+def iter_tensors(path: Path, mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one weight file. Memory-mapped tensors cost no copy (a float load keeps them
+    as its weights); with mmap=False each safetensors tensor is read into memory of its own, so a loader that
+    converts and drops every tensor (quantize-on-load) does not keep a whole shard's pages resident."""
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and not mmap:
+            yield from _read_safetensors(path)
+        elif path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
@@ -98,6 +102,38 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    # The format: an 8-byte little-endian header length, a JSON header of dtype/shape/byte offsets, the data.
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            start, end = info["data_offsets"]
+            f.seek(8 + header_len + start)
+            if tensor.numel():
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                if end - start != raw.nbytes or f.readinto(memoryview(raw)) != raw.nbytes:
+                    raise CheckpointError(f"{path}: cannot read weights (truncated or corrupt file?): {name}")
+            yield name, tensor
+
+
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"PK"
@@ -110,6 +146,7 @@ def load_weights(
     device: torch.device | str = "cpu",
     assign: Callable[[str, torch.Tensor], None] | None = None,
     bnb4: bool = False,
+    mmap: bool = True,
 ) -> None:
     """Stream a directory's weights into `model` (which may live on the meta device), casting each float
     tensor. `assign(name, tensor)` puts each one in place (quantize-on-load passes its own); `bnb4` turns
@@ -118,7 +155,7 @@ def load_weights(
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     stream: Iterable[tuple[str, torch.Tensor]] = (
-        (name, tensor) for path in weight_files(directory) for name, tensor in iter_tensors(path)
+        (name, tensor) for path in weight_files(directory) for name, tensor in iter_tensors(path, mmap)
     )
     if bnb4:  # the parts of one bitsandbytes 4-bit weight may span shards
         from baichuan.quantize import dequantize_bnb_stream
@@ -213,13 +250,18 @@ def load_into(
         if ours:
             prepare_quantized(model, stored)
         normalize = ["lm_head.weight"] if config.norm_head and quantized else []
-        loader = QuantizingLoader(model, quantize, group_size, normalize=normalize)
         bnb4 = stored is not None and stored["quant_method"] == "bitsandbytes"
-        load_weights(model, directory, dtype, device, assign=loader, bnb4=bnb4)
-        loader.finish()
+        # A float load keeps the memory-mapped tensors as its weights (no copy); quantizing or dequantizing
+        # loads convert every tensor, so they read each one into memory they can free at once.
+        loader = (
+            QuantizingLoader(model, quantize, group_size, normalize=normalize) if quantized or bnb4 else None
+        )
+        load_weights(model, directory, dtype, device, assign=loader, bnb4=bnb4, mmap=loader is None)
+        if loader is not None:
+            loader.finish()
     except QuantizationError as e:
         raise CheckpointError(f"{directory}: {e}") from None
-    model.quantization = stored if ours else loader.record()
+    model.quantization = stored if ours else (loader.record() if loader is not None else None)
 
 
 def fold_norm_head(model: nn.Module) -> nn.Module:

@@ -149,3 +149,15 @@ def test_quantize_on_load_equals_quantize_after_load_and_round_trips(tmp_path, b
 def test_unsupported_bits_is_a_clear_error(saved):
     with pytest.raises(CheckpointError, match="bits"):
         load_model(saved, quantize=3)
+
+
+def test_plain_reader_equals_safetensors_and_catches_truncation(saved):
+    from baichuan.checkpoint import iter_tensors
+
+    shard = next(saved.glob("model-00001-of-*.safetensors"))
+    mapped = dict(iter_tensors(shard, mmap=True))
+    read = dict(iter_tensors(shard, mmap=False))
+    assert mapped.keys() == read.keys() and all(torch.equal(mapped[k], read[k]) for k in mapped)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(saved, quantize=8)
