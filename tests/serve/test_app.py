@@ -306,15 +306,19 @@ else:
 # --- the engine: continuous batching ------------------------------------------------------------------------------
 
 
-async def _run(engine: Engine, prompt, sampling, delay: float = 0.0) -> str:
+async def _run(engine: Engine, prompt, sampling, delay: float = 0.0, after_steps: int = 0) -> str:
     await asyncio.sleep(delay)
+    while (
+        engine.stats.decode_steps < after_steps
+    ):  # join once the batch is decoding, however busy the machine
+        await asyncio.sleep(0.001)
     ticket = engine.submit(prompt, sampling)
     return "".join([output.text async for output in ticket.outputs()])
 
 
 def test_concurrent_requests_share_decode_steps_and_match_single_runs(loaded):
     prompts = [loaded.tokenizer.encode(text) for text in ("one", "二 two", "three 三", "four four four")]
-    sampling = greedy(loaded, 20).replace(eos_ids=())  # no early stop: every request runs 20 steps
+    sampling = greedy(loaded, 40).replace(eos_ids=())  # no early stop: every request runs 40 steps
     alone = ["".join(stream_text(loaded.model, loaded.tokenizer, p, sampling)) for p in prompts]
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=4, max_queue=8)
     engine.start()
@@ -322,9 +326,9 @@ def test_concurrent_requests_share_decode_steps_and_match_single_runs(loaded):
 
         async def main():
             # The last two join while the first two are already decoding.
-            delays = [0, 0, 0.05, 0.1]
+            after = [0, 0, 2, 3]
             return await asyncio.gather(
-                *(_run(engine, p, sampling, d) for p, d in zip(prompts, delays, strict=True))
+                *(_run(engine, p, sampling, after_steps=a) for p, a in zip(prompts, after, strict=True))
             )
 
         together = asyncio.run(main())
@@ -332,7 +336,7 @@ def test_concurrent_requests_share_decode_steps_and_match_single_runs(loaded):
         engine.stop()
     assert together == alone
     assert engine.stats.max_running >= 3
-    assert engine.stats.decode_steps < 4 * 19  # shared steps, not one request after another
+    assert engine.stats.decode_steps < 4 * 39  # shared steps, not one request after another
     assert engine.stats.finished == 4 and engine.running == 0
 
 
