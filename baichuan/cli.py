@@ -291,9 +291,22 @@ def serve(
     device: Device = "auto",
     dtype: Dtype = "auto",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the chat page in a browser.")] = False,
+    engine: Annotated[
+        str, typer.Option(help="baichuan (this toolkit) or vllm (vLLM's server; needs vLLM and a GPU).")
+    ] = "baichuan",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with continuous
     batching, and a web chat page at / (streaming answers, history, stop, sampling controls)."""
+    if engine == "vllm":
+        from baichuan.serve.vllm import run_vllm, vllm_argv
+
+        try:
+            run_vllm(vllm_argv(model, host, port, api_key, max_batch, max_seq_len, model_name, dtype))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return
+    if engine != "baichuan":
+        raise UserError(f"unknown engine {engine!r}; choose baichuan or vllm")
     from baichuan.serve.app import run
 
     if quantize not in (None, 8, 4):

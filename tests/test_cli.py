@@ -194,3 +194,15 @@ def test_serve_command_answers_on_loopback(tiny_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_serve_engine_vllm_needs_vllm_and_a_gpu(tiny_dir):
+    import importlib.util
+
+    from baichuan.serve.vllm import vllm_argv
+
+    argv = vllm_argv(tiny_dir, "127.0.0.1", 8001, "key", 4, 256, "tiny", "bf16")
+    assert argv[:2] == ["--model", str(tiny_dir)] and "--max-num-seqs" in argv and "bfloat16" in argv
+    if importlib.util.find_spec("vllm") is None:
+        result = runner.invoke(app, ["serve", "-m", str(tiny_dir), "--engine", "vllm"])
+        assert result.exit_code == 1 and "vLLM" in result.output and "Traceback" not in result.output

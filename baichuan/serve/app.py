@@ -568,11 +568,7 @@ def run(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    loaded = load_for_inference(model_dir, device, dtype)
-    if quantize is not None:
-        from baichuan.quantize import quantize_model
-
-        quantize_model(loaded.model, quantize)
+    loaded = load_for_inference(model_dir, device, dtype, quantize)  # quantized while loading, shard by shard
     name = model_name or Path(model_dir).resolve().name
     app = create_app(
         loaded,
