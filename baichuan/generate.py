@@ -340,15 +340,53 @@ def generate(
 # --- text ----------------------------------------------------------------------------------------------------
 
 
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
-    """How many trailing characters might be the start of a stop string, and so cannot be shown yet."""
-    longest = 0
-    for stop in stop_strings:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
+class TextStream:
+    """Generated ids -> text deltas: no split multi-byte characters (the tokenizer's StreamDecoder), no
+    terminator text, and nothing from a stop string on, withheld while one may still be forming."""
+
+    def __init__(self, tokenizer: Any, sampling: SamplingConfig):
+        self.decoder = StreamDecoder(tokenizer)
+        self.terminators = sampling.terminators
+        self.stops = sampling.stop_strings
+        self.text = ""
+        self.shown = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """The text `token` makes showable, and whether it completed a stop string (or is a terminator)."""
+        if token in self.terminators:
+            return self.flush(), True
+        self.text += self.decoder.push(token)
+        cut = self._stop_at()
+        if cut >= 0:
+            return self._show(cut), True
+        return self._show(len(self.text) - self._held_back()), False
+
+    def flush(self) -> str:
+        """Whatever is still held back, when generation ends without a stop string."""
+        self.text += self.decoder.flush()
+        cut = self._stop_at()
+        return self._show(len(self.text) if cut < 0 else cut)
+
+    def _show(self, end: int) -> str:
+        if end <= self.shown:
+            return ""
+        delta, self.shown = self.text[self.shown : end], end
+        return delta
+
+    def _stop_at(self) -> int:
+        # A stop string cannot start before `shown`: its beginning would have been held back.
+        found = [i for i in (self.text.find(s, self.shown) for s in self.stops) if i >= 0]
+        return min(found, default=-1)
+
+    def _held_back(self) -> int:
+        """How many trailing characters might be the start of a stop string."""
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
 
 
 def stream_text(
@@ -360,14 +398,10 @@ def stream_text(
     cancel: threading.Event | None = None,
     session: ChatSession | None = None,
 ) -> Generator[str, None, FinishReason]:
-    """Yield text deltas of the generated tokens. Multi-byte characters are never split (the tokenizer's
-    StreamDecoder), terminator ids are not shown, and the text ends before a stop string, which is withheld
-    while it may still be forming."""
+    """Yield text deltas of the generated tokens (see `TextStream`); returns why generation ended."""
     sampling = sampling or SamplingConfig()
     tokens = generate_tokens(model, prompt_ids, sampling, cancel=cancel, tokenizer=tokenizer, session=session)
-    decoder = StreamDecoder(tokenizer)
-    terminators, stops = sampling.terminators, sampling.stop_strings
-    text, shown = "", 0
+    text = TextStream(tokenizer, sampling)
     reason: FinishReason = "length"
     try:
         while True:
@@ -376,25 +410,16 @@ def stream_text(
             except StopIteration as finished:
                 reason = finished.value
                 break
-            if token in terminators:
-                continue  # the generator ends right after it
-            text += decoder.push(token)
-            # A stop string cannot start before `shown`: its beginning would have been held back.
-            cut = min((i for i in (text.find(s, shown) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if text[shown:cut]:
-                    yield text[shown:cut]
-                return "stop"
-            end = len(text) - _held_back(text, stops)
-            if end > shown:
-                yield text[shown:end]
-                shown = end
+            delta, stopped = text.push(token)
+            if delta:
+                yield delta
+            if stopped and token not in sampling.terminators:
+                return "stop"  # a stop string; after a terminator the generator ends and says why
     finally:
         tokens.close()
-    text += decoder.flush()
-    cut = min((i for i in (text.find(s, shown) for s in stops) if i >= 0), default=len(text))
-    if text[shown:cut]:
-        yield text[shown:cut]
+    tail = text.flush()
+    if tail:
+        yield tail
     return reason
 
 

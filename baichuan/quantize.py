@@ -16,11 +16,13 @@ The config.json record (see `quantize_model`) says which layers hold which forma
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fnmatch
 import functools
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,7 +38,9 @@ DEFAULT_GROUP_SIZE = 128
 # it to average it out (llama.cpp's Q4_0 likewise keeps output.weight at higher precision). Measured on the tiny
 # Baichuan2 test model, see tests/test_quantize.py::test_int4_head_policy.
 DEFAULT_INT4_OVERRIDES = {"lm_head": 8}
-_ROW_CHUNK = 4096  # rows quantized at a time, so a 125,696-row head never needs a full fp32 copy
+# Rows quantized at a time: fp32 temporaries of a few MB instead of a copy of a 125,696-row head. A multiple of
+# 64, so the CPU int4 kernel's row blocks never straddle two chunks.
+_ROW_CHUNK = 1024
 
 
 class QuantizationError(ValueError):
@@ -325,7 +329,7 @@ class Int4Linear(nn.Module):
                 "meta",
             )
         codes, scales, zeros = quantize_int4(weight, group_size, symmetric, scale_dtype)
-        return cls.from_quantized_tensors(pack_int4(codes), scales, zeros, group_size, bias)
+        return cls.from_quantized_tensors(codes, scales, zeros, group_size, bias, packed=False)
 
     @classmethod
     def from_quantized_tensors(
@@ -335,13 +339,15 @@ class Int4Linear(nn.Module):
         zeros: torch.Tensor,
         group_size: int = DEFAULT_GROUP_SIZE,
         bias: torch.Tensor | None = None,
+        packed: bool = True,
     ) -> Int4Linear:
-        """From the portable format: weight uint8 (out, in/2), scales and zeros (out, ceil(in/group_size))."""
+        """From the portable format: weight uint8 (out, in/2), scales and zeros (out, ceil(in/group_size)).
+        `packed=False`: weight holds the (out, in) codes one per byte (saves a pack/unpack when quantizing)."""
         if weight.dtype != torch.uint8 or weight.dim() != 2:
             raise QuantizationError(
                 f"int4 weight must be a 2-D uint8 tensor, got {weight.dtype} {tuple(weight.shape)}"
             )
-        out_features, in_features = weight.shape[0], weight.shape[1] * 2
+        out_features, in_features = weight.shape[0], weight.shape[1] * (2 if packed else 1)
         module = cls(in_features, out_features, group_size, bias is not None, scales.dtype, "meta")
         n_groups = module.scales_and_zeros.shape[0]
         for name, t in (("scales", scales), ("zeros", zeros)):
@@ -351,26 +357,32 @@ class Int4Linear(nn.Module):
                     f"{group_size}, got {tuple(t.shape)}"
                 )
         module.scales_and_zeros = torch.stack([scales.t(), zeros.to(scales.dtype).t()], dim=-1).contiguous()
-        module.weight = weight.contiguous()
         if bias is not None:
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        module._tile()
+        if packed:
+            module.weight = weight.contiguous()
+            module._tile()
+        else:
+            module._set_codes(weight)
         return module
 
-    def _kernel_fits(self) -> bool:
-        return (
-            self.weight.device.type == "cpu"
-            and self.out_features % 16 == 0
+    def _cpu_kernel_layout(self) -> tuple[int, bool] | None:
+        """The CPU kernel's tiling, when this shape suits the kernel and this torch has it."""
+        fits = (
+            self.out_features % 16 == 0
             and self.group_size in KERNEL_GROUP_SIZES
             and self.in_features % self.group_size == 0
         )
+        return _cpu_int4_layout() if fits else None
 
     def _tile(self) -> None:
-        if self.tiled is None and not self.weight.is_meta and self._kernel_fits():
-            layout = _cpu_int4_layout()
-            if layout is not None:
-                self.weight = _tile_int4_cpu(unpack_int4(self.weight))
-                self.tiled = layout
+        if self.tiled is None and self.weight.device.type == "cpu" and self._cpu_kernel_layout():
+            self._set_codes(unpack_int4(self.weight))
+
+    def _set_codes(self, codes: torch.Tensor) -> None:
+        """Keep (out, in) codes in the kernel's tiling where it applies, else as plain nibbles."""
+        self.tiled = self._cpu_kernel_layout() if codes.device.type == "cpu" else None
+        self.weight = pack_int4(codes) if self.tiled is None else _tile_int4_cpu(codes)
 
     def codes(self) -> torch.Tensor:
         """The (out, in) codes 0..15, whatever layout `weight` is kept in."""
@@ -597,13 +609,30 @@ def load_quantized_state_dict(
     return module
 
 
-def _normalize_rows(weight: torch.Tensor) -> torch.Tensor:
-    """F.normalize(weight.float(), dim=-1).to(weight.dtype), a few rows at a time: a 125,696-row head in fp32
-    would double the peak memory of a quantizing load."""
-    out = torch.empty_like(weight)
+def _normalize_rows_(weight: torch.Tensor) -> torch.Tensor:
+    """In place, a few rows at a time: F.normalize(rows.float(), dim=-1) rounded back to weight's dtype, which is
+    what `fold_norm_head` computes. A copy of a 125,696-row head would add its size to the peak of a load."""
     for i in range(0, weight.shape[0], _ROW_CHUNK):
-        out[i : i + _ROW_CHUNK] = F.normalize(weight[i : i + _ROW_CHUNK].float(), dim=-1).to(weight.dtype)
-    return out
+        rows = weight[i : i + _ROW_CHUNK]
+        rows.copy_(F.normalize(rows.float(), dim=-1))
+    return weight
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed blocks back to the OS (glibc; elsewhere nothing). glibc keeps freed blocks below
+    its mmap threshold (which grows to 32 MB) in its heaps, where the small blocks a quantized model keeps pin
+    the holes that its temporaries leave; a quantizing load's resident memory then grows well past its weights."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class QuantizingLoader:
@@ -611,7 +640,8 @@ class QuantizingLoader:
     near the quantized size: a drop-in for `checkpoint._assign(model, name, value)`.
 
     - A float `X.weight` of an `nn.Linear` X is quantized on arrival (`bits` given) and X swapped for the result;
-      names in `normalize` get their rows L2-normalised first (Baichuan2's head: fold before quantizing).
+      names in `normalize` get their rows L2-normalised first, in place (Baichuan2's head: fold before
+      quantizing), so the loader must be given tensors it may change (`load_weights` reads fresh ones).
     - Parts of a quantized module prepared by `prepare_quantized` are gathered until complete, then it is built.
     - Anything else is assigned as a parameter or buffer.
     Call `finish()` after the last tensor.
@@ -646,7 +676,7 @@ class QuantizingLoader:
             self._gather(module_name, module, attr, value)
             return
         if name in self.normalize:
-            value = _normalize_rows(value)
+            value = _normalize_rows_(value)  # the loader owns what load_weights hands it
         layer_bits = None
         if isinstance(module, nn.Linear) and attr == "weight" and self._record is not None:
             layer_bits = _bits_for(module_name, self.bits, self._record["skip"], self._record["overrides"])
@@ -697,6 +727,7 @@ class QuantizingLoader:
     def _swap(self, module_name: str, new: nn.Module) -> None:
         parent_name, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, new)
+        release_freed_memory()  # the temporaries of quantizing it
 
     def finish(self) -> None:
         if self.pending:

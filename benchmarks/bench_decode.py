@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                    # ~1.29B Baichuan2-7B-shaped model, bf16 and fp32
     python benchmarks/bench_decode.py --layers 4 --dtypes bf16 --compare ours,roofline   # a quick look
+    python benchmarks/bench_decode.py --dtypes bf16,int8,int4    # weight-only int8/int4 vs llama.cpp Q8_0/Q4_0
 
 Batch-1 decoding reads every weight once per token, so its ceiling is (bytes of weights per token) / (memory
 bandwidth). The bandwidth is measured in the same run over a 2 GiB fp32 matrix (too big for any cache): the
@@ -12,6 +13,10 @@ implementation runs in its own child process, one after another, on the same ran
 - ours: `baichuan.generate.generate_tokens` (batch 1) and `generate` (batch 8) on `load_model` + `fold_norm_head`
 - transformers: `AutoModelForCausalLM.from_pretrained(dir).generate(...)` on our BaichuanForCausalLM, greedy
 - llama.cpp: `llama-cpp-python` on a GGUF export of the same weights (`benchmarks/gguf_export.py`)
+
+int8 / int4 are our weight-only quantization (`load_model(quantize=8|4)`, activations in the dtype `--dtype auto`
+picks on this machine); llama.cpp runs them as Q8_0 / Q4_0, made from the bf16 GGUF by llama.cpp's own quantizer
+(`llama_model_quantize`, default rules: for Q4_0 it keeps output.weight at Q6_K, as ours keeps lm_head at int8).
 
 Decode tok/s counts the steps after the first new token (prefill excluded), from a short prompt; prefill tok/s
 is the prompt length over the time to the first new token; batch-8 decode is 8·(N−1) / (time(N) − time(1))
@@ -34,7 +39,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "int8": None, "int4": None}
+QUANT_BITS = {"int8": 8, "int4": 4}
+LLAMA_CPP_FTYPES = {"int8": "LLAMA_FTYPE_MOSTLY_Q8_0", "int4": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+LLAMA_CPP_NAMES = {"bf16": "BF16", "fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
 COMPARISONS = ("roofline", "ours", "transformers", "llamacpp")
 
 
@@ -70,6 +78,28 @@ def worker_roofline(args) -> dict:
     return {"fp32_matvec_gbps": fp32, "stream_gbps": stream, "bf16_matvec_gbps": bf16}
 
 
+def _torch_dtype(name: str):
+    """The activation (and float weight) dtype of a --dtypes entry; quantized ones use what `--dtype auto` picks."""
+    import torch
+
+    if DTYPES[name] is not None:
+        return getattr(torch, DTYPES[name])
+    from baichuan.runtime import pick_dtype
+
+    return pick_dtype("auto", torch.device("cpu"))[0]
+
+
+def _read_per_token(model) -> int:
+    """Bytes a decode step reads: every weight except the embedding table, of which it reads one row."""
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "embed_tokens" in name:
+            total += t[0].numel() * t.element_size()
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
 def _prompt(n: int, vocab: int, seed: int, rows: int = 1) -> list[list[int]]:
     import torch
 
@@ -83,11 +113,11 @@ def worker_ours(args) -> dict:
     from baichuan.checkpoint import fold_norm_head, load_model
     from baichuan.generate import SamplingConfig, generate, generate_tokens
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    model = fold_norm_head(load_model(args.checkpoint, dtype=dtype))
+    dtype = _torch_dtype(args.dtype)
+    model = fold_norm_head(load_model(args.checkpoint, dtype=dtype, quantize=QUANT_BITS.get(args.dtype)))
     vocab = model.config.vocab_size
     decode_prompt = _prompt(args.decode_prompt, vocab, 1)[0]
-    result: dict = {}
+    result: dict = {"read_bytes": _read_per_token(model), "activations": str(dtype).removeprefix("torch.")}
 
     def timed(prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
         sampling = SamplingConfig(max_new_tokens=new_tokens, eos_ids=())
@@ -142,8 +172,9 @@ def worker_transformers(args) -> dict:
 
     import baichuan  # noqa: F401  (registers the Auto classes)
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).eval()
+    quantize = {"quantize": QUANT_BITS[args.dtype]} if args.dtype in QUANT_BITS else {}
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=_torch_dtype(args.dtype), **quantize)
+    model.eval()
     vocab = model.config.vocab_size
 
     class Stamps(BaseStreamer):
@@ -208,16 +239,25 @@ def worker_llamacpp(args) -> dict:
     sys.path.insert(0, str(HERE))
     from gguf_export import export_gguf, llama_cpp_matches
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    path = Path(args.checkpoint) / f"model-{args.dtype}.gguf"
+    float_name = "bf16" if args.dtype in QUANT_BITS else args.dtype
+    float_path = Path(args.checkpoint) / f"model-{float_name}.gguf"
     result: dict = {}
-    model = load_model(args.checkpoint, dtype=dtype)
+    float_dtype = getattr(torch, DTYPES[float_name])
+    model = load_model(args.checkpoint, dtype=float_dtype)
     config = model.config
-    if not path.is_file():
+    if not float_path.is_file():
         t = time.perf_counter()
-        export_gguf(model, path, dtype, Path(args.checkpoint) / "tokenizer.model")
+        export_gguf(model, float_path, float_dtype, Path(args.checkpoint) / "tokenizer.model")
         result["export_s"] = time.perf_counter() - t
     del model
+    path = float_path
+    if args.dtype in QUANT_BITS:
+        path = Path(args.checkpoint) / f"model-{LLAMA_CPP_NAMES[args.dtype]}.gguf"
+        if not path.is_file():
+            t = time.perf_counter()
+            llama_cpp_quantize(float_path, path, args.dtype, args.threads)
+            result["quantize_s"] = time.perf_counter() - t
+    result["file_bytes"] = path.stat().st_size
     result["same_function"] = llama_cpp_matches(config)
 
     n_ctx = max(args.prefill, args.decode_prompt + args.new_tokens) + 8
@@ -268,6 +308,22 @@ def worker_llamacpp(args) -> dict:
             lambda: args.prefill / (lambda s: s[1] - s[0])(timed(prefill_prompt, 1)[1]), args.runs
         )
     return result
+
+
+def llama_cpp_quantize(source: Path, target: Path, dtype: str, threads: int) -> None:
+    """llama.cpp's own quantizer (what `llama-quantize` runs), with its default per-tensor rules."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_FTYPES[dtype])
+    params.nthread = threads
+    partial = target.with_suffix(".partial")
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+    if status != 0:
+        raise RuntimeError(
+            f"llama_model_quantize({source.name} -> {LLAMA_CPP_NAMES[dtype]}) returned {status}"
+        )
+    partial.replace(target)
 
 
 WORKERS = {
@@ -361,7 +417,9 @@ def main() -> None:
     shape.add_argument("--heads", type=int, default=12)
     shape.add_argument("--ffn", type=int, default=4096)
     shape.add_argument("--vocab", type=int, default=125_696)
-    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    parser.add_argument(
+        "--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32, int8, int4 (weight-only)"
+    )
     parser.add_argument(
         "--compare", default=",".join(COMPARISONS), help=f"comma-separated subset of {', '.join(COMPARISONS)}"
     )
@@ -433,7 +491,6 @@ def main() -> None:
             if name in compare:
                 results[name, dtype] = run_worker(name, args, dtype)
 
-    itemsize = {"bf16": 2, "fp32": 4}
     bandwidth = max(roofline.get("fp32_matvec_gbps", 0), roofline.get("stream_gbps", 0)) or None
     print(
         f"\n**{cpu_name()}**, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads;"
@@ -458,38 +515,49 @@ def main() -> None:
         "llamacpp": "llama.cpp (llama-cpp-python)",
     }
     print(
-        "| implementation | dtype | decode tok/s, batch 1 | of roofline | ours ÷ it | prefill tok/s "
-        f"({args.prefill}) | ours ÷ it | decode batch {args.batch}, total tok/s |"
+        "| implementation | weights | decode tok/s, batch 1 | of roofline | ours ÷ it | ours ÷ our bf16 | "
+        f"prefill tok/s ({args.prefill}) | ours ÷ it | decode batch {args.batch}, total tok/s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     notes = []
+    our_bf16 = results.get(("ours", "bf16"), {}).get("decode")
     for dtype in dtypes:
-        ceiling = bandwidth * 1e9 / weight_bytes(config, itemsize[dtype]) if bandwidth else None
+        best = results.get(("ours", dtype), {})
+        read = best.get("read_bytes") or (
+            weight_bytes(config, {"bf16": 2, "fp32": 4}[dtype]) if dtype in ("bf16", "fp32") else None
+        )
+        ceiling = bandwidth * 1e9 / read if bandwidth and read else None
         if ceiling:
             print(
-                f"| roofline: {weight_bytes(config, itemsize[dtype]) / 1e9:.2f} GB/token ÷ {bandwidth:.1f} GB/s "
-                f"| {dtype} | {ceiling:.2f} | 100% | | | | |"
+                f"| roofline: {read / 1e9:.2f} GB/token ÷ {bandwidth:.1f} GB/s | {dtype} | {ceiling:.2f} | 100% "
+                "| | | | | |"
             )
-        best = results.get(("ours", dtype), {})
         for key in ("ours", "transformers", "llamacpp"):
             r = results.get((key, dtype))
             if r is None:
                 continue
+            label = dtype
+            if key == "llamacpp":
+                label = LLAMA_CPP_NAMES[dtype]
+            elif dtype in QUANT_BITS and key == "ours" and "activations" in r:
+                label = f"{dtype} ({r['activations']} activations)"
             if "error" in r:
-                print(f"| {names[key]} | {dtype} | failed: {r['error'][:80]} | | | | | |")
+                print(f"| {names[key]} | {label} | failed: {r['error'][:80]} | | | | | | |")
                 continue
             ours_row = key == "ours"
             print(
-                f"| {names[key]} | {dtype} | {fmt(r.get('decode'), 2)} | "
+                f"| {names[key]} | {label} | {fmt(r.get('decode'), 2)} | "
                 f"{percent(r.get('decode'), ceiling)} | "
-                f"{'' if ours_row else ratio(best.get('decode'), r.get('decode'))} | {fmt(r.get('prefill'))} | "
+                f"{'' if ours_row else ratio(best.get('decode'), r.get('decode'))} | "
+                f"{ratio(r.get('decode'), our_bf16) if ours_row else ''} | {fmt(r.get('prefill'))} | "
                 f"{'' if ours_row else ratio(best.get('prefill'), r.get('prefill'))} | {fmt(r.get('batch'))} |"
             )
             if key == "llamacpp":
                 check = parity(best, r)
                 if not r.get("same_function"):
                     check += " (llama.cpp picks RoPE/ALiBi by layer count: not this model's function)"
-                notes.append(f"llama.cpp {dtype} vs ours: {check}.")
+                size = f" GGUF {r['file_bytes'] / 1e9:.2f} GB" if "file_bytes" in r else ""
+                notes.append(f"llama.cpp {LLAMA_CPP_NAMES[dtype]} vs ours {dtype}:{size}; {check}.")
     print()
     for note in notes:
         print(f"- {note}")

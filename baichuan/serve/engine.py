@@ -28,9 +28,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from baichuan.generate import SamplingConfig, apply_repetition_penalty, process_logits, sample_next
+from baichuan.generate import (
+    SamplingConfig,
+    TextStream,
+    apply_repetition_penalty,
+    process_logits,
+    sample_next,
+)
 from baichuan.kv_cache import KVCache
-from baichuan.tokenizer import StreamDecoder, Tokenizer
+from baichuan.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,55 +62,6 @@ class Output:
     tokens: int  # completion tokens generated so far, the terminator included
     finish_reason: str | None = None  # "stop" or "length" on the choice's last output
     error: Exception | None = None  # raised by Ticket.outputs()
-
-
-class TextStream:
-    """Generated ids -> text deltas, as `generate.stream_text` shows them: no split multi-byte characters, no
-    terminator text, and nothing from a stop string on (withheld while one may still be forming)."""
-
-    def __init__(self, tokenizer: Tokenizer, sampling: SamplingConfig):
-        self.decoder = StreamDecoder(tokenizer)
-        self.terminators = sampling.terminators
-        self.stops = sampling.stop_strings
-        self.text = ""
-        self.shown = 0
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """The text `token` makes showable, and whether it completed a stop string (or is a terminator)."""
-        if token in self.terminators:
-            return self.flush(), True
-        self.text += self.decoder.push(token)
-        cut = self._stop_at()
-        if cut >= 0:
-            return self._show(cut), True
-        return self._show(len(self.text) - self._held_back()), False
-
-    def flush(self) -> str:
-        """Whatever is still held back, when generation ends without a stop string."""
-        self.text += self.decoder.flush()
-        cut = self._stop_at()
-        return self._show(len(self.text) if cut < 0 else cut)
-
-    def _show(self, end: int) -> str:
-        if end <= self.shown:
-            return ""
-        delta, self.shown = self.text[self.shown : end], end
-        return delta
-
-    def _stop_at(self) -> int:
-        # A stop string cannot start before `shown`: its beginning would have been held back.
-        found = [i for i in (self.text.find(s, self.shown) for s in self.stops) if i >= 0]
-        return min(found, default=-1)
-
-    def _held_back(self) -> int:
-        """How many trailing characters might be the start of a stop string."""
-        longest = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
 
 
 @dataclass(eq=False)
