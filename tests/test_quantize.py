@@ -398,3 +398,67 @@ def test_dequantize_bnb_stream_reports_missing_parts():
     state = {"x.weight": torch.zeros(8, 1, dtype=torch.uint8), "x.weight.absmax": torch.ones(1)}
     with pytest.raises(QuantizationError, match="incomplete"):
         list(dequantize_bnb_stream(state.items()))
+
+
+def _nf4_parts(weight: torch.Tensor, blocksize: int = 64) -> dict[str, torch.Tensor]:
+    """A bitsandbytes `Linear4bit` state dict for `weight` without double quantisation, built from the documented
+    format (see test_dequantize_nf4_hand_built): nearest NF4 level of w / absmax per block of the flattened row-major
+    weight, the even element in the high nibble."""
+    flat = weight.float().reshape(-1)
+    blocks = flat.view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    levels = torch.tensor(NF4_LEVELS)
+    codes = (blocks / absmax[:, None]).reshape(-1, 1).sub(levels).abs().argmin(dim=1)
+    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float16", "shape": list(weight.shape)}
+    return {
+        "": ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).view(-1, 1),
+        ".absmax": absmax,
+        ".quant_map": levels,
+        ".quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8),
+    }
+
+
+def test_official_nf4_checkpoint_directory(tmp_path):
+    """The `Baichuan2-*-Chat-4bits` layout: every decoder Linear in bitsandbytes NF4 parts, lm_head, embeddings
+    and norms in fp16, and a `quantization_config` in config.json. On CPU it loads dequantized (or requantized to
+    our int4 with quantize=4)."""
+    from baichuan.hf import BaichuanForCausalLM
+
+    source = tiny_model("rope", norm_head=True)
+    tensors, expected = {}, {}
+    for name, tensor in source.state_dict().items():
+        if name.startswith("model.layers.") and tensor.dim() == 2:
+            parts = _nf4_parts(tensor)
+            tensors.update({name + suffix: part for suffix, part in parts.items()})
+            stream = dequantize_bnb_stream(
+                [(name + suffix, part) for suffix, part in parts.items()], torch.float32
+            )
+            expected[name] = next(stream)[1]
+        else:
+            tensors[name] = tensor.half()
+            expected[name] = tensor.half().float()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    hf_config = source.config.to_hf_dict()
+    hf_config["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": False,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    reference = tiny_model("rope", norm_head=True)
+    reference.load_state_dict(expected)
+    ids = input_ids()
+    with torch.no_grad():
+        want = reference(ids)
+        got = load_model(tmp_path, dtype=torch.float32)(ids)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        assert (
+            rel(BaichuanForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids).logits, want) < 1e-5
+        )
+        requantized = load_model(tmp_path, dtype=torch.float32, quantize=4, group_size=32)
+        assert requantized.quantization["bits"] == 4
+        assert rel(requantized(ids), want) < 0.15
+    nf4_error = rel(expected["model.layers.0.mlp.up_proj.weight"], source.model.layers[0].mlp.up_proj.weight)
+    assert 0.02 < nf4_error < 0.15  # the parts really are 4-bit: a lossy, not a float, copy
