@@ -9,7 +9,7 @@ What a saved checkpoint holds for a quantized linear `X` (the `format_version` 1
   int8  X.weight int8 (out, in) and X.scales (out,): w = weight * scales[:, None]. Symmetric per output channel,
         scale = absmax/127, rounded as Baichuan-13B's `QLinear` does, so its int8 values are reproduced exactly.
   int4  X.weight uint8 (out, in/2), column 2j in the low nibble and 2j+1 in the high one, codes q in 0..15, and
-        X.scales, X.zeros (out, ceil(in/group_size)): w = (q - 8) * scale + zero. This is the convention of
+        X.scales, X.zeros bf16 (out, ceil(in/group_size)): w = (q - 8) * scale + zero. This is the convention of
         PyTorch's tinygemm int4 kernels, so loading only re-tiles the codes for the CPU kernel.
 The config.json record (see `quantize_model`) says which layers hold which format.
 """
@@ -41,6 +41,11 @@ DEFAULT_INT4_OVERRIDES = {"lm_head": 8}
 # Rows quantized at a time: fp32 temporaries of a few MB instead of a copy of a 125,696-row head. A multiple of
 # 64, so the CPU int4 kernel's row blocks never straddle two chunks.
 _ROW_CHUNK = 1024
+# torch's CPU weight-only kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are vectorised for bf16
+# activations; with fp32 or fp16 ones they ran 7-20x slower on a 4096x4096 layer here (AVX2 Zen 3, torch 2.14), so
+# the CPU path always computes in bf16 and casts back. int4 scales and zeros are kept in bf16 for the same reason
+# (and because the CUDA tinygemm kernel takes nothing else).
+KERNEL_DTYPE = torch.bfloat16
 
 
 class QuantizationError(ValueError):
@@ -83,7 +88,7 @@ def quantize_int8(
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: `torch._weight_int8pack_mm`."""
+    """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: `torch._weight_int8pack_mm` in bf16."""
 
     def __init__(
         self,
@@ -147,9 +152,12 @@ class Int8Linear(nn.Module):
             and self.in_features % 8 == 0
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         ):
-            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, scales)
-            y = y.view(*x.shape[:-1], self.out_features)
+            y = torch._weight_int8pack_mm(
+                x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous(),
+                self.weight,
+                self.scales.to(KERNEL_DTYPE),
+            )
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             # Per-channel scaling commutes with the matmul, so the int8 weight is only widened, never rescaled
             # (gpt-fast's form; under torch.compile it fuses into one kernel).
@@ -169,7 +177,8 @@ def quantize_int4(
     symmetric: bool = False,
     scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, in) float -> codes uint8 (out, in) in 0..15, scales and zeros (out, ceil(in/group_size)).
+    """(out, in) float -> codes uint8 (out, in) in 0..15, scales and zeros (out, ceil(in/group_size)) in
+    `scale_dtype` (default: the weight's).
 
     w = (q - 8) * scale + zero. Asymmetric: scale = (max - min)/15, zero = min + 8*scale, so q = 0..15 spans
     [min, max]. Symmetric: scale = absmax/7, zero = 0 (codes 1..15, as Baichuan-13B's quant4). A last group
@@ -264,8 +273,9 @@ def _tile_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """Group-wise int4 weights: w = (q - 8) * scale + zero. CPU: `aten._weight_int4pack_mm_for_cpu` when the
-    shape allows (out % 16 == 0, group size 32..256 dividing in); otherwise dequantise and matmul.
+    """Group-wise int4 weights: w = (q - 8) * scale + zero, scales and zeros in bf16 whatever the model's dtype.
+    CPU: `aten._weight_int4pack_mm_for_cpu` in bf16 when the shape allows (out % 16 == 0, group size 32..256
+    dividing in); otherwise dequantise and matmul.
 
     `state_dict()` always gives the portable format (weight, scales, zeros) and `load_state_dict` takes it, so
     the kernel's machine-dependent tiling never reaches a file.
@@ -291,7 +301,7 @@ class Int4Linear(nn.Module):
         )
         # (groups, out, 2): scale and zero side by side, the kernel's layout, so a forward copies nothing.
         self.register_buffer(
-            "scales_and_zeros", torch.empty(n_groups, out_features, 2, dtype=dtype, device=device)
+            "scales_and_zeros", torch.empty(n_groups, out_features, 2, dtype=KERNEL_DTYPE, device=device)
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.tiled: tuple[int, bool] | None = None  # the CPU kernel layout `weight` is in, None when plain
@@ -299,13 +309,9 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        group_size: int = DEFAULT_GROUP_SIZE,
-        symmetric: bool = False,
-        scale_dtype: torch.dtype | None = None,
+        cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = False
     ) -> Int4Linear:
-        return cls.from_weight(linear.weight, linear.bias, group_size, symmetric, scale_dtype)
+        return cls.from_weight(linear.weight, linear.bias, group_size, symmetric)
 
     @classmethod
     def from_weight(
@@ -314,7 +320,6 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
         symmetric: bool = False,
-        scale_dtype: torch.dtype | None = None,
     ) -> Int4Linear:
         weight = weight.detach()
         if weight.shape[1] % 2:
@@ -325,10 +330,11 @@ class Int4Linear(nn.Module):
                 weight.shape[0],
                 group_size,
                 bias is not None,
-                scale_dtype or weight.dtype,
+                weight.dtype,
                 "meta",
             )
-        codes, scales, zeros = quantize_int4(weight, group_size, symmetric, scale_dtype)
+        # Codes are rounded against the bf16 scales and zeros the module keeps, so storing adds no error.
+        codes, scales, zeros = quantize_int4(weight, group_size, symmetric, KERNEL_DTYPE)
         return cls.from_quantized_tensors(codes, scales, zeros, group_size, bias, packed=False)
 
     @classmethod
@@ -356,7 +362,7 @@ class Int4Linear(nn.Module):
                     f"int4 {name} must have shape ({out_features}, {n_groups}) for {in_features} inputs in groups of "
                     f"{group_size}, got {tuple(t.shape)}"
                 )
-        module.scales_and_zeros = torch.stack([scales.t(), zeros.to(scales.dtype).t()], dim=-1).contiguous()
+        module.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(KERNEL_DTYPE).contiguous()
         if bias is not None:
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         if packed:
@@ -417,9 +423,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and self.tiled is not None and x.device.type == "cpu":
-            dtype = self.scales_and_zeros.dtype
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).to(dtype).contiguous(),
+                x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous(),
                 self.weight,
                 self.group_size,
                 self.scales_and_zeros,
@@ -473,6 +478,8 @@ class Int4Linear(nn.Module):
         if self.tiled is not None and fn(torch.empty(0, dtype=torch.uint8)).device.type != "cpu":
             self.weight, self.tiled = pack_int4(self.codes()), None
         super()._apply(fn, recurse)
+        if self.scales_and_zeros.dtype != KERNEL_DTYPE:  # a model-wide .to(dtype) keeps them in bf16
+            self.scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
         self._tile()
         return self
 
@@ -505,10 +512,11 @@ def quantized_linear(
     symmetric: bool = False,
     scale_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """One Linear -> Int8Linear or Int4Linear (an empty one on the meta device when the Linear is on meta)."""
+    """One Linear -> Int8Linear or Int4Linear (an empty one on the meta device when the Linear is on meta).
+    `scale_dtype`: of the int8 scales (default: the weight's); int4 scales are always bf16."""
     if check_bits(bits) == 8:
         return Int8Linear.from_linear(linear, scale_dtype)
-    return Int4Linear.from_linear(linear, group_size, symmetric, scale_dtype)
+    return Int4Linear.from_linear(linear, group_size, symmetric)
 
 
 def quantize_model(

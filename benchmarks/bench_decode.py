@@ -114,7 +114,10 @@ def worker_ours(args) -> dict:
     from baichuan.generate import SamplingConfig, generate, generate_tokens
 
     dtype = _torch_dtype(args.dtype)
-    model = fold_norm_head(load_model(args.checkpoint, dtype=dtype, quantize=QUANT_BITS.get(args.dtype)))
+    bits = QUANT_BITS.get(args.dtype)
+    model = fold_norm_head(
+        load_model(args.checkpoint, dtype=dtype, quantize=bits, group_size=args.group_size)
+    )
     vocab = model.config.vocab_size
     decode_prompt = _prompt(args.decode_prompt, vocab, 1)[0]
     result: dict = {"read_bytes": _read_per_token(model), "activations": str(dtype).removeprefix("torch.")}
@@ -172,7 +175,11 @@ def worker_transformers(args) -> dict:
 
     import baichuan  # noqa: F401  (registers the Auto classes)
 
-    quantize = {"quantize": QUANT_BITS[args.dtype]} if args.dtype in QUANT_BITS else {}
+    quantize = (
+        {"quantize": QUANT_BITS[args.dtype], "group_size": args.group_size}
+        if args.dtype in QUANT_BITS
+        else {}
+    )
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=_torch_dtype(args.dtype), **quantize)
     model.eval()
     vocab = model.config.vocab_size
@@ -348,6 +355,8 @@ def run_worker(kind: str, args, dtype: str) -> dict:
         str(args.batch),
         "--batch-tokens",
         str(args.batch_tokens),
+        "--group-size",
+        str(args.group_size),
     ]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -431,6 +440,9 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=8, help="batch of the batched decode runs (1: skip)")
     parser.add_argument("--batch-tokens", type=int, default=16, help="tokens generated per batched run")
+    parser.add_argument(
+        "--group-size", type=int, default=128, help="group size of our int4 (llama.cpp Q4_0: 32)"
+    )
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (torch: default)"
     )

@@ -91,14 +91,24 @@ def test_symmetric_int4_reproduces_baichuan13b_quant4_codes():
 
 
 def test_int8_model_matches_original_quantize8_logits():
-    # The original quantize(8) leaves lm_head in float; with the same choice the logits agree to float noise.
+    """The original quantize(8) leaves lm_head in float; with the same choice the logits agree to float noise on
+    the fp32 reference path. The CPU kernel computes in bf16 (KERNEL_DTYPE): that moves the logits by 3.2e-3,
+    under half of what int8 quantization itself moves them (7.2e-3 from the float model)."""
     directory = shared_path("oracle", "fixtures", "baichuan1_13b")
     ref = np.load(directory / "reference.npz")
+    ids, expected = torch.from_numpy(ref["input_ids"]), torch.from_numpy(ref["quant8_logits"])
     model = load_model(directory / "checkpoint", torch.float32)
+    with torch.no_grad():
+        quantization_error = (model(ids) - expected).abs().max().item()
     quantize_model(model, 8, overrides={"lm_head": None})
     with torch.no_grad():
-        logits = model(torch.from_numpy(ref["input_ids"]))
-    assert (logits - torch.from_numpy(ref["quant8_logits"])).abs().max().item() < 1e-5
+        fast = model(ids)
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.use_kernel = False
+        reference = model(ids)
+    assert (reference - expected).abs().max().item() < 1e-5
+    assert (fast - expected).abs().max().item() < 0.5 * quantization_error
 
 
 # --- single layers ------------------------------------------------------------------------------------------------
@@ -122,7 +132,8 @@ def test_kernels_equal_reference_path(shape, dtype):
     in_features, out_features, group_size = shape
     linear = gaussian_linear(in_features, out_features, dtype=dtype)
     x = torch.randn(4, in_features, generator=torch.Generator().manual_seed(3)).to(dtype)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # The kernels compute in bf16 whatever the input dtype (KERNEL_DTYPE); the reference path in the input's.
+    kernel_tol, reference_tol = 1e-2, 1e-5 if dtype == torch.float32 else 1e-2
     for module in (Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, group_size)):
         # The reference: the dequantised weight in fp32, times the same (rounded) input.
         reference = x.float() @ module.dequantize().t()
@@ -130,9 +141,9 @@ def test_kernels_equal_reference_path(shape, dtype):
             fast = module(x)
             module.use_kernel = False
             slow = module(x)
-        assert fast.dtype == dtype
-        assert rel(fast, reference) < tol
-        assert rel(slow, reference) < tol
+        assert fast.dtype == slow.dtype == dtype
+        assert rel(fast, reference) < kernel_tol
+        assert rel(slow, reference) < reference_tol
     if HAS_INT4_KERNEL:
         assert module.tiled is not None, "the int4 CPU kernel exists but was not used"
 
@@ -210,11 +221,12 @@ def test_quantized_tiny_model_keeps_logits_and_greedy_tokens(position):
     prompt = ids[:1, :8]
     expected_tokens = greedy(model, prompt, 16)
     fold_norm_head(model)  # NormHead -> Linear of normalised rows, before quantizing
-    # Measured (alibi / rope): int8 rel 1.0e-2 / 7.8e-3, top-1 98.8% / 97.5%, all 16 greedy tokens equal;
-    # int4 (groups of 32) rel 9.3e-2 / 7.3e-2, top-1 86% / 86%, greedy steps agreeing when fed the float
-    # model's tokens 75% / 88%. Random tiny weights have small top-1 margins, so int4 flips more than a real
-    # model does, and a free-running int4 greedy decode leaves the float one at the first flip.
-    for bits, max_rel, min_top1, min_forced in ((8, 0.02, 0.95, 1.0), (4, 0.15, 0.75, 0.7)):
+    # Measured (alibi / rope), CPU kernels (bf16 compute): int8 rel 1.1e-2 / 8.8e-3, top-1 98.8% / 95%, float
+    # model's greedy steps taken 100% / 94%; int4 (groups of 32) rel 9.2e-2 / 7.0e-2, top-1 85% / 86%, steps
+    # taken 81% / 88%. In fp32 (the reference path) int8 keeps all 16 greedy tokens of both. Random tiny weights
+    # have small top-1 margins, so they flip more than a real model's, and a free-running greedy decode leaves
+    # the float one at the first flip.
+    for bits, max_rel, min_top1, min_forced in ((8, 0.02, 0.93, 0.9), (4, 0.15, 0.75, 0.7)):
         quantized = copy.deepcopy(model)
         quantize_model(quantized, bits, group_size=32)
         with torch.no_grad():
@@ -226,13 +238,16 @@ def test_quantized_tiny_model_keeps_logits_and_greedy_tokens(position):
             forced = quantized(torch.cat([prompt, torch.tensor([expected_tokens])], 1))[0, 7:-1].argmax(-1)
         assert (forced == torch.tensor(expected_tokens)).float().mean().item() >= min_forced
         if bits == 8:
+            for module in quantized.modules():
+                if isinstance(module, Int8Linear):
+                    module.use_kernel = False
             assert greedy(quantized, prompt, 16) == expected_tokens
 
 
 def test_int4_head_policy():
     """Why a 4-bit model keeps lm_head at 8 bits: on the tiny Baichuan2 model the int4 head raises the mean
-    per-token KL to the float model from 4.2e-3 to 7.2e-3 (groups of 32), while an int8 head is as good as a
-    float one (4.21e-3 vs 4.19e-3)."""
+    per-token KL to the float model from 4.1e-3 to 7.1e-3 (groups of 32), while an int8 head is as good as a
+    float one (4.12e-3 vs 4.10e-3)."""
     model = tiny_model("alibi", norm_head=True)
     ids = input_ids()
     with torch.no_grad():
