@@ -79,10 +79,12 @@ def quantize_int8(
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
     for i in range(0, weight.shape[0], _ROW_CHUNK):
-        w = weight[i : i + _ROW_CHUNK].float()
+        # A copy of its own, worked on in place: one fp32 temporary per chunk (quantizing on load is CPU-bound).
+        w = weight[i : i + _ROW_CHUNK].to(torch.float32, copy=True)
+        lo, hi = torch.aminmax(w, dim=1)
         # tiny keeps all-zero rows finite; it never changes the scale of a non-zero row.
-        s = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
-        codes[i : i + _ROW_CHUNK] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        s = (torch.maximum(-lo, hi) / 127).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+        codes[i : i + _ROW_CHUNK] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         scales[i : i + _ROW_CHUNK] = s
     return codes, scales
 
@@ -193,18 +195,18 @@ def quantize_int4(
     scales = torch.empty(out_features, n_groups, dtype=scale_dtype, device=weight.device)
     zeros = torch.empty_like(scales)
     for i in range(0, out_features, _ROW_CHUNK):
-        w = weight[i : i + _ROW_CHUNK].float()
+        w = weight[i : i + _ROW_CHUNK].to(torch.float32, copy=True)  # worked on in place, as in quantize_int8
         if pad:  # repeat the row's last value: it changes neither min nor max of the short group
             w = F.pad(w[None], (0, pad), mode="replicate")[0]
         w = w.view(w.shape[0], n_groups, group_size)
+        lo, hi = torch.aminmax(w, dim=-1)
         if symmetric:
-            s = (w.abs().amax(-1) / 7).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+            s = (torch.maximum(-lo, hi) / 7).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
             z = torch.zeros_like(s)
         else:
-            lo, hi = w.amin(-1), w.amax(-1)
             s = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
             z = (lo + 8 * s.float()).to(scale_dtype)
-        q = torch.round((w - z.float()[..., None]) / s.float()[..., None] + 8).clamp_(0, 15)
+        q = w.sub_(z.float()[..., None]).div_(s.float()[..., None]).add_(8).round_().clamp_(0, 15)
         codes[i : i + _ROW_CHUNK] = q.view(q.shape[0], -1)[:, :in_features].to(torch.uint8)
         scales[i : i + _ROW_CHUNK], zeros[i : i + _ROW_CHUNK] = s, z
     return codes, scales, zeros
