@@ -341,7 +341,8 @@ def quantize(
         int, typer.Option(help="int4 group size (32, 64, 128 or 256 use the fast CPU kernel).")
     ] = 128,
     dtype: Annotated[
-        str, typer.Option(help="dtype of the float parts (embeddings, norms, scales).")
+        str,
+        typer.Option(help="dtype of the float parts (embeddings, norms, int8 scales; int4 scales are bf16)."),
     ] = "bf16",
     force: Annotated[bool, typer.Option(help="Write into a non-empty directory.")] = False,
 ) -> None:
