@@ -54,37 +54,21 @@ def test_help_is_fast_and_lists_commands():
 
 
 def test_generate_streams_text(tiny_dir):
-    result = runner.invoke(
-        app,
-        [
-            "generate",
-            "--model",
-            str(tiny_dir),
-            "--prompt",
-            "你好",
-            "--greedy",
-            "--max-new-tokens",
-            "8",
-            "--dtype",
-            "fp32",
-        ],
-    )
+    command = [
+        "generate",
+        "-m",
+        str(tiny_dir),
+        "-p",
+        "你好",
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "fp32",
+    ]
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
-    again = runner.invoke(
-        app,
-        [
-            "generate",
-            "--model",
-            str(tiny_dir),
-            "--prompt",
-            "你好",
-            "--greedy",
-            "--max-new-tokens",
-            "8",
-            "--dtype",
-            "fp32",
-        ],
-    )
+    again = runner.invoke(app, command)
     assert again.output == result.output  # greedy is deterministic
 
 
