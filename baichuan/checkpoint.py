@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from baichuan.config import Config, ConfigError
-from baichuan.model import Baichuan, NormHead
+from baichuan.model import Baichuan, Linear, NormHead
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -271,7 +271,8 @@ def fold_norm_head(model: nn.Module) -> nn.Module:
     if isinstance(head, NormHead):
         with torch.no_grad():
             weight = torch.nn.functional.normalize(head.weight.float(), dim=-1).to(head.weight.dtype)
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        # The model's own Linear, which keeps its fp32 products where the CPU only emulates bf16.
+        linear = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
         model.lm_head = linear
     return model
