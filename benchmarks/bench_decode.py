@@ -552,7 +552,7 @@ def main() -> None:
             if key == "llamacpp":
                 label = LLAMA_CPP_NAMES[dtype]
             elif dtype in QUANT_BITS and key == "ours" and "activations" in r:
-                label = f"{dtype} ({r['activations']} activations)"
+                label = f"{dtype} ({r['activations']} model, bf16 kernels)"
             if "error" in r:
                 print(f"| {names[key]} | {label} | failed: {r['error'][:80]} | | | | | | |")
                 continue
