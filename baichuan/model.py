@@ -6,7 +6,6 @@ checkpoints load without a key map and LoRA targets such as `W_pack` mean what u
 
 from __future__ import annotations
 
-import functools
 from typing import Protocol
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from baichuan.config import Config
+from baichuan.cpu import half_is_emulated
 from baichuan.position import ALiBi, RoPE, build_position
 
 
@@ -26,22 +26,9 @@ class Cache(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-@functools.cache
-def _emulated(dtype: torch.dtype) -> bool:
-    """Whether this CPU lacks native bf16/fp16 matmul (AVX2, AVX-512 before Cooper Lake): oneDNN's check."""
-    try:
-        if dtype == torch.bfloat16:
-            return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if dtype == torch.float16:
-            return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    except (AttributeError, RuntimeError):  # torch built without oneDNN
-        return True
-    return False
-
-
 def emulated_half(x: torch.Tensor) -> bool:
     """A bf16/fp16 CPU tensor on a CPU that can only emulate half-precision arithmetic."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and _emulated(x.dtype)
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and half_is_emulated(x.dtype)
 
 
 # From this many rows on, upcasting the weight beats the emulated product (4096x1536 weight, 2-core Zen 3:

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "baichuan"
 
 LAYERS = {
     "config": 0,
+    "cpu": 0,
     "position": 1,
     "kv_cache": 1,
     "tokenizer": 1,

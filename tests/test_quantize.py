@@ -19,9 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from baichuan.checkpoint import fold_norm_head, load_model
+from baichuan.cpu import half_is_emulated
 from baichuan.kv_cache import KVCache
 from baichuan.model import Baichuan
 from baichuan.quantize import (
+    INT8_WIDEN_MIN_ROWS,
     NF4_LEVELS,
     Int4Linear,
     Int8Linear,
@@ -146,6 +148,18 @@ def test_kernels_equal_reference_path(shape, dtype):
         assert rel(slow, reference) < reference_tol
     if HAS_INT4_KERNEL:
         assert module.tiled is not None, "the int4 CPU kernel exists but was not used"
+
+
+def test_int8_prompt_sized_products_where_bf16_is_emulated():
+    """From INT8_WIDEN_MIN_ROWS rows on, a CPU without native bf16 widens the int8 weight for an fp32 GEMM
+    (faster than the bf16 kernel there), which is exact; with native bf16 the kernel keeps them (bf16 error)."""
+    linear = gaussian_linear(256, 64)
+    module = Int8Linear.from_linear(linear)
+    x = torch.randn(INT8_WIDEN_MIN_ROWS + 2, 256, generator=torch.Generator().manual_seed(7))
+    reference = x @ module.dequantize().t()
+    with torch.no_grad():
+        got = module(x)
+    assert rel(got, reference) < (1e-6 if half_is_emulated(torch.bfloat16) else 1e-2)
 
 
 @pytest.mark.skipif(not HAS_INT4_KERNEL, reason="this torch has no CPU int4 kernel")
