@@ -78,6 +78,20 @@ def test_models_and_health(client):
     assert client.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0}
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_serves_what_it_generates(tmp_path_factory, bits):
+    """`serve --quantize` loads through the same load_for_inference; the batched engine then decodes with the
+    quantized kernels and answers what model.chat does."""
+    quantized = load_for_inference(
+        tiny_checkpoint(tmp_path_factory), device="cpu", dtype="fp32", quantize=bits
+    )
+    assert quantized.model.quantization["bits"] == bits
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 12}
+    with TestClient(create_app(quantized, model_name=MODEL, max_batch=2, max_queue=4)) as quantized_client:
+        answer = quantized_client.post("/v1/chat/completions", json=body).json()
+    assert answer["choices"][0]["message"]["content"] == chat_reference(quantized, HELLO, 12)
+
+
 def test_chat_greedy_equals_model_chat_with_exact_usage(client, loaded):
     body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 24}
     answer = client.post("/v1/chat/completions", json=body).json()
