@@ -52,6 +52,9 @@ KERNEL_DTYPE = torch.bfloat16
 # widened weight: 4096x1536 and 1536x4096 layers, 2-core Zen 3: 128 rows 61 vs 68 ms, 256 rows 42-76 vs 100-104 ms
 # (the kernel wins below, 32 rows 5-28 vs 21-40 ms).
 INT8_WIDEN_MIN_ROWS = 128
+# The same for int4, dequantising straight from the kernel's tiles: 4096x1536, 1536x4096 and 4608x1536 layers,
+# 256 rows 32-41 vs 55-63 ms, 512 rows 59-103 vs 100-125 ms; at 128 rows the kernel still wins (20-33 vs 24-44).
+INT4_WIDEN_MIN_ROWS = 256
 
 
 class QuantizationError(ValueError):
@@ -432,8 +435,36 @@ class Int4Linear(nn.Module):
         w = (codes - 8) * scales[..., None] + zeros[..., None]
         return w.view(self.out_features, -1)[:, : self.in_features].to(dtype)
 
+    def _weight_t_from_tiles(self) -> torch.Tensor | None:
+        """The dequantised weight transposed, (in, out) fp32, computed from the CPU kernel's tiles without
+        untiling them; None when rows do not fill whole tiles."""
+        block, halves = self.tiled
+        if self.out_features % block:
+            return None
+        blocks, k, g = self.out_features // block, self.in_features, self.group_size
+        tiles = self.weight.view(blocks, k, block // 2)
+        lo, hi = tiles & 15, tiles >> 4
+        codes = torch.cat([lo, hi], 2) if halves else torch.stack([lo, hi], 3).view(blocks, k, block)
+        # (groups, out, 2) -> (blocks, groups, 2, block): each tile's scales and zeros beside its codes.
+        sz = self.scales_and_zeros.view(k // g, blocks, block, 2).permute(1, 0, 3, 2).float().contiguous()
+        scales, zeros = sz[:, :, 0, None, :], sz[:, :, 1, None, :]
+        w = torch.addcmul(zeros - 8 * scales, codes.view(blocks, k // g, g, block).float(), scales)
+        return w.view(blocks, k, block).permute(1, 0, 2).reshape(k, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and self.tiled is not None and x.device.type == "cpu":
+        weight_t = None
+        if (
+            self.use_kernel
+            and self.tiled is not None
+            and x.device.type == "cpu"
+            and x.numel() >= INT4_WIDEN_MIN_ROWS * self.in_features
+            and half_is_emulated(KERNEL_DTYPE)
+        ):
+            weight_t = self._weight_t_from_tiles()
+        if weight_t is not None:  # a prompt where bf16 is emulated: one fp32 GEMM
+            y = (x.reshape(-1, self.in_features).float() @ weight_t).view(*x.shape[:-1], self.out_features)
+            y = y.to(x.dtype)
+        elif self.use_kernel and self.tiled is not None and x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous(),
                 self.weight,

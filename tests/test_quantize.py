@@ -23,6 +23,7 @@ from baichuan.cpu import half_is_emulated
 from baichuan.kv_cache import KVCache
 from baichuan.model import Baichuan
 from baichuan.quantize import (
+    INT4_WIDEN_MIN_ROWS,
     INT8_WIDEN_MIN_ROWS,
     NF4_LEVELS,
     Int4Linear,
@@ -150,15 +151,19 @@ def test_kernels_equal_reference_path(shape, dtype):
         assert module.tiled is not None, "the int4 CPU kernel exists but was not used"
 
 
-def test_int8_prompt_sized_products_where_bf16_is_emulated():
-    """From INT8_WIDEN_MIN_ROWS rows on, a CPU without native bf16 widens the int8 weight for an fp32 GEMM
-    (faster than the bf16 kernel there), which is exact; with native bf16 the kernel keeps them (bf16 error)."""
-    linear = gaussian_linear(256, 64)
-    module = Int8Linear.from_linear(linear)
-    x = torch.randn(INT8_WIDEN_MIN_ROWS + 2, 256, generator=torch.Generator().manual_seed(7))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prompt_sized_products_where_bf16_is_emulated(bits):
+    """From INT8_WIDEN_MIN_ROWS / INT4_WIDEN_MIN_ROWS rows on, a CPU without native bf16 dequantises for an fp32
+    GEMM (faster than the bf16 kernel there), which is exact; with native bf16 the kernel keeps them (bf16 error).
+    128 output rows: whole int4 tiles, of 64 or 32 rows."""
+    linear = gaussian_linear(256, 128)
+    module = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, 64)
+    min_rows = INT8_WIDEN_MIN_ROWS if bits == 8 else INT4_WIDEN_MIN_ROWS
+    x = torch.randn(3, min_rows // 3 + 1, 256, generator=torch.Generator().manual_seed(7))
     reference = x @ module.dequantize().t()
     with torch.no_grad():
         got = module(x)
+    assert got.shape == (3, min_rows // 3 + 1, 128)
     assert rel(got, reference) < (1e-6 if half_is_emulated(torch.bfloat16) else 1e-2)
 
 
