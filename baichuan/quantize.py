@@ -44,7 +44,7 @@ DEFAULT_INT4_OVERRIDES = {"lm_head": 8}
 # 64, so the CPU int4 kernel's row blocks never straddle two chunks.
 _ROW_CHUNK = 1024
 # torch's CPU weight-only kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are vectorised for bf16
-# activations; with fp32 or fp16 ones they ran 7-20x slower on a 4096x4096 layer here (AVX2 Zen 3, torch 2.14), so
+# activations; with fp32 or fp16 ones they ran 8-17x slower on a 4096x4096 layer here (AVX2 Zen 3, torch 2.14), so
 # the CPU path always computes in bf16 and casts back. int4 scales and zeros are kept in bf16 for the same reason
 # (and because the CUDA tinygemm kernel takes nothing else).
 KERNEL_DTYPE = torch.bfloat16
