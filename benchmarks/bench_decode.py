@@ -50,6 +50,15 @@ def _median_runs(fn, runs: int) -> float:
     return statistics.median(fn() for _ in range(runs))
 
 
+def _batch_rate(run, args) -> float:
+    """Total tok/s of batched decoding, `run(n)` being the seconds to generate n tokens per row:
+    batch·(N−1) / (time(N) − time(1)), so the prefill and first token drop out."""
+    run(2)  # warm up
+    first = _median_runs(lambda: run(1), args.runs)
+    full = _median_runs(lambda: run(args.batch_tokens), args.runs)
+    return args.batch * (args.batch_tokens - 1) / (full - first)
+
+
 # --- workers (each runs in a child process) --------------------------------------------------------------
 
 
@@ -161,10 +170,7 @@ def worker_ours(args) -> dict:
             generate(model, prompts, SamplingConfig(max_new_tokens=n, eos_ids=()))
             return time.perf_counter() - t
 
-        run(2)
-        first = _median_runs(lambda: run(1), args.runs)
-        full = _median_runs(lambda: run(args.batch_tokens), args.runs)
-        result["batch"] = args.batch * (args.batch_tokens - 1) / (full - first)
+        result["batch"] = _batch_rate(run, args)
     return result
 
 
@@ -229,10 +235,7 @@ def worker_transformers(args) -> dict:
             s = timed(prompts, n, stream=False)
             return s[1] - s[0]
 
-        run(2)
-        first = _median_runs(lambda: run(1), args.runs)
-        full = _median_runs(lambda: run(args.batch_tokens), args.runs)
-        result["batch"] = args.batch * (args.batch_tokens - 1) / (full - first)
+        result["batch"] = _batch_rate(run, args)
     return result
 
 

@@ -33,11 +33,6 @@ HELLO = [{"role": "user", "content": "你好, hello"}]
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return load_for_inference(tiny_checkpoint(tmp_path_factory), device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
 def client(loaded):
     app = create_app(loaded, model_name=MODEL, max_batch=4, max_queue=16)
     with TestClient(app) as client:

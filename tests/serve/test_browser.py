@@ -12,17 +12,11 @@ pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 from baichuan.generate import chat  # noqa: E402
-from baichuan.runtime import load_for_inference  # noqa: E402
 from baichuan.serve.app import create_app  # noqa: E402
-from tests.serve import running_server, tiny_checkpoint  # noqa: E402
+from tests.serve import running_server  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MESSAGE = "你好！Hello, 百川 — can you stream?"
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return load_for_inference(tiny_checkpoint(tmp_path_factory), device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")

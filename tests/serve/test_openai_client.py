@@ -13,18 +13,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from baichuan.generate import chat, generate_tokens, stream_text  # noqa: E402
-from baichuan.runtime import load_for_inference  # noqa: E402
 from baichuan.serve.app import create_app  # noqa: E402
-from tests.serve import running_server, tiny_checkpoint  # noqa: E402
+from tests.serve import running_server  # noqa: E402
 
 MODEL = "tiny-baichuan2"
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "你好, hello"}]
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return load_for_inference(tiny_checkpoint(tmp_path_factory), device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
