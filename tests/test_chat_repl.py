@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from baichuan.config import preset
 from baichuan.scaffold import init_checkpoint
@@ -14,17 +15,20 @@ from baichuan.scaffold import init_checkpoint
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 
-def wait_for(session, text, timeout=120.0):
+def wait_for(session, text, count=1, timeout=120.0):
+    """Wait until `text` shows `count` times in the pane and its scrollback.
+
+    `-J` joins the lines the terminal wrapped, so a marker split at the right edge still matches."""
     deadline = time.monotonic() + timeout
     screen = ""
     while time.monotonic() < deadline:
         screen = subprocess.run(
-            ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+            ["tmux", "capture-pane", "-p", "-J", "-S", "-", "-t", session], capture_output=True, text=True
         ).stdout
-        if text in screen:
+        if screen.count(text) >= count:
             return screen
         time.sleep(0.2)
-    raise AssertionError(f"{text!r} did not appear; screen:\n{screen}")
+    raise AssertionError(f"{text!r} did not appear {count} time(s); screen:\n{screen}")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +36,11 @@ def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("chat") / "tiny"
     config = preset("baichuan2-7b").replace(n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=4096)
     init_checkpoint(config, directory)
+    # A zero head row gives </s> logit 0, never in the top 5 of 4096 random logits: answers run until Ctrl-C,
+    # whatever the random stream, so the test cannot race an answer that ends by itself.
+    weights = load_file(directory / "model.safetensors")
+    weights["lm_head.weight"][config.eos_token_id] = 0
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     return directory
 
 
@@ -46,18 +55,19 @@ def test_chat_session_in_tmux(checkpoint):
         # A long random answer is streaming: Ctrl-C stops it without leaving the program.
         time.sleep(1.0)
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
-        screen = wait_for(session, "(stopped)")
-        assert screen.count("User:") >= 1
-        wait_for(session, "User:", timeout=30)
+        wait_for(session, "(stopped)")
+        # The program is still running: it asks for the next message.
+        wait_for(session, "User:", count=2, timeout=30)
         subprocess.run(["tmux", "send-keys", "-t", session, "/clear", "Enter"], check=True)
         wait_for(session, "conversation cleared")
         subprocess.run(
             ["tmux", "send-keys", "-t", session, "line one \\", "Enter", "line two", "Enter"], check=True
         )
-        wait_for(session, "...")
+        wait_for(session, "Baichuan:", count=2)
+        assert "..." in wait_for(session, "line two")
         time.sleep(0.5)
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
-        wait_for(session, "(stopped)")
+        wait_for(session, "(stopped)", count=2)
         subprocess.run(["tmux", "send-keys", "-t", session, "/exit", "Enter"], check=True)
         wait_for(session, "bye")
     finally:
