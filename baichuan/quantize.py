@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baichuan import cpu_gemv
 from baichuan.cpu import half_is_emulated
 
 QUANT_METHOD = "baichuan_weight_only"
@@ -99,7 +100,8 @@ def quantize_int8(
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: `torch._weight_int8pack_mm` in bf16."""
+    """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: the AVX2 kernel of `cpu_gemv` (where it
+    `serves` those rows and could be built), else `torch._weight_int8pack_mm` in bf16."""
 
     def __init__(
         self,
@@ -156,6 +158,12 @@ class Int8Linear(nn.Module):
         return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._gemv(x) if self.use_kernel else None
+        if y is None:
+            y = self._matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         # The kernel crashes (segfault, torch 2.14) on bf16 inputs of several rows when in_features % 8 != 0.
         if (
             self.use_kernel
@@ -169,14 +177,20 @@ class Int8Linear(nn.Module):
                 self.weight,
                 self.scales.to(KERNEL_DTYPE),
             )
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:
-            # Per-channel scaling commutes with the matmul, so the int8 weight is only widened, never rescaled
-            # (gpt-fast's form; under torch.compile it fuses into one kernel). Emulated half precision is
-            # computed in fp32.
-            dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
-            y = (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        # Per-channel scaling commutes with the matmul, so the int8 weight is only widened, never rescaled
+        # (gpt-fast's form; under torch.compile it fuses into one kernel). Emulated half precision is
+        # computed in fp32.
+        dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
+        return (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
+        if self.in_features % 16 or not cpu_gemv.serves(x, self.in_features):
+            return None
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        y = cpu_gemv.int8_gemv(rows, self.weight, self.scales.float().contiguous())
+        return None if y is None else y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
@@ -288,8 +302,9 @@ def _tile_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
 
 class Int4Linear(nn.Module):
     """Group-wise int4 weights: w = (q - 8) * scale + zero, scales and zeros in bf16 whatever the model's dtype.
-    CPU: `aten._weight_int4pack_mm_for_cpu` in bf16 when the shape allows (out % 16 == 0, group size 32..256
-    dividing in); otherwise dequantise and matmul.
+    CPU: the AVX2 kernel of `cpu_gemv` on the plain nibbles (`cpu_gemv.serves` says for how many rows, and past
+    them: dequantise and matmul); where it cannot be built, `aten._weight_int4pack_mm_for_cpu` in bf16 on its own tiling
+    when the shape allows (out % 16 == 0, group size 32..256 dividing in); otherwise dequantise and matmul.
 
     `state_dict()` always gives the portable format (weight, scales, zeros) and `load_state_dict` takes it, so
     the kernel's machine-dependent tiling never reaches a file.
@@ -386,8 +401,16 @@ class Int4Linear(nn.Module):
             module._set_codes(weight)
         return module
 
+    def _gemv_fits(self) -> bool:
+        """Whether `cpu_gemv.int4_gemv` takes this shape (it reads the plain nibbles)."""
+        g = self.group_size
+        return g % 32 == 0 and g <= 256 and self.in_features % g == 0
+
     def _cpu_kernel_layout(self) -> tuple[int, bool] | None:
-        """The CPU kernel's tiling, when this shape suits the kernel and this torch has it."""
+        """The tiling of torch's CPU kernel, when this shape suits it, this torch has it, and the AVX2 kernel of
+        `cpu_gemv` (faster, on the plain nibbles) does not apply."""
+        if self._gemv_fits() and cpu_gemv.load() is not None:
+            return None
         fits = (
             self.out_features % 16 == 0
             and self.group_size in KERNEL_GROUP_SIZES
@@ -452,6 +475,20 @@ class Int4Linear(nn.Module):
         return w.view(blocks, k, block).permute(1, 0, 2).reshape(k, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._gemv(x) if self.use_kernel else None
+        if y is None:
+            y = self._matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
+        if self.tiled is not None or not self._gemv_fits() or not cpu_gemv.serves(x, self.in_features):
+            return None
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        y = cpu_gemv.int4_gemv(rows, self.weight, self.scales_and_zeros, self.group_size)
+        return None if y is None else y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         weight_t = None
         if (
             self.use_kernel
@@ -463,18 +500,18 @@ class Int4Linear(nn.Module):
             weight_t = self._weight_t_from_tiles()
         if weight_t is not None:  # a prompt where bf16 is emulated: one fp32 GEMM
             y = (x.reshape(-1, self.in_features).float() @ weight_t).view(*x.shape[:-1], self.out_features)
-            y = y.to(x.dtype)
-        elif self.use_kernel and self.tiled is not None and x.device.type == "cpu":
+            return y.to(x.dtype)
+        if self.use_kernel and self.tiled is not None and x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous(),
                 self.weight,
                 self.group_size,
                 self.scales_and_zeros,
             )
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:
-            y = F.linear(x, self.dequantize(x.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        # Emulated half precision is computed in fp32.
+        dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
+        return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
     # state_dict in the portable format, whatever the in-memory layout.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -525,10 +562,16 @@ class Int4Linear(nn.Module):
         self._tile()
         return self
 
+    def _kernel_name(self) -> str:
+        if self.tiled is not None:
+            return "cpu"
+        on_cpu = self.weight.device.type == "cpu"
+        return "avx2" if on_cpu and self._gemv_fits() and cpu_gemv.load() is not None else "reference"
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
-            f"group_size={self.group_size}, kernel={'cpu' if self.tiled else 'reference'}"
+            f"group_size={self.group_size}, kernel={self._kernel_name()}"
         )
 
 
