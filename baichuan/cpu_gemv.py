@@ -18,25 +18,20 @@ from types import ModuleType
 
 import torch
 
-from baichuan.cpu import half_is_emulated
-
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
-# Activation rows up to which the kernels are used where the CPU has native bf16 (AMX, AVX512-BF16), whose
-# matmuls should win on prompts (not measured: this machine has none). Where bf16 is emulated they are used for
-# any number of rows. 2-core Zen 3, 4608x1536, 1536x4096, 4096x4096 and 125696x1536 layers, against torch's bf16
-# kernels: int8 1.6-2.9x faster from 1 to 128 rows, int4 1.5-2.8x (0.9x for 1536x4096 at 128-256 rows); against
-# an fp32 GEMM on the dequantised weight, int8 faster up to 128 rows and even at 256-512 (29-62 vs 25-80 ms),
-# int4 faster at 128-256 rows (15-71 vs 27-220 ms, the dequantisation included).
+# Activation rows up to which the kernels are used by default. 2-core Zen 3, 4608x1536, 1536x4096, 4096x4096 and
+# 125696x1536 layers against torch's bf16 kernels: int8 1.6-2.9x faster from 1 to 128 rows, int4 1.5-2.8x.
+# Past that, prompts: int8 is faster as an fp32 GEMM on the widened weight (512-token prefill of the 1.29B
+# benchmark model: 64.7 against 36.2 tok/s), while int4 stays faster in the kernel (55.9 against 41.6 tok/s with
+# torch's kernel and its widening), so `quantize.Int4Linear` lifts the limit where bf16 is emulated.
 MAX_ROWS = 128
 
 
-def serves(x: torch.Tensor, in_features: int) -> bool:
+def serves(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
     """Whether the kernels should take these activations (..., in_features)."""
-    if x.device.type != "cpu":
-        return False
-    return x.numel() <= MAX_ROWS * in_features or half_is_emulated(torch.bfloat16)
+    return x.device.type == "cpu" and x.numel() <= max_rows * in_features
 
 
 def _cpu_has_avx2() -> bool:

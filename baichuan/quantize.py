@@ -22,6 +22,7 @@ import fnmatch
 import functools
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -482,7 +483,13 @@ class Int4Linear(nn.Module):
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
-        if self.tiled is not None or not self._gemv_fits() or not cpu_gemv.serves(x, self.in_features):
+        # Prompts too where bf16 is emulated: measured faster than torch's kernel and than widening (cpu_gemv).
+        max_rows = sys.maxsize if half_is_emulated(KERNEL_DTYPE) else cpu_gemv.MAX_ROWS
+        if (
+            self.tiled is not None
+            or not self._gemv_fits()
+            or not cpu_gemv.serves(x, self.in_features, max_rows)
+        ):
             return None
         rows = x.reshape(-1, self.in_features).float().contiguous()
         y = cpu_gemv.int4_gemv(rows, self.weight, self.scales_and_zeros, self.group_size)

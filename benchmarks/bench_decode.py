@@ -129,7 +129,13 @@ def worker_ours(args) -> dict:
     )
     vocab = model.config.vocab_size
     decode_prompt = _prompt(args.decode_prompt, vocab, 1)[0]
-    result: dict = {"read_bytes": _read_per_token(model), "activations": str(dtype).removeprefix("torch.")}
+    from baichuan import cpu_gemv
+
+    result: dict = {
+        "read_bytes": _read_per_token(model),
+        "activations": str(dtype).removeprefix("torch."),
+        "kernels": "AVX2 int16-activation" if cpu_gemv.load() else "torch bf16",
+    }
 
     def timed(prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
         sampling = SamplingConfig(max_new_tokens=new_tokens, eos_ids=())
@@ -555,7 +561,7 @@ def main() -> None:
             if key == "llamacpp":
                 label = LLAMA_CPP_NAMES[dtype]
             elif dtype in QUANT_BITS and key == "ours" and "activations" in r:
-                label = f"{dtype} ({r['activations']} model, bf16 kernels)"
+                label = f"{dtype} ({r['activations']} model, {r.get('kernels', '?')} kernels)"
             if "error" in r:
                 print(f"| {names[key]} | {label} | failed: {r['error'][:80]} | | | | | | |")
                 continue

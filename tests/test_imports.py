@@ -37,7 +37,6 @@ LAYERS = {
 }
 # Same-layer imports that are part of the design.
 ALLOWED_ACROSS = {
-    ("cpu_gemv", "cpu"),
     ("generate", "chat_format"),
     ("scaffold", "checkpoint"),
     ("runtime", "checkpoint"),
