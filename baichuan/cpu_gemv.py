@@ -83,22 +83,32 @@ def load() -> ModuleType | None:
     return module
 
 
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """(x @ weight.T) * scales for fp32 x (M, K) and int8 weight (N, K), K % 16 == 0; None where the kernels
-    are not available."""
+def _apply(kernel: str, x: torch.Tensor, *args) -> torch.Tensor | None:
+    """Run a kernel on x (..., K) of any float dtype: (..., N) in x's dtype, or None where the kernels are not
+    available. Called once per layer per token, so it skips the conversions that are not needed."""
     module = load()
     if module is None:
         return None
-    return module.int8_gemv(x, weight, scales)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    y = getattr(module, kernel)(rows, *args)
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """(x @ weight.T) * scales for x (..., K), int8 weight (N, K) with K % 16 == 0, fp32 scales (N,); None where
+    the kernels are not available."""
+    return _apply("int8_gemv", x, weight, scales)
 
 
 def int4_gemv(
     x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor | None:
-    """x @ w.T for fp32 x (M, K) and `quantize.Int4Linear`'s plain layout: packed uint8 (N, K/2), bf16
+    """x @ w.T for x (..., K) and `quantize.Int4Linear`'s plain layout: packed uint8 (N, K/2), bf16
     scales_and_zeros (K/group_size, N, 2), group_size a multiple of 32 dividing K; None where the kernels are not
     available."""
-    module = load()
-    if module is None:
-        return None
-    return module.int4_gemv(x, packed, scales_and_zeros, group_size)
+    return _apply("int4_gemv", x, packed, scales_and_zeros, group_size)

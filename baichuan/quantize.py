@@ -189,9 +189,11 @@ class Int8Linear(nn.Module):
         """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
         if self.in_features % 16 or not cpu_gemv.serves(x, self.in_features):
             return None
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        y = cpu_gemv.int8_gemv(rows, self.weight, self.scales.float().contiguous())
-        return None if y is None else y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        # _buffers: this runs once per layer per token, and Module.__getattr__ costs a microsecond a lookup.
+        scales = self._buffers["scales"]
+        if scales.dtype != torch.float32:
+            scales = scales.float()
+        return cpu_gemv.int8_gemv(x, self._buffers["weight"], scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
@@ -491,9 +493,8 @@ class Int4Linear(nn.Module):
             or not cpu_gemv.serves(x, self.in_features, max_rows)
         ):
             return None
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        y = cpu_gemv.int4_gemv(rows, self.weight, self.scales_and_zeros, self.group_size)
-        return None if y is None else y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        buffers = self._buffers
+        return cpu_gemv.int4_gemv(x, buffers["weight"], buffers["scales_and_zeros"], self.group_size)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         weight_t = None
