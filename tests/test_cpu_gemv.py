@@ -68,19 +68,32 @@ def test_non_finite_activations_give_nan_not_numbers(kernels):
     assert torch.equal(zeros, torch.zeros(1, 3))
 
 
+def test_any_float_activations_and_leading_shape(kernels):
+    weight = torch.randint(-128, 128, (8, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
+    exact = (x.double() @ weight.double().t()) * 0.5
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)):
+        y = kernels.int8_gemv(x.to(dtype), weight, torch.full((8,), 0.5))
+        assert y.shape == (2, 3, 8) and y.dtype == dtype
+        assert rel(y, exact) < tol
+    transposed = x.transpose(0, 1)  # not contiguous
+    assert rel(kernels.int8_gemv(transposed, weight, torch.full((8,), 0.5)), exact.transpose(0, 1)) < 1e-4
+
+
 def test_bad_shapes_are_refused_with_a_message(kernels):
+    compiled = kernels.load()
     weight = torch.zeros(4, 24, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        kernels.int8_gemv(torch.zeros(1, 24), weight, torch.ones(4))
+        compiled.int8_gemv(torch.zeros(1, 24), weight, torch.ones(4))
     with pytest.raises(RuntimeError, match="columns"):
-        kernels.int8_gemv(torch.zeros(1, 32), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4))
+        compiled.int8_gemv(torch.zeros(1, 32), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4))
     with pytest.raises(RuntimeError, match="fp32"):
-        kernels.int8_gemv(
+        compiled.int8_gemv(
             torch.zeros(1, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4)
         )
     scales_and_zeros = torch.zeros(1, 4, 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="group size"):
-        kernels.int4_gemv(torch.zeros(1, 48), torch.zeros(4, 24, dtype=torch.uint8), scales_and_zeros, 48)
+        compiled.int4_gemv(torch.zeros(1, 48), torch.zeros(4, 24, dtype=torch.uint8), scales_and_zeros, 48)
 
 
 def test_switched_off_by_the_environment():
