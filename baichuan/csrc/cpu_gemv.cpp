@@ -57,8 +57,9 @@ struct Activations {
   int64_t K, B, blocks;
 };
 
-// deinterleave: within each 32 values, the even positions first, then the odd ones (the nibble order of int4).
-Activations quantize_activations(const torch::Tensor& x, int64_t B, bool deinterleave) {
+// lanes > 1: within each 16 * lanes values, position lanes * i + r moves to 16 * r + i, the order in which the
+// int4 kernel unpacks nibbles (2: low/high nibble of each byte; 4: the four nibbles of each 16-bit lane).
+Activations quantize_activations(const torch::Tensor& x, int64_t B, int lanes) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / B;
   Activations a{torch::empty({M, K}, x.options().dtype(torch::kShort)), torch::empty({M, nb}, x.options()),
                 torch::empty({M, nb}, x.options()), K, B, nb};
@@ -67,7 +68,7 @@ Activations quantize_activations(const torch::Tensor& x, int64_t B, bool deinter
   float* S = a.scales.data_ptr<float>();
   float* T = a.sums.data_ptr<float>();
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  int16_t order[32];
+  int16_t order[64];
   for (int64_t i = 0; i < M * nb; ++i) {
     const float* p = X + i * B;  // rows are contiguous, so block i of the whole tensor is row i / nb's
     int16_t* q = Q + i * B;
@@ -93,13 +94,11 @@ Activations quantize_activations(const torch::Tensor& x, int64_t B, bool deinter
       // packs works per 128-bit lane; the permute restores the order of k.
       _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
     }
-    if (deinterleave)
-      for (int64_t k = 0; k < B; k += 32) {
-        std::memcpy(order, q + k, sizeof order);
-        for (int j = 0; j < 16; ++j) {
-          q[k + j] = order[2 * j];
-          q[k + 16 + j] = order[2 * j + 1];
-        }
+    if (lanes > 1)
+      for (int64_t k = 0; k < B; k += 16 * lanes) {
+        std::memcpy(order, q + k, 16 * lanes * sizeof(int16_t));
+        for (int r = 0; r < lanes; ++r)
+          for (int i = 0; i < 16; ++i) q[k + 16 * r + i] = order[lanes * i + r];
       }
     S[i] = mx / 32767.0f;
     T[i] = S[i] * float(hsum(total));
@@ -155,11 +154,61 @@ struct Int4Tile {
   float* y;
   int64_t N, K, G, groups;
 
+  // Groups of 64 and more: each 16-bit lane of 32 bytes holds four nibbles, unpacked by masks and shifts alone.
+  template <int R, int MB>
+  void dot_group64(__m256i (&iacc)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
+    const int64_t row_bytes = K / 2;
+    const __m256i nibble = _mm256_set1_epi16(0x000F);
+    for (int64_t k = k0; k < k0 + G; k += 64) {
+      if ((k & 127) == 0)
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
+      __m256i xv[MB][4];
+      for (int j = 0; j < MB; ++j)
+        for (int t = 0; t < 4; ++t) xv[j][t] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k + 16 * t));
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(pn + r * row_bytes + k / 2));
+        const __m256i q0 = _mm256_and_si256(v, nibble);
+        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nibble);
+        const __m256i q3 = _mm256_srli_epi16(v, 12);
+        for (int j = 0; j < MB; ++j) {
+          const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(q0, xv[j][0]), _mm256_madd_epi16(q1, xv[j][1]));
+          const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(q2, xv[j][2]), _mm256_madd_epi16(q3, xv[j][3]));
+          iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(s01, s23));
+        }
+      }
+    }
+  }
+
+  // Groups of 32: 16 bytes at a time, low and high nibbles widened to 16 bits.
+  template <int R, int MB>
+  void dot_group32(__m256i (&iacc)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
+    const int64_t row_bytes = K / 2;
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    for (int64_t k = k0; k < k0 + G; k += 32) {
+      if ((k & 127) == 0)
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
+      __m256i even[MB], odd[MB];
+      for (int j = 0; j < MB; ++j) {
+        even[j] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k));
+        odd[j] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k + 16));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m128i bytes = _mm_loadu_si128((const __m128i*)(pn + r * row_bytes + k / 2));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+        for (int j = 0; j < MB; ++j)
+          iacc[r][j] = _mm256_add_epi32(
+              iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(lo, even[j]), _mm256_madd_epi16(hi, odd[j])));
+      }
+    }
+  }
+
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
-    const int64_t row_bytes = K / 2;
-    const uint8_t* pn = packed + n * row_bytes;
-    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const uint8_t* pn = packed + n * (K / 2);
     __m256 facc[R][MB];
     float zero_terms[R][MB];
     for (int r = 0; r < R; ++r)
@@ -171,24 +220,10 @@ struct Int4Tile {
       __m256i iacc[R][MB];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < MB; ++j) iacc[r][j] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k0 + G; k += 32) {
-        if ((k & 127) == 0)
-          for (int r = 0; r < R; ++r)
-            _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
-        __m256i even[MB], odd[MB];
-        for (int j = 0; j < MB; ++j) {
-          even[j] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k));
-          odd[j] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k + 16));
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m128i bytes = _mm_loadu_si128((const __m128i*)(pn + r * row_bytes + k / 2));
-          const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
-          const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
-          for (int j = 0; j < MB; ++j)
-            iacc[r][j] = _mm256_add_epi32(
-                iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(lo, even[j]), _mm256_madd_epi16(hi, odd[j])));
-        }
-      }
+      if (G % 64 == 0)
+        dot_group64<R, MB>(iacc, pn, k0, m);
+      else
+        dot_group32<R, MB>(iacc, pn, k0, m);
       const uint16_t* sz = scales_and_zeros + (g * N + n) * 2;
       for (int r = 0; r < R; ++r) {
         const float scale = bf16_to_float(sz[2 * r]), zero = bf16_to_float(sz[2 * r + 1]);
@@ -245,7 +280,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
               "scales: contiguous fp32 (N,)");
   const int64_t B = int8_block(K);
   TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
-  const Activations a = quantize_activations(x, B, false);
+  const Activations a = quantize_activations(x, B, 1);
   auto y = torch::empty({M, N}, x.options());
   const Int8Tile tile{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), a.codes.data_ptr<int16_t>(),
                       a.scales.data_ptr<float>(), y.data_ptr<float>(), N, K, B, a.blocks};
@@ -267,7 +302,7 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
                   scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == groups &&
                   scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
-  const Activations a = quantize_activations(x, group_size, true);
+  const Activations a = quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2);
   auto y = torch::empty({M, N}, x.options());
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
