@@ -21,8 +21,9 @@ The tables evaluate every variant with fp32 activations, so that only its stored
 reference: bf16 weights are widened back to fp32 and each quantized linear becomes an fp32 Linear holding its
 dequantized weight. That isolates the cost of the weights, gives the same numbers on every machine, and runs at
 fp32 speed (bf16 arithmetic is emulated on CPUs without AVX-512 BF16). What the quantized modules' own forward
-adds on this machine (torch's CPU int8/int4 kernels, with the activation dtype quantize.py gives them) is measured
-on the first --kernel-windows windows and printed under each table.
+adds on this machine (the CPU kernels quantize.py picks: ours from baichuan/cpu_gemv.py where they build, else
+torch's, each with the activation dtype it computes in) is measured on the first --kernel-windows windows and
+printed under each table.
 
 Metrics, over every predicted position of fixed-length held-out windows: perplexity exp(mean NLL of the next
 token), its increase over fp32, mean KL(p_fp32 || p_variant) in nats, and how often the argmax agrees with fp32's.
