@@ -22,7 +22,8 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
 # Activation rows up to which the kernels are used by default. 2-core Zen 3, 4608x1536, 1536x4096, 4096x4096 and
-# 125696x1536 layers against torch's bf16 kernels: int8 1.6-2.9x faster from 1 to 128 rows, int4 1.5-2.8x.
+# 125696x1536 layers against torch's bf16 kernels: int8 1.4-2.9x faster from 1 to 128 rows; int4 1.4-2.8x up to
+# 32 rows, 0.95-1.7x at 128.
 # Past that, prompts: int8 is faster as an fp32 GEMM on the widened weight (512-token prefill of the 1.29B
 # benchmark model: 64.7 against 36.2 tok/s), while int4 stays faster in the kernel (55.9 against 41.6 tok/s with
 # torch's kernel and its widening), so `quantize.Int4Linear` lifts the limit where bf16 is emulated.
