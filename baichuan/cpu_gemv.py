@@ -2,8 +2,9 @@
 
 torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` run out of arithmetic before memory on
 decode-sized products (they widen every weight to float); these kernels do pairs of int8 (or int4) x int16
-products per instruction and so stream weights at the memory's rate. It needs an x86 CPU with AVX2 and a C++ compiler; where either is missing, or the build fails, or
-BAICHUAN_CPU_KERNELS=0 is set, `load()` gives None and the callers keep torch's kernels.
+products per instruction and so stream weights much closer to the memory's rate. They need an x86 CPU with AVX2
+and a C++ compiler; where either is missing, or the build fails, or BAICHUAN_CPU_KERNELS=0 is set, `load()` gives
+None and the callers keep torch's kernels.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def load() -> ModuleType | None:
             name=NAME,
             sources=[str(SOURCE)],
             # Without -fopenmp, at::parallel_for (a header template) silently runs on one thread.
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -8,8 +8,8 @@
 // Activations are quantized to int16 per block of B values (scale = block absmax / 32767, relative error
 // ~1.5e-5), so each pair of products is one `vpmaddwd` on weights widened to int16, summed in int32 within a
 // block and in fp32 across blocks: about 3 instructions per 16 int8 weights, against 3 per 8 for widening to
-// fp32 and FMA, which keeps the loop waiting on memory rather than arithmetic. For int4 the block is the
-// group, and the zero points come in through the block sums of x.
+// fp32 and FMA, so decoding comes much closer to the memory's rate. For int4 the block is the group, and the
+// zero points come in through the block sums of x.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -54,7 +54,7 @@ int64_t int8_block(int64_t K) {
 // Quantized activation rows: int16 codes (M, K), and per block of B: the scale and scale * sum(codes).
 struct Activations {
   torch::Tensor codes, scales, sums;
-  int64_t K, B, blocks;
+  int64_t blocks;  // per row
 };
 
 // lanes > 1: within each 16 * lanes values, position lanes * i + r moves to 16 * r + i, the order in which the
@@ -62,7 +62,7 @@ struct Activations {
 Activations quantize_activations(const torch::Tensor& x, int64_t B, int lanes) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / B;
   Activations a{torch::empty({M, K}, x.options().dtype(torch::kShort)), torch::empty({M, nb}, x.options()),
-                torch::empty({M, nb}, x.options()), K, B, nb};
+                torch::empty({M, nb}, x.options()), nb};
   const float* X = x.data_ptr<float>();
   int16_t* Q = a.codes.data_ptr<int16_t>();
   float* S = a.scales.data_ptr<float>();
