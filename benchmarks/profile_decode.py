@@ -1,0 +1,109 @@
+"""Where a decode step's time goes: the quantized (or float) linear layers against everything else.
+
+    python benchmarks/profile_decode.py --dir /tmp/baichuan-bench-32x1536x12x4096x125696 --quantize 8
+    python benchmarks/profile_decode.py --dir DIR --quantize 4 --dtype fp32
+
+Loads a checkpoint (for example the one `bench_decode.py` made in its --dir) as `bench_decode.py` does, times
+every linear layer's forward during --tokens greedy decode steps, and prints per layer shape the milliseconds a
+call and the weights streamed per second, then the layers' share of a token. It also counts the PyTorch
+operations one decode step dispatches (a TorchDispatchMode), which is what the rest of the time is spent on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from baichuan.checkpoint import fold_norm_head, load_model
+from baichuan.generate import SamplingConfig, generate_tokens
+from baichuan.quantize import QUANTIZED_TYPES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dir", required=True, help="checkpoint directory")
+    parser.add_argument("--quantize", type=int, choices=(8, 4), default=None, help="weight-only int8/int4")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="activation dtype")
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
+    args = parser.parse_args()
+
+    model = fold_norm_head(load_model(args.dir, dtype=DTYPES[args.dtype], quantize=args.quantize))
+    prompt = list(range(100, 116))
+    seconds: dict[tuple[int, int], float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    recording = False  # only the forwards after the first new token: decode steps, not the prompt
+
+    def timed(module: nn.Module, forward):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            y = forward(x)
+            if recording:
+                key = (module.out_features, module.in_features)
+                seconds[key] += time.perf_counter() - start
+                calls[key] += 1
+            return y
+
+        return run
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, *QUANTIZED_TYPES)):
+            module.forward = timed(module, module.forward)
+
+    def decode(n: int) -> list[float]:
+        nonlocal recording
+        stamps = [time.perf_counter()]
+        for _ in generate_tokens(model, prompt, SamplingConfig(max_new_tokens=n, eos_ids=())):
+            stamps.append(time.perf_counter())
+            recording = len(stamps) < n + 1  # the step after the last token is never taken
+        recording = False
+        return stamps
+
+    decode(4)  # warm up (and build the CPU kernels if needed)
+    seconds.clear()
+    calls.clear()
+    steps = args.tokens
+    stamps = decode(steps + 1)
+    per_token = (stamps[-1] - stamps[1]) / steps
+    print(f"{args.quantize or args.dtype} weights, {args.dtype} activations: {1 / per_token:.2f} tok/s")
+    print("| layer (out x in) | calls a token | ms a call | G weights/s |")
+    print("|---|---|---|---|")
+    for (out_features, in_features), total in sorted(seconds.items()):
+        n = calls[(out_features, in_features)]
+        a_call = total / n
+        print(
+            f"| {out_features}x{in_features} | {n / steps:.0f} | {a_call * 1e3:.3f} | "
+            f"{out_features * in_features / a_call / 1e9:.1f} |"
+        )
+    layers = sum(seconds.values()) / steps
+    print(f"linear layers {layers * 1e3:.1f} ms of {per_token * 1e3:.1f} ms a token")
+
+    steps_left = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=3, eos_ids=()))
+    next(steps_left)
+    counter = OpCounter()
+    with counter:
+        next(steps_left)
+    steps_left.close()
+    print(f"PyTorch operations dispatched by one decode step: {counter.count:,}")
+
+
+if __name__ == "__main__":
+    main()
