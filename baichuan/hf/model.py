@@ -30,6 +30,10 @@ from baichuan.model import (
 from baichuan.tokenizer import Tokenizer
 
 
+# The name the installed transformers gives the cache in model outputs (and reads back for the next step).
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class _TransformersCache:
     """Presents a transformers `Cache` through the core model's `update(layer, start, k, v)` protocol."""
 
@@ -48,7 +52,7 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     # Baichuan-7B checkpoints carry a persistent RoPE buffer that is not a weight.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
@@ -89,15 +93,22 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        # transformers renamed the cache argument `past_key_values` -> `cache` (5.24 passes `cache`); take either:
+        # `generate` passes the name its version uses, and older callers still pass the old one.
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+            cache = past_key_values
         # position_ids are accepted and not needed: RoPE sees relative offsets only, so positions counted
         # with or without left padding give the same logits for real tokens (checked against the originals).
         if inputs_embeds is not None:
@@ -107,10 +118,9 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.model.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        start = past_key_values.get_seq_length() if past_key_values is not None else 0
-        cache = _TransformersCache(past_key_values) if past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        start = cache.get_seq_length() if cache is not None else 0
 
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # all real tokens: let the model take its mask-free fast path
@@ -124,7 +134,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
-        x = self.model(input_ids, start, cache, attention_mask, hidden_states)
+        core_cache = _TransformersCache(cache) if cache is not None else None
+        x = self.model(input_ids, start, core_cache, attention_mask, hidden_states)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)
@@ -138,8 +149,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=hidden_states,
+            **{OUTPUT_CACHE_FIELD: cache if use_cache else None},
         )
 
     # --- quantization --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import baichuan
 from baichuan.hf import BaichuanConfig, BaichuanForCausalLM
+from baichuan.hf.model import OUTPUT_CACHE_FIELD
 from tests.conftest import VARIANTS, shared_path
 
 ATOL = 1e-4
@@ -58,17 +59,38 @@ def test_forward_loss_and_hidden_states_match_original(variant):
     assert (hidden - t(ref["hidden_states"])).abs().max() < ATOL
 
 
+@pytest.mark.parametrize("cache_argument", ["cache", "past_key_values"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_incremental_with_transformers_cache(variant):
+def test_incremental_with_transformers_cache(variant, cache_argument):
+    """The cache goes in under transformers' current name (`cache`) or the old one, and comes back in the output
+    under the name the installed transformers reads (`generate` feeds it to the next step)."""
     model, ref, _ = official(variant)
     ids = t(ref["input_ids"])
     with torch.no_grad():
         out = model(ids[:, :8], use_cache=True)
-        steps, past = [out.logits], out.past_key_values
+        steps, past = [out.logits], out[OUTPUT_CACHE_FIELD]
         for i in range(8, ids.shape[1]):
-            out = model(ids[:, i : i + 1], past_key_values=past, use_cache=True)
+            out = model(ids[:, i : i + 1], use_cache=True, **{cache_argument: past})
+            assert out[OUTPUT_CACHE_FIELD] is past
             steps.append(out.logits)
+    assert past.get_seq_length() == ids.shape[1]
     assert (torch.cat(steps, 1) - t(ref["logits_incremental_prefill8"])).abs().max() < ATOL
+
+
+def test_cache_given_twice_is_refused():
+    model = BaichuanForCausalLM(
+        BaichuanConfig.from_preset(
+            "baichuan2-7b",
+            num_hidden_layers=1,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=128,
+            vocab_size=256,
+        )
+    )
+    first = model(torch.tensor([[1, 2]]), use_cache=True)[OUTPUT_CACHE_FIELD]
+    with pytest.raises(ValueError, match="not both"):
+        model(torch.tensor([[3]]), cache=first, past_key_values=first)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
