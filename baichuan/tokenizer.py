@@ -102,7 +102,13 @@ class StreamDecoder:
 
     def push(self, id: int) -> str:
         """Add one id; return the text it completes (often "", while a multi-byte character is incomplete)."""
-        self.ids.append(int(id))
+        id = int(id)
+        if self.skip_special_tokens and id in self.tokenizer.special_ids:
+            # `decode` drops skipped ids before decoding the rest as one stretch. Kept here, they could be all
+            # the context before the next id, which would then lose its space as a first piece, and one between
+            # byte pieces would keep apart bytes that `decode` joins into one character.
+            return ""
+        self.ids.append(id)
         if self._ends_mid_character():
             return ""
         return self._emit()

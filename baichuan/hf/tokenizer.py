@@ -13,12 +13,17 @@ One bug is not copied: the original decode put a space before every special toke
   so they are isolated after normalisation by a pre-tokenizer, and the normalisation rules that would rewrite a
   symbol (`\\n` -> space, `１` -> `1`) are dropped from the charsmap, which sentencepiece recompiles for us.
 * The BPE merges are ordered by piece score, the order sentencepiece merges in.
+
+Decoding does not go through the `tokenizers` decoder: its ByteFallback turns a run of byte pieces that is not
+valid UTF-8 into one U+FFFD per byte, where sentencepiece replaces only the bytes that start no character
+(`<0xA3><0x35>` is "\ufffd5", not "\ufffd\ufffd"). `PieceDecoder` decodes as sentencepiece does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,9 @@ SPACE = "▁"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 BPE_MODEL = 2
 REGEX_SPECIAL = set(r".^$*+?()[]{}|\/")
+BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # sentencepiece spells byte pieces "<0x%02X>"
+# "surrogateescape" decodes each byte that starts no character to its own U+DC80..U+DCFF: all become U+FFFD.
+ESCAPED_BYTES = {0xDC80 + byte: "\ufffd" for byte in range(128)}
 
 
 def convert_sentencepiece(model_file: str | os.PathLike) -> RustTokenizer:
@@ -83,6 +91,45 @@ def convert_sentencepiece(model_file: str | os.PathLike) -> RustTokenizer:
     specials = [piece.piece for piece in proto.pieces if piece.type in (UNKNOWN, CONTROL)]
     tokenizer.add_special_tokens([AddedToken(piece, normalized=False, special=True) for piece in specials])
     return tokenizer
+
+
+class PieceDecoder:
+    """`SentencePieceProcessor.decode` of ids with no control or unknown piece among them (those are special
+    tokens, written verbatim between such stretches): `▁` is a space, the first piece loses its dummy-prefix
+    `▁`, and a run of byte pieces is UTF-8 in which each byte that starts no valid character is U+FFFD.
+
+    sentencepiece decodes a byte run one character at a time and, where none starts, writes U+FFFD for that
+    one byte and goes on at the next (ProcessBytePieces in src/sentencepiece_processor.cc). Python's
+    errors="replace" would give one U+FFFD for a whole truncated sequence (`E4 B8`), so each invalid byte is
+    escaped on its own and then replaced. Other pieces are whole characters, so decoding the byte runs
+    together with the text between them changes nothing: one `bytes.decode` does the whole stretch."""
+
+    def __init__(self, pieces: Sequence[str], drop_dummy_prefix: bool):
+        self.surfaces: list[bytes] = []
+        prefixed = []
+        for i, piece in enumerate(pieces):
+            byte = BYTE_PIECE.fullmatch(piece)
+            self.surfaces.append(bytes([int(byte[1], 16)]) if byte else piece.replace(SPACE, " ").encode())
+            if drop_dummy_prefix and not byte and piece.startswith(SPACE):
+                prefixed.append(i)
+        # sentencepiece drops the `▁` of the first piece only; after a byte (text already written) it stays.
+        self.prefixed = frozenset(prefixed)
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        if min(ids) < 0 or max(ids) >= len(self.surfaces):
+            bad = next(i for i in ids if not 0 <= i < len(self.surfaces))
+            raise IndexError(
+                f"piece id {bad} is out of range (the vocabulary has {len(self.surfaces)} pieces)"
+            )
+        data = b"".join([self.surfaces[i] for i in ids])
+        if ids[0] in self.prefixed:
+            data = data[1:]  # the space that the first piece's `▁` became
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("utf-8", "surrogateescape").translate(ESCAPED_BYTES)
 
 
 def _read_model_proto(model_file: str | os.PathLike) -> model_pb2.ModelProto:
@@ -354,6 +401,15 @@ class BaichuanTokenizerFast(_BosEosFlagsInConfig, TokenizersBackend):
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             **kwargs,
         )
+        vocab = self._tokenizer.get_vocab(with_added_tokens=False)
+        pieces = [""] * (max(vocab.values()) + 1)
+        for piece, i in vocab.items():
+            pieces[i] = piece
+        # Whether the first piece's `▁` is dropped is the backend decoder's rule (its Strip step, there when
+        # the model adds a dummy prefix): ask it, which also covers a tokenizer.json not written here.
+        decoder = self._tokenizer.decoder
+        drop_dummy_prefix = decoder is not None and decoder.decode([SPACE + "a"]) == "a"
+        self._decode_pieces = PieceDecoder(pieces, drop_dummy_prefix)
 
     def _add_tokens(self, new_tokens: list[str | AddedToken], special_tokens: bool = False) -> int:
         # A token matched after normalisation would be looked for with the dummy-prefix `▁` in front of it; match
@@ -378,8 +434,8 @@ class BaichuanTokenizerFast(_BosEosFlagsInConfig, TokenizersBackend):
         **kwargs: Any,
     ) -> str:
         # Like the slow tokenizer: special tokens are dropped first when skipped, then each stretch between the
-        # remaining special (or added) tokens is decoded on its own, which drops the dummy-prefix space that
-        # encoding put after a special token.
+        # remaining special (or added) tokens is decoded on its own, as sentencepiece decodes it, which drops
+        # the dummy-prefix space that encoding put after a special token.
         ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
         if skip_special_tokens:
             skipped = set(self.all_special_ids)
@@ -388,12 +444,16 @@ class BaichuanTokenizerFast(_BosEosFlagsInConfig, TokenizersBackend):
         text, run = [], []
         for i in ids:
             if i in verbatim:
-                text += [self._tokenizer.decode(run, skip_special_tokens=False), verbatim[i].content]
+                text += [self._decode_pieces(run), verbatim[i].content]
                 run = []
             else:
                 run.append(i)
-        text.append(self._tokenizer.decode(run, skip_special_tokens=False))
+        text.append(self._decode_pieces(run))
         return "".join(text)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        # The base class runs the backend's decoder, whose ByteFallback differs from sentencepiece's.
+        return self._decode(self.convert_tokens_to_ids(tokens))
 
     def _save_pretrained(
         self, save_directory: str | os.PathLike, file_names: tuple[str, ...], *args: Any, **kwargs: Any
