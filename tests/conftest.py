@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny configs, and access to ../shared (skipped with a message where it is absent)."""
+"""Shared fixtures: tiny configs, access to ../shared, and the rule that CI skips nothing it could run.
+
+Outside CI a test whose data (../shared), tool (tmux, Chromium) or test dependency is missing skips with its reason
+(`-rs` prints them). Under CI=true every such skip is a failure with that reason: CI must prove what the README
+claims. Only `skip_platform` skips stay skips there: they name hardware or a library version the test cannot
+run on (an int4 kernel that this torch lacks, a CPU without AVX2), which no install step can provide.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +19,59 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ORACLE = SHARED / "oracle"
 DATA = SHARED / "data"
 VARIANTS = ("baichuan1_7b", "baichuan1_13b", "baichuan2_7b", "baichuan2_13b")
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+NOT_ON_THIS_PLATFORM = "not on this platform: "
+
+
+def skip_platform(reason: str) -> None:
+    """Skip, even in CI: the machine or the installed library version cannot run this test at all."""
+    pytest.skip(NOT_ON_THIS_PLATFORM + reason)
+
+
+def _ci_skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str | None:
+    """The reason of a skip that CI must not accept, or None."""
+    if not (IN_CI and report.skipped) or hasattr(report, "wasxfail"):
+        return None
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    return None if reason.startswith(NOT_ON_THIS_PLATFORM) else reason
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if (reason := _ci_skip_reason(report)) is not None:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
+    return report
+
+
+_skipped_modules: list[str] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    # A failed collection would stop the whole run, so a module skipped under CI fails the session at its end.
+    report = yield
+    if (reason := _ci_skip_reason(report)) is not None:
+        _skipped_modules.append(f"{report.nodeid}: {reason}")
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _skipped_modules:
+        terminalreporter.write_line(
+            f"FAILED (skipped under CI=true, where every test must run) {line}", red=True
+        )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped_modules and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def shared_path(*parts: str) -> Path:
-    """A path under ../shared, or skip the test where a fresh clone has no ../shared."""
+    """A path under ../shared, or skip the test where a fresh clone has no ../shared (a failure in CI)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} is absent: ../shared (reference data beside the repo) is not available here")
