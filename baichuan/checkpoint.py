@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +31,14 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Keys the originals keep in their state dicts that are not weights: Baichuan-7B's persistent RoPE buffer.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# What a save owns in a checkpoint directory: config.json and the weights, nothing else. The directory also
+# holds what is not ours to replace (the tokenizer, generation_config.json, a README, adapters, logs): a save
+# keeps all of that, and writes such a file only when it is handed one (`files=`).
+WEIGHT_ENTRIES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX)
+_SHARD_NAME = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+# The staging directory of a save in progress: inside the target, so that it is on the same filesystem (even
+# when the target is a mount point) and every move into place is a rename. The pid tells an abandoned one.
+_STAGING = ".baichuan-save-"
 
 
 class CheckpointError(RuntimeError):
@@ -48,28 +62,49 @@ def read_config(
 
 
 def weight_files(directory: str | os.PathLike) -> list[Path]:
-    """The weight files of a directory in load order, preferring safetensors; checks that shards exist."""
+    """The weight files of a directory in load order; checks that the shards exist.
+
+    Safetensors is preferred to .bin, as transformers does. Within one format a directory holds a single file or
+    an index with its shards. Both, with an index that does not name the single file, is an error naming the
+    two: they are different checkpoints (one of them stale), and transformers reads the single file where an
+    index-first reader would read the shards, so no choice is safe."""
     directory = Path(directory)
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        index = directory / index_name
+    for single_name, index_name in (
+        ("model.safetensors", SAFETENSORS_INDEX),
+        ("pytorch_model.bin", BIN_INDEX),
+    ):
+        single, index = directory / single_name, directory / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-            shards = [directory / name for name in dict.fromkeys(weight_map.values())]
-            missing = [s.name for s in shards if not s.is_file()]
+            shards = _index_shards(index)
+            if single.is_file() and single_name not in shards:
+                raise CheckpointError(
+                    f"{directory}: {index_name} and {single_name} are two different checkpoints (the index "
+                    f"does not name {single_name}); delete the stale one"
+                )
+            missing = [name for name in shards if not (directory / name).is_file()]
             if missing:
                 raise CheckpointError(
                     f"{directory}: shard(s) listed in {index_name} are missing: {', '.join(missing)}"
                 )
-            return shards
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return [directory / name]
+            return [directory / name for name in shards]
+        if single.is_file():
+            return [single]
+    staged = sorted(p.name for p in directory.glob(f"{_STAGING}*"))
+    hint = f"; a save into it is under way or was interrupted ({staged[0]}): save again" if staged else ""
     raise CheckpointError(
-        f"{directory}: no weights found (expected model.safetensors, pytorch_model.bin or a sharded index)"
+        f"{directory}: no weights found (expected model.safetensors, pytorch_model.bin or a sharded index){hint}"
     )
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index lists, in order of first appearance."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise TypeError("weight_map is not a mapping of tensor names to file names")
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+    return list(dict.fromkeys(weight_map.values()))
 
 
 def iter_tensors(path: Path, mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -117,21 +152,76 @@ _SAFETENSORS_DTYPES = {
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    # The format: an 8-byte little-endian header length, a JSON header of dtype/shape/byte offsets, the data.
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-            start, end = info["data_offsets"]
-            f.seek(8 + header_len + start)
+        data_start, entries = _safetensors_header(f, path)
+        for name, (dtype, shape, start) in entries.items():
+            tensor = torch.empty(shape, dtype=dtype)
             if tensor.numel():
                 raw = tensor.reshape(-1).view(torch.uint8).numpy()
-                if end - start != raw.nbytes or f.readinto(memoryview(raw)) != raw.nbytes:
+                f.seek(data_start + start)
+                if f.readinto(memoryview(raw)) != raw.nbytes:
                     raise CheckpointError(f"{path}: cannot read weights (truncated or corrupt file?): {name}")
             yield name, tensor
+
+
+def _safetensors_header(f: BinaryIO, path: Path) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int]]]:
+    """Read and check the header of an open safetensors file: where the data starts, and each tensor's dtype,
+    shape and data offset. Every way it can be wrong is a CheckpointError naming the file, so that a corrupt
+    file never reaches torch.empty (MemoryError) or a dict lookup (KeyError)."""
+
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: truncated or corrupt safetensors file: {what}")
+
+    # The format: an 8-byte little-endian header length, a JSON header of dtype/shape/byte offsets, the data.
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > size - 8:
+        raise corrupt(f"header length {header_len} runs past the end of the {size}-byte file")
+    try:
+        header = json.loads(f.read(header_len))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise corrupt(f"the header is not JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise corrupt(f"the header is a JSON {type(header).__name__}, not an object")
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and _naturals(info.get("shape"))
+            and _naturals(info.get("data_offsets"), length=2)
+        ):
+            raise corrupt(f"tensor {name!r} is not {{dtype, shape, data_offsets}}: {json.dumps(info)[:100]}")
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise corrupt(f"tensor {name!r} has dtype {info['dtype']!r}, which this reader does not know")
+        start, end = info["data_offsets"]
+        if not start <= end <= data_size:
+            raise corrupt(
+                f"tensor {name!r} has data offsets [{start}, {end}] outside the {data_size} data bytes"
+            )
+        nbytes = math.prod(info["shape"]) * dtype.itemsize
+        if end - start != nbytes:
+            raise corrupt(
+                f"tensor {name!r} of shape {info['shape']} needs {nbytes} bytes, its offsets hold {end - start}"
+            )
+        entries[name] = (dtype, info["shape"], start)
+    return data_start, entries
+
+
+def _naturals(value: object, length: int | None = None) -> bool:
+    """A JSON list of non-negative integers (of the given length)."""
+    return (
+        isinstance(value, list)
+        and (length is None or len(value) == length)
+        and all(type(n) is int and n >= 0 for n in value)
+    )
 
 
 def _is_zip(path: Path) -> bool:
@@ -147,10 +237,12 @@ def load_weights(
     assign: Callable[[str, torch.Tensor], None] | None = None,
     bnb4: bool = False,
     mmap: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
     """Stream a directory's weights into `model` (which may live on the meta device), casting each float
     tensor. `assign(name, tensor)` puts each one in place (quantize-on-load passes its own); `bnb4` turns
-    bitsandbytes NF4 parts back into float weights as they arrive."""
+    bitsandbytes NF4 parts back into float weights as they arrive; `progress(name, done, total)` hears of each
+    tensor placed."""
     assign = assign or functools.partial(_assign, model)
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
@@ -178,6 +270,8 @@ def load_weights(
         assign(name, tensor.to(device=device, dtype=target_dtype))
         seen.add(name)
         del tensor
+        if progress is not None:
+            progress(name, len(seen), len(expected))
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -204,6 +298,7 @@ def load_model(
     norm_head: bool | None = None,
     quantize: int | None = None,
     group_size: int = 128,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Baichuan:
     """Load an official or toolkit checkpoint directory as the plain-PyTorch `Baichuan` model (eval mode).
 
@@ -213,7 +308,7 @@ def load_model(
     config = read_config(directory, position, norm_head)
     with torch.device("meta"):
         model = Baichuan(config)
-    load_into(model, directory, config, dtype, device, quantize, group_size)
+    load_into(model, directory, config, dtype, device, quantize, group_size, progress)
     return model.eval()
 
 
@@ -225,6 +320,7 @@ def load_into(
     device: torch.device | str = "cpu",
     quantize: int | None = None,
     group_size: int = 128,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
     """Fill a model built on the meta device (the core one or the transformers face: both have the official
     names) from a directory, quantizing on the way when asked or when the checkpoint is quantized. Sets
@@ -256,7 +352,9 @@ def load_into(
         loader = (
             QuantizingLoader(model, quantize, group_size, normalize=normalize) if quantized or bnb4 else None
         )
-        load_weights(model, directory, dtype, device, assign=loader, bnb4=bnb4, mmap=loader is None)
+        load_weights(
+            model, directory, dtype, device, assign=loader, bnb4=bnb4, mmap=loader is None, progress=progress
+        )
         if loader is not None:
             loader.finish()
     except QuantizationError as e:
@@ -278,25 +376,67 @@ def fold_norm_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_weights(
-    tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+def save_checkpoint(
     directory: str | os.PathLike,
+    config: dict,
+    tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
     max_shard_bytes: int = 2 * 1024**3,
+    files: Mapping[str, bytes] | None = None,
 ) -> None:
-    """Write sharded safetensors (`model-0000x-of-0000y.safetensors`) plus the index, as the hub layout does.
+    """Write a complete checkpoint into `directory`, in place of whatever checkpoint is there.
 
-    `tensors` may be a generator: each shard is written as soon as it is full, so a checkpoint larger than
-    memory can be produced tensor by tensor."""
+    `config` is the config.json dict (see `config_dict`). The weights become `model.safetensors`, or shards
+    (`model-0000x-of-0000y.safetensors`) plus the index when they pass `max_shard_bytes`, as the hub layout has
+    them. `tensors` may be a generator: each shard is written as soon as it is full, so a checkpoint larger than
+    memory can be produced tensor by tensor. `files` (name -> content) are written along, e.g. the tokenizer.
+
+    The save owns config.json, model.safetensors, pytorch_model.bin, both index files, every file named like a
+    shard and every .safetensors/.bin file an index there names: it removes those it does not write. Everything
+    else in the directory is kept as it is.
+
+    Everything is written and fsynced in a staging directory first, so a save that fails or is killed while
+    writing leaves the previous checkpoint as it was (a later save removes the staging directory a killed one
+    left). Only a crash during the final renames can leave the directory refusing to load, never loading a mix
+    of old and new (see `_commit`). Files get the mode open() gives under the umask (0644 under 022), whatever
+    mode the installed safetensors writes them with."""
     directory = Path(directory)
+    for name in files or {}:
+        if Path(name).name != name or name.startswith(".") or _owned_names(name):
+            raise ValueError(f"files= may not hold {name!r}: it is a path, hidden, or a name the save owns")
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=directory))
+    try:
+        _write_bytes(staging / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        for name, content in (files or {}).items():
+            _write_bytes(staging / name, content)
+        mode = stat.S_IMODE((staging / "config.json").stat().st_mode)  # what open() gives under this umask
+        entry = _write_weights(tensors, staging, max_shard_bytes, mode)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # Should a rename fail from here on, the staging directory stays: it holds the complete new checkpoint.
+    _commit(staging, directory, entry)
+    staging.rmdir()
+
+
+def _write_weights(
+    tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+    staging: Path,
+    max_shard_bytes: int,
+    mode: int,
+) -> str:
+    """Write the weight files into `staging`; returns the name of their entry point (the index or the file)."""
     items = tensors.items() if isinstance(tensors, dict) else tensors
     written: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
     size = total_size = 0
 
     def flush() -> None:
-        path = directory / f".shard-{len(written) + 1:05d}.tmp"
+        path = staging / f"shard-{len(written) + 1:05d}.tmp"
         save_file(shard, str(path), metadata={"format": "pt"})
+        os.chmod(path, mode)  # safetensors 0.4 creates files as open() does, recent versions with mode 0600
+        _fsync(path)
         written.append((path, list(shard)))
 
     for name, tensor in items:
@@ -309,33 +449,115 @@ def save_weights(
         total_size += nbytes
     flush()
     total = len(written)
+    if total == 1:
+        written[0][0].rename(staging / "model.safetensors")
+        return "model.safetensors"
     weight_map: dict[str, str] = {}
     for i, (path, names) in enumerate(written, start=1):
-        filename = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
-        path.replace(directory / filename)
+        filename = f"model-{i:05d}-of-{total:05d}.safetensors"
+        path.rename(staging / filename)
         weight_map.update(dict.fromkeys(names, filename))
-    if total > 1:
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-        (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    _write_bytes(staging / SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    return SAFETENSORS_INDEX
 
 
-def save_config(
-    config: Config,
-    directory: str | os.PathLike,
-    dtype: torch.dtype | None = None,
-    quantization: dict | None = None,
-) -> None:
+def _commit(staging: Path, directory: Path, entry: str) -> None:
+    """Move a complete, fsynced checkpoint from `staging` into `directory`, removing the stale files it owns.
+
+    A directory of several files cannot change in one atomic step (renaming a directory over a non-empty one
+    fails on Linux, and swapping directories would lose the files we keep), so the order is chosen for what a
+    reader (`weight_files`, or transformers) sees at each instant: first the old entry points (index files and
+    single weight files) go, so that no reader can take new shards through the old index or new weights with
+    the old config.json; then the new shards, config.json and files move in; the new entry point last, the
+    instant from which the directory loads the new checkpoint; then the old shards are deleted. The window
+    between the first unlink and the last rename is a few metadata operations after all the writing: a crash
+    inside it leaves a directory that refuses to load (no weights found, naming the staging directory, which
+    holds the complete new checkpoint), never one that loads a mix of the two."""
+    new = {p.name for p in staging.iterdir()}
+    stale = _owned_files(directory) - new
+    for name in WEIGHT_ENTRIES:
+        (directory / name).unlink(missing_ok=True)
+    for name in sorted(new, key=lambda name: name == entry):  # the entry point last
+        os.replace(staging / name, directory / name)
+    for name in stale:
+        (directory / name).unlink(missing_ok=True)
+    _fsync(directory)
+
+
+def _owned_names(name: str) -> bool:
+    return name == "config.json" or name in WEIGHT_ENTRIES or _SHARD_NAME.fullmatch(name) is not None
+
+
+def _owned_files(directory: Path) -> set[str]:
+    """The files in `directory` that a save replaces or removes (see `save_checkpoint`)."""
+    owned = {p.name for p in directory.iterdir() if _owned_names(p.name)}
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (directory / index_name).is_file():
+            try:
+                shards = _index_shards(directory / index_name)
+            except CheckpointError:
+                continue  # a broken index names nothing; it is removed itself
+            # Only plain weight-file names: an index never makes a save delete the tokenizer or a file elsewhere.
+            owned |= {s for s in shards if Path(s).name == s and s.endswith((".safetensors", ".bin"))}
+    return {name for name in owned if (directory / name).is_file()}
+
+
+def _remove_abandoned_staging(directory: Path) -> None:
+    """Remove the staging directories that killed saves left (their process is gone)."""
+    for path in directory.glob(f"{_STAGING}*"):
+        pid = path.name.removeprefix(_STAGING).split("-")[0]
+        if path.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def _write_bytes(path: Path, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a directory cannot be opened on some platforms (Windows): nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def config_dict(config: Config, dtype: torch.dtype | None = None, quantization: dict | None = None) -> dict:
+    """The config.json we save: the official fields, plus the position encoding and head stated explicitly."""
     hf = config.to_hf_dict()
     if quantization:
         hf["quantization"] = quantization
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    return hf
 
 
-def save_model(model: Baichuan, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Save in the official layout; config.json also states the position encoding and head explicitly."""
+def save_model(
+    model: Baichuan,
+    directory: str | os.PathLike,
+    max_shard_bytes: int = 2 * 1024**3,
+    files: Mapping[str, bytes] | None = None,
+) -> None:
+    """Save in the official layout, replacing any checkpoint in `directory` (see `save_checkpoint`)."""
     dtype = next(model.parameters()).dtype
-    save_config(model.config, directory, dtype, getattr(model, "quantization", None))
-    save_weights(model.state_dict(), directory, max_shard_bytes)
+    config = config_dict(model.config, dtype, getattr(model, "quantization", None))
+    save_checkpoint(directory, config, model.state_dict(), max_shard_bytes, files)

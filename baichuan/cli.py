@@ -87,7 +87,9 @@ def init(
     tokenizer: Annotated[
         Path | None, typer.Option(help="Copy this tokenizer.model instead of training a small one.")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Write into a non-empty directory.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace the checkpoint in a non-empty directory (its other files stay).")
+    ] = False,
 ) -> None:
     """Write a randomly initialised checkpoint (config, weights, tokenizer) in the official layout."""
     from rich.console import Console
@@ -344,12 +346,13 @@ def quantize(
         str,
         typer.Option(help="dtype of the float parts (embeddings, norms, int8 scales; int4 scales are bf16)."),
     ] = "bf16",
-    force: Annotated[bool, typer.Option(help="Write into a non-empty directory.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace the checkpoint in a non-empty directory (its other files stay).")
+    ] = False,
 ) -> None:
     """Quantize a checkpoint shard by shard (peak memory near the quantized size) and save it, with the
-    quantization recorded in config.json; it then loads anywhere this toolkit does."""
-    import shutil
-
+    quantization recorded in config.json; it then loads anywhere this toolkit does. With --force the new
+    checkpoint replaces the one in --out (which may be --model itself) as a whole; other files there are kept."""
     from rich.console import Console
 
     from baichuan.checkpoint import load_model, save_model
@@ -359,15 +362,14 @@ def quantize(
     console = Console(stderr=True)
     with console.status(f"quantizing {model} to int{bits}"):
         quantized = load_model(model, dtype=parse_dtype(dtype), quantize=bits, group_size=group_size)
-        save_model(quantized, out)
-    for name in (
-        "generation_config.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ):
-        if (model / name).is_file():
-            shutil.copyfile(model / name, out / name)
+        names = (
+            "generation_config.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        )
+        files = {name: (model / name).read_bytes() for name in names if (model / name).is_file()}
+        save_model(quantized, out, files=files)
     console.print(f"[green]wrote[/] {out}: int{bits} weights ({quantized.quantization})")
 
 

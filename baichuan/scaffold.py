@@ -11,13 +11,12 @@ import io
 import json
 import os
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from baichuan.checkpoint import save_config, save_weights
+from baichuan.checkpoint import config_dict, save_checkpoint
 from baichuan.config import Config
 from baichuan.model import Baichuan, init_weights
 
@@ -87,6 +86,13 @@ def sample_text(n_lines: int = 4000, seed: int = 0) -> list[str]:
 
 def train_tokenizer(path: str | os.PathLike, vocab_size: int = 4000, lines: list[str] | None = None) -> int:
     """Train a Baichuan-style SentencePiece BPE model at `path`; returns its vocabulary size."""
+    model = tokenizer_model(vocab_size, lines)
+    Path(path).write_bytes(model)
+    return _vocab_size(model)
+
+
+def tokenizer_model(vocab_size: int = 4000, lines: list[str] | None = None) -> bytes:
+    """A Baichuan-style SentencePiece BPE model, trained on `lines` (default: `sample_text()`)."""
     import sentencepiece as spm
 
     lines = lines if lines is not None else sample_text()
@@ -112,9 +118,13 @@ def train_tokenizer(path: str | os.PathLike, vocab_size: int = 4000, lines: list
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    Path(path).write_bytes(model.getvalue())
-    processor = spm.SentencePieceProcessor(model_file=str(path))
-    return processor.vocab_size()
+    return model.getvalue()
+
+
+def _vocab_size(model: bytes) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_proto=model).vocab_size()
 
 
 def random_weights(
@@ -143,26 +153,29 @@ def init_checkpoint(
     tokenizer: str | os.PathLike | None = None,
     tokenizer_vocab: int = 4000,
 ) -> Path:
-    """Write config.json, generation_config.json, safetensors weights and tokenizer files to `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write config.json, generation_config.json, safetensors weights and tokenizer files to `directory`.
+
+    They are written together, in place of any checkpoint there, as `save_checkpoint` does: a failed or killed
+    init leaves the previous directory as it was."""
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, directory / "tokenizer.model")
+        tokenizer_bytes = Path(tokenizer).read_bytes()
     else:
-        trained = train_tokenizer(directory / "tokenizer.model", min(tokenizer_vocab, config.vocab_size))
+        tokenizer_bytes = tokenizer_model(min(tokenizer_vocab, config.vocab_size))
+        trained = _vocab_size(tokenizer_bytes)
         if trained > config.vocab_size:
             raise ValueError(
                 f"tokenizer has {trained} pieces but the model vocabulary is {config.vocab_size}"
             )
-    save_config(config, directory, dtype)
-    save_weights(random_weights(config, dtype, seed), directory)
-    tokenizer_config = dict(TOKENIZER_CONFIG, model_max_length=config.max_seq_len)
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8"
-    )
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-    (directory / "generation_config.json").write_text(
-        json.dumps(CHAT_GENERATION_CONFIG, indent=2) + "\n", encoding="utf-8"
-    )
-    return directory
+    files = {
+        "tokenizer.model": tokenizer_bytes,
+        "tokenizer_config.json": _json(dict(TOKENIZER_CONFIG, model_max_length=config.max_seq_len)),
+        "special_tokens_map.json": _json(special),
+        "generation_config.json": _json(CHAT_GENERATION_CONFIG),
+    }
+    save_checkpoint(directory, config_dict(config, dtype), random_weights(config, dtype, seed), files=files)
+    return Path(directory)
+
+
+def _json(value: dict) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()

@@ -1,7 +1,14 @@
 """Checkpoint directories: official layouts, sharding, our saved layout, and clear errors for bad input."""
 
 import json
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +168,262 @@ def test_plain_reader_equals_safetensors_and_catches_truncation(saved):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_model(saved, quantize=8)
+
+
+# Saves: what a save owns is replaced as a whole, what it does not own is kept, and a crash mid-save leaves the
+# previous checkpoint loadable.
+
+
+def state_equal(model, expected: dict) -> bool:
+    state = model.state_dict()
+    return state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def weight_names(directory) -> set[str]:
+    return {p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".json")}
+
+
+def test_single_file_save_over_sharded_removes_the_stale_shards_and_index(saved):
+    other = tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    save_model(other, saved)
+    assert weight_names(saved) == {"config.json", "model.safetensors"}
+    assert state_equal(load_model(saved), other.state_dict())
+    save_model(tiny_model(), saved, max_shard_bytes=100_000)  # and back to shards
+    assert "model.safetensors" not in weight_names(saved)
+    assert state_equal(load_model(saved), tiny_model().state_dict())
+
+
+def test_save_over_the_directory_it_was_loaded_from(saved):
+    model = load_model(saved)  # memory-mapped from the shards that the save replaces
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    save_model(model, saved)
+    assert state_equal(load_model(saved), expected)
+
+
+def test_save_keeps_what_it_does_not_own_and_removes_old_weights_of_every_format(tmp_path):
+    model = tiny_model()
+    kept = {"tokenizer.model": b"sp", "README.md": b"# mine", "adapter_model.safetensors": b"lora"}
+    for name, content in kept.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "log.txt").write_text("step 1")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.bin"
+    outside.write_bytes(b"not ours")
+    # An official-style sharded .bin checkpoint, whose index also names files a save must never delete.
+    torch.save({}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    weight_map = {
+        "a": "pytorch_model-00001-of-00002.bin",
+        "b": "pytorch_model-00002-of-00002.bin",
+        "c": "tokenizer.model",
+        "d": f"../{outside.name}",
+    }
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_model(model, tmp_path)
+    assert weight_names(tmp_path) == {"config.json", "model.safetensors", "adapter_model.safetensors"}
+    assert all((tmp_path / name).read_bytes() == content for name, content in kept.items())
+    assert (tmp_path / "runs" / "log.txt").read_text() == "step 1" and outside.read_bytes() == b"not ours"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert state_equal(load_model(tmp_path), model.state_dict())
+
+
+def test_save_writes_the_files_it_is_given_with_the_weights(tmp_path):
+    from baichuan.checkpoint import config_dict, save_checkpoint
+
+    model = tiny_model("rope", False)
+    (tmp_path / "tokenizer.model").write_bytes(b"old")
+    save_checkpoint(
+        tmp_path,
+        config_dict(model.config, torch.float32),
+        model.state_dict().items(),
+        files={"tokenizer.model": b"new", "generation_config.json": b"{}\n"},
+    )
+    assert (tmp_path / "tokenizer.model").read_bytes() == b"new"
+    assert (tmp_path / "generation_config.json").read_bytes() == b"{}\n"
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
+    assert state_equal(load_model(tmp_path), model.state_dict())
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_saved_files_get_the_usual_permissions(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_model(tiny_model(), tmp_path, max_shard_bytes=100_000)
+        save_model(tiny_model(), tmp_path / "single")
+    finally:
+        os.umask(old)
+    files = [p for p in [*tmp_path.iterdir(), *(tmp_path / "single").iterdir()] if p.is_file()]
+    assert len(files) > 4
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: mode for p in files}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_an_index_and_a_single_file_that_disagree_is_an_error_naming_both(tmp_path, fmt):
+    model = tiny_model()
+    state = model.state_dict()
+    if fmt == "safetensors":
+        save_model(model, tmp_path, max_shard_bytes=100_000)
+        shutil.copy(next(tmp_path.glob("model-00001-of-*")), tmp_path / "model.safetensors")
+        index, single = "model.safetensors.index.json", "model.safetensors"
+    else:
+        save_model(model, tmp_path)
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(state, tmp_path / "pytorch_model-00001-of-00001.bin")
+        index_map = dict.fromkeys(state, "pytorch_model-00001-of-00001.bin")
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": index_map}))
+        torch.save(state, tmp_path / "pytorch_model.bin")
+        index, single = "pytorch_model.bin.index.json", "pytorch_model.bin"
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    message = str(error.value)
+    assert index in message and f"{single} " in message and "\n" not in message
+
+
+def test_an_index_that_names_the_single_file_agrees_with_it(tmp_path):
+    model = tiny_model()
+    save_model(model, tmp_path)
+    index = {"weight_map": dict.fromkeys(model.state_dict(), "model.safetensors")}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert state_equal(load_model(tmp_path), model.state_dict())
+
+
+def test_safetensors_is_preferred_to_bin_as_transformers_does(tmp_path):
+    model, other = tiny_model(), tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(2.0)
+    save_model(model, tmp_path)
+    torch.save(other.state_dict(), tmp_path / "pytorch_model-00001-of-00001.bin")
+    index = {"weight_map": dict.fromkeys(other.state_dict(), "pytorch_model-00001-of-00001.bin")}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert state_equal(load_model(tmp_path), model.state_dict())
+
+
+def test_an_index_of_the_wrong_shape_is_a_clear_error(saved):
+    (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        load_model(saved)
+
+
+# The child saves a new model from a generator that stops after its first shards are written, says so with a
+# marker file and waits there to be killed.
+PAUSED_SAVE = """
+import sys, time
+from pathlib import Path
+from baichuan.checkpoint import config_dict, load_model, save_checkpoint
+
+source, target, marker = map(Path, sys.argv[1:])
+model = load_model(source)
+
+def tensors():
+    for i, item in enumerate(model.state_dict().items()):
+        if i == 3:  # one tensor a shard: shards 1 and 2 are on disk by now
+            marker.write_text("paused")
+            time.sleep(600)
+        yield item
+
+save_checkpoint(target, config_dict(model.config), tensors(), max_shard_bytes=1)
+"""
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path):
+    old, new = tiny_model(), tiny_model()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    target, source, marker = tmp_path / "model", tmp_path / "new", tmp_path / "marker"
+    save_model(old, target, max_shard_bytes=100_000)
+    save_model(new, source)
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_SAVE, str(source), str(target), str(marker)])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, "the saving child exited before it paused"
+            assert time.monotonic() < deadline, "the saving child never paused"
+            time.sleep(0.05)
+        staged = [p for p in target.rglob("*") if p.is_file() and p.parent != target]
+        assert len(staged) >= 3  # config.json and the first shards are written, in staging
+        assert state_equal(load_model(target), old.state_dict())
+    finally:
+        child.kill()  # SIGKILL: no cleanup runs
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert state_equal(load_model(target), old.state_dict())
+    save_model(new, target)  # a later save succeeds and clears what the killed one left
+    assert {p.name for p in target.iterdir()} == {"config.json", "model.safetensors"}
+    assert state_equal(load_model(target), new.state_dict())
+
+
+# Corrupt safetensors files: each reader (memory-mapped, and the plain one of quantize-on-load) names the file
+# and says what is wrong in one line; never MemoryError, KeyError or AttributeError.
+def _safetensors(header: bytes, data: bytes = bytes(16), header_len: int | None = None) -> bytes:
+    return (len(header) if header_len is None else header_len).to_bytes(8, "little") + header + data
+
+
+def _entry(**fields) -> bytes:
+    entry = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    entry.update(fields)
+    return json.dumps({"model.norm.weight": entry}).encode()
+
+
+CORRUPT = {
+    "truncated": b"\x10\x00\x00",
+    "huge-header-length": b"\xff" * 8 + b"{}" + bytes(16),
+    "header-past-the-end": _safetensors(b"{}", header_len=1000),
+    "header-not-utf8": _safetensors(b"\xff\xfe\xfd"),
+    "header-not-json": _safetensors(b"{not json"),
+    "header-not-an-object": _safetensors(b"[1, 2]"),
+    "entry-not-an-object": _safetensors(b'{"model.norm.weight": 5}'),
+    "entry-missing-fields": _safetensors(b'{"model.norm.weight": {"dtype": "F32"}}'),
+    "unknown-dtype": _safetensors(_entry(dtype="F99")),
+    "shape-not-a-list": _safetensors(_entry(shape="4")),
+    "negative-shape": _safetensors(_entry(shape=[-4])),
+    "huge-shape": _safetensors(_entry(shape=[2**40, 2**40])),
+    "offsets-not-numbers": _safetensors(_entry(data_offsets=["0", "16"])),
+    "offsets-past-the-end": _safetensors(_entry(shape=[8], data_offsets=[0, 32])),
+    "offsets-disagree-with-shape": _safetensors(_entry(shape=[2])),
+    "data-truncated": _safetensors(_entry(), data=bytes(10)),
+}
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "plain"])
+@pytest.mark.parametrize("content", CORRUPT.values(), ids=CORRUPT.keys())
+def test_corrupt_safetensors_is_one_clear_line_naming_the_file(tmp_path, content, mmap):
+    from baichuan.checkpoint import iter_tensors
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        list(iter_tensors(path, mmap=mmap))
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+def test_corrupt_safetensors_through_quantize_on_load(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_hf_dict()))
+    (tmp_path / "model.safetensors").write_bytes(CORRUPT["header-not-an-object"])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tmp_path, quantize=8)
+
+
+def test_a_save_that_fails_while_moving_in_refuses_to_load_and_keeps_the_new_checkpoint(saved, monkeypatch):
+    replace = os.replace
+
+    def failing(src, dst):
+        if Path(dst).name == "model.safetensors":  # the new entry point: the last move
+            raise OSError("simulated failure")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="simulated"):
+        save_model(tiny_model("rope", False), saved)
+    monkeypatch.undo()
+    staged = [p for p in saved.iterdir() if p.is_dir()]
+    assert len(staged) == 1 and (staged[0] / "model.safetensors").is_file()
+    with pytest.raises(CheckpointError, match=f"no weights found.*{staged[0].name}"):
+        load_model(saved)  # never the old shards under the new config.json
+    save_model(tiny_model("rope", False), saved)
+    assert state_equal(load_model(saved), tiny_model("rope", False).state_dict())

@@ -6,7 +6,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from baichuan.checkpoint import load_model
+from baichuan.checkpoint import load_model, save_model
 from baichuan.cli import app
 
 runner = CliRunner()
@@ -190,3 +190,68 @@ def test_serve_engine_vllm_needs_vllm_and_a_gpu(tiny_dir):
     if importlib.util.find_spec("vllm") is None:
         result = runner.invoke(app, ["serve", "-m", str(tiny_dir), "--engine", "vllm"])
         assert result.exit_code == 1 and "vLLM" in result.output and "Traceback" not in result.output
+
+
+def _only_single_file(directory) -> bool:
+    names = {p.name for p in directory.iterdir()}
+    return "model.safetensors" in names and not [
+        n for n in names if n.endswith(".index.json") or "-of-" in n or n.startswith(".")
+    ]
+
+
+def _three_shards(model, directory) -> None:
+    save_model(model, directory, max_shard_bytes=400_000)  # embeddings | the layers | the head
+    assert len(list(directory.glob("model-0000?-of-00003.safetensors"))) == 3
+
+
+def test_init_force_over_a_sharded_checkpoint_loads_the_new_weights(tiny_dir, tmp_path):
+    import torch
+
+    from baichuan.checkpoint import read_config
+    from baichuan.scaffold import random_weights
+
+    directory = tmp_path / "model"
+    old = load_model(tiny_dir)  # seed 0
+    _three_shards(old, directory)
+    result = runner.invoke(
+        app,
+        ["init", "--preset", "baichuan2-13b", *TINY, "--seed", "1", "--force"]
+        + ["--tokenizer", str(tiny_dir / "tokenizer.model"), str(directory)],
+    )
+    assert result.exit_code == 0, result.output
+    assert _only_single_file(directory)
+    assert (directory / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
+    expected = dict(random_weights(read_config(directory), torch.bfloat16, seed=1))
+    loaded = load_model(directory).state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+    assert not torch.equal(loaded["lm_head.weight"], old.state_dict()["lm_head.weight"])
+
+
+@pytest.mark.parametrize("into", ["another-directory", "itself"])
+def test_quantize_force_over_a_sharded_checkpoint_loads_the_new_weights(tiny_dir, tmp_path, into):
+    import shutil
+
+    import torch
+
+    source = tmp_path / "source"
+    _three_shards(load_model(tiny_dir), source)
+    for name in ("tokenizer.model", "generation_config.json"):
+        shutil.copy(tiny_dir / name, source / name)
+    out = source if into == "itself" else tmp_path / "out"
+    if into != "itself":
+        old = load_model(tiny_dir)
+        with torch.no_grad():
+            old.lm_head.weight.add_(1.0)
+        _three_shards(old, out)
+    expected = load_model(source, dtype=torch.bfloat16, quantize=8, group_size=32).state_dict()
+    result = runner.invoke(
+        app,
+        ["quantize", "-m", str(source), "--bits", "8", "--out", str(out), "--group-size", "32", "--force"],
+    )
+    assert result.exit_code == 0, result.output
+    assert _only_single_file(out)
+    assert (out / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
+    loaded = load_model(out)
+    assert loaded.quantization["bits"] == 8
+    state = loaded.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
