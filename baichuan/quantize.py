@@ -100,9 +100,45 @@ def quantize_int8(
     return codes, scales
 
 
+# torch's CPU int8 kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, tinygemm_kernel) walks each row of bf16
+# activations 16 values at a time (AVX-512; 8 under AVX2) with *aligned* vector loads from x + row * in_features,
+# reads weight rows 16 bytes at a time likewise, and has no loop for a remainder. So with in_features % 16 != 0
+# it sums values past the end of every row (wrong outputs, one row included) and, from the second row on, loads
+# from a misaligned address: SIGSEGV (issue 9). A buffer that does not start on a 32-byte (activations) or
+# 16-byte (weights) boundary faults too, whatever in_features. The file has no AMX code: AMX CPUs run the AVX-512
+# one. Only bf16 activations take the vectorised code (fp32 and fp16 ones a scalar loop), and bf16 is all we
+# send. `benchmarks/kernel_canary_sweep.py` shows all of this under each of torch's x86 kernels.
+_HAS_INT8_CPU_KERNEL = hasattr(torch, "_weight_int8pack_mm")
+INT8_KERNEL_K_MULTIPLE = 16  # AVX-512 loads 16 bf16; AVX2 and NEON 8, but one rule serves every CPU
+_INT8_KERNEL_X_ALIGN, _INT8_KERNEL_W_ALIGN = 32, 16  # bytes: the widest aligned loads of activations, weights
+
+
+def int8pack_mm_safe(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `torch._weight_int8pack_mm(rows, weight, scales)` is known to be safe and exact on any x86 CPU:
+    rows (M, K) and weight (N, K) contiguous on the CPU, K a multiple of 16, both buffers aligned for the kernel's
+    vector loads. Callers fall back to the dequantise-and-matmul path outside it."""
+    return (
+        _HAS_INT8_CPU_KERNEL
+        and rows.device.type == "cpu"
+        and rows.dim() == 2
+        and rows.shape[1] % INT8_KERNEL_K_MULTIPLE == 0
+        and rows.is_contiguous()
+        and weight.is_contiguous()
+        and rows.data_ptr() % _INT8_KERNEL_X_ALIGN == 0
+        and weight.data_ptr() % _INT8_KERNEL_W_ALIGN == 0
+    )
+
+
+def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """t, or a copy of it in a fresh buffer (torch's CPU allocator aligns those to 64 bytes) where t does not start
+    on an `alignment`-byte boundary, as tensors read straight from a safetensors file often do not."""
+    return t.clone() if t.device.type == "cpu" and t.data_ptr() % alignment else t
+
+
 class Int8Linear(nn.Module):
     """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: the AVX2 kernel of `cpu_gemv` (where it
-    `serves` those rows and could be built), else `torch._weight_int8pack_mm` in bf16."""
+    `serves` those rows and could be built), else `torch._weight_int8pack_mm` in bf16 where `int8pack_mm_safe`
+    says so, else the widened weight in a float matmul."""
 
     def __init__(
         self,
@@ -150,7 +186,7 @@ class Int8Linear(nn.Module):
                 f"int8 scales must have shape ({weight.shape[0]},), got {tuple(scales.shape)}"
             )
         module = cls(weight.shape[1], weight.shape[0], bias is not None, scales.dtype, "meta")
-        module.weight, module.scales = weight.contiguous(), scales.contiguous()
+        module.weight, module.scales = _aligned(weight.contiguous()), scales.contiguous()
         if bias is not None:
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return module
@@ -165,25 +201,28 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # The kernel crashes (segfault, torch 2.14) on bf16 inputs of several rows when in_features % 8 != 0.
         if (
             self.use_kernel
             and x.device.type == "cpu"
-            and self.in_features % 8 == 0
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not (x.numel() >= INT8_WIDEN_MIN_ROWS * self.in_features and half_is_emulated(KERNEL_DTYPE))
         ):
-            y = torch._weight_int8pack_mm(
-                x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous(),
-                self.weight,
-                self.scales.to(KERNEL_DTYPE),
-            )
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            # A bf16 view may start anywhere (a slice of a larger batch): copied, it starts aligned.
+            rows = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()
+            rows = _aligned(rows, _INT8_KERNEL_X_ALIGN)
+            if int8pack_mm_safe(rows, self.weight):
+                y = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(KERNEL_DTYPE))
+                return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         # Per-channel scaling commutes with the matmul, so the int8 weight is only widened, never rescaled
         # (gpt-fast's form; under torch.compile it fuses into one kernel). Emulated half precision is
         # computed in fp32.
         dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
         return (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) puts a file's tensor here as it is; aligned, it keeps torch's kernel.
+        self.weight = _aligned(self.weight)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
@@ -255,6 +294,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def _has_int4_cpu_kernel() -> bool:
     ops = torch.ops.aten
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+def int4pack_mm_safe(in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether `aten._weight_int4pack_mm_for_cpu` is known to be safe and exact for this layer shape, whatever the
+    rows: unlike the int8 kernel (see `int8pack_mm_safe`), int4mm_kernel.cpp reads activations one value at a
+    time and weights with unaligned loads, and takes output columns in blocks of 16 to 64 and whole groups of a
+    power of two (its group starts are found with a bit mask). Swept with `benchmarks/kernel_canary_sweep.py`."""
+    return out_features % 16 == 0 and group_size in KERNEL_GROUP_SIZES and in_features % group_size == 0
 
 
 # The CPU int4 kernel wants its codes tiled in a layout that depends on the CPU's vector width (see
@@ -414,11 +461,7 @@ class Int4Linear(nn.Module):
         `cpu_gemv` (faster, on the plain nibbles) does not apply."""
         if self._gemv_fits() and cpu_gemv.load() is not None:
             return None
-        fits = (
-            self.out_features % 16 == 0
-            and self.group_size in KERNEL_GROUP_SIZES
-            and self.in_features % self.group_size == 0
-        )
+        fits = int4pack_mm_safe(self.in_features, self.out_features, self.group_size)
         return _cpu_int4_layout() if fits else None
 
     def _tile(self) -> None:

@@ -35,6 +35,8 @@ from baichuan.quantize import (
     check_bits,
     dequantize_bnb_stream,
     dequantize_nf4,
+    int4pack_mm_safe,
+    int8pack_mm_safe,
     load_quantized_state_dict,
     prepare_quantized,
     quantize_int4,
@@ -520,3 +522,26 @@ def test_official_nf4_checkpoint_directory(tmp_path):
         assert rel(requantized(ids), want) < 0.15
     nf4_error = rel(expected["model.layers.0.mlp.up_proj.weight"], source.model.layers[0].mlp.up_proj.weight)
     assert 0.02 < nf4_error < 0.15  # the parts really are 4-bit: a lossy, not a float, copy
+
+
+def test_torch_int8_kernel_only_where_safe():
+    """torch's int8 kernel reads 16 bf16 at a time with aligned loads and no remainder loop (issue 9): it is only
+    given in_features % 16 == 0 and aligned buffers. Only the predicate runs here; the kernels run over awkward
+    shapes in a child process, in tests/test_native_canary.py."""
+    weight = torch.zeros(16, 128, dtype=torch.int8)
+    rows = torch.zeros(3, 128, dtype=torch.bfloat16)
+    assert int8pack_mm_safe(rows, weight)
+    for in_features in (8, 24, 120):  # 8 * odd: wrong sums for one row, SIGSEGV for more on AVX-512
+        assert not int8pack_mm_safe(rows[:, :in_features].contiguous(), weight[:, :in_features].contiguous())
+    assert not int8pack_mm_safe(torch.zeros(3 * 128 + 1, dtype=torch.bfloat16)[1:].view(3, 128), weight)
+    assert not int8pack_mm_safe(rows, torch.zeros(16 * 128 + 8, dtype=torch.int8)[8:].view(16, 128))
+    assert not int8pack_mm_safe(rows.t().contiguous().t(), weight)
+    # A weight read straight from a file at an odd offset is copied to an aligned buffer once, on loading.
+    module = Int8Linear(128, 16, device="meta")
+    module.load_state_dict(
+        {"weight": torch.zeros(16 * 128 + 8, dtype=torch.int8)[8:].view(16, 128), "scales": torch.ones(16)},
+        assign=True,
+    )
+    assert module.weight.data_ptr() % 64 == 0
+    assert int4pack_mm_safe(256, 64, 128) and not int4pack_mm_safe(256, 40, 128)
+    assert not int4pack_mm_safe(96, 64, 64) and not int4pack_mm_safe(192, 64, 96)
