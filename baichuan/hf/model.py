@@ -29,7 +29,6 @@ from baichuan.model import (
 )
 from baichuan.tokenizer import Tokenizer
 
-
 # The name the installed transformers gives the cache in model outputs (and reads back for the next step).
 OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
