@@ -254,7 +254,8 @@ def chat(
 Host = Annotated[
     str,
     typer.Option(
-        help="Address to bind. 127.0.0.1 keeps the server local; 0.0.0.0 exposes it (set --api-key)."
+        help="Address to bind. 127.0.0.1 keeps the server local; 0.0.0.0 exposes it: set --api-key (without one "
+        "the server starts, with a warning on stderr)."
     ),
 ]
 Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")]
@@ -263,7 +264,8 @@ ApiKey = Annotated[
     typer.Option(
         envvar="BAICHUAN_API_KEY",
         show_envvar=True,
-        help="Require 'Authorization: Bearer KEY' on /v1 routes (the variable keeps it out of `ps`).",
+        help="Require 'Authorization: Bearer KEY' on /v1 routes (the variable keeps it out of `ps`). An empty "
+        "key is an error, not an open server.",
     ),
 ]
 MaxBatch = Annotated[int, typer.Option(min=1, help="Requests decoded together (rows of the KV cache).")]
@@ -275,6 +277,16 @@ ModelName = Annotated[
     str | None, typer.Option(help="The model id clients send (default: the directory name).")
 ]
 Threads = Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: one per core).")]
+MaxRequestBytes = Annotated[
+    int, typer.Option(min=1, help="Largest request body in bytes; larger ones get 413 before they are read.")
+]
+AllowedHosts = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated names the Host header may carry, besides localhost, 127.0.0.1, ::1 and the --host "
+        "address (a guard against DNS rebinding); '*' allows any. Bound to 0.0.0.0 or ::, any is the default."
+    ),
+]
 
 
 @app.command()
@@ -293,12 +305,23 @@ def serve(
     device: Device = "auto",
     dtype: Dtype = "auto",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the chat page in a browser.")] = False,
+    max_request_bytes: MaxRequestBytes = 4 << 20,
+    allowed_hosts: AllowedHosts = None,
     engine: Annotated[
         str, typer.Option(help="baichuan (this toolkit) or vllm (vLLM's server; needs vLLM and a GPU).")
     ] = "baichuan",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with continuous
     batching, and a web chat page at / (streaming answers, history, stop, sampling controls)."""
+    import os
+
+    # click reads an empty variable as unset, which would serve without the key its owner meant to set.
+    if api_key is None and os.environ.get("BAICHUAN_API_KEY") == "":
+        api_key = ""
+    if api_key is not None and not api_key.strip():
+        raise UserError(
+            "the API key is empty (--api-key or BAICHUAN_API_KEY): give a key, or unset it to serve without one"
+        )
     if engine == "vllm":
         from baichuan.serve.vllm import run_vllm, vllm_argv
 
@@ -328,6 +351,8 @@ def serve(
             dtype=dtype,
             threads=threads,
             open_browser=open_browser,
+            max_request_bytes=max_request_bytes,
+            allowed_hosts=[name for name in (allowed_hosts or "").split(",") if name.strip()],
         )
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -6,7 +6,11 @@ clients' Python does not share the server's GIL. Reported, in one run:
 * sweep: aggregate completion tokens/s with 1, 4, 8, 16 concurrent streaming chat clients (each sends
   --requests requests one after another), its ratio to 1 client, and p50/p99 time to the first token;
 * soak: --soak-clients clients for --soak-seconds, mixing chat/completions, streaming or not, with random
-  lengths: failed requests (anything but a complete 200 answer), and the server's RSS over time;
+  lengths, and the clients a server meets in the wild: slow ones (a body trickled in pieces, an SSE stream read
+  slowly), ones that go away (mid-stream, or before the answer), and oversize bodies (declared, never sent; or
+  streamed past --max-request-bytes). Reported: requests, answers by status class, failures (an answer other
+  than the one that kind of request must get), the server's RSS over time, and the rows and queue left once
+  the soak drains (stuck rows: should be 0);
 * fuzz (--fuzz): schemathesis over the served OpenAPI schema, counting 5xx answers. Fuzzed requests may ask
   for every token the context allows, so fuzz a tiny model (--max-seq-len 256), not the sweep's.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -60,7 +66,7 @@ def start_server(args, port: int) -> subprocess.Popen:
         "from baichuan.serve.app import run; "
         f"run({str(args.model)!r}, port={port}, max_batch={args.max_batch}, max_queue={args.max_queue}, "
         f"max_seq_len={args.max_seq_len}, model_name='bench', dtype={args.dtype!r}, threads={args.threads}, "
-        "log_level='warning')"
+        f"max_request_bytes={args.max_request_bytes}, log_level='warning')"
     )
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     server = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -158,21 +164,68 @@ async def sweep_level(url: str, clients: int, requests: int, max_tokens: int) ->
     }
 
 
-async def soak(url: str, pid: int, clients: int, seconds: float, seed: int = 0) -> dict:
+# What a soak client sends, with its share of the requests and the statuses it must get (None: the connection
+# ended before a status, which only the kinds that leave early or send too much may see).
+SOAK_KINDS = {
+    "plain": (0.55, {200}),  # chat or completions, streaming or not
+    "slow reader": (0.08, {200}),  # an SSE stream read with pauses
+    "trickled body": (0.08, {200}),  # the body sent in pieces over ~2 s
+    "leaves mid-stream": (0.10, {200}),  # closes after the first tokens of a long answer
+    "impatient": (0.07, {200, None}),  # gives up before a long non-streaming answer
+    "oversize declared": (0.06, {413}),  # Content-Length over the limit; the body is never sent
+    "oversize streamed": (0.06, {413, None}),  # a chunked body that passes the limit
+}
+
+
+async def raw_post(
+    url: str, path: str, pieces: list[bytes], pause: float, length: int | None = None
+) -> int | None:
+    """POST over a bare socket, the body in `pieces` with `pause` s between them, or only the headers when
+    `length` claims a body: the status, or None if the server closed the connection first."""
+    address = urlsplit(url)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    length = sum(map(len, pieces)) if length is None else length
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        writer.write(head.encode())
+        for piece in pieces:
+            await writer.drain()
+            await asyncio.sleep(pause)
+            writer.write(piece)
+        await writer.drain()
+        status = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 300)).split()[1])
+        await asyncio.wait_for(reader.read(), 300)  # the rest, until the server closes (Connection: close)
+        return status
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def soak(
+    url: str, pid: int, clients: int, seconds: float, max_request_bytes: int, seed: int = 0
+) -> dict:
     rng = random.Random(seed)
-    counts = {"ok": 0, "failed": 0}
+    kinds, weights = list(SOAK_KINDS), [share for share, _ in SOAK_KINDS.values()]
+    outcomes: dict[str, dict[str, int]] = {kind: {} for kind in kinds}  # kind -> "2xx"/.../"no status" -> n
+    closed: list[str] = []  # why oversize streamed bodies got no status
     failures: list[str] = []
     rss: list[tuple[float, float]] = []
     stop_at = time.monotonic() + seconds
     start = time.monotonic()
 
-    async def one(http: httpx.AsyncClient, i: int) -> None:
+    async def plain(http: httpx.AsyncClient, i: int) -> int:
         max_tokens = rng.randint(4, 48)
         stream = rng.random() < 0.5
         if rng.random() < 0.7:
             if stream:
                 await stream_chat(http, url, i, max_tokens)
-                return
+                return 200
             body = {"model": "bench", "messages": messages_for(i), "max_tokens": max_tokens}
             response = await http.post(f"{url}/v1/chat/completions", json=body)
         else:
@@ -181,23 +234,82 @@ async def soak(url: str, pid: int, clients: int, seconds: float, seed: int = 0) 
                 body["stream"] = True
                 async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
                     text = (await response.aread()).decode()
-                if response.status_code != 200 or not text.rstrip().endswith("data: [DONE]"):
-                    raise RuntimeError(f"HTTP {response.status_code}, stream {text[-80:]!r}")
-                return
+                if response.status_code == 200 and not text.rstrip().endswith("data: [DONE]"):
+                    raise RuntimeError(f"the stream ended without [DONE]: {text[-80:]!r}")
+                return response.status_code
             response = await http.post(f"{url}/v1/completions", json=body)
-        if response.status_code != 200 or not response.json()["choices"]:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        if response.status_code == 200 and not response.json()["choices"]:
+            raise RuntimeError(f"no choices: {response.text[:200]}")
+        return response.status_code
+
+    async def streamed(http: httpx.AsyncClient, i: int, pause: float, leave_after: int | None) -> int:
+        """A streaming chat read line by line with `pause` s between lines; `leave_after` lines, then close."""
+        body = {"model": "bench", "messages": messages_for(i), "max_tokens": 256 if leave_after else 32}
+        body["stream"] = True
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            lines, done = 0, False
+            async for line in response.aiter_lines():
+                lines += 1
+                done = done or line == "data: [DONE]"
+                if leave_after is not None and lines >= leave_after:
+                    return response.status_code  # closing the response drops the connection mid-stream
+                await asyncio.sleep(pause)
+            if response.status_code == 200 and not done:
+                raise RuntimeError("a slowly read stream ended without [DONE]")
+            return response.status_code
+
+    async def one(http: httpx.AsyncClient, kind: str, i: int) -> int | None:
+        if kind == "plain":
+            return await plain(http, i)
+        if kind == "slow reader":
+            return await streamed(http, i, pause=0.05, leave_after=None)
+        if kind == "leaves mid-stream":
+            return await streamed(http, i, pause=0.0, leave_after=rng.randint(2, 8))
+        if kind == "trickled body":
+            raw = json.dumps({"model": "bench", "messages": messages_for(i), "max_tokens": 8}).encode()
+            cuts = sorted(rng.sample(range(1, len(raw)), 7))
+            pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+            return await raw_post(url, "/v1/chat/completions", pieces, pause=0.25)
+        if kind == "impatient":
+            body = {"model": "bench", "messages": messages_for(i), "max_tokens": 256}
+            try:
+                response = await http.post(
+                    f"{url}/v1/chat/completions", json=body, timeout=rng.uniform(0.1, 1)
+                )
+            except httpx.TimeoutException:
+                return None
+            return response.status_code
+        if kind == "oversize declared":
+            return await raw_post(
+                url, "/v1/chat/completions", [], 0, length=max_request_bytes + rng.randint(1, 10**9)
+            )
+
+        async def chunks():  # chunked, no Content-Length: the server must count
+            for _ in range(max_request_bytes // 65536 + 2):
+                yield b"x" * 65536
+
+        try:
+            response = await http.post(f"{url}/v1/chat/completions", content=chunks())
+        except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError) as error:
+            closed.append(type(error).__name__)
+            return None
+        return response.status_code
 
     async def client(c: int) -> None:
         async with httpx.AsyncClient(timeout=300) as http:
             i = 0
             while time.monotonic() < stop_at:
+                kind = rng.choices(kinds, weights)[0]
                 try:
-                    await one(http, c * 100_000 + i)
-                    counts["ok"] += 1
+                    status = await one(http, kind, c * 100_000 + i)
                 except Exception as error:  # noqa: BLE001 - every failure is counted and shown
-                    counts["failed"] += 1
-                    failures.append(f"{type(error).__name__}: {error}")
+                    status = None
+                    failures.append(f"{kind}: {type(error).__name__}: {error}")
+                else:
+                    if status not in SOAK_KINDS[kind][1]:
+                        failures.append(f"{kind}: status {status}")
+                key = f"{status // 100}xx" if status is not None else "no status"
+                outcomes[kind][key] = outcomes[kind].get(key, 0) + 1
                 i += 1
 
     async def watch() -> None:
@@ -206,13 +318,30 @@ async def soak(url: str, pid: int, clients: int, seconds: float, seed: int = 0) 
             await asyncio.sleep(5)
 
     await asyncio.gather(watch(), *(client(c) for c in range(clients)))
+    seconds_run = round(time.monotonic() - start, 1)
+    # Stuck rows: once every client is done, the engine must drain to nothing (cancelled rows freed too).
+    async with httpx.AsyncClient(timeout=30) as http:
+        deadline = time.monotonic() + 60
+        while True:
+            health = (await http.get(f"{url}/health")).json()
+            if not (health["running"] or health["waiting"]) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
     rss.append((round(time.monotonic() - start, 1), round(rss_mib(pid), 1)))
     settled = [m for t, m in rss if t >= min(20.0, seconds / 4)] or [m for _, m in rss]
     return {
         "clients": clients,
-        "seconds": round(time.monotonic() - start, 1),
-        **counts,
+        "seconds": seconds_run,
+        "requests": sum(sum(counts.values()) for counts in outcomes.values()),
+        "by_status": {
+            key: sum(c.get(key, 0) for c in outcomes.values()) for key in ("2xx", "4xx", "5xx", "no status")
+        },
+        "by_kind": outcomes,
+        "oversize_closed_by": {name: closed.count(name) for name in set(closed)},
+        "failed": len(failures),
         "first_failures": failures[:5],
+        "stuck_rows": health["running"],
+        "stuck_queue": health["waiting"],
         "rss_mib_first": rss[0][1],
         "rss_mib_after_warmup": settled[0],
         "rss_mib_last": rss[-1][1],
@@ -273,6 +402,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--soak-seconds", type=float, default=120, help="0 skips the soak")
     parser.add_argument("--soak-clients", type=int, default=64)
+    parser.add_argument("--max-request-bytes", type=int, default=4 << 20, help="the server's body limit")
     parser.add_argument("--fuzz", action="store_true", help="run schemathesis over the served schema")
     parser.add_argument("--fuzz-examples", type=int, default=50, help="examples per route")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
@@ -299,7 +429,8 @@ def main() -> None:
             print(json.dumps(level), flush=True)
         results["sweep"] = sweep
         if args.soak_seconds > 0:
-            results["soak"] = asyncio.run(soak(url, server.pid, args.soak_clients, args.soak_seconds))
+            soaked = soak(url, server.pid, args.soak_clients, args.soak_seconds, args.max_request_bytes)
+            results["soak"] = asyncio.run(soaked)
             print(json.dumps({k: v for k, v in results["soak"].items() if k != "rss_samples"}), flush=True)
         if args.fuzz:
             results["fuzz"] = fuzz(url, args.fuzz_examples)
@@ -321,8 +452,9 @@ def main() -> None:
     if "soak" in results:
         s = results["soak"]
         print(
-            f"soak: {s['clients']} clients, {s['seconds']} s: {s['ok']} ok, {s['failed']} failed; RSS "
-            f"{s['rss_mib_after_warmup']} -> {s['rss_mib_last']} MiB after warm-up (max {s['rss_mib_max']})"
+            f"soak: {s['clients']} clients, {s['seconds']} s: {s['requests']} requests, {s['by_status']}, "
+            f"{s['failed']} failed; RSS {s['rss_mib_after_warmup']} -> {s['rss_mib_last']} MiB after warm-up "
+            f"(max {s['rss_mib_max']}); stuck rows {s['stuck_rows']}, queue {s['stuck_queue']}"
         )
     if "fuzz" in results:
         print(f"fuzz: {results['fuzz']['requests']} requests, {results['fuzz']['5xx']} with a 5xx status")

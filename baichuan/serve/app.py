@@ -10,12 +10,20 @@ should learn that its history is too long rather than get an answer to a silentl
 The page is one static HTML file over this same API, not Gradio: it needs no extra dependency (Gradio is a
 large one with its own server and queue), loads nothing from the network, and every answer it shows has gone
 through the public endpoints, streaming and cancellation included, so it is also a live check of the API.
+
+Every request passes three doors, pure ASGI middleware that answer before FastAPI reads the body: the Host
+check (a page on another site that rebinds its DNS name to 127.0.0.1 still has the browser send that name as
+Host, so a local server answers only its own names), the API key (401 without reading the body; the page, /health
+and the schema stay open), and the body-size limit (413 on Content-Length, or as soon as a streamed body passes
+it). Prompts are tokenized in a worker thread: SentencePiece releases the GIL, so a long prompt does not stall
+other requests' streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import sys
@@ -32,9 +40,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from baichuan.chat_format import ChatFormat, Message
 from baichuan.generate import SamplingConfig
@@ -50,8 +61,13 @@ NO_TRUNCATION = 1 << 40
 # Below this, logits / temperature can overflow float32 (5e-324 is a valid JSON float); greedy is the limit.
 MIN_TEMPERATURE = 1e-5
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": p.ErrorResponse} for code in (400, 401, 404, 429, 503)
+    code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
 }
+# A prompt the context can hold is far smaller (4,096 tokens of text, even JSON-escaped, is well under 1 MiB);
+# the margin is for long histories and larger contexts.
+MAX_REQUEST_BYTES = 4 << 20
+# Names that always mean this machine: a DNS-rebinding page cannot make the browser send them as Host.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 STREAM_RESPONSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
@@ -68,6 +84,12 @@ class APIError(Exception):
     ):
         super().__init__(message)
         self.status = status
+        # A message may quote the request (a dict key, say), and JSON may carry lone surrogates that UTF-8 cannot
+        # encode: written as `\udXXX` escapes, they cannot make the error answer itself fail.
+        message, param = (
+            None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+            for text in (message, param)
+        )
         self.detail = p.ErrorDetail(message=message, type=type, param=param, code=code)
 
     def response(self) -> JSONResponse:
@@ -85,7 +107,6 @@ class Serving:
     chat_format: ChatFormat
     defaults: SamplingConfig
     model_name: str
-    api_key: str | None = None
     add_bos: bool = False
 
     @property
@@ -362,24 +383,11 @@ def serving_of(request: Request) -> Serving:
     return request.app.state.serving
 
 
+# Only documents the scheme in the OpenAPI schema: BearerAuth checks the key before the body is read.
 bearer = HTTPBearer(auto_error=False, description="Needed when the server was started with --api-key.")
 
 
-def check_api_key(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-) -> None:
-    expected = serving_of(request).api_key
-    if expected is None:
-        return
-    given = credentials.credentials if credentials is not None else ""
-    # Constant time, so the key cannot be guessed from response timings.
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise APIError(
-            401, "Incorrect or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key"
-        )
-
-
-api = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)], responses=ERROR_RESPONSES)
+api = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], responses=ERROR_RESPONSES)
 
 
 @api.get("/models", response_model=p.ModelList)
@@ -399,7 +407,7 @@ async def get_model(model_id: str, request: Request) -> p.ModelCard:
 async def chat_completions(body: p.ChatCompletionRequest, request: Request):
     serving = serving_of(request)
     check_request(body, serving)
-    prompt = chat_prompt(serving, body)
+    prompt = await run_in_threadpool(chat_prompt, serving, body)  # off the event loop
     sampling = sampling_for(serving, body, len(prompt), serving.chat_format.stop_ids)
     ticket = submit(serving, prompt, sampling, body.n)
     if body.stream:
@@ -421,7 +429,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request):
 async def completions(body: p.CompletionRequest, request: Request):
     serving = serving_of(request)
     check_request(body, serving)
-    prompt = completion_prompt(serving, body)
+    prompt = await run_in_threadpool(completion_prompt, serving, body)  # off the event loop
     sampling = sampling_for(serving, body, len(prompt))
     ticket = submit(serving, prompt, sampling, body.n)
     if body.stream:
@@ -457,17 +465,20 @@ async def api_error(request: Request, error: APIError) -> JSONResponse:
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     """FastAPI answers 422 with its own shape; OpenAI answers 400 with one message naming the parameter."""
-    problems = error.errors()
-    first = problems[0] if problems else {"loc": (), "msg": "invalid request", "type": ""}
-    if first.get("type") == "json_invalid":
+    problems = error.errors() or [{"loc": (), "msg": "invalid request", "type": ""}]
+    if problems[0].get("type") == "json_invalid":
         return APIError(
             400, "We could not parse the JSON body of your request.", code="invalid_json"
         ).response()
-    locs = [[str(part) for part in problem.get("loc", ()) if part != "body"] for problem in problems] or [[]]
-    # A union field fails once per member, at `field.<member type>`: name the field they share.
+    locs = [[str(part) for part in problem.get("loc", ()) if part != "body"] for problem in problems]
+    # A union field fails once per member, at `field.<member type>`: name the field they share, and tell the
+    # problem of the member the value was meant for, not "Input should be a valid string" from the others.
     param = ".".join(os.path.commonprefix(locs) or locs[0]) or None
-    where = ".".join(locs[0])
-    message = f"{where}: {first['msg']}" if where else first["msg"]
+    told = next((i for i, problem in enumerate(problems) if not problem.get("type", "").endswith("_type")), 0)
+    where = ".".join(locs[told])
+    # "Value error, " is pydantic's prefix for a validator's ValueError.
+    what = problems[told]["msg"].removeprefix("Value error, ")
+    message = f"{where}: {what}" if where else what
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
     return APIError(400, message, param=param).response()
@@ -485,6 +496,152 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
     ).response()
 
 
+# --- the doors: pure ASGI, so they answer before FastAPI reads (or parses) the body ---------------------------
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def host_name(value: str) -> str:
+    """A Host header or --allowed-hosts entry as the lowercased name without its port: `[::1]:8000` -> `::1`."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value[1:]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def is_loopback(host: str) -> bool:
+    name = host_name(host)
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class HostCheck:
+    """400 unless the Host header names this server. DNS rebinding points a page's own domain at 127.0.0.1, so the
+    page can reach a local server as same-origin; the browser still sends the page's domain as Host."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]):
+        self.app = app
+        self.allowed = frozenset(host_name(name) for name in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            value = (header(scope, b"host") or b"").decode("latin-1")
+            if host_name(value) not in self.allowed:
+                names = ", ".join(sorted(self.allowed))
+                message = (
+                    f"The Host header {value!r} does not name this server (it answers to {names}; "
+                    "start it with --allowed-hosts to add a name)"
+                )
+                await APIError(400, message, code="invalid_host").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BearerAuth:
+    """401 without `Authorization: Bearer KEY`, before the body is read, on every path but the public ones."""
+
+    def __init__(self, app: ASGIApp, api_key: str, public: Sequence[str]):
+        self.app, self.key, self.public = app, api_key.encode(), frozenset(public)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.public:
+            scheme, _, given = (header(scope, b"authorization") or b"").partition(b" ")
+            # Constant time, so the key cannot be guessed from response timings.
+            if not (hmac.compare_digest(given.strip(), self.key) and scheme.lower() == b"bearer"):
+                message = "Incorrect or missing API key (send Authorization: Bearer KEY)"
+                await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes`: at once when Content-Length says so, without reading it; for a chunked
+    body, as soon as the bytes received pass the limit. The app then receives a disconnect and whatever it
+    answers to that is dropped, so nothing more is read or buffered."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self) -> JSONResponse:
+        message = f"The request body is larger than this server accepts ({self.max_bytes:,} bytes)"
+        return APIError(413, message, code="request_too_large").response()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = header(scope, b"content-length")
+        if length is not None and not length.isdigit():
+            await APIError(400, "Invalid Content-Length header").response()(scope, receive, send)
+            return
+        if length is not None and int(length) > self.max_bytes:
+            await self.too_large()(scope, receive, send)
+            return
+        received, started, refused = 0, False, False
+
+        async def counted_receive() -> ASGIMessage:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    if not started:
+                        await self.too_large()(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: ASGIMessage) -> None:
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not refused:  # after a 413 the client has its answer; the app's error at the cut is not news
+                raise
+
+
+def check_api_key(api_key: str | None) -> None:
+    """An empty key is a mistake (an unset variable, say), not a wish for an open server: refuse it."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError(
+            "the API key is empty (--api-key or BAICHUAN_API_KEY): give a key, or leave both unset to serve "
+            "without one"
+        )
+
+
+def allowed_hosts_for(bind_host: str, extra: Sequence[str] = ()) -> list[str] | None:
+    """The Host names `run` answers to (None: any). Bound to one address: the loopback names, that address and
+    `extra`. Bound to every interface (0.0.0.0, ::): any name unless `extra` lists some, since the server cannot
+    know the names it is reached by (such a server needs an API key; `run` warns without one). "*": any."""
+    every_interface = host_name(bind_host) in ("0.0.0.0", "::", "")
+    if "*" in extra or (every_interface and not extra):
+        return None
+    bound = [] if every_interface else [host_name(bind_host)]
+    return list(dict.fromkeys([*LOOPBACK_HOSTS, *bound, *(host_name(name) for name in extra)]))
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    if api_key is not None or is_loopback(host):
+        return None
+    return (
+        f"WARNING: serving on {host} without an API key: anyone who can reach this port can use the model. "
+        "Set --api-key (or BAICHUAN_API_KEY), or bind 127.0.0.1."
+    )
+
+
 # --- the app --------------------------------------------------------------------------------------------------
 
 
@@ -497,8 +654,15 @@ def create_app(
     max_queue: int = 64,
     max_seq_len: int | None = None,
     prefill_chunk: int = 512,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """The server app over a loaded checkpoint; the engine thread runs while the app's lifespan does."""
+    """The server app over a loaded checkpoint; the engine thread runs while the app's lifespan does.
+    `allowed_hosts`: the Host names answered (see HostCheck); None answers any, for in-process use (`run` passes
+    `allowed_hosts_for` its address)."""
+    check_api_key(api_key)
+    if max_request_bytes < 1:
+        raise ValueError("max_request_bytes must be at least 1")
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
@@ -513,7 +677,6 @@ def create_app(
         chat_format=loaded.chat_format,
         defaults=loaded.sampling,
         model_name=model_name,
-        api_key=api_key or None,
         add_bos=loaded.add_bos,
     )
 
@@ -539,6 +702,13 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+    # The last one added runs first: the Host check, then the key, then the body size.
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    if api_key is not None:
+        docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+        app.add_middleware(BearerAuth, api_key=api_key, public=["/", "/health", *filter(None, docs)])
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     return app
 
 
@@ -557,19 +727,27 @@ def run(
     threads: int | None = None,
     open_browser: bool = False,
     log_level: str = "info",
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Load the checkpoint and serve it until interrupted. `threads`: torch's intra-op threads (its default is
     one per core; fewer can be faster on a machine shared with other work). `open_browser`: open the chat page
-    once the server listens (`baichuan web`)."""
+    once the server listens (`baichuan web`). `allowed_hosts`: Host names to answer besides the defaults of
+    `allowed_hosts_for` ("*": any). Progress goes to stderr line by line, a terminal or not."""
     import torch
     import uvicorn
 
     from baichuan.runtime import load_for_inference
 
+    check_api_key(api_key)  # before minutes of loading
     if threads is not None:
         torch.set_num_threads(threads)
+    print(f"loading {model_dir} ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
     loaded = load_for_inference(model_dir, device, dtype, quantize)  # quantized while loading, shard by shard
+    print(f"loaded in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     name = model_name or Path(model_dir).resolve().name
+    hosts = allowed_hosts_for(host, allowed_hosts)
     app = create_app(
         loaded,
         model_name=name,
@@ -577,6 +755,8 @@ def run(
         max_batch=max_batch,
         max_queue=max_queue,
         max_seq_len=max_seq_len,
+        max_request_bytes=max_request_bytes,
+        allowed_hosts=hosts,
     )
     engine = app.state.serving.engine
     config = loaded.model.config
@@ -585,10 +765,15 @@ def run(
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     print(
         f"serving {name} ({loaded.note}) at {url}: {max_batch} rows x {engine.max_seq_len} positions "
-        f"({cache_bytes / 2**30:.2f} GiB of KV cache), {max_queue} may wait"
+        f"({cache_bytes / 2**30:.2f} GiB of KV cache), {max_queue} may wait; "
+        f"bodies up to {max_request_bytes:,} bytes; Host {', '.join(hosts) if hosts else 'any'}"
         + ("" if api_key else "; no API key"),
         file=sys.stderr,
+        flush=True,
     )
+    warning = exposure_warning(host, api_key)
+    if warning:  # last, where it is seen
+        print(warning, file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     if open_browser:
         threading.Thread(target=_open_when_started, args=(server, url), daemon=True).start()

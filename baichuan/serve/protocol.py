@@ -5,6 +5,9 @@ Unknown fields are ignored, as OpenAI-compatible servers do; fields that would c
 cannot honour (logprobs, tools, penalties other than repetition_penalty) are rejected in app.py with a 400 rather
 than silently dropped. `top_k` and `repetition_penalty` are the usual extensions (vLLM's), sent with the openai
 client's `extra_body`.
+
+JSON can escape a lone surrogate ("\\ud800"): a valid Python string, but not Unicode that UTF-8 (or the tokenizer)
+can encode. Every request string passes `Unicode`, so such text is a 400 naming its field, not a 500 later.
 """
 
 from __future__ import annotations
@@ -13,9 +16,32 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}  # what torch.Generator.manual_seed accepts
+
+
+def valid_unicode(value: Any) -> Any:
+    """`value` unchanged if every string in it (list items and dict keys included) is valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"contains a lone surrogate (\\u{ord(value[error.start]):04x} at character {error.start}), "
+                "which is not valid Unicode"
+            ) from None
+    elif isinstance(value, list):
+        for item in value:
+            valid_unicode(item)
+    elif isinstance(value, dict):
+        for key in value:
+            valid_unicode(key)
+    return value
+
+
+# Applied to a field's whole type, after the union resolves, so the error names the field and not a union member.
+Unicode = AfterValidator(valid_unicode)
 
 FinishReason = Literal["stop", "length"]
 MaxTokens = Annotated[int, Field(ge=1, le=2**31 - 1)]
@@ -63,27 +89,27 @@ class StreamOptions(RequestModel):
 
 class TextPart(RequestModel):
     type: Literal["text"]
-    text: str
+    text: Annotated[str, Unicode]
 
 
 class ChatMessage(RequestModel):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
     # A string, or a list of text parts; assistant messages may carry null content (tool calls elsewhere).
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Annotated[str | list[TextPart] | None, Unicode] = None
+    name: Annotated[str | None, Unicode] = None
 
 
 class SamplingFields(RequestModel):
     """The sampling fields both endpoints share; None means the checkpoint's generation_config.json value."""
 
-    model: str
+    model: Annotated[str, Unicode]
     max_tokens: MaxTokens | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None
-    stop: Stop = None
+    stop: Annotated[Stop, Unicode] = None
     seed: Annotated[int, Field(**SEED_RANGE)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stream: bool = False
@@ -92,8 +118,8 @@ class SamplingFields(RequestModel):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logprobs: Any = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: Annotated[dict[str, float] | None, Unicode] = None
+    user: Annotated[str | None, Unicode] = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -106,9 +132,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     # Text, token ids, or a batch of one of either.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], Unicode]
     echo: bool = False
-    suffix: str | None = None
+    suffix: Annotated[str | None, Unicode] = None
     best_of: Annotated[int, Field(ge=1)] | None = None
 
 

@@ -24,6 +24,7 @@ from tests.serve import tiny_checkpoint  # noqa: E402
 try:
     import schemathesis
     from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
@@ -289,44 +290,91 @@ def test_openapi_schema_lists_the_routes(client):
     assert {"model", "messages"} <= set(chat_schema["required"])
 
 
+# The fuzzed app has every door shut: a key, a small body limit and one Host name (schemathesis' in-process one).
+FUZZ_KEY = "fuzz-key"
+FUZZ_LIMIT = 2048
+FUZZ_HOST = "testserver"
+# What each fuzzed request is sent with, drawn per case.
+DOORS = ["open", "no key", "foreign host", "oversize"]
+
+
 @pytest.fixture(scope="module")
 def served_schema(loaded):
     if schemathesis is None:
         pytest.skip("schemathesis is not installed (pip install baichuan-toolkit[test])")
-    app = create_app(loaded, model_name=MODEL, max_batch=4, max_queue=64)
+    app = create_app(
+        loaded,
+        model_name=MODEL,
+        max_batch=4,
+        max_queue=64,
+        api_key=FUZZ_KEY,
+        max_request_bytes=FUZZ_LIMIT,
+        allowed_hosts=[FUZZ_HOST],
+    )
     with TestClient(app):  # runs the lifespan, so the engine thread answers the fuzzed requests
         yield schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
+def door_answer(request, path: str) -> tuple[int, str] | None:
+    """The status and error code the doors must give the request as it was sent, in their order: the Host, the
+    key, the size (None: it passes them, and anything but a 5xx will do). Negative cases may drop the key."""
+    if request.headers.get("Host", FUZZ_HOST) != FUZZ_HOST:
+        return 400, "invalid_host"
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if path.startswith("/v1") and not (scheme.lower() == "bearer" and key.strip() == FUZZ_KEY):
+        return 401, "invalid_api_key"
+    return (413, "request_too_large") if len(request.body or b"") > FUZZ_LIMIT else None
+
+
+def fuzz_through_the_doors(operation, mode: str, statuses: dict[int, int]) -> None:
+    """Each case sent with the key, without it, with a foreign Host or padded past the body limit."""
+
+    @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)), door=st.sampled_from(DOORS))
+    @settings(
+        max_examples=40,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def fuzz(case, door):
+        if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+            case.body["model"] = MODEL  # past the model check, into prompt building and generation
+        if door == "oversize" and isinstance(case.body, dict):
+            case.body["padding"] = "x" * FUZZ_LIMIT  # an unknown field: ignored, but it counts
+        headers = {} if door == "no key" else {"Authorization": f"Bearer {FUZZ_KEY}"}
+        if door == "foreign host":
+            headers["Host"] = "rebound.example"  # a DNS-rebinding page's own name
+        response = case.call_and_validate(headers=headers, checks=[not_a_server_error])
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        expected = door_answer(response.request, operation.path)
+        if expected is not None:
+            answer = (response.status_code, response.json()["error"]["code"])
+            assert answer == expected, (door, response.request.headers, response.text[:200])
+
+    fuzz()
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_fuzzed_requests_never_get_a_5xx(served_schema, mode):
-    """schemathesis over the served OpenAPI schema, valid and invalid requests, a bounded number per route.
+    """schemathesis over the served OpenAPI schema, valid and invalid requests, a bounded number per route, each
+    sent through one of the doors: no 5xx, and each door answers what it must.
 
     Driven through hypothesis directly rather than schemathesis' pytest plugin, whose test items break with each
     pytest release (`'Function' object has no attribute '_nodeid'` on pytest 9.2)."""
     operations = [result.ok() for result in served_schema.get_all_operations()]
     assert {operation.label for operation in operations} >= {"POST /v1/chat/completions", "GET /v1/models"}
+    statuses: dict[int, int] = {}
     for operation in operations:
-
-        @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
-        @settings(
-            max_examples=20,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        def fuzz(case):
-            if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-                case.body["model"] = MODEL  # past the model check, into prompt building and generation
-            case.call_and_validate(checks=[not_a_server_error])
-
         try:
-            fuzz()
+            fuzz_through_the_doors(operation, mode, statuses)
         except Unsatisfiable:  # a route without parameters or body has no invalid requests to generate
             assert mode == "negative" and not operation.body and not operation.query, operation.label
         except Exception as error:
             raise AssertionError(f"{operation.label} ({mode} cases): {error}") from error
+    by_class = {f"{c}xx": sum(n for code, n in statuses.items() if code // 100 == c) for c in (2, 4, 5)}
+    print(f"\nfuzz ({mode}): {sum(statuses.values())} requests, {by_class}, {dict(sorted(statuses.items()))}")
+    assert by_class["5xx"] == 0 and {400, 401, 413} <= set(statuses)
 
 
 # --- the engine: continuous batching ------------------------------------------------------------------------------
