@@ -1,4 +1,4 @@
-"""What this CPU computes natively, asked once of oneDNN (the library behind torch's CPU matmuls)."""
+"""What this CPU computes natively, asked of torch and of oneDNN (the library behind torch's CPU matmuls)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,8 @@ def half_is_emulated(dtype: torch.dtype) -> bool:
     except (AttributeError, RuntimeError):  # torch built without oneDNN
         return True
     return False
+
+
+def has_avx2() -> bool:
+    """Whether torch runs its AVX2 (or AVX-512) kernels here, which our own kernels (cpu_gemv) need too."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -19,6 +19,8 @@ from types import ModuleType
 
 import torch
 
+from baichuan.cpu import has_avx2
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
@@ -36,10 +38,6 @@ def serves(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
     return x.device.type == "cpu" and x.numel() <= max_rows * in_features
 
 
-def _cpu_has_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
 def _built(cpp_extension: ModuleType) -> bool:
     try:
         return any(Path(cpp_extension._get_build_directory(NAME, False)).glob(f"{NAME}*.so"))
@@ -50,7 +48,7 @@ def _built(cpp_extension: ModuleType) -> bool:
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be used here (the reason goes to a warning once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not _cpu_has_avx2():
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not has_avx2():
         return None
     # Importing cpp_extension on a CPU-only machine logs a warning about CUDA_HOME that concerns only CUDA builds.
     logger = logging.getLogger("torch.utils.cpp_extension")

@@ -28,6 +28,21 @@ def skip_platform(reason: str) -> None:
     pytest.skip(NOT_ON_THIS_PLATFORM + reason)
 
 
+def require_cpu_kernels() -> None:
+    """Skip unless our AVX2 kernels (baichuan.cpu_gemv) are built and usable here; only a CPU without AVX2 excuses
+    them in CI, not a missing compiler or a failed build."""
+    from baichuan import cpu, cpu_gemv
+
+    if cpu_gemv.load() is not None:
+        return
+    if not cpu.has_avx2():
+        skip_platform("this CPU has no AVX2, which the kernels of baichuan.cpu_gemv need")
+    pytest.skip(
+        f"the AVX2 kernels of baichuan.cpu_gemv are unavailable ({cpu_gemv.ENV_SWITCH}=0, or their build failed: "
+        "a C++ compiler such as g++ is needed)"
+    )
+
+
 def _ci_skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str | None:
     """The reason of a skip that CI must not accept, or None."""
     if not (IN_CI and report.skipped) or hasattr(report, "wasxfail"):

@@ -15,12 +15,12 @@ import torch
 
 from baichuan import cpu_gemv
 from baichuan.quantize import Int4Linear, unpack_int4
+from tests.conftest import require_cpu_kernels
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    if cpu_gemv.load() is None:
-        pytest.skip("the AVX2 kernels of baichuan.cpu_gemv are not available here (no AVX2, or no compiler)")
+    require_cpu_kernels()
     return cpu_gemv
 
 
@@ -116,7 +116,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_gemv, "_cpu_has_avx2", lambda: True)
+    monkeypatch.setattr(cpu_gemv, "has_avx2", lambda: True)
     monkeypatch.setattr(cpu_gemv, "_built", lambda _: True)
     cpu_gemv.load.cache_clear()
     try:

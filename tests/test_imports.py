@@ -37,6 +37,7 @@ LAYERS = {
 }
 # Same-layer imports that are part of the design.
 ALLOWED_ACROSS = {
+    ("cpu_gemv", "cpu"),  # the kernel loader asks the CPU probes
     ("generate", "chat_format"),
     ("scaffold", "checkpoint"),
     ("runtime", "checkpoint"),

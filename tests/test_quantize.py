@@ -46,7 +46,7 @@ from baichuan.quantize import (
     read_quantization,
     unpack_int4,
 )
-from tests.conftest import shared_path, tiny_config
+from tests.conftest import require_cpu_kernels, shared_path, skip_platform, tiny_config
 
 HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
@@ -56,8 +56,8 @@ def kernels(request, monkeypatch) -> str:
     """Which CPU kernels the quantized layers made in the test use: ours (`cpu_gemv`) or torch's alone."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_gemv, "load", lambda: None)
-    elif cpu_gemv.load() is None:
-        pytest.skip("the AVX2 kernels of baichuan.cpu_gemv are not available here (no AVX2, or no compiler)")
+    else:
+        require_cpu_kernels()
     return request.param
 
 
@@ -190,8 +190,9 @@ def test_prompt_sized_products(bits, kernels):
     assert rel(got, reference) < tol
 
 
-@pytest.mark.skipif(not HAS_INT4_KERNEL, reason="this torch has no CPU int4 kernel")
 def test_int4_cpu_tiling_round_trips(monkeypatch):
+    if not HAS_INT4_KERNEL:
+        skip_platform(f"torch {torch.__version__} has no CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)")
     monkeypatch.setattr(cpu_gemv, "load", lambda: None)  # torch's kernel and its tiling
     # 176 rows: full blocks of 64 or 32 plus a shorter tail block, which the CPU kernel tiles differently.
     codes = torch.randint(0, 16, (176, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
