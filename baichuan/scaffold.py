@@ -7,7 +7,6 @@ on a small built-in text sample, so that the directory is complete without downl
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -19,39 +18,14 @@ import torch
 from baichuan.checkpoint import config_dict, save_checkpoint
 from baichuan.config import Config
 from baichuan.model import Baichuan, init_weights
+from baichuan.train.tokenizer import (
+    CHAT_GENERATION_CONFIG,
+    TOKENIZER_CONFIG,
+    sentencepiece_model,
+)
 
-USER_TOKEN_ID = 195
-ASSISTANT_TOKEN_ID = 196
 # Ids 3..392 of the real vocabulary are reserved user-defined symbols; 195/196 are the chat roles among them.
 N_RESERVED = 390
-
-# The Baichuan2-Chat generation_config.json values.
-CHAT_GENERATION_CONFIG = {
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "user_token_id": USER_TOKEN_ID,
-    "assistant_token_id": ASSISTANT_TOKEN_ID,
-    "max_new_tokens": 2048,
-    "temperature": 0.3,
-    "top_k": 5,
-    "top_p": 0.85,
-    "repetition_penalty": 1.05,
-    "do_sample": True,
-}
-
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "BaichuanTokenizer",
-    "add_bos_token": False,
-    "add_eos_token": False,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": "<unk>",
-    "clean_up_tokenization_spaces": False,
-    "sp_model_kwargs": {},
-}
-
 
 _ENGLISH = """the of and to in is that for it as was with be by on not he this are or his from at which but have an
 they you were her she there been one all we their has would when if so no what up out who them some could more into
@@ -92,33 +66,20 @@ def train_tokenizer(path: str | os.PathLike, vocab_size: int = 4000, lines: list
 
 
 def tokenizer_model(vocab_size: int = 4000, lines: list[str] | None = None) -> bytes:
-    """A Baichuan-style SentencePiece BPE model, trained on `lines` (default: `sample_text()`)."""
-    import sentencepiece as spm
-
+    """A Baichuan-style SentencePiece BPE model, trained on `lines` (default: `sample_text()`) by the trainer of
+    `baichuan train-tokenizer`. Its reserved pieces are the 390 `<reserved_i>` at ids 3..392 (so 195/196 are
+    `<reserved_192>`/`<reserved_193>`) and its pieces at most 16 characters long, as `init` always made them:
+    the tests' tiny checkpoints keep their exact ids."""
     lines = lines if lines is not None else sample_text()
     reserved = [f"<reserved_{i}>" for i in range(N_RESERVED)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
+    return sentencepiece_model(
+        lines,
+        vocab_size,
+        symbols=reserved,
+        max_piece_length=16,
         character_coverage=0.9995,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        normalization_rule_name="identity",
-        user_defined_symbols=reserved,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    return model.getvalue()
+        input_sentence_size=0,
+    ).model
 
 
 def _vocab_size(model: bytes) -> int:

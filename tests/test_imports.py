@@ -25,7 +25,7 @@ LAYERS = {
     "generate": 3,
     "chat_format": 3,
     "data": 3,
-    "scaffold": 3,
+    "scaffold": 4,  # `init`: writes a checkpoint with a tokenizer trained by train/tokenizer
     "runtime": 3,
     "chat": 4,
     "webui": 4,
@@ -34,12 +34,14 @@ LAYERS = {
     "train": 4,
     "eval": 4,
     "cli": 5,
+    "cli_train": 5,
 }
 # Same-layer imports that are part of the design.
 ALLOWED_ACROSS = {
     ("cpu_gemv", "cpu"),  # the kernel loader asks the CPU probes
     ("generate", "chat_format"),
-    ("scaffold", "checkpoint"),
+    ("scaffold", "train"),  # init trains its tokenizer with the one trainer
+    ("cli", "cli_train"),  # the training commands, registered on the main app
     ("runtime", "checkpoint"),
     ("runtime", "generate"),
     ("runtime", "chat_format"),
