@@ -527,8 +527,6 @@ def chat(
     sampling = sampling or SamplingConfig()
     chat_format = chat_format or chat_format_for(model.config)
     sampling = sampling.replace(eos_ids=tuple(dict.fromkeys(sampling.eos_ids + chat_format.stop_ids)))
-    prompt = chat_format.build(
-        tokenizer.encode, messages, context_length(model.config), sampling.max_new_tokens
-    )
+    prompt = chat_format.build(tokenizer, messages, context_length(model.config), sampling.max_new_tokens)
     pieces = stream_text(model, tokenizer, prompt, sampling, cancel=cancel, session=session)
     return pieces if stream else "".join(pieces)

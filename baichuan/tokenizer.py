@@ -1,8 +1,16 @@
 """SentencePiece tokenizer of the Baichuan family: encode/decode, special ids, and streaming detokenization.
 
 Layer 1: sentencepiece and the standard library only (the transformers face is baichuan/hf/tokenizer.py).
-`encode` is exactly `SentencePieceProcessor.encode`: no BOS/EOS, and text that looks like a special token
-(`"<s>"`) is plain text, so user input can never inject control ids. Chat code adds role and control ids itself.
+
+`encode` is exactly `SentencePieceProcessor.encode`, with no BOS/EOS. Text that spells a control piece (`"<s>"`,
+`"</s>"`) is plain text there, but text that spells a user-defined piece becomes that piece, and in the real
+Baichuan vocabularies the chat role tokens are user-defined pieces: `"<reserved_102>"` encodes to the user role
+id 195. So untrusted text (a chat message) goes through `encode_text` instead, which never yields a special id
+or a given control id (the chat format passes its role and EOS ids): it encodes with a copy of the model in
+which those pieces are control pieces, so their spelling comes out as ordinary pieces, exactly as sentencepiece
+splits any text that no symbol matches (`"<reserved_102>"` -> `<` `res` `erved` `_` `1` `0` `2` `>`, the ids
+that llama.cpp's converted vocabulary, where these pieces are plain, gives too). Any other text gives the ids of
+`encode`. Chat code inserts role and control ids itself, by id.
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 MODEL_FILE = "tokenizer.model"
+# sentencepiece_model.proto: ModelProto.pieces is field 1, SentencePiece.type field 3, and CONTROL is type 3.
+# As protobuf wire format: a length-delimited field 1, and the varint field 3 set to 3.
+PIECE_KEY, CONTROL_TYPE = b"\x0a", b"\x18\x03"
 
 
 def load_sentencepiece(path: str | os.PathLike) -> spm.SentencePieceProcessor:
@@ -31,6 +42,75 @@ def load_sentencepiece(path: str | os.PathLike) -> spm.SentencePieceProcessor:
         # sentencepiece reports a bad file as a C++ "util::Status" dump; name the file instead.
         raise ValueError(f"{path} is not a valid SentencePiece model ({error})") from None
     return processor
+
+
+def text_only_processor(
+    processor: spm.SentencePieceProcessor, ids: Iterable[int]
+) -> spm.SentencePieceProcessor:
+    """`processor` with the pieces `ids` turned into control pieces, which sentencepiece never makes from text:
+    their spelling is then split as any other text is. Only normal and user-defined pieces come from text, so
+    only they change (a byte piece comes only from its byte; the role ids of the tiny test vocabularies fall on
+    0xC0 and 0xC1, which UTF-8 never contains). Ids change only where the text spells a demoted piece, before
+    or after NFKC (`"＜reserved_102＞"` too): tests/test_tokenizer.py checks every public case and random
+    near misses."""
+    size = processor.get_piece_size()
+    demoted = {
+        i
+        for i in ids
+        if 0 <= i < size
+        and not (processor.is_control(i) or processor.is_unknown(i))
+        and not (processor.is_byte(i) or processor.is_unused(i))
+    }
+    if not demoted:
+        return processor
+    return spm.SentencePieceProcessor(model_proto=_as_control(processor.serialized_model_proto(), demoted))
+
+
+def _as_control(model: bytes, ids: set[int]) -> bytes:
+    """The serialized ModelProto `model` with the pieces `ids` typed CONTROL. Written on the protobuf wire
+    format, where the last value of a field wins, by appending the type to each such piece's message: this
+    layer needs no generated protobuf module (sentencepiece's accepts only the protobuf release it was
+    generated for)."""
+    out, pos, piece = bytearray(), 0, 0
+    while pos < len(model):
+        start = pos
+        key, pos = _varint(model, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(model, pos)
+        elif wire == 2:
+            length, pos = _varint(model, pos)
+            pos += length
+            if key >> 3 == 1:  # a piece
+                piece += 1
+                if piece - 1 in ids:
+                    body = model[pos - length : pos]
+                    out += PIECE_KEY + _encode_varint(length + len(CONTROL_TYPE)) + body + CONTROL_TYPE
+                    continue
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"not a SentencePiece model: protobuf wire type {wire} at byte {start}")
+        out += model[start:pos]
+    return bytes(out)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
 
 
 class Tokenizer:
@@ -51,9 +131,21 @@ class Tokenizer:
         self.byte_values = {
             i: int(self.sp.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if self.sp.is_byte(i)
         }
+        self._text_only: dict[frozenset[int], spm.SentencePieceProcessor] = {}
 
     def encode(self, text: str) -> list[int]:
+        """Exactly `SentencePieceProcessor.encode`: a user-defined piece's spelling gives that piece."""
         return self.sp.encode(text)
+
+    def encode_text(self, text: str, control_ids: Iterable[int] = ()) -> list[int]:
+        """Ids of untrusted text, such as a chat message: those of `encode`, except that no special id (unk, BOS,
+        EOS, pad) and none of `control_ids` ever comes out; text spelling one of their pieces is encoded as
+        ordinary text (see the module docstring). `decode` gives the text back, as it does for `encode`."""
+        key = frozenset(int(i) for i in control_ids) | self.special_ids
+        processor = self._text_only.get(key)
+        if processor is None:  # building the copy takes ~0.1 s for a 64k vocabulary: once per set of ids
+            processor = self._text_only[key] = text_only_processor(self.sp, key)
+        return processor.encode(text)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text as SentencePiece decodes it, as the original (slow) tokenizer does: skipped special tokens are

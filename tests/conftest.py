@@ -118,3 +118,18 @@ TINY_IDS = ["rope", "alibi", "rope-normhead", "alibi-normhead"]
 def tiny(request) -> Config:
     position, norm_head = request.param
     return tiny_config(position, norm_head)
+
+
+def real_vocabulary_checkpoint(directory: Path, preset_name: str = "baichuan2-7b") -> Path:
+    """A tiny random checkpoint of `preset_name`'s variant (so its chat format) whose tokenizer is the real 64k
+    Baichuan vocabulary, where the role ids 195/196 are the user-defined pieces <reserved_102>/<reserved_103>."""
+    import torch
+
+    from baichuan.config import preset
+    from baichuan.scaffold import init_checkpoint
+
+    tokenizer = shared_path("data", "baichuan-7b-tokenizer", "tokenizer.model")
+    config = preset(preset_name).replace(
+        n_layers=1, dim=64, n_heads=4, ffn_dim=128, vocab_size=64_000, max_seq_len=256
+    )
+    return init_checkpoint(config, directory, dtype=torch.float32, tokenizer=tokenizer)

@@ -17,14 +17,23 @@ One bug is not copied: the original decode put a space before every special toke
 Decoding does not go through the `tokenizers` decoder: its ByteFallback turns a run of byte pieces that is not
 valid UTF-8 into one U+FFFD per byte, where sentencepiece replaces only the bytes that start no character
 (`<0xA3><0x35>` is "\ufffd5", not "\ufffd\ufffd"). `PieceDecoder` decodes as sentencepiece does.
+
+Chat content is never parsed for special tokens. `tokenizer(text)` and `encode` keep transformers' convention, as
+the original does: `"<s>"`, `"</s>"` and the role pieces in the text become those tokens (the role pieces are
+user-defined pieces of the real vocabularies, so even split_special_tokens=True keeps them, as sentencepiece
+does). `encode_text` is the path for untrusted text, and `apply_chat_template(tokenize=True)` with our
+template (the one installed on loading) returns `ChatFormat.template_ids`, whose message text goes through it: a message
+spelling `"<reserved_102>"` is encoded as those characters, never as the user role token.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import BPE
 from transformers import SentencePieceBackend, TokenizersBackend
 
-from baichuan.tokenizer import MODEL_FILE
+from baichuan.tokenizer import MODEL_FILE, Tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 SPACE = "▁"
@@ -262,8 +271,10 @@ class _BosEosFlagsInConfig:
 def install_chat_template(tokenizer: Any, directory: Path) -> None:
     """Give a tokenizer the chat format of the checkpoint beside it (config.json and generation_config.json say
     which and name the role ids), as a `chat_template` unless it has one, with the role pieces made special
-    tokens so that the template's text turns back into exactly those ids."""
-    from baichuan.chat_format import BAICHUAN2, jinja_template, load_chat_format
+    tokens so that the template's text turns back into exactly those ids. The tokenizer keeps the formats behind
+    our templates with these role ids: `apply_chat_template` with one of them builds the ids from its format
+    (see `_ChatContent`), also where the template was saved with a tokenizer whose model config is elsewhere."""
+    from baichuan.chat_format import BAICHUAN2, BAICHUAN_13B, jinja_template, load_chat_format
 
     try:
         chat_format = load_chat_format(directory)
@@ -277,11 +288,108 @@ def install_chat_template(tokenizer: Any, directory: Path) -> None:
         {"additional_special_tokens": [AddedToken(p, normalized=False, special=True) for p in pieces]},
         replace_extra_special_tokens=False,
     )
+    ids = dict(user_id=chat_format.user_id, assistant_id=chat_format.assistant_id, eos_id=chat_format.eos_id)
+    formats = [replace(f, **ids) for f in (BAICHUAN2, BAICHUAN_13B)] + [chat_format]  # the checkpoint's wins
+    tokenizer._chat_formats = {jinja_template(f, *pieces, str(tokenizer.eos_token)): f for f in formats}
     if tokenizer.chat_template is None:
         tokenizer.chat_template = jinja_template(chat_format, *pieces, str(tokenizer.eos_token))
 
 
-class BaichuanTokenizer(_BosEosFlagsInConfig, SentencePieceBackend):
+class _ChatContent:
+    """Chat content as text, for both tokenizer classes: `encode_text`, and `apply_chat_template` that builds
+    the ids of our templates from their chat format instead of tokenizing the rendered text."""
+
+    _chat_formats: dict[str, Any] = {}  # jinja template -> ChatFormat, set by install_chat_template
+    _content_tokenizer: Tokenizer | None = None
+
+    def encode_text(self, text: str, control_ids: Iterable[int] = ()) -> list[int]:
+        """Ids of untrusted text, such as a chat message: no BOS/EOS added, and text that spells a special token,
+        a role piece or any of `control_ids` is encoded as ordinary text (`baichuan.tokenizer.Tokenizer.encode_text`,
+        on the tokenizer.model this tokenizer was loaded from); other text gives the ids of `encode`."""
+        forbidden = {*control_ids, *self.all_special_ids}
+        if self._content_tokenizer is None:
+            vocab_file = getattr(self, "vocab_file", None)
+            if vocab_file and os.path.isfile(vocab_file):
+                self._content_tokenizer = Tokenizer(vocab_file)
+        if self._content_tokenizer is not None:
+            return self._content_tokenizer.encode_text(text, forbidden)
+        # A fast tokenizer read from tokenizer.json alone: no sentencepiece model to spell such text with.
+        ids = self.encode(text, add_special_tokens=False)
+        if forbidden.intersection(ids):
+            raise ValueError(
+                f"{text[:80]!r} spells a special or role token, which this tokenizer can encode as text only "
+                f"with the {MODEL_FILE} beside its {TOKENIZER_JSON}"
+            )
+        return ids
+
+    def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `apply_chat_template`; with tokenize=True and one of our templates, the ids are
+        `ChatFormat.template_ids` (message text through `encode_text`), which are those of the rendered text for
+        messages that spell no special or role token. The rendered text (tokenize=False) cannot tell a role
+        piece a message spells from the template's own: tokenize it again only for trusted messages."""
+        base = super().apply_chat_template  # type: ignore[misc]
+        arguments = inspect.signature(base).bind(conversation, *args, **kwargs)
+        arguments.apply_defaults()
+        a = arguments.arguments
+        if not a["tokenize"]:
+            return base(conversation, *args, **kwargs)
+        chat_format = self._chat_formats.get(self.get_chat_template(a["chat_template"], a["tools"]))
+        if chat_format is None:  # a template of the user's: transformers' behaviour
+            return base(conversation, *args, **kwargs)
+        if a["continue_final_message"] and a["add_generation_prompt"]:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+        if a["return_assistant_tokens_mask"]:
+            raise NotImplementedError(
+                "the Baichuan chat template marks no assistant spans ({% generation %})"
+            )
+        if not conversation:
+            raise ValueError(
+                "Cannot apply chat template to an empty conversation. Provide at least one message."
+            )
+        batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        conversations = conversation if batched else [conversation]
+        rows = [
+            chat_format.template_ids(
+                self,
+                _plain_messages(getattr(c, "messages", c)),
+                bool(a["add_generation_prompt"]),
+                bool(a["continue_final_message"]),
+            )
+            for c in conversations
+        ]
+        max_length = a["max_length"]
+        if a["truncation"]:
+            limit = max_length or self.model_max_length
+            rows = [row[:limit] if self.truncation_side == "right" else row[-limit:] for row in rows]
+        if not batched and not a["return_tensors"]:
+            rows = rows[0]  # a tensor keeps its batch axis, as the tokenized text does
+        encoded = {"input_ids": rows, "attention_mask": _ones_like(rows)}
+        out = self.pad(
+            encoded, padding=a["padding"], max_length=max_length, return_tensors=a["return_tensors"]
+        )
+        return out if a["return_dict"] else out["input_ids"]
+
+
+def _plain_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
+    plain = []
+    for i, message in enumerate(messages):
+        message = dict(message)
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(
+                f"message {i}: the Baichuan chat template takes text content, got {type(content)}"
+            )
+        plain.append({"role": message["role"], "content": content})
+    return plain
+
+
+def _ones_like(rows: list[Any]) -> list[Any]:
+    return [_ones_like(row) if isinstance(row, list) else 1 for row in rows]
+
+
+class BaichuanTokenizer(_ChatContent, _BosEosFlagsInConfig, SentencePieceBackend):
     """The official Baichuan slow tokenizer: sentencepiece encodes, special tokens are parsed from the text."""
 
     vocab_files_names = {"vocab_file": MODEL_FILE}
@@ -361,7 +469,7 @@ class BaichuanTokenizer(_BosEosFlagsInConfig, SentencePieceBackend):
         return [0] * first + [1] * second
 
 
-class BaichuanTokenizerFast(_BosEosFlagsInConfig, TokenizersBackend):
+class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBackend):
     """`BaichuanTokenizer` in `tokenizers`: the same ids, built from tokenizer.model or read from tokenizer.json."""
 
     vocab_files_names = {"vocab_file": MODEL_FILE, "tokenizer_file": TOKENIZER_JSON}

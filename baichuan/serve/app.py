@@ -162,7 +162,7 @@ def chat_prompt(serving: Serving, body: p.ChatCompletionRequest) -> list[int]:
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": content})
     try:
-        return serving.chat_format.build(serving.tokenizer.encode, messages, NO_TRUNCATION, 0)
+        return serving.chat_format.build(serving.tokenizer, messages, NO_TRUNCATION, 0)
     except ValueError as error:  # e.g. a system message where the format has none
         raise APIError(400, str(error), param="messages") from None
 

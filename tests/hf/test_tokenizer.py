@@ -15,6 +15,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from baichuan.hf.tokenizer import BaichuanTokenizer, BaichuanTokenizerFast
+from baichuan.tokenizer import _as_control
 from tests.conftest import shared_path
 
 CHAT_VARIANTS = ("baichuan1_13b", "baichuan2_7b", "baichuan2_13b")
@@ -241,6 +242,21 @@ def test_missing_tokenizer_model(cls, tmp_path):
         cls.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         cls(vocab_file=str(tmp_path / "tokenizer.model"))
+
+
+def test_text_only_copy_is_what_protobuf_writes():
+    # baichuan/tokenizer.py edits the model on the protobuf wire format (it cannot rely on sentencepiece's
+    # generated module, which accepts one protobuf release): the result must parse to the same model as
+    # protobuf's own edit, every other piece and field untouched.
+    for name, _ in MODEL_FILES:
+        processor = spm.SentencePieceProcessor(model_file=str(model_path(name)))
+        ids = {3, 5, 195, 196, processor.get_piece_size() - 1}
+        edited, expected = model_pb2.ModelProto(), model_pb2.ModelProto()
+        edited.ParseFromString(_as_control(processor.serialized_model_proto(), ids))
+        expected.ParseFromString(processor.serialized_model_proto())
+        for i in ids:
+            expected.pieces[i].type = model_pb2.ModelProto.SentencePiece.CONTROL
+        assert edited == expected, name
 
 
 def main() -> None:
