@@ -398,6 +398,12 @@ def quantize(
     console.print(f"[green]wrote[/] {out}: int{bits} weights ({quantized.quantization})")
 
 
+# train-tokenizer, tokenizer-stats, prepare-data, pretrain
+from baichuan.cli_train import register as _register_training  # noqa: E402
+
+_register_training(app, friendly)
+
+
 def main() -> None:
     app(prog_name="baichuan")
 
