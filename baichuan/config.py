@@ -36,15 +36,17 @@ class Config:
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        # Sizes first: the divisibility checks below would divide by a zero head count.
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.position not in POSITION_ENCODINGS:
             raise ConfigError(f"position must be one of {POSITION_ENCODINGS}, got {self.position!r}")
         if self.dim % self.n_heads:
             raise ConfigError(f"hidden size {self.dim} is not divisible by {self.n_heads} heads")
         if self.position == ROPE and (self.dim // self.n_heads) % 2:
             raise ConfigError(f"RoPE needs an even head dimension, got {self.dim // self.n_heads}")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +67,8 @@ class Config:
         cls, hf: dict[str, Any], position: str | None = None, norm_head: bool | None = None
     ) -> Config:
         """Read an official (or our) Baichuan config.json. `position`/`norm_head` override the clues."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"expected a JSON object of settings, got a JSON {_json_type(hf)}")
         model_type = hf.get("model_type")
         if model_type not in (None, "baichuan"):
             raise ConfigError(f"model_type is {model_type!r}, expected 'baichuan'")
@@ -84,22 +88,37 @@ class Config:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act {act!r} is not supported (Baichuan uses 'silu')")
+        # Types are checked here, before any arithmetic, so that a hand-edited file gets a message naming the
+        # key rather than a TypeError from deep inside.
+        sizes = {
+            key: _positive_int(hf, key)
+            for key in (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+            )
+        }
+        for key in ("model_max_length", "max_position_embeddings"):
+            if hf.get(key) is not None:
+                _positive_int(hf, key)
         max_len = hf.get("model_max_length") or hf.get("max_position_embeddings") or 4096
         return cls(
-            vocab_size=int(hf["vocab_size"]),
-            dim=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=int(hf["num_attention_heads"]),
-            ffn_dim=int(hf["intermediate_size"]),
+            vocab_size=sizes["vocab_size"],
+            dim=sizes["hidden_size"],
+            n_layers=sizes["num_hidden_layers"],
+            n_heads=sizes["num_attention_heads"],
+            ffn_dim=sizes["intermediate_size"],
             position=position or resolve_position(hf),
             norm_head=resolve_norm_head(hf) if norm_head is None else bool(norm_head),
             max_seq_len=int(max_len),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_base=float(hf.get("rope_theta") or 10_000.0),
-            z_loss_weight=float(hf.get("z_loss_weight") or 0.0),
-            pad_token_id=_int_or(hf.get("pad_token_id"), 0),
-            bos_token_id=_int_or(hf.get("bos_token_id"), 1),
-            eos_token_id=_int_or(hf.get("eos_token_id"), 2),
+            rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6),
+            rope_base=_number(hf, "rope_theta", None) or 10_000.0,
+            z_loss_weight=_number(hf, "z_loss_weight", None) or 0.0,
+            pad_token_id=_token_id(hf, "pad_token_id", 0),
+            bos_token_id=_token_id(hf, "bos_token_id", 1),
+            eos_token_id=_token_id(hf, "eos_token_id", 2),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -132,10 +151,40 @@ class Config:
         return hf
 
 
-def _int_or(value: Any, default: int) -> int:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _positive_int(hf: dict[str, Any], key: str) -> int:
+    value = hf[key]
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(hf: dict[str, Any], key: str, default: float | None) -> float | None:
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _token_id(hf: dict[str, Any], key: str, default: int) -> int:
+    value = hf.get(key)
     if isinstance(value, list):  # some configs list several eos ids; the first is the canonical one
         value = value[0] if value else None
-    return default if value is None else int(value)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise ConfigError(f"{key} must be an integer token id, got {value!r}")
+    return value
 
 
 # The official shapes, to cross-check the key clues: (hidden, layers, heads) -> position encoding.

@@ -116,3 +116,31 @@ def test_bad_configs():
         Config.from_hf_dict({"model_type": "baichuan", "vocab_size": 10})
     with pytest.raises(ConfigError, match="divisible"):
         Config(dim=100, n_heads=3)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"hidden_size": "4096"}, "hidden_size must be a positive integer, got '4096'"),
+        ({"num_hidden_layers": 2.5}, "num_hidden_layers must be a positive integer"),
+        ({"vocab_size": True}, "vocab_size must be a positive integer"),
+        ({"model_max_length": -1}, "model_max_length must be a positive integer"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps must be a number"),
+        ({"eos_token_id": "</s>"}, "eos_token_id must be an integer token id"),
+    ],
+)
+def test_config_types_are_checked_before_any_arithmetic(change, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_hf_dict({**_official(max_position_embeddings=64), **change})
+
+
+@pytest.mark.parametrize("value, kind", [([], "array"), ("x", "string"), (None, "null"), (3, "number")])
+def test_config_that_is_not_an_object(value, kind):
+    with pytest.raises(ConfigError, match=f"expected a JSON object of settings, got a JSON {kind}"):
+        Config.from_hf_dict(value)
+
+
+def test_zero_heads_is_a_config_error_not_a_division_by_zero():
+    with pytest.raises(ConfigError, match="n_heads must be a positive integer"):
+        Config(n_heads=0)
