@@ -51,14 +51,25 @@ def read_config(
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (is this a Baichuan model directory?)")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    hf = read_json(path)
     try:
         return Config.from_hf_dict(hf, position=position, norm_head=norm_head)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_json(path: Path) -> object:
+    """A JSON file, or a CheckpointError that names the file and what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def weight_files(directory: str | os.PathLike) -> list[Path]:
