@@ -16,6 +16,7 @@ LAYERS = {
     "cpu_gemv": 0,
     "position": 1,
     "kv_cache": 1,
+    "memory": 1,
     "tokenizer": 1,
     "quantize": 1,
     "lora": 1,

@@ -1,0 +1,228 @@
+"""What a run will need in memory, worked out from the config before anything is loaded, and what this
+machine has free. Pure arithmetic and the standard library, so the front ends can refuse (or shorten the
+context of) a run that cannot fit before reading gigabytes of weights, instead of being killed half way.
+
+Sizes are in bytes. Dtypes are given by their size in bytes (bf16/fp16 2, fp32 4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from baichuan.config import Config
+
+GiB = 2**30
+# The interpreter, torch and its libraries, the tokenizer: resident before the first weight is read (about the
+# peak RSS of `baichuan generate` on a checkpoint of a few MB; torch's shared libraries are most of it).
+RUNTIME_BYTES = 800 * 2**20
+# Where a CPU only emulates bf16/fp16, prompts multiply an fp32 copy of each weight (model.Linear), and int8/int4
+# prompts a widened one (quantize.INT8_WIDEN_MIN_ROWS): one layer's worth, freed after each product.
+UPCAST_MIN_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    kv_cache: int
+    activations: int
+    loading: int  # what loading needs for a moment beyond the weights, before any cache exists
+    runtime: int
+    rows: int  # KV cache rows (sequences decoded together, plus the server's prefill row)
+    seq_len: int  # positions per row
+    kv_bytes: int  # bytes per cached element
+
+    @property
+    def total(self) -> int:
+        """The peak: the caches and activations come after loading, so the larger of the two counts."""
+        return self.weights + self.runtime + max(self.kv_cache + self.activations, self.loading)
+
+    def describe(self) -> str:
+        kv = {2: "16-bit", 4: "fp32"}.get(self.kv_bytes, f"{self.kv_bytes}-byte")
+        rows = f"{self.rows} rows x " if self.rows > 1 else ""
+        shown = self.loading >= GiB // 200  # what rounds to 0.00 GiB is noise here
+        loading = f"; loading needs {gib(self.loading)} more for a moment" if shown else ""
+        return (
+            f"{gib(self.total)} (weights {gib(self.weights)}, KV cache {gib(self.kv_cache)} for "
+            f"{rows}{self.seq_len:,} positions {kv}, activations {gib(self.activations)}, "
+            f"runtime {gib(self.runtime)}{loading})"
+        )
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def weight_bytes(
+    config: Config,
+    dtype_bytes: int,
+    bits: int | None = None,
+    group_size: int = 128,
+    head_bits: int | None = None,
+) -> int:
+    """The weights as loaded: embeddings and norms always in the float dtype; the decoder's linear layers in it
+    too, or weight-only int8 (one byte a weight + one float scale a row) or int4 (half a byte a weight + a bf16
+    scale and zero a group of `group_size` inputs a row). `head_bits`: the output head's, None for float
+    (4-bit models keep it at 8 by default, see quantize.DEFAULT_INT4_OVERRIDES)."""
+    d, f, V = config.dim, config.ffn_dim, config.vocab_size
+    floats = V * d + (2 * config.n_layers + 1) * d  # embeddings, norms
+    layer = [(3 * d, d), (d, d), (f, d), (f, d), (d, f)]  # (out, in): W_pack, o_proj, gate, up, down
+
+    def linear(out: int, inp: int, b: int | None) -> int:
+        if b is None:
+            return out * inp * dtype_bytes
+        if b == 8:
+            return out * inp + out * dtype_bytes
+        return out * inp // 2 + math.ceil(inp / group_size) * out * 2 * 2
+
+    layers = config.n_layers * sum(linear(o, i, bits) for o, i in layer)
+    return floats * dtype_bytes + layers + linear(V, d, head_bits)
+
+
+def kv_cache_bytes(config: Config, rows: int, seq_len: int, kv_bytes: int) -> int:
+    """Keys and values of every layer: rows x layers x 2 x positions x hidden x bytes."""
+    return rows * config.n_layers * 2 * seq_len * config.dim * kv_bytes
+
+
+def activation_bytes(
+    config: Config, prefill: int, seq_len: int, dtype_bytes: int, rows: int = 1, upcast: bool = False
+) -> int:
+    """A rough upper bound of the temporaries of one forward: a prefill of `prefill` tokens against `seq_len`
+    cached positions (the larger of that and a decode step of `rows` rows). Layers run one after another, so
+    one layer's worth counts, plus the residual stream:
+    - hidden states: residual, norm, q/k/v and their rotated copies, attention output (8 x T x d);
+    - the MLP: gate, up, their product (3 x T x f);
+    - ALiBi's additive mask (H, T, S): the fp32 bias, the masked fp32 copy and the cast one (RoPE prefills use
+      SDPA's causal path, with no mask);
+    - the sampler's fp32 logits and their sorted/softmaxed copies (4 x rows x V);
+    - `upcast`: one fp32 copy of the largest weight and of the input rows (emulated half precision, or a
+      quantized layer widened for a long prompt)."""
+    d, f, H, V = config.dim, config.ffn_dim, config.n_heads, config.vocab_size
+    T = max(prefill, rows)
+    hidden = (8 * T * d + 3 * T * f) * dtype_bytes
+    mask = H * T * seq_len * (4 + 4 + dtype_bytes) if config.position == "alibi" and prefill > 1 else 0
+    logits = 4 * rows * V * 4
+    widened = max(3 * d * d, f * d) * 4 + T * max(d, f) * 4 if upcast and prefill >= UPCAST_MIN_ROWS else 0
+    return hidden + mask + logits + widened
+
+
+def loading_bytes(config: Config, dtype_bytes: int, stored_bytes: int, quantized: bool) -> int:
+    """What loading holds for a moment beyond the weights. Float weights stream in one tensor at a time (or
+    are memory-mapped), but folding Baichuan2's NormHead normalises the head in fp32 and keeps the result
+    next to it (checkpoint.fold_norm_head); quantizing reads each tensor whole, the largest being the
+    embeddings or the head (V x d in the stored dtype)."""
+    head = config.vocab_size * config.dim
+    if quantized:
+        return head * stored_bytes
+    return head * (4 + dtype_bytes) if config.norm_head else 0
+
+
+def estimate(
+    config: Config,
+    *,
+    dtype_bytes: int,
+    kv_bytes: int,
+    rows: int,
+    seq_len: int,
+    prefill: int,
+    bits: int | None = None,
+    group_size: int = 128,
+    head_bits: int | None = None,
+    upcast: bool = False,
+    stored_bytes: int | None = None,
+    quantized_on_load: bool = False,
+    runtime: int = RUNTIME_BYTES,
+) -> Estimate:
+    """Weights + the runtime + the larger of KV cache (`rows` x `seq_len`) + activations (a prefill of `prefill`
+    tokens) and what loading needs for a moment. `stored_bytes`: the checkpoint's dtype (default: the one
+    loaded); `quantized_on_load`: `bits` are applied while reading float weights."""
+    stored = dtype_bytes if stored_bytes is None else stored_bytes
+    return Estimate(
+        weights=weight_bytes(config, dtype_bytes, bits, group_size, head_bits),
+        kv_cache=kv_cache_bytes(config, rows, seq_len, kv_bytes),
+        activations=activation_bytes(config, min(prefill, seq_len), seq_len, dtype_bytes, rows, upcast),
+        loading=loading_bytes(config, dtype_bytes, stored, quantized_on_load),
+        runtime=runtime,
+        rows=rows,
+        seq_len=seq_len,
+        kv_bytes=kv_bytes,
+    )
+
+
+def largest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
+    """The largest n in low..high with fits(n), for a `fits` that holds up to some n and fails beyond it."""
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+# --- what the machine has ----------------------------------------------------------------------------------
+
+
+def available_memory(root: Path = Path("/")) -> tuple[int, str] | None:
+    """Bytes this process may still allocate, and where the figure comes from: the smallest of the cgroup v2
+    limit (memory.max - memory.current), the cgroup v1 limit (memory.limit_in_bytes - memory.usage_in_bytes),
+    each counting the page cache it could drop (inactive_file) as free, and /proc/meminfo's MemAvailable.
+    None where none of them can be read (not Linux). `root` is for tests."""
+    found: list[tuple[int, str]] = []
+    meminfo = _read(root / "proc/meminfo")
+    if meminfo:
+        for line in meminfo.splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    for group in _cgroups(root):
+        found.append(group)
+    return min(found, default=None)
+
+
+def _cgroups(root: Path) -> list[tuple[int, str]]:
+    limits = []
+    for line in (_read(root / "proc/self/cgroup") or "").splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers == "" and hierarchy == "0":  # cgroup v2
+            mounts = [root / "sys/fs/cgroup", root / "sys/fs/cgroup/unified"]
+            names = ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            mounts = [root / "sys/fs/cgroup/memory"]
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        for mount in mounts:
+            # The process's own group and every group above it: a parent's limit binds the children too.
+            parts = [p for p in path.strip("/").split("/") if p]
+            for depth in range(len(parts), -1, -1):
+                group = mount.joinpath(*parts[:depth])
+                limit = _int(_read(group / names[0]))
+                usage = _int(_read(group / names[1]))
+                if limit is None or usage is None or limit >= 2**60:  # "max" or v1's huge "no limit"
+                    continue
+                stat = _read(group / "memory.stat") or ""
+                reclaimable = next(
+                    (int(v) for k, v in (ln.split() for ln in stat.splitlines() if ln) if k == names[2]), 0
+                )
+                free = max(limit - usage + reclaimable, 0)
+                limits.append((free, f"cgroup limit {gib(limit)}"))
+    return limits
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,140 @@
+"""The memory estimate: its arithmetic against real tensors, and the free memory read from /proc and cgroups."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from baichuan.config import preset
+from baichuan.kv_cache import KVCache
+from baichuan.memory import (
+    GiB,
+    activation_bytes,
+    available_memory,
+    estimate,
+    kv_cache_bytes,
+    largest,
+    weight_bytes,
+)
+from baichuan.model import Baichuan
+from baichuan.quantize import quantize_model
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("name", ["baichuan-7b", "baichuan2-13b"])
+def test_float_weights_are_the_parameter_count_times_the_dtype(name):
+    config = preset(name)
+    assert weight_bytes(config, 2) == 2 * config.num_params()
+    assert weight_bytes(config, 4) == 4 * config.num_params()
+
+
+@pytest.mark.parametrize("bits, head_bits", [(8, 8), (4, 8), (4, None)])
+def test_quantized_weights_match_the_modules(bits, head_bits):
+    config = tiny_config(dim=256, n_heads=4, ffn_dim=512, vocab_size=1024)
+    model = Baichuan(config)
+    overrides = {"lm_head": head_bits}
+    quantize_model(model, bits, group_size=64, overrides=overrides)
+    measured = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert weight_bytes(config, 4, bits, group_size=64, head_bits=head_bits) == measured
+
+
+def test_kv_cache_bytes_are_the_buffers():
+    config = tiny_config()
+    cache = KVCache.for_model(config, 3, 40, torch.bfloat16)
+    assert kv_cache_bytes(config, 3, 40, 2) == cache.k.nbytes + cache.v.nbytes
+
+
+def test_the_issue_numbers():
+    """Baichuan2-7B served with the defaults (8 rows + 1 prefill row x 4,096 positions): 36 GiB of fp32 cache,
+    18 in bf16; ~28 GiB of fp32 weights, 5.6 with int4 (the embeddings stay fp32, the head int8)."""
+    config = preset("baichuan2-7b")
+    assert kv_cache_bytes(config, 9, 4096, 4) == 36 * GiB
+    assert kv_cache_bytes(config, 9, 4096, 2) == 18 * GiB
+    assert 27.9 < weight_bytes(config, 4) / GiB < 28.0
+    assert 5.5 < weight_bytes(config, 4, bits=4, head_bits=8) / GiB < 5.7
+
+
+def test_alibi_prefill_counts_its_mask():
+    rope, alibi = preset("baichuan2-7b"), preset("baichuan2-13b")
+    # (40 heads x 4,096 x 4,096) fp32 bias + its masked copy + the bf16 cast: 5 GiB for a 4,096-token prompt.
+    mask = activation_bytes(alibi, 4096, 4096, 2) - activation_bytes(
+        alibi.replace(position="rope"), 4096, 4096, 2
+    )
+    assert mask == 40 * 4096 * 4096 * 10
+    assert activation_bytes(rope, 1, 4096, 2) < 2**22  # a decode step: a few MB
+
+
+def test_estimate_totals_its_parts():
+    """The caches come after loading: the peak holds the larger of them and loading's moment."""
+    config = preset("baichuan2-7b")
+    e = estimate(config, dtype_bytes=2, kv_bytes=2, rows=1, seq_len=4096, prefill=16)
+    assert e.total == e.weights + e.runtime + max(e.kv_cache + e.activations, e.loading)
+    assert "KV cache 2.00 GiB for 4,096 positions 16-bit" in e.describe()
+    # Folding the NormHead: an fp32 copy of the head and the folded bf16 one, 125,696 x 4,096 x 6 bytes.
+    assert e.loading == 125_696 * 4096 * 6
+    short = estimate(config, dtype_bytes=2, kv_bytes=2, rows=1, seq_len=64, prefill=16)
+    assert short.total == short.weights + short.runtime + short.loading
+    plain = estimate(preset("baichuan-7b"), dtype_bytes=2, kv_bytes=2, rows=1, seq_len=64, prefill=16)
+    assert plain.loading == 0
+    quantized = estimate(
+        config,
+        dtype_bytes=4,
+        kv_bytes=2,
+        rows=1,
+        seq_len=64,
+        prefill=16,
+        bits=4,
+        head_bits=8,
+        stored_bytes=2,
+        quantized_on_load=True,
+    )
+    assert quantized.loading == 125_696 * 4096 * 2  # the head read whole, as stored
+
+
+def test_largest():
+    assert largest(lambda n: n * n <= 1000, 1, 10**6) == 31
+    assert largest(lambda n: n <= 5, 6, 100) is None
+    assert largest(lambda n: True, 3, 9) == 9
+
+
+def fake_root(tmp_path: Path, cgroup: str, files: dict[str, str], available_kb: int = 8 * 2**20) -> Path:
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {available_kb} kB\n")
+    (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        path = tmp_path / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+def test_available_memory_meminfo_only(tmp_path):
+    assert available_memory(fake_root(tmp_path, "", {})) == (8 * GiB, "MemAvailable")
+
+
+def test_available_memory_cgroup_v2_counts_reclaimable_cache(tmp_path):
+    files = {
+        "job/memory.max": str(4 * GiB),
+        "job/memory.current": str(3 * GiB),
+        "job/memory.stat": f"anon {2 * GiB}\ninactive_file {GiB // 2}\n",
+        "memory.max": "max",
+        "memory.current": str(5 * GiB),
+    }
+    free, source = available_memory(fake_root(tmp_path, "0::/job\n", files))
+    assert free == GiB + GiB // 2 and "cgroup" in source
+
+
+def test_available_memory_cgroup_v1_parent_limit_binds(tmp_path):
+    files = {
+        "memory/a/memory.limit_in_bytes": str(2 * GiB),
+        "memory/a/memory.usage_in_bytes": str(GiB),
+        "memory/a/b/memory.limit_in_bytes": "9223372036854771712",  # v1's "no limit"
+        "memory/a/b/memory.usage_in_bytes": str(GiB),
+    }
+    free, _ = available_memory(fake_root(tmp_path, "4:memory:/a/b\n", files))
+    assert free == GiB
+
+
+def test_available_memory_takes_meminfo_when_smaller(tmp_path):
+    files = {"memory.max": str(64 * GiB), "memory.current": str(GiB)}
+    assert available_memory(fake_root(tmp_path, "0::/\n", files, available_kb=2**20)) == (GiB, "MemAvailable")
