@@ -12,6 +12,11 @@ class KVCache(nn.Module):
     The model calls `update(layer, start, k, v)` with the new keys/values of positions start..start+T-1 and gets
     back everything cached for positions 0..start+T-1. Writing at an earlier `start` overwrites from there, which
     is how a chat re-uses the cache of a shared prefix. Keys are stored after RoPE, as in the originals.
+
+    The cache has a dtype of its own: at long contexts it outweighs the weights it serves (Baichuan2-7B, 4,096
+    positions: 2 GiB a row in 16 bits), so an fp32 model may keep it in bf16. Keys/values are rounded to it
+    when written and come back in the dtype they were given, so attention always computes in the model's
+    dtype; a cache in the model's dtype is exact.
     """
 
     def __init__(
@@ -26,6 +31,9 @@ class KVCache(nn.Module):
     ):
         super().__init__()
         shape = (n_layers, batch_size, n_heads, max_seq_len, head_dim)
+        # Zeros, not torch.empty: a batch reads positions a shorter row never wrote, masked to a weight of 0,
+        # and 0 x (garbage that happens to be NaN) would still be NaN. Zeroing also commits the memory now,
+        # so a cache that does not fit fails here rather than in the middle of an answer.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -45,21 +53,22 @@ class KVCache(nn.Module):
         self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H, T, D) for positions start..start+T-1; `start` is an int or a (B,) tensor of per-row
-        positions. Returns the cached (B, H, end, D) up to the furthest row's end."""
+        positions. Returns the cached (B, H, end, D) up to the furthest row's end, in k's and v's dtype."""
         T = k.shape[2]
+        new_k, new_v = k.to(self.k.dtype), v.to(self.v.dtype)
         if isinstance(start, torch.Tensor):
             slots = start.to(self.k.device)[:, None] + torch.arange(T, device=self.k.device)  # (B, T)
             end = int(slots.max()) + 1
             self._check(end)
             rows = torch.arange(k.shape[0], device=self.k.device)[:, None]
-            self.k[layer, rows, :, slots] = k.transpose(1, 2)  # indexed as (B, T, H, D)
-            self.v[layer, rows, :, slots] = v.transpose(1, 2)
+            self.k[layer, rows, :, slots] = new_k.transpose(1, 2)  # indexed as (B, T, H, D)
+            self.v[layer, rows, :, slots] = new_v.transpose(1, 2)
         else:
             end = start + T
             self._check(end)
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            self.k[layer, :, :, start:end] = new_k
+            self.v[layer, :, :, start:end] = new_v
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
 
     def _check(self, end: int) -> None:
         if end > self.max_seq_len:
