@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -25,6 +26,30 @@ from baichuan.kv_cache import KVCache
 from baichuan.tokenizer import StreamDecoder
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+# SamplingConfig field -> (check, what the value must be)
+_FIELD_TYPES = {
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (_is_number, "a number"),
+    "top_k": (_is_int, "an integer"),
+    "top_p": (_is_number, "a number"),
+    "repetition_penalty": (_is_number, "a number"),
+    "max_new_tokens": (_is_int, "an integer"),
+    "seed": (lambda v: v is None or _is_int(v), "an integer"),
+    "eos_ids": (lambda v: all(map(_is_int, v)), "integer token ids"),
+    "stop_ids": (lambda v: all(map(_is_int, v)), "integer token ids"),
+    "stop_strings": (lambda v: all(isinstance(x, str) for x in v), "strings"),
+    "vocab_size": (lambda v: v is None or _is_int(v), "an integer"),
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +72,14 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         for name in ("eos_ids", "stop_ids", "stop_strings"):
             value = getattr(self, name)
+            if not isinstance(value, (int, str, list, tuple)):
+                raise ValueError(f"{name} must be a value or a list of them, got {value!r}")
             object.__setattr__(self, name, (value,) if isinstance(value, (int, str)) else tuple(value))
+        # A hand-edited generation_config.json can hold anything JSON can: name the wrong value here rather
+        # than fail with a TypeError in the middle of sampling.
+        for name, (ok, kind) in _FIELD_TYPES.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} must be {kind}, got {getattr(self, name)!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -86,14 +118,59 @@ class SamplingConfig:
         )
         values = {f.name: get(f.name) for f in fields(cls) if f.name not in ("eos_ids", "stop_ids")}
         eos = get("eos_token_id")
+        if eos is not None and not all(map(_is_int, eos if isinstance(eos, list) else [eos])):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
         values["eos_ids"] = [eos] if isinstance(eos, int) else eos
         return cls().replace(**values).replace(**overrides)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, **overrides: Any) -> SamplingConfig:
+        """From a directory's generation_config.json (defaults where there is none); a bad file is a
+        ValueError that names it."""
         path = Path(directory) / "generation_config.json"
-        generation_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        return cls.from_generation_config(generation_config, **overrides)
+        generation_config = read_generation_config(path) if path.is_file() else {}
+        try:
+            return cls.from_generation_config(generation_config, **overrides)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """A generation_config.json as a dict, or a ValueError naming the file and what is wrong."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(value).__name__}")
+    for key in ("user_token_id", "assistant_token_id", "pad_token_id", "bos_token_id"):
+        if value.get(key) is not None and not _is_int(value[key]):
+            raise ValueError(f"{path}: {key} must be an integer token id, got {value[key]!r}")
+    return value
+
+
+def fit_to_context(sampling: SamplingConfig, prompt_len: int, context: int) -> SamplingConfig:
+    """`sampling` with max_new_tokens cut to the positions the context has left after the prompt, with a
+    warning when it had to be cut (a ValueError when nothing is left). Generating past the context would
+    only give what the model was never trained on, and a huge request would end in the allocator."""
+    room = context - prompt_len
+    if sampling.max_new_tokens <= room:
+        return sampling
+    if room <= 0:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) fills the model's context of {context} tokens: "
+            "no room to generate"
+        )
+    warnings.warn(
+        f"max_new_tokens {sampling.max_new_tokens} cut to {room}: the prompt's {prompt_len} tokens leave "
+        f"{room} of the {context}-token context",
+        stacklevel=3,
+    )
+    return sampling.replace(max_new_tokens=room)
 
 
 # --- sampling math --------------------------------------------------------------------------------------------
@@ -263,17 +340,21 @@ def generate_tokens(
     cancel: threading.Event | None = None,
     tokenizer: Any = None,
     session: ChatSession | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> Generator[int, None, FinishReason]:
     """Yield new token ids one step at a time, the terminating EOS/stop id included (as transformers puts it
-    in the sequence). Stops on EOS or a stop id, a stop string (needs `tokenizer`), max_new_tokens, or when
-    `cancel` is set (checked before every forward). With a `session`, re-uses its KV cache."""
+    in the sequence). Stops on EOS or a stop id, a stop string (needs `tokenizer`), max_new_tokens (cut to
+    the context left, with a warning), or when `cancel` is set (checked before every forward). With a
+    `session`, re-uses its KV cache. `kv_dtype`: of the KV cache (default: the model's dtype)."""
     sampling = sampling or SamplingConfig()
     if session is not None:
         return (yield from session.generate_tokens(prompt_ids, sampling, cancel=cancel, tokenizer=tokenizer))
     stop_strings = _StopStrings(tokenizer, sampling.stop_strings) if sampling.stop_strings else None
     dtype, device = _model_dtype_device(model)
     prompt = _as_prompt(prompt_ids, device)
-    cache = KVCache.for_model(model.config, 1, prompt.shape[1] + sampling.max_new_tokens, dtype, device)
+    sampling = fit_to_context(sampling, prompt.shape[1], context_length(model.config))
+    length = prompt.shape[1] + sampling.max_new_tokens
+    cache = KVCache.for_model(model.config, 1, length, kv_dtype or dtype, device)
     return (
         yield from _row(_decode_steps(model, prompt, None, sampling, cache), sampling, cancel, stop_strings)
     )
@@ -288,14 +369,16 @@ def generate(
     cancel: threading.Event | None = None,
     tokenizer: Any = None,
     pad_id: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """Batched generation: prompts of different lengths are LEFT padded and masked, so each row is what the
     prompt would give alone (exactly so for greedy decoding). Returns each row's new tokens, ending with its
-    terminator when it stopped on one."""
+    terminator when it stopped on one. max_new_tokens is cut to the context the longest prompt leaves."""
     sampling = sampling or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     dtype, device = _model_dtype_device(model)
+    sampling = fit_to_context(sampling, max(map(len, prompts)), context_length(model.config))
     B, L, N = len(prompts), max(map(len, prompts)), sampling.max_new_tokens
     pad_id = model.config.pad_token_id if pad_id is None else pad_id
     prompt = torch.full((B, L), pad_id, dtype=torch.long, device=device)
@@ -305,7 +388,7 @@ def generate(
         mask[i, : L - len(ids)] = 0
     if bool(mask.all()):
         mask = None  # no padding: keep the plain causal path
-    cache = KVCache.for_model(model.config, B, L + N, dtype, device)
+    cache = KVCache.for_model(model.config, B, L + N, kv_dtype or dtype, device)
     watches = (
         [_StopStrings(tokenizer, sampling.stop_strings) for _ in prompts] if sampling.stop_strings else None
     )
@@ -397,10 +480,13 @@ def stream_text(
     *,
     cancel: threading.Event | None = None,
     session: ChatSession | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> Generator[str, None, FinishReason]:
     """Yield text deltas of the generated tokens (see `TextStream`); returns why generation ended."""
     sampling = sampling or SamplingConfig()
-    tokens = generate_tokens(model, prompt_ids, sampling, cancel=cancel, tokenizer=tokenizer, session=session)
+    tokens = generate_tokens(
+        model, prompt_ids, sampling, cancel=cancel, tokenizer=tokenizer, session=session, kv_dtype=kv_dtype
+    )
     text = TextStream(tokenizer, sampling)
     reason: FinishReason = "length"
     try:
@@ -437,11 +523,13 @@ class ChatSession:
         tokenizer: Any = None,
         chat_format: ChatFormat | None = None,
         sampling: SamplingConfig | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format or chat_format_for(model.config)
         self.sampling = sampling or SamplingConfig()
+        self.kv_dtype = kv_dtype  # None: the model's dtype
         self.cache: KVCache | None = None
         self.cached_ids: list[int] = []  # the ids whose keys/values the cache holds, in order
         self.last_prefill = 0  # how many prompt tokens the last call had to run through the model
@@ -463,10 +551,11 @@ class ChatSession:
         stop_strings = _StopStrings(tokenizer, sampling.stop_strings) if sampling.stop_strings else None
         dtype, device = _model_dtype_device(self.model)
         prompt = _as_prompt(prompt_ids, device)
+        sampling = fit_to_context(sampling, prompt.shape[1], context_length(self.model.config))
         ids = prompt[0].tolist()
         start = _common_prefix(ids, self.cached_ids)
         start = min(start, len(ids) - 1)  # the last prompt token must run again: its logits pick the answer
-        self._reserve(len(ids) + sampling.max_new_tokens, start, dtype, device)
+        self._reserve(len(ids) + sampling.max_new_tokens, start, self.kv_dtype or dtype, device)
         self.last_prefill = len(ids) - start
         steps = _decode_steps(self.model, prompt, None, sampling, self.cache, start, fed=self.cached_ids)
         return (yield from _row(steps, sampling, cancel, stop_strings))
@@ -521,12 +610,29 @@ def chat(
     chat_format: ChatFormat | None = None,
     cancel: threading.Event | None = None,
     session: ChatSession | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> str | Iterator[str]:
     """The answer to `messages` as text, or an iterator of text deltas with stream=True. The prompt budget
     leaves room for sampling.max_new_tokens, as the originals' `model.chat` does; EOS ends the answer."""
-    sampling = sampling or SamplingConfig()
-    chat_format = chat_format or chat_format_for(model.config)
-    sampling = sampling.replace(eos_ids=tuple(dict.fromkeys(sampling.eos_ids + chat_format.stop_ids)))
-    prompt = chat_format.build(tokenizer, messages, context_length(model.config), sampling.max_new_tokens)
-    pieces = stream_text(model, tokenizer, prompt, sampling, cancel=cancel, session=session)
+    prompt, sampling = chat_prompt(model.config, tokenizer, messages, sampling, chat_format)
+    pieces = stream_text(
+        model, tokenizer, prompt, sampling, cancel=cancel, session=session, kv_dtype=kv_dtype
+    )
     return pieces if stream else "".join(pieces)
+
+
+def chat_prompt(
+    config: Any,
+    tokenizer: Any,
+    messages: Sequence[Message],
+    sampling: SamplingConfig | None = None,
+    chat_format: ChatFormat | None = None,
+) -> tuple[list[int], SamplingConfig]:
+    """What `chat` feeds the model: the prompt ids of `messages` within the context of `config`, and the
+    sampling that also stops on the format's end-of-answer ids. Needs no weights, so a front end can check
+    the prompt before loading them."""
+    sampling = sampling or SamplingConfig()
+    chat_format = chat_format or chat_format_for(config)
+    sampling = sampling.replace(eos_ids=tuple(dict.fromkeys(sampling.eos_ids + chat_format.stop_ids)))
+    prompt = chat_format.build(tokenizer, messages, context_length(config), sampling.max_new_tokens)
+    return prompt, sampling

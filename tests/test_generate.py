@@ -312,9 +312,10 @@ def test_chat_session_grows_its_cache_and_survives_abandoned_streams():
     model = tiny_model("rope", False)
     session = ChatSession(model)
     sampling = SamplingConfig(max_new_tokens=200, eos_ids=())
-    prompt = list(range(3, 203))  # 200 + 200 > 256 positions: the cache must grow, keeping the prefix
+    prompt = list(range(3, 203))  # 200 + 200 > 256 positions: the answer is cut to the context left
     stream = session.generate_tokens(prompt, sampling)
-    head = [next(stream) for _ in range(3)]
+    with pytest.warns(UserWarning, match="max_new_tokens 200 cut to 56"):
+        head = [next(stream) for _ in range(3)]
     stream.close()  # abandoned mid-answer
     assert session.cached_ids == prompt + head[:2]
     longer = prompt + head + [7] * 20
@@ -344,3 +345,53 @@ def test_chat_session_chat_turns():
     assert second_prompt[: len(first_prompt)] == first_prompt
     assert session.last_prefill <= len(second_prompt) - len(first_prompt)
     assert streamed == chat(model, tokenizer, messages, SamplingConfig(max_new_tokens=8))
+
+
+# --- the context and bad settings -------------------------------------------------------------------------------
+
+
+def test_max_new_tokens_are_cut_to_the_context_with_a_warning():
+    model = tiny_model("rope", False)  # 256 positions
+    sampling = SamplingConfig(max_new_tokens=10**8, eos_ids=())  # would be a 10^8-position cache
+    with pytest.warns(UserWarning, match="max_new_tokens 100000000 cut to 246"):
+        tokens, reason = run(generate_tokens(model, list(range(3, 13)), sampling))
+    assert len(tokens) == 246 and reason == "length"
+    with pytest.warns(UserWarning, match="cut to 236"):
+        rows = generate(model, [list(range(3, 23)), [5]], sampling)
+    assert [len(r) for r in rows] == [236, 236]
+    with pytest.raises(ValueError, match="fills the model's context of 256 tokens"):
+        next(generate_tokens(model, [5] * 256, sampling))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", "hot", "temperature must be a number, got 'hot'"),
+        ("top_k", 5.5, "top_k must be an integer"),
+        ("do_sample", "yes", "do_sample must be true or false"),
+        ("max_new_tokens", None, None),  # absent: the default
+        ("eos_token_id", [2, "x"], "eos_token_id must be a token id or a list of them"),
+        ("stop_strings", [3], "stop_strings must be strings"),
+    ],
+)
+def test_generation_config_types(field, value, message):
+    if message is None:
+        assert SamplingConfig.from_generation_config({field: value}).max_new_tokens == 512
+        return
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig.from_generation_config({field: value})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"temperature": 0.3,', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object of settings, got list"),
+        ('{"temperature": "hot"}', "temperature must be a number"),
+        ('{"user_token_id": "195"}', "user_token_id must be an integer token id"),
+    ],
+)
+def test_a_bad_generation_config_file_is_named(tmp_path, text, message):
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"generation_config.json: {message}"):
+        SamplingConfig.from_checkpoint(tmp_path)
