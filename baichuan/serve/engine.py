@@ -40,6 +40,9 @@ from baichuan.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens a scheduling round prefills at most, so a long prompt never stalls the running rows for long.
+PREFILL_CHUNK = 512
+
 
 class QueueFull(RuntimeError):
     """The waiting queue holds as many requests as it may; try again later."""
@@ -141,7 +144,8 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         max_seq_len: int | None = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = PREFILL_CHUNK,
+        kv_dtype: torch.dtype | None = None,
     ):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
@@ -158,6 +162,7 @@ class Engine:
         self.cache: KVCache | None = None
         self.scratch: KVCache | None = None
         self.dtype = weight.dtype
+        self.kv_dtype = kv_dtype or weight.dtype  # the caches' own dtype (runtime.pick_kv_dtype)
         self.rows: list[Choice] = []  # the running batch: row i of the cache belongs to rows[i]
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next write per row
         self.last_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -216,8 +221,8 @@ class Engine:
             return
         config = self.model.config
         self.failure = None
-        self.cache = KVCache.for_model(config, self.max_batch, self.max_seq_len, self.dtype, self.device)
-        self.scratch = KVCache.for_model(config, 1, self.max_seq_len, self.dtype, self.device)
+        self.cache = KVCache.for_model(config, self.max_batch, self.max_seq_len, self.kv_dtype, self.device)
+        self.scratch = KVCache.for_model(config, 1, self.max_seq_len, self.kv_dtype, self.device)
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="baichuan-engine", daemon=True)
         self.thread.start()
