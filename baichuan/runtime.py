@@ -5,18 +5,29 @@ The front ends (generate, chat, serve) all start here, so a checkpoint behaves t
 
 from __future__ import annotations
 
-import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from baichuan.chat_format import ChatFormat, load_chat_format
-from baichuan.checkpoint import CheckpointError, fold_norm_head, load_model
-from baichuan.generate import SamplingConfig
+from baichuan import memory
+from baichuan.chat_format import ChatFormat, chat_format_for
+from baichuan.checkpoint import (
+    CheckpointError,
+    fold_norm_head,
+    load_into,
+    read_config,
+    read_json,
+    weight_files,
+)
+from baichuan.config import Config
+from baichuan.cpu import half_is_emulated
+from baichuan.generate import SamplingConfig, read_generation_config
 from baichuan.model import Baichuan
+from baichuan.quantize import QUANT_METHOD, QuantizationError, read_quantization
 from baichuan.tokenizer import Tokenizer
 
 DTYPE_NAMES = {
@@ -42,9 +53,20 @@ def cpu_has_native_bf16() -> bool:
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {requested!r}; choose auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} asked for, but this torch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {requested!r} asked for, but this machine has {torch.cuda.device_count()} GPUs"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {requested!r} asked for, but this torch has no MPS (Apple GPU) support")
     return device
 
 
@@ -67,6 +89,27 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     )
 
 
+def pick_kv_dtype(requested: str | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, str]:
+    """The KV cache's dtype, a setting of its own, and a note for the user ("" when it is the compute dtype).
+
+    auto: 16 bits on a CPU even where compute runs in fp32, because there the cache is plain memory the
+    machine may not have (Baichuan2-7B's 4,096 positions: 2 GiB a row in bf16, 4 in fp32) and bf16 adds an
+    error far below sampling noise (tests/test_kv_cache.py bounds it); on a GPU the compute dtype, which is
+    already 16-bit. None (library use): the compute dtype."""
+    if requested is None:
+        return dtype, ""
+    if requested == "auto":
+        chosen = torch.bfloat16 if device.type == "cpu" and dtype.itemsize > 2 else dtype
+    else:
+        try:
+            chosen = DTYPE_NAMES[requested.lower()]
+        except KeyError:
+            raise ValueError(
+                f"unknown KV cache dtype {requested!r}; choose auto, bf16, fp16 or fp32"
+            ) from None
+    return chosen, ("" if chosen == dtype else f"KV cache {str(chosen).removeprefix('torch.')}")
+
+
 @dataclass
 class Loaded:
     model: Baichuan
@@ -75,33 +118,186 @@ class Loaded:
     chat_format: ChatFormat
     add_bos: bool
     note: str  # what was chosen and why, for the user
+    kv_dtype: torch.dtype | None = None  # of the KV caches the front ends allocate; None: the model's dtype
 
 
-def load_for_inference(
-    directory: str | os.PathLike, device: str = "auto", dtype: str = "auto", quantize: int | None = None
-) -> Loaded:
-    """Model (eval, NormHead folded, optionally quantized while loading), tokenizer, the checkpoint's sampling
-    defaults and chat format."""
+@dataclass
+class Prepared:
+    """A checkpoint directory read and checked, all but its weights: what a front end needs to validate its
+    input and to size its memory before the slow part."""
+
+    directory: Path
+    config: Config
+    device: torch.device
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+    quantize: int | None  # quantize while loading (8 or 4)
+    quantization: dict | None  # the checkpoint's own record (already quantized), or None
+    stored_dtype: torch.dtype | None  # config.json's torch_dtype, where it names one
+    tokenizer: Tokenizer
+    sampling: SamplingConfig
+    chat_format: ChatFormat
+    add_bos: bool
+    note: str
+
+    def estimate(
+        self, rows: int, seq_len: int, prefill: int, config: Config | None = None
+    ) -> memory.Estimate:
+        """Memory of a run with `rows` KV cache rows of `seq_len` positions and a `prefill`-token forward."""
+        record = self.quantization or {}
+        bits = self.quantize or record.get("bits")
+        # 4-bit models keep the head at 8 bits unless the record says otherwise (quantize.DEFAULT_INT4_OVERRIDES)
+        head_bits = record.get("overrides", {}).get("lm_head", 8 if bits == 4 else bits)
+        emulated = self.dtype.itemsize == 2 and half_is_emulated(self.dtype)
+        return memory.estimate(
+            config or self.config,
+            dtype_bytes=self.dtype.itemsize,
+            kv_bytes=self.kv_dtype.itemsize,
+            rows=rows,
+            seq_len=seq_len,
+            prefill=prefill,
+            bits=bits,
+            group_size=record.get("group_size", 128),
+            head_bits=head_bits,
+            upcast=self.device.type == "cpu" and (bits is not None or emulated),
+            stored_bytes=None if self.stored_dtype is None else self.stored_dtype.itemsize,
+            quantized_on_load=self.quantize is not None,
+            runtime=memory.RUNTIME_BYTES if self.device.type == "cpu" else 0,
+        )
+
+    def available_memory(self) -> tuple[int, str] | None:
+        """Free memory where the weights and caches will live: the GPU's, or this process's share of RAM."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free, f"free on {self.device}"
+        if self.device.type == "cpu":
+            return memory.available_memory()
+        return None
+
+
+def prepare(
+    directory: str | os.PathLike,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: int | None = None,
+    kv_dtype: str | None = None,
+) -> Prepared:
+    """Read and check everything but the weights: the device and dtypes asked for, config.json (and a stored
+    quantization record), that the weight files exist, the tokenizer, generation_config.json and
+    tokenizer_config.json. Every problem is a CheckpointError or ValueError naming the file and what is wrong."""
+    target = pick_device(device)
+    torch_dtype, why = pick_dtype(dtype, target)
+    cache_dtype, kv_why = pick_kv_dtype(kv_dtype, target, torch_dtype)
+    if quantize not in (None, 8, 4):
+        raise ValueError(f"quantize takes 8 or 4 bits, not {quantize}")
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
+    config = read_config(directory)
+    config_path = directory / "config.json"
+    hf = read_json(config_path)
+    try:
+        stored = read_quantization(hf)
+    except QuantizationError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    if stored is not None and stored["quant_method"] == QUANT_METHOD and quantize is not None:
+        raise ValueError(
+            f"{directory} is already quantized ({stored['bits']} bits); load it without quantizing"
+        )
+    weight_files(directory)  # that they exist; reading them is the slow part
     if not (directory / "tokenizer.model").is_file():
         raise CheckpointError(
             f"{directory}: no tokenizer.model (the SentencePiece tokenizer file is missing)"
         )
-    target = pick_device(device)
-    torch_dtype, why = pick_dtype(dtype, target)
-    model = fold_norm_head(load_model(directory, dtype=torch_dtype, device=target, quantize=quantize))
-    if model.quantization:
-        why += f", weights int{model.quantization['bits']}"
-    tokenizer = Tokenizer(directory / "tokenizer.model")
-    tokenizer_config = directory / "tokenizer_config.json"
-    settings = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else {}
-    return Loaded(
-        model=model,
+    try:
+        tokenizer = Tokenizer(directory / "tokenizer.model")
+    except (ValueError, OSError) as e:
+        raise CheckpointError(str(e)) from None
+    generation_path = directory / "generation_config.json"
+    try:
+        generation = read_generation_config(generation_path) if generation_path.is_file() else None
+        sampling = SamplingConfig.from_checkpoint(directory, vocab_size=tokenizer.vocab_size)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    add_bos = _add_bos(directory / "tokenizer_config.json")
+    try:
+        chat_format = chat_format_for(hf, generation)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{generation_path}: {e}") from None
+    if stored is not None and stored["quant_method"] != "bitsandbytes":
+        why += f", weights int{stored['bits']}"
+    elif quantize is not None:
+        why += f", weights int{quantize}"
+    return Prepared(
+        directory=directory,
+        config=config,
+        device=target,
+        dtype=torch_dtype,
+        kv_dtype=cache_dtype,
+        quantize=quantize,
+        quantization=stored if stored is not None and stored["quant_method"] == QUANT_METHOD else None,
+        stored_dtype=DTYPE_NAMES.get(str(hf.get("torch_dtype"))),
         tokenizer=tokenizer,
-        sampling=SamplingConfig.from_checkpoint(directory, vocab_size=tokenizer.vocab_size),
-        chat_format=load_chat_format(directory),
-        add_bos=bool(settings.get("add_bos_token", False)),
-        note=f"{target.type}, {why}",
+        sampling=sampling,
+        chat_format=chat_format,
+        add_bos=add_bos,
+        note=f"{target.type}, {why}" + (f", {kv_why}" if kv_why else ""),
     )
+
+
+def _add_bos(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    settings = read_json(path)
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of settings, got {type(settings).__name__}")
+    add_bos = settings.get("add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise CheckpointError(f"{path}: add_bos_token must be true or false, got {add_bos!r}")
+    return add_bos
+
+
+def load(
+    prepared: Prepared,
+    max_seq_len: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Loaded:
+    """Read the weights of a prepared checkpoint (eval mode, NormHead folded, quantized while loading when
+    asked). `max_seq_len`: a shorter context than the checkpoint's, for every cache and prompt budget of this
+    run. `progress(name, done, total)` hears of each tensor read."""
+    config = prepared.config
+    if max_seq_len is not None:
+        config = config.replace(max_seq_len=min(max_seq_len, config.max_seq_len))
+    with torch.device("meta"):
+        model = Baichuan(config)
+    load_into(
+        model,
+        prepared.directory,
+        config,
+        prepared.dtype,
+        prepared.device,
+        prepared.quantize,
+        progress=progress,
+    )
+    return Loaded(
+        model=fold_norm_head(model.eval()),
+        tokenizer=prepared.tokenizer,
+        sampling=prepared.sampling,
+        chat_format=prepared.chat_format,
+        add_bos=prepared.add_bos,
+        note=prepared.note,
+        kv_dtype=prepared.kv_dtype,
+    )
+
+
+def load_for_inference(
+    directory: str | os.PathLike,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: int | None = None,
+    kv_dtype: str | None = None,
+    max_seq_len: int | None = None,
+) -> Loaded:
+    """Model (eval, NormHead folded, optionally quantized while loading), tokenizer, the checkpoint's sampling
+    defaults and chat format. `kv_dtype` auto|bf16|fp16|fp32 (see `pick_kv_dtype`; None: the model's)."""
+    return load(prepare(directory, device, dtype, quantize, kv_dtype), max_seq_len)

@@ -670,6 +670,7 @@ def create_app(
         max_queue=max_queue,
         max_seq_len=max_seq_len,
         prefill_chunk=prefill_chunk,
+        kv_dtype=loaded.kv_dtype,
     )
     serving = Serving(
         engine=engine,
@@ -721,6 +722,7 @@ def run(
     max_queue: int = 64,
     max_seq_len: int | None = None,
     quantize: int | None = None,
+    kv_dtype: str | None = None,
     model_name: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -744,7 +746,8 @@ def run(
         torch.set_num_threads(threads)
     print(f"loading {model_dir} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
-    loaded = load_for_inference(model_dir, device, dtype, quantize)  # quantized while loading, shard by shard
+    # Quantized while loading, shard by shard; kv_dtype: see runtime.pick_kv_dtype.
+    loaded = load_for_inference(model_dir, device, dtype, quantize, kv_dtype)
     print(f"loaded in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     name = model_name or Path(model_dir).resolve().name
     hosts = allowed_hosts_for(host, allowed_hosts)
@@ -761,7 +764,7 @@ def run(
     engine = app.state.serving.engine
     config = loaded.model.config
     cache_bytes = 2 * config.n_layers * config.dim * engine.max_seq_len * (max_batch + 1)
-    cache_bytes *= loaded.model.model.embed_tokens.weight.element_size()
+    cache_bytes *= engine.kv_dtype.itemsize
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     print(
         f"serving {name} ({loaded.note}) at {url}: {max_batch} rows x {engine.max_seq_len} positions "
