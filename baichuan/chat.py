@@ -4,6 +4,7 @@ and Ctrl-C that stops the current answer without leaving. The KV cache of earlie
 from __future__ import annotations
 
 import threading
+import warnings
 
 from rich.console import Console
 
@@ -45,11 +46,23 @@ def read_message(console: Console) -> str | None:
     return "\n".join(lines)
 
 
+def not_utf8(text: str) -> str | None:
+    """Why `text` is not valid UTF-8, or None. Input read with errors="surrogateescape" keeps each byte that
+    does not decode as a lone surrogate; sending one to the tokenizer would fail, so the REPL refuses it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+        where = f"byte {byte:#04x}" if byte is not None else f"character {ord(text[e.start]):#x}"
+        return f"not valid UTF-8 ({where} at character {e.start})"
+    return None
+
+
 def run(
     loaded: Loaded, sampling: SamplingConfig, system: str | None = None, console: Console | None = None
 ) -> None:
     console = console or Console()
-    session = ChatSession(loaded.model, loaded.tokenizer, loaded.chat_format, sampling)
+    session = ChatSession(loaded.model, loaded.tokenizer, loaded.chat_format, sampling, loaded.kv_dtype)
     history: list[dict[str, str]] = []
     console.print(f"[dim]{loaded.note}[/]")
     console.print(f"[dim]{HELP}[/]")
@@ -58,6 +71,15 @@ def run(
             message = read_message(console)
         except KeyboardInterrupt:
             console.print("\n[dim](Ctrl-C stops an answer; /exit or Ctrl-D leaves)[/]")
+            continue
+        except UnicodeDecodeError as e:  # a terminal or pipe sending another encoding
+            console.print(
+                f"[bold red]error:[/] that message is not valid UTF-8 ({e.reason}); it was not sent"
+            )
+            continue
+        problem = None if message is None else not_utf8(message)
+        if problem:
+            console.print(f"[bold red]error:[/] that message is {problem}; it was not sent")
             continue
         if message is None or message.strip() == "/exit":
             console.print("[dim]bye[/]")
@@ -75,9 +97,13 @@ def run(
         answer = ""
         console.print("[bold green]Baichuan:[/] ", end="")
         try:
-            for delta in session.chat(messages, stream=True, cancel=cancel):
-                answer += delta
-                console.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always")
+                for delta in session.chat(messages, stream=True, cancel=cancel):
+                    answer += delta
+                    console.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
+            for note in notes:  # e.g. the answer cut to the context the conversation leaves
+                console.print(f"\n[dim]({note.message})[/]", end="")
         except KeyboardInterrupt:
             cancel.set()
             console.print(" [dim](stopped)[/]", end="")
