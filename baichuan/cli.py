@@ -141,9 +141,37 @@ Quantize = Annotated[
 ]
 
 
-def _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy):
+KvDtype = Annotated[
+    str,
+    typer.Option(
+        help="KV cache dtype: auto (bf16 on CPU even where compute is fp32; the compute dtype on GPU), bf16, "
+        "fp16, fp32."
+    ),
+]
+Context = Annotated[
+    int | None,
+    typer.Option(
+        "--max-seq-len",
+        min=2,
+        help="Context of this run in positions [default: the model's, shortened to what fits in memory].",
+    ),
+]
+
+# The shortest context chosen for a chat or a server to fit in memory: below it, refuse instead.
+MIN_CONTEXT = 256
+
+
+def _note(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[dim]{message}[/]", highlight=False)
+
+
+def _sampling(defaults, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy):
+    """The sampling flags over `defaults` (the checkpoint's). Called once over plain defaults first, so that a
+    bad flag fails before anything is read, and its message names the flag."""
     try:
-        sampling = loaded.sampling.replace(
+        sampling = defaults.replace(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -153,19 +181,164 @@ def _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_pena
         )
         return sampling.replace(do_sample=False) if greedy else sampling
     except ValueError as e:
-        raise UserError(str(e)) from None
+        message = str(e)
+        flag = message.split(" ", 1)[0]
+        if flag in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+            message = "--" + flag.replace("_", "-") + message[len(flag) :]
+        raise UserError(message) from None
 
 
-def _load(model: Path, device: str, dtype: str, quantize: int | None = None):
-    from rich.console import Console
+def _prepare(model: Path, device: str, dtype: str, quantize: int | None, kv_dtype: str):
+    """The checkpoint read and checked, all but its weights (runtime.prepare)."""
+    from baichuan.runtime import prepare
 
-    from baichuan.runtime import load_for_inference
-
+    if quantize not in (None, 8, 4):
+        raise UserError(f"--quantize takes 8 or 4, not {quantize}")
     try:
-        with Console(stderr=True).status(f"loading {model}"):
-            return load_for_inference(model, device, dtype, quantize)
+        return prepare(model, device, dtype, quantize, kv_dtype)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _context(prepared, max_seq_len: int | None) -> int:
+    """The context of this run: --max-seq-len, at most the model's."""
+    context = prepared.config.max_seq_len
+    if max_seq_len is not None and max_seq_len > context:
+        _note(f"--max-seq-len {max_seq_len:,} is beyond the model's context: using its {context:,}")
+    return min(max_seq_len or context, context)
+
+
+def _fit_memory(prepared, *, rows, seq_len, prefill, floor, fixed, shrink, max_batch=None) -> int:
+    """Check, before loading, that weights + KV cache (`rows` x `seq_len`) + activations fit in the memory
+    available. Returns `seq_len`, or where it does not fit and the user did not fix it, the largest length
+    >= `floor` that fits, said in one line. Otherwise refuses with the numbers and the flags that would fit;
+    `shrink(n)` is the flag asking for n positions, `max_batch` (serve) adds --max-batch to the choices."""
+    import dataclasses
+
+    import torch
+
+    from baichuan.memory import gib, largest
+
+    estimate = prepared.estimate(rows, seq_len, prefill)
+    available = prepared.available_memory()
+    if available is None:
+        _note(f"memory: ~{estimate.describe()}")
+        return seq_len
+    free, source = available
+    if estimate.total <= free:
+        _note(f"memory: ~{estimate.describe()}; {gib(free)} available ({source})")
+        return seq_len
+
+    def fits(n: int, rows: int = rows, **changes) -> bool:
+        changed = dataclasses.replace(prepared, **changes) if changes else prepared
+        return changed.estimate(rows, n, min(prefill, n)).total <= free
+
+    best = largest(fits, floor, seq_len)
+    if best is not None and not fixed:
+        _note(
+            f"memory: ~{estimate.describe()} does not fit in the {gib(free)} available ({source}): running "
+            f"with {shrink(best)} (~{gib(prepared.estimate(rows, best, min(prefill, best)).total)})"
+        )
+        return best
+    choices = [shrink(best)] if best is not None else []
+    if max_batch is not None and max_batch > 1:
+        batch = largest(lambda b: fits(seq_len, rows=b + 1), 1, max_batch - 1)
+        if batch is not None:
+            choices.append(f"--max-batch {batch}")
+    if prepared.kv_dtype.itemsize > 2 and fits(seq_len, kv_dtype=torch.bfloat16):
+        choices.append("--kv-dtype bf16")
+    if prepared.quantize is None and prepared.quantization is None:
+        bits = next((b for b in (8, 4) if fits(seq_len, quantize=b)), None)
+        n = None if bits else largest(lambda n: fits(n, quantize=4), floor, seq_len)
+        if bits is not None:
+            choices.append(f"--quantize {bits}")
+        elif n is not None and n > 1.25 * (best or 0):  # only where the weights are what does not fit
+            choices.append(f"--quantize 4 {shrink(n)}")
+    advice = (
+        f"; any of these would fit: {', '.join(choices)}"
+        if choices
+        else f"; the weights alone need {gib(estimate.weights)}: nothing fits"
+    )
+    raise UserError(
+        f"not enough memory: this run needs ~{estimate.describe()}, {gib(free)} is available ({source})"
+        + advice
+    )
+
+
+class _Progress:
+    """Reading the weights, on stderr: a bar on a terminal; elsewhere (a log, a pipe) a plain line as each
+    decoder layer starts, so that a load of minutes is never silent."""
+
+    def __init__(self, what: str, n_layers: int):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.what, self.n_layers = what, n_layers
+        self.layers: set[str] = set()
+        self.bar = None
+
+    def __enter__(self) -> _Progress:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tensors"),
+            )
+            self.bar = Progress(*columns, TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, total=None)
+        return self
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+            return
+        parts = name.split(".")
+        layer = parts[2] if parts[:2] == ["model", "layers"] and len(parts) > 2 else None
+        if layer is not None and layer not in self.layers:
+            self.layers.add(layer)
+            line = f"{self.what}: layer {len(self.layers)}/{self.n_layers} ({done}/{total} tensors)"
+            print(line, file=sys.stderr, flush=True)
+        if done == total:
+            print(f"{self.what}: {total}/{total} tensors read", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _load(prepared, max_seq_len: int | None = None):
+    from baichuan.runtime import load
+
+    what = f"quantizing to int{prepared.quantize}" if prepared.quantize else "loading"
+    try:
+        with _Progress(f"{what} {prepared.directory}", prepared.config.n_layers) as progress:
+            return load(prepared, max_seq_len, progress)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _text(value: str, what: str) -> str:
+    """Text from argv, refused in one line where it is not UTF-8 (Python keeps such bytes as surrogates)."""
+    from baichuan.chat import not_utf8
+
+    problem = not_utf8(value)
+    if problem:
+        raise UserError(f"{what} is {problem}")
+    return value
+
+
+def _stdin_text() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"the prompt on standard input is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})"
+        ) from None
 
 
 @app.command()
@@ -188,40 +361,57 @@ def generate(
     greedy: Greedy = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    kv_dtype: KvDtype = "auto",
     quantize: Quantize = None,
+    max_seq_len: Context = None,
 ) -> None:
     """Complete a prompt (or answer it as a chat message with --chat) and stream the text to standard output."""
-    from rich.console import Console
+    from baichuan.generate import SamplingConfig, chat_prompt, stream_text
 
-    from baichuan.generate import chat as chat_answer
-    from baichuan.generate import stream_text
-
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    loaded = _load(model, device, dtype, quantize)
-    Console(stderr=True).print(f"[dim]{loaded.note}[/]")
-    sampling = _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
+    # Everything that can be wrong with the input fails here, before the weights are read.
+    flags = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
+    _sampling(SamplingConfig(), *flags)
+    text = _stdin_text() if prompt == "-" else _text(prompt, "--prompt")
+    system = None if system is None else _text(system, "--system")
+    prepared = _prepare(model, device, dtype, quantize, kv_dtype)
+    sampling = _sampling(prepared.sampling, *flags)
+    context = _context(prepared, max_seq_len)
+    tokenizer = prepared.tokenizer
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
+            {"role": "user", "content": text}
         ]
+        config = prepared.config.replace(max_seq_len=context)
         try:
-            pieces = chat_answer(
-                loaded.model,
-                loaded.tokenizer,
-                messages,
-                sampling,
-                stream=True,
-                chat_format=loaded.chat_format,
-            )
+            ids, sampling = chat_prompt(config, tokenizer, messages, sampling, prepared.chat_format)
         except ValueError as e:
             raise UserError(str(e)) from None
     else:
-        ids = ([loaded.tokenizer.bos_id] if loaded.add_bos else []) + loaded.tokenizer.encode(prompt)
+        ids = ([tokenizer.bos_id] if prepared.add_bos else []) + tokenizer.encode(text)
         if not ids:
             raise UserError("the prompt is empty")
-        pieces = stream_text(loaded.model, loaded.tokenizer, ids, sampling)
-    for piece in pieces:
+    room = context - len(ids)
+    if room <= 0:
+        raise UserError(f"the prompt is {len(ids):,} tokens: it fills the {context:,}-token context")
+    if sampling.max_new_tokens > room:
+        _note(
+            f"--max-new-tokens {sampling.max_new_tokens:,} cut to {room:,}: the prompt's {len(ids):,} tokens "
+            f"leave {room:,} of the {context:,}-token context"
+        )
+        sampling = sampling.replace(max_new_tokens=room)
+    length = _fit_memory(
+        prepared,
+        rows=1,
+        seq_len=len(ids) + sampling.max_new_tokens,
+        prefill=len(ids),
+        floor=len(ids) + min(1, sampling.max_new_tokens),
+        fixed=max_seq_len is not None,
+        shrink=lambda n: f"--max-new-tokens {n - len(ids)}",
+    )
+    sampling = sampling.replace(max_new_tokens=length - len(ids))
+    _note(prepared.note)
+    loaded = _load(prepared, context)
+    for piece in stream_text(loaded.model, tokenizer, ids, sampling, kv_dtype=loaded.kv_dtype):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -241,13 +431,39 @@ def chat(
     greedy: Greedy = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    kv_dtype: KvDtype = "auto",
     quantize: Quantize = None,
+    max_seq_len: Context = None,
 ) -> None:
     """Chat in the terminal: streaming answers, history, /clear, /exit, Ctrl-C stops an answer."""
     from baichuan import chat as repl
+    from baichuan.generate import SamplingConfig
 
-    loaded = _load(model, device, dtype, quantize)
-    sampling = _sampling(loaded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
+    flags = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
+    _sampling(SamplingConfig(), *flags)
+    system = None if system is None else _text(system, "--system")
+    prepared = _prepare(model, device, dtype, quantize, kv_dtype)
+    sampling = _sampling(prepared.sampling, *flags)
+    # The session keeps one cache row of the whole context, and a pasted text may be prefilled at once.
+    context = _context(prepared, max_seq_len)
+    context = _fit_memory(
+        prepared,
+        rows=1,
+        seq_len=context,
+        prefill=context,
+        floor=min(MIN_CONTEXT, context),
+        fixed=max_seq_len is not None,
+        shrink=lambda n: f"--max-seq-len {n}",
+    )
+    if sampling.max_new_tokens >= context:
+        _note(
+            f"--max-new-tokens {sampling.max_new_tokens:,} cut to {context - 1:,}: the context is {context:,}"
+        )
+        sampling = sampling.replace(max_new_tokens=context - 1)
+    loaded = _load(prepared, context)
+    # Bytes that are not UTF-8 come in as surrogates instead of an exception, and the REPL refuses that message.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     repl.run(loaded, sampling, system)
 
 
@@ -300,6 +516,7 @@ def serve(
     max_queue: MaxQueue = 64,
     max_seq_len: MaxSeqLen = None,
     quantize: Quantize = None,
+    kv_dtype: KvDtype = "auto",
     model_name: ModelName = None,
     threads: Threads = None,
     device: Device = "auto",
@@ -333,9 +550,21 @@ def serve(
     if engine != "baichuan":
         raise UserError(f"unknown engine {engine!r}; choose baichuan or vllm")
     from baichuan.serve.app import run
+    from baichuan.serve.engine import PREFILL_CHUNK
 
-    if quantize not in (None, 8, 4):
-        raise UserError(f"--quantize takes 8 or 4, not {quantize}")
+    prepared = _prepare(model, device, dtype, quantize, kv_dtype)
+    # The engine keeps max_batch rows of the whole context plus one row to prefill into.
+    context = _context(prepared, max_seq_len)
+    context = _fit_memory(
+        prepared,
+        rows=max_batch + 1,
+        seq_len=context,
+        prefill=PREFILL_CHUNK,
+        floor=min(MIN_CONTEXT, context),
+        fixed=max_seq_len is not None,
+        shrink=lambda n: f"--max-seq-len {n}",
+        max_batch=max_batch,
+    )
     try:
         run(
             model,
@@ -344,8 +573,9 @@ def serve(
             api_key=api_key,
             max_batch=max_batch,
             max_queue=max_queue,
-            max_seq_len=max_seq_len,
+            max_seq_len=context,
             quantize=quantize,
+            kv_dtype=kv_dtype,
             model_name=model_name,
             device=device,
             dtype=dtype,

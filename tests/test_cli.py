@@ -69,7 +69,7 @@ def test_generate_streams_text(tiny_dir):
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     again = runner.invoke(app, command)
-    assert again.output == result.output  # greedy is deterministic
+    assert again.stdout == result.stdout  # greedy is deterministic (stderr reports free memory)
 
 
 def test_generate_chat_mode_and_stdin(tiny_dir):
@@ -111,7 +111,7 @@ def test_generate_bad_checkpoint_is_one_clear_line(tiny_dir, tmp_path, damage, m
 
 def test_generate_bad_sampling_value(tiny_dir):
     result = runner.invoke(app, ["generate", "-m", str(tiny_dir), "-p", "hi", "--top-p", "1.5"])
-    assert result.exit_code == 1 and "top_p" in result.output
+    assert result.exit_code == 1 and "--top-p must be in (0, 1]" in result.output
 
 
 @pytest.mark.parametrize("bits", [8, 4])
