@@ -77,6 +77,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32
     activation_checkpointing: bool = False
     save_every: int = 0  # 0: only at the end
+    save: bool = True  # False: no checkpoints at all (benchmarks)
     keep_last: int = 3  # 0: keep every checkpoint
     log_every: int = 1
     max_bad_steps: int = 5
@@ -557,7 +558,7 @@ def train(
                     "--resume from the last checkpoint"
                 )
             done = step + 1 == config.max_steps
-            if (config.save_every and (step + 1) % config.save_every == 0) or done:
+            if config.save and ((config.save_every and (step + 1) % config.save_every == 0) or done):
                 weights, optim = full_state(model, optimizer)
                 state = {
                     "step": step + 1,

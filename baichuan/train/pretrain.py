@@ -190,6 +190,14 @@ def _fully_shard():
     return fully_shard
 
 
+def _public_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
     """Run a pretraining job as configured. Under torchrun (WORLD_SIZE > 1) each rank calls this."""
     if cfg.deepspeed:
@@ -239,6 +247,13 @@ def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         elif world > 1:
             fully_shard = _fully_shard()
+            if device.type == "cpu" and not _public_fsdp2():
+                # torch 2.4's FSDP2 creates CUDA streams even for CPU modules (tested: it fails on CPU); 2.14
+                # runs it on CPU (tested). The public torch.distributed.fsdp.fully_shard is the cut used here.
+                raise ConfigError(
+                    f"--strategy fsdp: this torch ({torch.__version__}) cannot run FSDP2 on CPU (it needs CUDA "
+                    "there); use --strategy ddp, or a newer torch"
+                )
             for layer in model.model.layers:
                 fully_shard(layer)
             fully_shard(model)

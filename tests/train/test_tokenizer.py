@@ -14,7 +14,8 @@ def corpus_lines(n_zh: int = 300, n_en: int = 1500) -> list[str]:
     zh = shared_path("data", "pretrain_corpus", "zh_classic_novels", "三国演义.txt")
     en = shared_path("data", "pretrain_corpus", "tinyshakespeare", "input.txt")
     lines = zh.read_text(encoding="utf-8-sig").splitlines()[:n_zh] + en.read_text().splitlines()[:n_en]
-    return [line for line in lines if line.strip()] + ["    def f(x):  # 1234567", "\tindent 3.14159"]
+    code = [f"        return f(x{i}) + {i}  # indented code" for i in range(60)]
+    return [line for line in lines if line.strip()] + code + ["\tindent 3.14159"]
 
 
 @pytest.fixture(scope="module")
