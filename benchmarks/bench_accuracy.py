@@ -3,12 +3,11 @@
     PYTHONPATH=. python benchmarks/bench_accuracy.py                    # about 6 minutes on 2 idle cores
     PYTHONPATH=. python benchmarks/bench_accuracy.py --train-steps 0    # the random model only (1.5 minutes)
 
-The project has no pretraining yet, so there is no trained model of its own to measure. This benchmark reports
-two models of one small Baichuan2-style shape (NormHead, RoPE; by default 4 layers, hidden 256, 4 heads, FFN 768)
+This benchmark reports two models of one small Baichuan2-style shape (NormHead, RoPE; by default 4 layers, hidden 256, 4 heads, FFN 768)
 with the real Baichuan-7B vocabulary (64,000 pieces):
-  random           randomly initialised, N(0, 0.02): the measure the issue asks for until pretraining exists.
+  random           randomly initialised, N(0, 0.02).
   briefly trained  the same initial weights after --train-steps steps of AdamW on the training part of the
-                   text, by a loop local to this benchmark (not the project's pretraining). Its next-token
+                   text, by the project's training loop (baichuan/train/loop.py). Its next-token
                    distributions are peaked, as a real model's are, so its KL says far more than the random one's.
 
 Each model's NormHead is folded into a plain Linear (`checkpoint.fold_norm_head`, as inference does) and this fp32
@@ -43,6 +42,7 @@ import itertools
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,9 +52,11 @@ from torch import nn
 
 from baichuan.checkpoint import fold_norm_head
 from baichuan.config import Config
-from baichuan.model import Baichuan, causal_lm_loss
+from baichuan.model import Baichuan
 from baichuan.quantize import QUANTIZED_TYPES, quantize_model
 from baichuan.tokenizer import Tokenizer
+from baichuan.train.loop import TrainConfig
+from baichuan.train.loop import train as train_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -148,37 +150,43 @@ def tokenize(
 # --- models -------------------------------------------------------------------------------------------------
 
 
+class RandomWindows:
+    """Batches of random windows of the token stream, drawn from `generator` in step order (the loop's data)."""
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
+        self.stream, self.seq_len, self.global_batch, self.generator = stream, seq_len, batch_size, generator
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        offsets = torch.randint(
+            0, len(self.stream) - self.seq_len, (self.global_batch,), generator=self.generator
+        )
+        return [torch.stack([self.stream[o : o + self.seq_len] for o in offsets.tolist()])]  # (B, T)
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 def train(
     model: Baichuan, stream: torch.Tensor, args: argparse.Namespace, generator: torch.Generator
 ) -> list[float]:
-    """A short AdamW run on random windows of the stream (warm-up, then cosine decay to 10%); the losses."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    warmup, steps = max(1, args.train_steps // 10), args.train_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    """A short run of the project's training loop (baichuan.train.loop: AdamW 0.9/0.95, weight decay 0.1 on
+    matrices, warm-up then cosine decay to 10%, clipping at 1.0; fp32) on random windows; the losses."""
+    config = TrainConfig(
+        max_steps=args.train_steps,
+        lr=args.lr,
+        warmup_steps=max(1, args.train_steps // 10),
+        precision="fp32",
+        log_every=20,
+        progress=False,
+        tensorboard=False,
+        plot=False,
+        measure_peak=False,
+        save=False,
     )
-    losses = []
-    start = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        offsets = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=generator)
-        ids = torch.stack([stream[o : o + args.seq_len] for o in offsets.tolist()])  # (B, T)
-        loss = causal_lm_loss(model(ids), ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % 20 == 0 or step + 1 == steps:
-            print(
-                f"  step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-    return losses
+    batches = RandomWindows(stream, args.seq_len, args.batch_size, generator)
+    with tempfile.TemporaryDirectory() as out:
+        result = train_loop(model, batches, config, out, say=lambda line: print(f"  {line}", flush=True))
+    return result.losses
 
 
 def quantized(
@@ -385,10 +393,9 @@ def main() -> None:
         f"positions); read and tokenized in {time.perf_counter() - start:.1f}s"
     )
     print(
-        "models: `random` is randomly initialised (N(0, 0.02)), the measure until the project has pretraining; "
+        "models: `random` is randomly initialised (N(0, 0.02)); "
         f"`briefly trained` is the same model after {args.train_steps} AdamW steps of {args.batch_size}x"
-        f"{args.seq_len} tokens, a training loop local to this benchmark, not the project's pretraining (which "
-        "does not exist yet)."
+        f"{args.seq_len} tokens by the project's training loop (baichuan/train/loop.py)."
     )
 
     model = Baichuan(config)
@@ -398,7 +405,7 @@ def main() -> None:
     del random_model
 
     if args.train_steps:
-        print(f"\ntraining (benchmark-local loop, lr {args.lr:g}):", flush=True)
+        print(f"\ntraining (baichuan.train.loop, lr {args.lr:g}):", flush=True)
         losses = train(model, stream, args, generator)
         tail = losses[-10:]
         print(
@@ -406,7 +413,7 @@ def main() -> None:
             f"ln(vocab) = {math.log(config.vocab_size):.2f})"
         )
         trained = fold_norm_head(model.eval())
-        report(f"briefly trained ({args.train_steps} steps, benchmark-local loop)", trained, windows, args)
+        report(f"briefly trained ({args.train_steps} steps, baichuan.train.loop)", trained, windows, args)
     print(
         "\nPPL increase is relative to the fp32 row; KL is KL(p_fp32 || p_variant) per predicted position; "
         "top-1 agreement is how often the variant's argmax equals fp32's. The main tables compute every variant "
