@@ -217,7 +217,7 @@ def _fit_memory(prepared, *, rows, seq_len, prefill, floor, fixed, shrink, max_b
 
     import torch
 
-    from baichuan.memory import gib, largest
+    from baichuan.memory import HEADROOM, gib, largest
 
     estimate = prepared.estimate(rows, seq_len, prefill)
     available = prepared.available_memory()
@@ -231,7 +231,7 @@ def _fit_memory(prepared, *, rows, seq_len, prefill, floor, fixed, shrink, max_b
 
     def fits(n: int, rows: int = rows, **changes) -> bool:
         changed = dataclasses.replace(prepared, **changes) if changes else prepared
-        return changed.estimate(rows, n, min(prefill, n)).total <= free
+        return changed.estimate(rows, n, min(prefill, n)).total <= HEADROOM * free
 
     best = largest(fits, floor, seq_len)
     if best is not None and not fixed:

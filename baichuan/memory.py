@@ -18,6 +18,9 @@ GiB = 2**30
 # The interpreter, torch and its libraries, the tokenizer: resident before the first weight is read (about the
 # peak RSS of `baichuan generate` on a checkpoint of a few MB; torch's shared libraries are most of it).
 RUNTIME_BYTES = 800 * 2**20
+# Sizes chosen to fit (a shorter context, a smaller batch) use this share of the free memory: the rest is for
+# what an estimate does not see (other processes starting, allocator fragmentation).
+HEADROOM = 0.9
 # Where a CPU only emulates bf16/fp16, prompts multiply an fp32 copy of each weight (model.Linear), and int8/int4
 # prompts a widened one (quantize.INT8_WIDEN_MIN_ROWS): one layer's worth, freed after each product.
 UPCAST_MIN_ROWS = 16
