@@ -52,6 +52,7 @@ SPACE = "▁"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 BPE_MODEL = 2
 REGEX_SPECIAL = set(r".^$*+?()[]{}|\/")
+CLASS_SPECIAL = set("\\^-[]")  # special inside a character class
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # sentencepiece spells byte pieces "<0x%02X>"
 # "surrogateescape" decodes each byte that starts no character to its own U+DC80..U+DCFF: all become U+FFFD.
 ESCAPED_BYTES = {0xDC80 + byte: "\ufffd" for byte in range(128)}
@@ -73,9 +74,10 @@ def convert_sentencepiece(model_file: str | os.PathLike) -> RustTokenizer:
 
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     symbols = [piece.piece for piece in proto.pieces if piece.type == USER_DEFINED]
-    # ignore_merges: an isolated symbol is looked up whole. A stretch of text between symbols that is itself a
-    # normal piece is also what sentencepiece makes of it (checked for the Baichuan vocabularies in
-    # tests/hf/test_tokenizer.py); one that spells a control piece is split by `_spell_out_reserved`.
+    # ignore_merges: a word is first looked up whole, which is how an isolated symbol becomes its piece (symbols
+    # are never merged from smaller pieces). A word that is itself a normal piece is what sentencepiece makes of
+    # it too, for nearly every piece; the words for which the lookup would be wrong (a control, unknown or byte
+    # piece, or one of the rare normal pieces sentencepiece spells otherwise) are split by `_spell_out`.
     model = BPE(
         vocab,
         _merges_by_score(proto),
@@ -86,13 +88,20 @@ def convert_sentencepiece(model_file: str | os.PathLike) -> RustTokenizer:
     )
     tokenizer = RustTokenizer(model)
     tokenizer.normalizer = normalizers.Sequence(_normalizer_steps(spec, symbols))
+    steps = []
     if symbols:
-        longest_first = "|".join(_escape(s) for s in sorted(symbols, key=len, reverse=True))
-        steps = [
-            pre_tokenizers.Split(Regex(longest_first), behavior="isolated"),
-            _spell_out_reserved(proto, symbols),
-        ]
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([step for step in steps if step is not None])
+        steps.append(pre_tokenizers.Split(Regex(_longest_first(symbols)), behavior="isolated"))
+    if not any(SPACE in piece.piece[1:] or " " in piece.piece for piece in proto.pieces):
+        # No piece holds a `▁` after its first character, so no merge ever joins the text before a `▁` to the
+        # `▁`: cutting before each `▁` changes no id. It gives the BPE short words, which its cache then serves
+        # (English words repeat), instead of whole lines. (Metaspace's own replacement is a no-op here: the
+        # normalizer has already made every space a `▁`.)
+        steps.append(pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True))
+    if symbols:
+        steps.append(_spell_out(proto, symbols))
+    steps = [step for step in steps if step is not None]
+    if steps:
+        tokenizer.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if spec.add_dummy_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
@@ -167,10 +176,10 @@ def _merges_by_score(proto: model_pb2.ModelProto) -> list[tuple[str, str]]:
     return [(left, right) for _, _, left, right in ranked]
 
 
-def _spell_out_reserved(proto: model_pb2.ModelProto, symbols: Sequence[str]) -> pre_tokenizers.Split | None:
-    # With ignore_merges, a stretch that spells a control, unknown or byte piece (a literal "</s>" after "。",
-    # encoded with split_special_tokens=True) would come out as that piece. Split exactly such stretches into the
-    # pieces sentencepiece spells them with.
+def _spell_out(proto: model_pb2.ModelProto, symbols: Sequence[str]) -> pre_tokenizers.Split | None:
+    # With ignore_merges, a word that spells a control, unknown or byte piece (a literal "</s>" after "。",
+    # encoded with split_special_tokens=True), or a normal piece that sentencepiece's BPE never forms whole, would
+    # come out as that piece. Split exactly such words into the pieces sentencepiece spells them with.
     bare = model_pb2.ModelProto()
     bare.CopyFrom(proto)
     bare.normalizer_spec.Clear()
@@ -178,21 +187,82 @@ def _spell_out_reserved(proto: model_pb2.ModelProto, symbols: Sequence[str]) -> 
     bare.normalizer_spec.add_dummy_prefix = False
     bare.normalizer_spec.remove_extra_whitespaces = False
     spelling = spm.SentencePieceProcessor(model_proto=bare.SerializeToString())
-    alternatives = []
-    for piece in proto.pieces:
-        if piece.type in (NORMAL, USER_DEFINED) or any(s in piece.piece for s in symbols):
-            continue  # a stretch between symbols never contains one
-        parts = spelling.encode(piece.piece, out_type=str)
-        for i, part in enumerate(parts):
-            # `part`, where the stretch so far is exactly `parts[:i + 1]` and the rest exactly `parts[i + 1:]`.
-            # The literal comes first so that the regex engine only stops at characters that can start one.
-            upto, after = "".join(parts[: i + 1]), "".join(parts[i + 1 :])
-            alternatives.append(f"{_escape(part)}(?<=\\A{_escape(upto)})(?={_escape(after)}\\z)")
-    return pre_tokenizers.Split(Regex("|".join(alternatives)), behavior="isolated") if alternatives else None
+    holds_symbol = re.compile("|".join(map(re.escape, symbols))) if symbols else None
+    candidates = [
+        (i, piece.piece)
+        for i, piece in enumerate(proto.pieces)
+        # a word never holds a symbol
+        if piece.type != USER_DEFINED and not (holds_symbol and holds_symbol.search(piece.piece))
+    ]
+    spelled = spelling.encode([piece for _, piece in candidates])
+    first, later, starts = [], [], set()
+    for (i, piece), ids in zip(candidates, spelled, strict=True):
+        if ids == [i]:
+            continue  # a normal piece that encodes to itself: the whole-word lookup is right
+        parts = _piece_texts(spelling, ids)
+        starts.add(piece[0])
+        for k, part in enumerate(parts):
+            # `part`, where the word so far is exactly `parts[:k]` and the rest exactly `parts[k + 1:]`.
+            rest = f"{_escape(part)}(?={_escape(''.join(parts[k + 1 :]))}\\z)"
+            if k == 0:
+                first.append(rest)
+            else:
+                later.append(f"(?<=\\A{_escape(''.join(parts[:k]))}){rest}")
+    if not first:
+        return None
+    # \G anchors every match where the last one ended (at the start of the word for the first), so the regex
+    # engine tries one position per word, and a word not starting like such a piece fails on its first character
+    # (an unanchored pattern would be tried at every character of the text).
+    start_class = "[" + "".join(_escape(c, CLASS_SPECIAL) for c in sorted(starts)) + "]"
+    pattern = f"\\G(?:\\A(?={start_class})(?:{'|'.join(first)})"
+    if later:
+        pattern += f"|(?!\\A)(?:{'|'.join(later)})"
+    return pre_tokenizers.Split(Regex(pattern + ")"), behavior="isolated")
 
 
-def _escape(text: str) -> str:
-    return "".join("\\" + c if c in REGEX_SPECIAL else c for c in text)
+def _piece_texts(processor: spm.SentencePieceProcessor, ids: Sequence[int]) -> list[str]:
+    # The text each piece covers; a run of byte pieces covers the characters it spells, which no vocabulary
+    # piece matches, so the BPE spells them with the same bytes.
+    texts, run = [], b""
+    for i in ids:
+        if processor.is_byte(i):
+            run += bytes([int(processor.id_to_piece(i)[3:5], 16)])
+            continue
+        if run:
+            texts, run = [*texts, run.decode()], b""
+        texts.append(processor.id_to_piece(i))
+    return texts + [run.decode()] if run else texts
+
+
+def _longest_first(symbols: Sequence[str]) -> str:
+    """A regex matching, at each position, the longest of `symbols` that starts there (sentencepiece's prefix
+    matcher), written as a trie: the engine follows one branch per character instead of trying hundreds of
+    literals in turn, and the symbols that are single characters form one character class."""
+    trie: dict = {}
+    for symbol in symbols:
+        node = trie
+        for char in symbol:
+            node = node.setdefault(char, {})
+        node[""] = {}  # the end of a symbol
+
+    def branch(node: dict) -> str:
+        leaves = sorted(c for c, child in node.items() if c and child.keys() == {""})
+        deeper = [_escape(c) + branch(child) for c, child in sorted(node.items()) if c and c not in leaves]
+        if len(leaves) > 1:
+            deeper.append("[" + "".join(_escape(c, CLASS_SPECIAL) for c in leaves) + "]")
+        else:
+            deeper += [_escape(c) for c in leaves]
+        if not deeper:
+            return ""
+        body = deeper[0] if len(deeper) == 1 else "(?:" + "|".join(deeper) + ")"
+        # Children first, then ending here: a greedy optional group prefers the longer symbol.
+        return f"(?:{body})?" if "" in node else body
+
+    return branch(trie)
+
+
+def _escape(text: str, special: Iterable[str] = REGEX_SPECIAL) -> str:
+    return "".join("\\" + c if c in special else c for c in text)
 
 
 def _normalizer_steps(spec: model_pb2.NormalizerSpec, symbols: Sequence[str]) -> list[normalizers.Normalizer]:
@@ -527,6 +597,56 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
             for t in new_tokens
         ]
         return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+
+    def encode(
+        self,
+        text: Any,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding: Any = False,
+        truncation: Any = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        padding_side: str | None = None,
+        return_tensors: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        # One text with no option is the common call (data preparation, the server). transformers turns it into a
+        # batch of one, asks the backend for offsets and token strings, and builds a BatchEncoding only to return
+        # its ids: more work than encoding a line. Here the backend encodes it without offsets, with the same
+        # settings transformers would use (no truncation or padding, special tokens split or not), so the ids
+        # are the same. Any other call, or a backend left with truncation or padding set, takes the usual path.
+        backend = self._tokenizer
+        if (
+            isinstance(text, str)
+            and text_pair is None
+            and padding is False
+            and truncation is None
+            and max_length is None
+            and not stride
+            and return_tensors is None
+            and kwargs.keys() <= {"split_special_tokens"}
+            and backend.truncation is None
+            and backend.padding is None
+        ):
+            split = kwargs.get("split_special_tokens", self.split_special_tokens)
+            if backend.encode_special_tokens != split:
+                backend.encode_special_tokens = split
+            ids = backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+            self._eventual_warn_about_too_long_sequence(ids, None, True)
+            return ids
+        return super().encode(
+            text,
+            text_pair=text_pair,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            stride=stride,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            **kwargs,
+        )
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs: Any) -> dict[str, Any]:

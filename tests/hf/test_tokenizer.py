@@ -28,6 +28,15 @@ HARD_TEXTS = [
     "﹤b﹥ ① －－－",  # symbols that only appear after NFKC
     "１\u0301",
     "<|im_start|>",
+    # Words that spell a control, unknown or byte piece, alone or before a `▁` (the pre-tokenizer cuts there).
+    "，<s> x",
+    "，</s>\u2581y",
+    "\n<unk>",
+    "x <s>",
+    "，<0x41>",
+    "a  b   c\t d ",
+    "  x",
+    "\nabc",
 ]
 
 
@@ -117,6 +126,48 @@ def test_fast_equals_slow_on_a_corpus_sample(baichuan7b):
     counts = agreement(*baichuan7b[:3], texts)
     assert counts["texts"] > 3000
     assert set(counts.values()) == {counts["texts"]}, counts
+
+
+def test_encode_shortcut_gives_the_ids_of_the_transformers_path(baichuan7b):
+    # One text with no option skips transformers' batch machinery (BaichuanTokenizerFast.encode); each option
+    # below, or a backend left with truncation set by an earlier call, takes the usual path.
+    _, fast, reference, _ = baichuan7b
+    text = "<s>Hello, 世界\n2023 </s>"
+    for special in (False, True):
+        for split in (False, True):
+            expected = fast(text, add_special_tokens=special, split_special_tokens=split)["input_ids"]
+            assert fast.encode(text, add_special_tokens=special, split_special_tokens=split) == expected
+    assert fast.encode(text, add_special_tokens=False, split_special_tokens=True) == reference.encode(text)
+    assert fast.encode(text, add_special_tokens=False)[0] == 1  # parsed by default, as the original does
+    assert (
+        fast.encode(text, truncation=True, max_length=3)
+        == fast(text, truncation=True, max_length=3)["input_ids"]
+    )
+    fast([text, text], truncation=True, max_length=2)
+    assert fast.backend_tokenizer.truncation is not None
+    assert fast.encode(text, add_special_tokens=False) == fast(text, add_special_tokens=False)["input_ids"]
+    assert fast.encode(text, return_tensors="pt").shape[0] == 1
+
+
+def test_small_trained_tokenizer_fast_equals_sentencepiece(tmp_path):
+    # `baichuan init`'s tokenizer: only `<reserved_i>` are symbols, so digits, byte-piece spellings and the
+    # control pieces can stand alone between them.
+    from baichuan.scaffold import tokenizer_model
+
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(tokenizer_model())
+    fast = BaichuanTokenizerFast(vocab_file=str(path), add_bos_token=False)
+    reference = spm.SentencePieceProcessor(model_file=str(path))
+    texts = [*HARD_TEXTS, "<reserved_0><0x41>", "<reserved_1><s><reserved_2></s> <unk>", "<reserved_9>123"]
+    texts += list(corpus_texts(per_file=40))
+    wrong = [
+        t
+        for t in texts
+        if fast.encode(t, add_special_tokens=False, split_special_tokens=True) != reference.encode(t)
+    ]
+    assert wrong == []
+    ids = fast(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert [i for i, t in zip(ids, texts, strict=True) if fast.decode(i) != reference.decode(i)] == []
 
 
 def test_every_normal_piece_encodes_to_itself():
