@@ -610,20 +610,24 @@ def quantize(
     checkpoint replaces the one in --out (which may be --model itself) as a whole; other files there are kept."""
     from rich.console import Console
 
-    from baichuan.checkpoint import load_model, save_model
+    from baichuan.checkpoint import load_model, read_config, save_model
 
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty (pass --force to write into it)")
     console = Console(stderr=True)
-    with console.status(f"quantizing {model} to int{bits}"):
-        quantized = load_model(model, dtype=parse_dtype(dtype), quantize=bits, group_size=group_size)
-        names = (
-            "generation_config.json",
-            "tokenizer.model",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
+    n_layers = read_config(model).n_layers
+    with _Progress(f"quantizing {model} to int{bits}", n_layers) as progress:
+        quantized = load_model(
+            model, dtype=parse_dtype(dtype), quantize=bits, group_size=group_size, progress=progress
         )
-        files = {name: (model / name).read_bytes() for name in names if (model / name).is_file()}
+    names = (
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    )
+    files = {name: (model / name).read_bytes() for name in names if (model / name).is_file()}
+    with console.status(f"writing {out}"):
         save_model(quantized, out, files=files)
     console.print(f"[green]wrote[/] {out}: int{bits} weights ({quantized.quantization})")
 

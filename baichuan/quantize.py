@@ -711,6 +711,8 @@ def _record(
 
 def check_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a config.json `quantization` record written by `quantize_model`; one-line errors."""
+    if not isinstance(record, Mapping):
+        raise QuantizationError(f"the quantization record must be a JSON object, got {type(record).__name__}")
     if record.get("quant_method") != QUANT_METHOD:
         raise QuantizationError(
             f"unknown quantization method {record.get('quant_method')!r} (expected {QUANT_METHOD!r})"
@@ -1042,6 +1044,8 @@ def read_quantization(hf_config: Mapping[str, Any]) -> dict[str, Any] | None:
     qc = hf_config.get("quantization_config")
     if not qc:
         return None
+    if not isinstance(qc, Mapping):
+        raise QuantizationError(f"quantization_config must be a JSON object, got {type(qc).__name__}")
     method = qc.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes":
         raise QuantizationError(

@@ -122,6 +122,7 @@ def test_quantize_command_and_quantized_generate(tiny_dir, tmp_path, bits):
         ["quantize", "--model", str(tiny_dir), "--bits", str(bits), "--out", str(out), "--group-size", "32"],
     )
     assert result.exit_code == 0, result.output
+    assert f"quantizing {tiny_dir} to int{bits}: layer 1/" in result.output  # progress off a terminal too
     assert load_model(out).quantization["bits"] == bits
     for directory, extra in ((out, []), (tiny_dir, ["--quantize", str(bits)])):
         result = runner.invoke(

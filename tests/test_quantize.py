@@ -546,3 +546,9 @@ def test_torch_int8_kernel_only_where_safe():
     assert module.weight.data_ptr() % 64 == 0
     assert int4pack_mm_safe(256, 64, 128) and not int4pack_mm_safe(256, 40, 128)
     assert not int4pack_mm_safe(96, 64, 64) and not int4pack_mm_safe(192, 64, 96)
+
+
+@pytest.mark.parametrize("key", ["quantization", "quantization_config"])
+def test_quantization_record_that_is_not_an_object_is_one_error(key):
+    with pytest.raises(QuantizationError, match="must be a JSON object, got list"):
+        read_quantization({key: [4]})
