@@ -44,7 +44,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ from baichuan.config import Config
 from baichuan.model import Baichuan
 from baichuan.quantize import QUANTIZED_TYPES, quantize_model
 from baichuan.tokenizer import Tokenizer
+from baichuan.train.data import json_strings
 from baichuan.train.loop import TrainConfig
 from baichuan.train.loop import train as train_loop
 
@@ -89,19 +90,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- data ---------------------------------------------------------------------------------------------------
-
-
-def json_strings(node: object, key: str | None = None) -> Iterator[str]:
-    """Every string of a chinese-poetry record (titles, paragraphs, authors...) but the uuids under "id"."""
-    if isinstance(node, str):
-        if key != "id":
-            yield node
-    elif isinstance(node, list):
-        for item in node:
-            yield from json_strings(item, key)
-    elif isinstance(node, dict):
-        for k, value in node.items():
-            yield from json_strings(value, k)
 
 
 def read_sources(corpus: Path) -> dict[str, str]:
