@@ -312,12 +312,22 @@ async def soak(
                 outcomes[kind][key] = outcomes[kind].get(key, 0) + 1
                 i += 1
 
-    async def watch() -> None:
-        while time.monotonic() < stop_at:
-            rss.append((round(time.monotonic() - start, 1), round(rss_mib(pid), 1)))
-            await asyncio.sleep(5)
+    clients_done = asyncio.Event()
 
-    await asyncio.gather(watch(), *(client(c) for c in range(clients)))
+    async def watch() -> None:
+        # Sampled until the last client is done, so the tail of the run (requests still in flight) is seen too.
+        while not clients_done.is_set():
+            rss.append((round(time.monotonic() - start, 1), round(rss_mib(pid), 1)))
+            try:
+                await asyncio.wait_for(clients_done.wait(), timeout=5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def all_clients() -> None:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        clients_done.set()
+
+    await asyncio.gather(watch(), all_clients())
     seconds_run = round(time.monotonic() - start, 1)
     # Stuck rows: once every client is done, the engine must drain to nothing (cancelled rows freed too).
     async with httpx.AsyncClient(timeout=30) as http:
