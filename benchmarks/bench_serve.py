@@ -412,6 +412,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--soak-seconds", type=float, default=120, help="0 skips the soak")
     parser.add_argument("--soak-clients", type=int, default=64)
+    parser.add_argument(
+        "--soak-rounds",
+        type=int,
+        default=1,
+        help="soaks in a row against the same server (a new seed each): RSS at the end of each tells a leak, "
+        "which grows every round, from a peak, which is reached once",
+    )
     parser.add_argument("--max-request-bytes", type=int, default=4 << 20, help="the server's body limit")
     parser.add_argument("--fuzz", action="store_true", help="run schemathesis over the served schema")
     parser.add_argument("--fuzz-examples", type=int, default=50, help="examples per route")
@@ -439,9 +446,14 @@ def main() -> None:
             print(json.dumps(level), flush=True)
         results["sweep"] = sweep
         if args.soak_seconds > 0:
-            soaked = soak(url, server.pid, args.soak_clients, args.soak_seconds, args.max_request_bytes)
-            results["soak"] = asyncio.run(soaked)
-            print(json.dumps({k: v for k, v in results["soak"].items() if k != "rss_samples"}), flush=True)
+            rounds = []
+            for seed in range(args.soak_rounds):
+                soaked = soak(
+                    url, server.pid, args.soak_clients, args.soak_seconds, args.max_request_bytes, seed
+                )
+                rounds.append(asyncio.run(soaked))
+                print(json.dumps({k: v for k, v in rounds[-1].items() if k != "rss_samples"}), flush=True)
+            results["soak"], results["soak_rounds"] = rounds[0], rounds
         if args.fuzz:
             results["fuzz"] = fuzz(url, args.fuzz_examples)
             print(json.dumps(results["fuzz"]), flush=True)
@@ -466,6 +478,11 @@ def main() -> None:
             f"{s['failed']} failed; RSS {s['rss_mib_after_warmup']} -> {s['rss_mib_last']} MiB after warm-up "
             f"(max {s['rss_mib_max']}); stuck rows {s['stuck_rows']}, queue {s['stuck_queue']}"
         )
+    if len(results.get("soak_rounds", [])) > 1:
+        ends = ", ".join(f"{r['rss_mib_last']}" for r in results["soak_rounds"])
+        fives = sum(r["by_status"]["5xx"] for r in results["soak_rounds"])
+        stuck = sum(r["stuck_rows"] + r["stuck_queue"] for r in results["soak_rounds"])
+        print(f"soak rounds: RSS at the end of each: {ends} MiB; 5xx {fives}; stuck rows/queue {stuck}")
     if "fuzz" in results:
         print(f"fuzz: {results['fuzz']['requests']} requests, {results['fuzz']['5xx']} with a 5xx status")
     if args.out is not None:
