@@ -35,14 +35,12 @@ LAYERS = {
     "train": 4,
     "eval": 4,
     "cli": 5,
-    "cli_train": 5,
 }
 # Same-layer imports that are part of the design.
 ALLOWED_ACROSS = {
     ("cpu_gemv", "cpu"),  # the kernel loader asks the CPU probes
     ("generate", "chat_format"),
     ("scaffold", "train"),  # init trains its tokenizer with the one trainer
-    ("cli", "cli_train"),  # the training commands, registered on the main app
     ("runtime", "checkpoint"),
     ("runtime", "generate"),
     ("runtime", "chat_format"),

@@ -1,17 +1,18 @@
 """The training commands of `baichuan`: train-tokenizer, tokenizer-stats, prepare-data, pretrain.
 
-Each command parses its flags and calls one library function of baichuan/train/. They are registered on the
-main app by `register` (cli.py calls it), and import their modules inside the function, so `--help` stays fast.
+Each command parses its flags and calls one library function of baichuan/train/, importing it inside the
+function so that `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from baichuan.cli.base import app, friendly, value_errors
 
 
 def _console():
@@ -249,30 +250,10 @@ def pretrain(
         )
 
 
-def register(app: typer.Typer, friendly: Callable[[Callable], Callable]) -> None:
-    """Add the training commands to the main app; `friendly` turns user errors into one red line."""
-    for name, command in (
-        ("train-tokenizer", train_tokenizer),
-        ("tokenizer-stats", tokenizer_stats),
-        ("prepare-data", prepare_data),
-        ("pretrain", pretrain),
-    ):
-        app.command(name)(friendly(_value_errors(command)))
-
-
-def _value_errors(command: Callable) -> Callable:
-    """ValueError from the library (bad data, bad settings) as the CLI's user error (ConfigError)."""
-    from functools import wraps
-
-    @wraps(command)
-    def run(*args, **kwargs):
-        from baichuan.config import ConfigError
-
-        try:
-            return command(*args, **kwargs)
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
-    return run
+for _name, _command in (
+    ("train-tokenizer", train_tokenizer),
+    ("tokenizer-stats", tokenizer_stats),
+    ("prepare-data", prepare_data),
+    ("pretrain", pretrain),
+):
+    app.command(_name)(friendly(value_errors(_command)))

@@ -1,0 +1,17 @@
+"""The `baichuan` command, one module per command group. Each command imports what it runs inside its function,
+so that `--help` stays fast; importing a group's module registers its commands on `app`."""
+
+from __future__ import annotations
+
+# isort: off
+# Importing a group registers its commands, in the order `--help` lists them.
+from baichuan.cli import scaffold, run, serve, quantize, train  # noqa: F401
+
+# isort: on
+from baichuan.cli.base import UserError, app, friendly, parse_dtype
+
+__all__ = ["UserError", "app", "friendly", "main", "parse_dtype"]
+
+
+def main() -> None:
+    app(prog_name="baichuan")

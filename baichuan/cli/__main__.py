@@ -1,0 +1,5 @@
+import sys
+
+from baichuan.cli import main
+
+sys.exit(main())
