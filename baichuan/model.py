@@ -147,8 +147,10 @@ class BaichuanModel(nn.Module):
     ) -> torch.Tensor:
         """idx (B, T) holds positions start_pos..start_pos+T-1. With a cache, keys cover 0..start_pos+T-1 and
         `attention_mask` (B, start_pos+T) marks real tokens (1) and padding (0) among them; without one, keys are
-        the T new tokens and the mask is (B, T). `start_pos` may be a (B,) tensor: each row then continues at
-        its own position (the rows of a continuously batched server). Collects the official
+        the T new tokens and the mask is (B, T), or (B, T, T): the keys each query may see besides causality
+        (training on several examples packed in a row keeps each one's attention within itself). `start_pos`
+        may be a (B,) tensor: each row then continues at its own position (the rows of a continuously batched
+        server). Collects the official
         `output_hidden_states` into `hidden_states` when a list is given."""
         B, T = idx.shape
         steps = torch.arange(T, device=idx.device)
@@ -196,7 +198,9 @@ class BaichuanModel(nn.Module):
             # Every query keeps its own key, so padding rows stay finite (they attend to themselves only)
             # instead of turning into NaN; the originals fill them with uniform garbage instead.
             diagonal = k_positions == q_positions[..., None]
-            keep = (keep & attention_mask[:, None, :].bool()) | diagonal  # (B, T, S)
+            # (B, S): the real keys; (B, T, S): the keys each query may see (examples packed in one row).
+            allowed = attention_mask[:, None, :] if attention_mask.dim() == 2 else attention_mask
+            keep = (keep & allowed.bool()) | diagonal  # (B, T, S)
         keep = keep.unsqueeze(-3)  # (..., 1, T, S)
         if bias is None:
             bias = torch.zeros((), device=keep.device)

@@ -108,6 +108,16 @@ class TrainResult:
     precision: str
 
 
+@dataclass
+class WeightsIO:
+    """How checkpoints hold the weights when they are not a whole model in the official layout (a LoRA run
+    keeps only its adapter). `save(directory, weights)` writes what it wants of the full state dict into the
+    checkpoint directory (which exists); `load(directory)` reads it back, and the loop loads that part only."""
+
+    save: Callable[[Path, Mapping[str, torch.Tensor]], None]
+    load: Callable[[Path], dict[str, torch.Tensor]]
+
+
 # --- precision and FLOPs ------------------------------------------------------------------------------------
 
 
@@ -195,14 +205,21 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}, optimizer.state_dict()
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim: dict, strict: bool = True
+) -> None:
+    """`strict=False`: `weights` is part of the model (the trainable parameters of a LoRA run)."""
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        options = StateDictOptions(full_state_dict=True)
+        options = StateDictOptions(full_state_dict=True, strict=strict)
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim, options=options)
         return
-    unwrap(model).load_state_dict(weights)
+    result = unwrap(model).load_state_dict(weights, strict=strict)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint weights the model does not have: {', '.join(result.unexpected_keys[:5])}"
+        )
     optimizer.load_state_dict(optim)
 
 
@@ -231,6 +248,7 @@ def save_training_checkpoint(
     trainer_state: dict,
     files: Mapping[str, bytes] | None = None,
     keep_last: int = 0,
+    save_weights: Callable[[Path, Mapping[str, torch.Tensor]], None] | None = None,
 ) -> Path:
     """Write out/checkpoints/step-{step}: built as a hidden temporary directory (weights and config.json by
     `save_checkpoint`, then trainer_state.pt, all fsynced), then renamed into place in one step."""
@@ -243,7 +261,11 @@ def save_training_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(tmp, config_dict(config, torch.float32), dict(weights), files=files)
+    if save_weights is None:
+        save_checkpoint(tmp, config_dict(config, torch.float32), dict(weights), files=files)
+    else:
+        tmp.mkdir()
+        save_weights(tmp, weights)
     _write_state(tmp / STATE_FILE, trainer_state)
     if final.exists():  # the same step saved again (a resumed run): the new one replaces it whole
         old = root / f".old-step-{step:08d}-{os.getpid()}"
@@ -295,13 +317,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_training_checkpoint(
+    path: Path, load_weights: Callable[[Path], dict[str, torch.Tensor]] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors.torch import load_file
 
     from baichuan.checkpoint import weight_files
 
     weights: dict[str, torch.Tensor] = {}
-    for file in weight_files(path):
+    if load_weights is not None:
+        weights = load_weights(path)
+    for file in weight_files(path) if load_weights is None else []:
         weights.update(load_file(str(file)))
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return weights, state
@@ -375,7 +401,7 @@ class _Logs:
                 if row[key] != "" and math.isfinite(float(row[key])):
                     self.tb.add_scalar(f"train/{key}", float(row[key]), step)
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] != "" else "n/a"
-        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s  MFU {mfu}"
+        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s  MFU {mfu}  {_memory()}"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif step % self.config.log_every == 0 or step == self.config.max_steps:
@@ -439,11 +465,14 @@ def train(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     say: Callable[[str], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    weights_io: WeightsIO | None = None,
 ) -> TrainResult:
     """Train `model` (a Baichuan, possibly wrapped in DDP or sharded by FSDP2) on `batches` for
     `config.max_steps` steps, writing checkpoints and logs under `out`. `files` (name -> bytes: the tokenizer)
     go into every checkpoint. `loss_fn(logits, ids)` defaults to next-token cross entropy plus the model
-    config's max-z loss. `on_step(step, loss)` is called after each step (tests use it)."""
+    config's max-z loss. `on_step(step, loss)` is called after each step (tests use it). A micro-batch is a
+    (B, T) tensor of ids, which are also the labels, or a mapping of `input_ids`, `labels` (-100: no loss) and an
+    optional `attention_mask` (fine-tuning). `weights_io`: checkpoints hold part of the weights (LoRA)."""
     out = Path(out)
     main = _rank() == 0
     if main:
@@ -468,13 +497,13 @@ def train(
         speak(f"--resume: no checkpoint under {out / 'checkpoints'}; starting from step 0")
     if found:
         step, path = found[-1]
-        weights, state = load_training_checkpoint(path)
+        weights, state = load_training_checkpoint(path, weights_io and weights_io.load)
         if state["data"] != batches.state_dict():
             raise ValueError(
                 f"{path}: the data do not match the checkpoint's ({state['data']} vs {batches.state_dict()}); "
                 "resume with the same data, seed, sequence length and global batch"
             )
-        load_full_state(model, optimizer, weights, state["optimizer"])
+        load_full_state(model, optimizer, weights, state["optimizer"], strict=weights_io is None)
         _set_rng_state(state["rng"])
         start_step, bad_in_row = state["step"], state["bad_in_row"]
         ema, ema_steps = state["loss_ema"], state["loss_ema_steps"]
@@ -509,10 +538,10 @@ def train(
             micro = batches.micro_batches(step)
             total = torch.zeros((), device=device)
             for i, ids in enumerate(micro):
-                ids = ids.to(device, non_blocking=True)
+                ids = _to_device(ids, device)
                 with _no_sync(model, last_micro=i == len(micro) - 1):
                     with autocast:
-                        loss = loss_fn(model(ids), ids) / len(micro)
+                        loss = _forward_loss(model, ids, loss_fn) / len(micro)
                     loss.backward()
                 total += loss.detach().float()
             loss_value = _mean_across_ranks(total)
@@ -536,7 +565,8 @@ def train(
             seconds = time.perf_counter() - t0
             losses.append(loss_value if reason is None else float("nan"))
             if logs is not None:
-                rate = tokens_per_step / seconds
+                # Fine-tuning rows are cut to each micro-batch's longest: count the tokens computed.
+                rate = sum(_n_tokens(b) for b in micro) * world / seconds
                 logs.step(
                     {
                         "step": step + 1,
@@ -572,7 +602,14 @@ def train(
                 }
                 if main:
                     last = save_training_checkpoint(
-                        out, step + 1, model_config, weights, state, files, config.keep_last
+                        out,
+                        step + 1,
+                        model_config,
+                        weights,
+                        state,
+                        files,
+                        config.keep_last,
+                        weights_io and weights_io.save,
                     )
                 if _distributed():
                     dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
@@ -580,6 +617,34 @@ def train(
         if logs is not None:
             logs.close()
     return TrainResult(losses, skipped, last, precision_note)
+
+
+def _n_tokens(batch) -> int:
+    return (batch["input_ids"] if isinstance(batch, Mapping) else batch).numel()
+
+
+def _memory() -> str:
+    """Peak memory so far: the GPU's allocations, or the process's peak resident set on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    try:
+        import resource
+
+        return f"mem {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"  # KiB on Linux
+    except (ImportError, OSError):
+        return ""
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+def _forward_loss(model: nn.Module, batch, loss_fn) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        return loss_fn(model(batch["input_ids"], attention_mask=batch.get("attention_mask")), batch["labels"])
+    return loss_fn(model(batch), batch)
 
 
 def _no_sync(model: nn.Module, last_micro: bool):
