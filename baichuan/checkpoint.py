@@ -7,7 +7,6 @@ never holds two copies of the weights. `.bin` files are read with `weights_only=
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -26,6 +25,9 @@ from torch import nn
 
 from baichuan.config import Config, ConfigError
 from baichuan.model import Baichuan, Linear, NormHead
+from baichuan.quant.nf4 import dequantize_bnb_stream
+from baichuan.quant.spec import QUANT_METHOD, QuantizationError, read_quantization
+from baichuan.quant.swap import QuantizingLoader, prepare_quantized
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -120,8 +122,9 @@ def _index_shards(index: Path) -> list[str]:
 
 def iter_tensors(path: Path, mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from one weight file. Memory-mapped tensors cost no copy (a float load keeps them
-    as its weights); with mmap=False each safetensors tensor is read into memory of its own, so a loader that
-    converts and drops every tensor (quantize-on-load) does not keep a whole shard's pages resident."""
+    as its weights); with mmap=False each tensor is read into (or copied to) memory of its own, so a loader that
+    converts and drops every tensor (quantize-on-load) does not keep a whole shard's pages resident, and no
+    tensor it keeps holds the file open."""
     try:
         if path.suffix == ".safetensors" and not mmap:
             yield from _read_safetensors(path)
@@ -130,9 +133,11 @@ def iter_tensors(path: Path, mmap: bool = True) -> Iterator[tuple[str, torch.Ten
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            zipped = _is_zip(path)  # torch.load maps only zip archives; legacy files are read whole
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
             for name in list(state):
-                yield name, state.pop(name)
+                tensor = state.pop(name)
+                yield name, tensor.clone() if zipped and not mmap else tensor
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -245,24 +250,25 @@ def load_weights(
     directory: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    assign: Callable[[str, torch.Tensor], None] | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
     bnb4: bool = False,
     mmap: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
-    """Stream a directory's weights into `model` (which may live on the meta device), casting each float
-    tensor. `assign(name, tensor)` puts each one in place (quantize-on-load passes its own); `bnb4` turns
-    bitsandbytes NF4 parts back into float weights as they arrive; `progress(name, done, total)` hears of each
-    tensor placed."""
-    assign = assign or functools.partial(_assign, model)
+    """Stream a directory's weights into `model` (which may live on the meta device): each tensor's name and
+    shape are checked against the model, float tensors cast to `dtype`, and each is put in place.
+
+    `transform(name, tensor)` stands between the check and the placing (quantize-on-load and folding the head
+    give one, see `load_into`): it returns the tensor to put in place, changed or not, or None where it has used
+    the tensor itself (a quantized module built from it and swapped in). With mmap=False it may change the
+    tensor in place. `bnb4` reads bitsandbytes NF4 files: their parts become float weights as they arrive.
+    `progress(name, done, total)` hears of each tensor read."""
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     stream: Iterable[tuple[str, torch.Tensor]] = (
         (name, tensor) for path in weight_files(directory) for name, tensor in iter_tensors(path, mmap)
     )
     if bnb4:  # the parts of one bitsandbytes 4-bit weight may span shards
-        from baichuan.quantize import dequantize_bnb_stream
-
         stream = dequantize_bnb_stream(stream, dtype)
     for name, tensor in stream:
         if name.endswith(IGNORED_SUFFIXES):
@@ -278,7 +284,11 @@ def load_weights(
             )
         # Integer tensors are quantized codes: never cast them.
         target_dtype = (dtype or tensor.dtype) if tensor.is_floating_point() else param.dtype
-        assign(name, tensor.to(device=device, dtype=target_dtype))
+        tensor = tensor.to(device=device, dtype=target_dtype)
+        if transform is not None:
+            tensor = transform(name, tensor)
+        if tensor is not None:
+            _assign(model, name, tensor)
         seen.add(name)
         del tensor
         if progress is not None:
@@ -296,7 +306,8 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module = model.get_submodule(module_name)
     old = getattr(module, attr)
     if isinstance(old, nn.Parameter):
-        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+        requires_grad = old.requires_grad and value.is_floating_point()
+        setattr(module, attr, nn.Parameter(value, requires_grad=requires_grad))
     else:
         module.register_buffer(attr, value)
 
@@ -336,35 +347,39 @@ def load_into(
     """Fill a model built on the meta device (the core one or the transformers face: both have the official
     names) from a directory, quantizing on the way when asked or when the checkpoint is quantized. Sets
     `model.quantization` to the config.json record of the quantization (None for a float model)."""
-    from baichuan.quantize import (
-        QUANT_METHOD,
-        QuantizationError,
-        QuantizingLoader,
-        prepare_quantized,
-        read_quantization,
-    )
-
     try:
         stored = read_quantization(json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")))
         ours = stored is not None and stored["quant_method"] == QUANT_METHOD
         if ours and quantize is not None:
             raise QuantizationError(f"already quantized ({stored['bits']} bits); load it without quantize=")
         quantized = quantize is not None or ours
-        if quantized:
-            fold_norm_head(
-                model
-            )  # on meta: the head becomes a Linear; float rows are normalised as they arrive
-        if ours:
-            prepare_quantized(model, stored)
-        normalize = ["lm_head.weight"] if config.norm_head and quantized else []
         bnb4 = stored is not None and stored["quant_method"] == "bitsandbytes"
+        transform = loader = None
+        if quantized:
+            # The head is folded on meta (a Linear) and its float rows normalised as they arrive: quantizing
+            # needs the normalised rows, and no whole float head is ever held next to the quantized one.
+            fold_norm_head(model)
+            if ours:
+                prepare_quantized(model, stored)
+            loader = QuantizingLoader(model, quantize, group_size)
+            fold = config.norm_head and not ours
+
+            def transform(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+                if fold and name == "lm_head.weight":
+                    normalize_rows_(tensor)  # load_weights reads it into memory of its own (mmap=False)
+                return loader(name, tensor)
+
         # A float load keeps the memory-mapped tensors as its weights (no copy); quantizing or dequantizing
         # loads convert every tensor, so they read each one into memory they can free at once.
-        loader = (
-            QuantizingLoader(model, quantize, group_size, normalize=normalize) if quantized or bnb4 else None
-        )
         load_weights(
-            model, directory, dtype, device, assign=loader, bnb4=bnb4, mmap=loader is None, progress=progress
+            model,
+            directory,
+            dtype,
+            device,
+            transform=transform,
+            bnb4=bnb4,
+            mmap=not (quantized or bnb4),
+            progress=progress,
         )
         if loader is not None:
             loader.finish()
@@ -373,13 +388,27 @@ def load_into(
     model.quantization = stored if ours else (loader.record() if loader is not None else None)
 
 
+# Rows normalised at a time: fp32 temporaries of a few MB, never a copy of a whole 125,696-row head.
+_NORMALIZE_ROWS = 1024
+
+
+def normalize_rows_(weight: torch.Tensor) -> torch.Tensor:
+    """L2-normalise each row in place, a few rows at a time: F.normalize(rows.float(), dim=-1) rounded back to
+    weight's dtype, which is what Baichuan2's NormHead computes. A copy of a 125,696-row head would add its
+    size to the peak of a load."""
+    for i in range(0, weight.shape[0], _NORMALIZE_ROWS):
+        rows = weight[i : i + _NORMALIZE_ROWS]
+        rows.copy_(torch.nn.functional.normalize(rows.float(), dim=-1))
+    return weight
+
+
 def fold_norm_head(model: nn.Module) -> nn.Module:
     """Swap a NormHead for a plain Linear holding the normalised rows: identical logits, no per-call
     normalisation. This is also the Baichuan2 -> Baichuan-1 head migration of the Baichuan2 README."""
     head = model.lm_head
     if isinstance(head, NormHead):
         with torch.no_grad():
-            weight = torch.nn.functional.normalize(head.weight.float(), dim=-1).to(head.weight.dtype)
+            weight = normalize_rows_(head.weight.detach().clone())
         # The model's own Linear, which keeps its fp32 products where the CPU only emulates bf16.
         linear = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)

@@ -19,6 +19,7 @@ LAYERS = {
     "memory": 1,
     "tokenizer": 1,
     "quantize": 1,
+    "quant": 1,  # quant/*: knows only nn.Linear; checkpoint loads through its transform hook
     "lora": 1,
     "model": 2,
     "checkpoint": 3,

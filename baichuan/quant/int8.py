@@ -1,0 +1,177 @@
+"""int8 weight-only linears: symmetric per output channel, w = weight * scales[:, None] (see `spec` for what a
+checkpoint holds)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baichuan import cpu_gemv
+from baichuan.cpu import half_is_emulated
+from baichuan.quant.kernels import KERNEL_DTYPE, ROW_CHUNK
+from baichuan.quant.spec import QuantizationError
+
+# Where the CPU only emulates bf16, int8 products of this many rows (prompts) are faster as an fp32 GEMM on the
+# widened weight than in torch's bf16 kernel (measured on a 2-core Zen 3, see benchmarks/README.md).
+INT8_WIDEN_MIN_ROWS = 128
+
+
+def quantize_int8(
+    weight: torch.Tensor, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 codes (out, in) and scales (out,), symmetric per output channel.
+
+    The codes are rounded against the scale as stored (in `scale_dtype`), so a bf16 scale adds no second error.
+    With fp32 scales this is exactly Baichuan-13B's QLinear: round(w / (absmax/127)).
+    """
+    scale_dtype = scale_dtype or weight.dtype
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    for i in range(0, weight.shape[0], ROW_CHUNK):
+        # A copy of its own, worked on in place: one fp32 temporary per chunk (quantizing on load is CPU-bound).
+        w = weight[i : i + ROW_CHUNK].to(torch.float32, copy=True)
+        lo, hi = torch.aminmax(w, dim=1)
+        # tiny keeps all-zero rows finite; it never changes the scale of a non-zero row.
+        s = (torch.maximum(-lo, hi) / 127).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+        codes[i : i + ROW_CHUNK] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scales[i : i + ROW_CHUNK] = s
+    return codes, scales
+
+
+# torch's CPU int8 kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, tinygemm_kernel) walks each row of bf16
+# activations 16 values at a time (AVX-512; 8 under AVX2) with *aligned* vector loads from x + row * in_features,
+# reads weight rows 16 bytes at a time likewise, and has no loop for a remainder. So with in_features % 16 != 0
+# it sums values past the end of every row (wrong outputs, one row included) and, from the second row on, loads
+# from a misaligned address: SIGSEGV (issue 9). A buffer that does not start on a 32-byte (activations) or
+# 16-byte (weights) boundary faults too, whatever in_features. The file has no AMX code: AMX CPUs run the AVX-512
+# one. Only bf16 activations take the vectorised code (fp32 and fp16 ones a scalar loop), and bf16 is all we
+# send. `benchmarks/kernel_canary_sweep.py` shows all of this under each of torch's x86 kernels.
+_HAS_INT8_CPU_KERNEL = hasattr(torch, "_weight_int8pack_mm")
+INT8_KERNEL_K_MULTIPLE = 16  # AVX-512 loads 16 bf16; AVX2 and NEON 8, but one rule serves every CPU
+_INT8_KERNEL_X_ALIGN, _INT8_KERNEL_W_ALIGN = 32, 16  # bytes: the widest aligned loads of activations, weights
+
+
+def int8pack_mm_safe(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `torch._weight_int8pack_mm(rows, weight, scales)` is known to be safe and exact on any x86 CPU:
+    rows (M, K) and weight (N, K) contiguous on the CPU, K a multiple of 16, both buffers aligned for the kernel's
+    vector loads. Callers fall back to the dequantise-and-matmul path outside it."""
+    return (
+        _HAS_INT8_CPU_KERNEL
+        and rows.device.type == "cpu"
+        and rows.dim() == 2
+        and rows.shape[1] % INT8_KERNEL_K_MULTIPLE == 0
+        and rows.is_contiguous()
+        and weight.is_contiguous()
+        and rows.data_ptr() % _INT8_KERNEL_X_ALIGN == 0
+        and weight.data_ptr() % _INT8_KERNEL_W_ALIGN == 0
+    )
+
+
+def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """t, or a copy of it in a fresh buffer (torch's CPU allocator aligns those to 64 bytes) where t does not start
+    on an `alignment`-byte boundary, as tensors read straight from a safetensors file often do not."""
+    return t.clone() if t.device.type == "cpu" and t.data_ptr() % alignment else t
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: the AVX2 kernel of `cpu_gemv` (where it
+    `serves` those rows and could be built), else `torch._weight_int8pack_mm` in bf16 where `int8pack_mm_safe`
+    says so, else the widened weight in a float matmul."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.use_kernel = True  # False forces the reference path (tests compare the two)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scale_dtype: torch.dtype | None = None) -> Int8Linear:
+        return cls.from_weight(linear.weight, linear.bias, scale_dtype)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None
+    ) -> Int8Linear:
+        weight = weight.detach()
+        if weight.is_meta:  # an empty module with the right shapes, to be filled from a checkpoint
+            return cls(
+                weight.shape[1], weight.shape[0], bias is not None, scale_dtype or weight.dtype, "meta"
+            )
+        codes, scales = quantize_int8(weight, scale_dtype)
+        return cls.from_quantized_tensors(codes, scales, bias)
+
+    @classmethod
+    def from_quantized_tensors(
+        cls, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> Int8Linear:
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise QuantizationError(
+                f"int8 weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}"
+            )
+        if tuple(scales.shape) != (weight.shape[0],):
+            raise QuantizationError(
+                f"int8 scales must have shape ({weight.shape[0]},), got {tuple(scales.shape)}"
+            )
+        module = cls(weight.shape[1], weight.shape[0], bias is not None, scales.dtype, "meta")
+        module.weight, module.scales = _aligned(weight.contiguous()), scales.contiguous()
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._gemv(x) if self.use_kernel else None
+        if y is None:
+            y = self._matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.use_kernel
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not (x.numel() >= INT8_WIDEN_MIN_ROWS * self.in_features and half_is_emulated(KERNEL_DTYPE))
+        ):
+            # A bf16 view may start anywhere (a slice of a larger batch): copied, it starts aligned.
+            rows = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()
+            rows = _aligned(rows, _INT8_KERNEL_X_ALIGN)
+            if int8pack_mm_safe(rows, self.weight):
+                y = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(KERNEL_DTYPE))
+                return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        # Per-channel scaling commutes with the matmul, so the int8 weight is only widened, never rescaled
+        # (gpt-fast's form; under torch.compile it fuses into one kernel). Emulated half precision is
+        # computed in fp32.
+        dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
+        return (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) puts a file's tensor here as it is; aligned, it keeps torch's kernel.
+        self.weight = _aligned(self.weight)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
+        if self.in_features % 16 or not cpu_gemv.serves(x, self.in_features):
+            return None
+        # _buffers: this runs once per layer per token, and Module.__getattr__ costs a microsecond a lookup.
+        scales = self._buffers["scales"]
+        if scales.dtype != torch.float32:
+            scales = scales.float()
+        return cpu_gemv.int8_gemv(x, self._buffers["weight"], scales)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"

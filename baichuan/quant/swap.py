@@ -1,0 +1,204 @@
+"""Swapping a model's `nn.Linear` modules for quantized ones from outside the model (as gpt-fast does): in place
+(`quantize_model`), on the meta device before a quantized checkpoint is read (`prepare_quantized`), or tensor by
+tensor while a checkpoint streams in (`QuantizingLoader`, the transform hook of `checkpoint.load_weights`).
+
+Baichuan2's NormHead must be folded into a plain Linear (`checkpoint.fold_norm_head`) before quantizing, because
+quantizing the raw rows and normalising afterwards is not possible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from baichuan.quant.int4 import Int4Linear
+from baichuan.quant.int8 import Int8Linear
+from baichuan.quant.spec import (
+    DEFAULT_GROUP_SIZE,
+    QuantizationError,
+    bits_for,
+    check_bits,
+    check_group_size,
+    check_record,
+    make_record,
+)
+
+QUANTIZED_TYPES = (Int8Linear, Int4Linear)
+
+
+def quantized_linear(
+    linear: nn.Linear,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """One Linear -> Int8Linear or Int4Linear (an empty one on the meta device when the Linear is on meta).
+    `scale_dtype`: of the int8 scales (default: the weight's); int4 scales are always bf16."""
+    if check_bits(bits) == 8:
+        return Int8Linear.from_linear(linear, scale_dtype)
+    return Int4Linear.from_linear(linear, group_size, symmetric)
+
+
+def quantize_model(
+    module: nn.Module,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    symmetric: bool = False,
+    skip: Iterable[str] = (),
+    overrides: Mapping[str, int | None] | None = None,
+) -> dict[str, Any]:
+    """Swap every `nn.Linear` of `module` in place for its quantized version; returns the config.json record.
+
+    `skip`: fnmatch patterns of qualified names kept in floating point. `overrides`: pattern -> bits (or None to
+    keep float); by default a 4-bit model keeps `lm_head` at 8 bits (spec.DEFAULT_INT4_OVERRIDES), an 8-bit model
+    quantizes everything. On the meta device this builds empty quantized modules with the right shapes, which
+    is how a saved quantized checkpoint is prepared for loading (`prepare_quantized`).
+    """
+    record = make_record(bits, group_size, symmetric, skip, overrides)
+    head = getattr(module, "lm_head", None)
+    if head is not None and not isinstance(head, (nn.Linear, *QUANTIZED_TYPES)):
+        raise QuantizationError(
+            f"lm_head is a {type(head).__name__}, not a Linear: fold it first (checkpoint.fold_norm_head)"
+        )
+    names = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
+        layer_bits = bits_for(name, bits, record["skip"], record["overrides"])
+        if layer_bits is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        # Nothing else holds the float Linear, so its weight is freed as soon as the quantized one replaces it.
+        setattr(parent, child, quantized_linear(getattr(parent, child), layer_bits, group_size, symmetric))
+    return record
+
+
+def prepare_quantized(module: nn.Module, record: Mapping[str, Any]) -> nn.Module:
+    """Swap the linears of a (meta-device) model for empty quantized ones, as the record says, before loading."""
+    quantize_model(module, **check_record(record))
+    return module
+
+
+def quantized_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The portable state dict (int8: weight+scales; int4: weight+scales+zeros), ready for safetensors."""
+    return {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+
+
+def load_quantized_state_dict(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    record: Mapping[str, Any] | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Load a `quantized_state_dict`; with a record, first swap the model's linears (it may be on meta)."""
+    if record is not None:
+        prepare_quantized(module, record)
+    module.load_state_dict(state_dict, strict=strict, assign=True)
+    return module
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed blocks back to the OS (glibc; elsewhere nothing). glibc keeps freed blocks below
+    its mmap threshold (which grows to 32 MB) in its heaps, where the small blocks a quantized model keeps pin
+    the holes that its temporaries leave; a quantizing load's resident memory then grows well past its weights."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class QuantizingLoader:
+    """The transform hook of `checkpoint.load_weights` for a model built on the meta device: it is handed each
+    checked tensor and builds the quantized modules from them, so that peak memory stays near the quantized size.
+
+    - A float `X.weight` of an `nn.Linear` X is quantized on arrival (`bits` given) and X swapped for the result.
+    - Parts of a quantized module prepared by `prepare_quantized` are gathered until complete, then it is built.
+    Both return None: the tensor is in place. Anything else is returned, for the caller to put in place.
+    Call `finish()` after the last tensor.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bits: int | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        symmetric: bool = False,
+        skip: Iterable[str] = (),
+        overrides: Mapping[str, int | None] | None = None,
+    ):
+        self.model = model
+        self.bits = None if bits is None else check_bits(bits)
+        self.group_size = check_group_size(group_size)
+        self.symmetric = symmetric
+        self._record = None if bits is None else make_record(bits, group_size, symmetric, skip, overrides)
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def record(self) -> dict[str, Any] | None:
+        """The config.json record of the quantization done while loading (None when `bits` was not given)."""
+        return self._record
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
+        module_name, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        if isinstance(module, QUANTIZED_TYPES) and attr != "bias":
+            self._gather(module_name, module, attr, value)
+            return None
+        layer_bits = None
+        if isinstance(module, nn.Linear) and attr == "weight" and self._record is not None:
+            layer_bits = bits_for(module_name, self.bits, self._record["skip"], self._record["overrides"])
+        if layer_bits is None:
+            return value
+        quantized = (
+            Int8Linear.from_weight(value)
+            if layer_bits == 8
+            else Int4Linear.from_weight(value, None, self.group_size, self.symmetric)
+        )
+        if module.bias is not None:  # filled when the bias arrives
+            quantized.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"), requires_grad=False)
+        self._swap(module_name, quantized)
+        return None
+
+    def _gather(self, module_name: str, module: nn.Module, attr: str, value: torch.Tensor) -> None:
+        parts = self.pending.setdefault(module_name, {})
+        parts[attr] = value
+        need = ("weight", "scales") if isinstance(module, Int8Linear) else ("weight", "scales", "zeros")
+        if all(n in parts for n in need):
+            del self.pending[module_name]
+            if isinstance(module, Int8Linear):
+                built = Int8Linear.from_quantized_tensors(parts["weight"], parts["scales"])
+            else:
+                built = Int4Linear.from_quantized_tensors(
+                    parts["weight"], parts["scales"], parts["zeros"], module.group_size
+                )
+            if (built.in_features, built.out_features) != (module.in_features, module.out_features):
+                raise QuantizationError(
+                    f"{module_name}: quantized shape {built.out_features}x{built.in_features} "
+                    f"does not match the model's {module.out_features}x{module.in_features}"
+                )
+            built.bias = module.bias
+            self._swap(module_name, built)
+
+    def _swap(self, module_name: str, new: nn.Module) -> None:
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, new)
+        release_freed_memory()  # the temporaries of quantizing it
+
+    def finish(self) -> None:
+        if self.pending:
+            name, parts = next(iter(self.pending.items()))
+            raise QuantizationError(
+                f"quantized tensors of {name} are incomplete (only {', '.join(sorted(parts))})"
+            )
