@@ -7,6 +7,8 @@ Sizes are in bytes. Dtypes are given by their size in bytes (bf16/fp16 2, fp32 4
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ RUNTIME_BYTES = 800 * 2**20
 # what an estimate does not see (other processes starting, allocator fragmentation).
 HEADROOM = 0.9
 # Where a CPU only emulates bf16/fp16, prompts multiply an fp32 copy of each weight (model.Linear), and int8/int4
-# prompts a widened one (quantize.INT8_WIDEN_MIN_ROWS): one layer's worth, freed after each product.
+# prompts a widened one (quant.int8.INT8_WIDEN_MIN_ROWS): one layer's worth, freed after each product.
 UPCAST_MIN_ROWS = 16
 
 
@@ -68,7 +70,7 @@ def weight_bytes(
     """The weights as loaded: embeddings and norms always in the float dtype; the decoder's linear layers in it
     too, or weight-only int8 (one byte a weight + one float scale a row) or int4 (half a byte a weight + a bf16
     scale and zero a group of `group_size` inputs a row). `head_bits`: the output head's, None for float
-    (4-bit models keep it at 8 by default, see quantize.DEFAULT_INT4_OVERRIDES)."""
+    (4-bit models keep it at 8 by default, see quant.spec.DEFAULT_INT4_OVERRIDES)."""
     d, f, V = config.dim, config.ffn_dim, config.vocab_size
     floats = V * d + (2 * config.n_layers + 1) * d  # embeddings, norms
     layer = [(3 * d, d), (d, d), (f, d), (f, d), (d, f)]  # (out, in): W_pack, o_proj, gate, up, down
@@ -229,3 +231,24 @@ def _int(text: str | None) -> int | None:
         return int(text.strip()) if text is not None else None
     except ValueError:
         return None
+
+
+def return_free_memory() -> bool:
+    """Hand the pages that the C allocator holds free back to the system (glibc's `malloc_trim`). A server's
+    requests come and go in many threads, and glibc keeps what they freed in per-thread arenas, so its RSS creeps
+    up with load that has long finished without any object being alive. Returns False where the C library has
+    no such call (musl, macOS, Windows)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        name = ctypes.util.find_library("c")
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        if trim is not None:
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        _malloc_trim = trim or False
+    if not _malloc_trim:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim = None

@@ -338,6 +338,9 @@ async def soak(
                 break
             await asyncio.sleep(0.5)
     rss.append((round(time.monotonic() - start, 1), round(rss_mib(pid), 1)))
+    # Once idle the server hands freed memory back (serve.engine.IDLE_RELEASE_S): what stays is what is alive.
+    await asyncio.sleep(3)
+    idle_rss = round(rss_mib(pid), 1)
     settled = [m for t, m in rss if t >= min(20.0, seconds / 4)] or [m for _, m in rss]
     return {
         "clients": clients,
@@ -356,6 +359,7 @@ async def soak(
         "rss_mib_after_warmup": settled[0],
         "rss_mib_last": rss[-1][1],
         "rss_mib_max": max(m for _, m in rss),
+        "rss_mib_idle": idle_rss,
         "rss_growth_after_warmup_mib": round(settled[-1] - settled[0], 1),
         "rss_samples": rss,
     }
@@ -476,13 +480,16 @@ def main() -> None:
         print(
             f"soak: {s['clients']} clients, {s['seconds']} s: {s['requests']} requests, {s['by_status']}, "
             f"{s['failed']} failed; RSS {s['rss_mib_after_warmup']} -> {s['rss_mib_last']} MiB after warm-up "
-            f"(max {s['rss_mib_max']}); stuck rows {s['stuck_rows']}, queue {s['stuck_queue']}"
+            f"(max {s['rss_mib_max']}), {s['rss_mib_idle']} MiB idle; stuck rows {s['stuck_rows']}, queue {s['stuck_queue']}"
         )
     if len(results.get("soak_rounds", [])) > 1:
         ends = ", ".join(f"{r['rss_mib_last']}" for r in results["soak_rounds"])
+        idles = ", ".join(f"{r['rss_mib_idle']}" for r in results["soak_rounds"])
         fives = sum(r["by_status"]["5xx"] for r in results["soak_rounds"])
         stuck = sum(r["stuck_rows"] + r["stuck_queue"] for r in results["soak_rounds"])
-        print(f"soak rounds: RSS at the end of each: {ends} MiB; 5xx {fives}; stuck rows/queue {stuck}")
+        print(
+            f"soak rounds: RSS at the end of each: {ends} MiB; 3 s later, idle: {idles} MiB; 5xx {fives}; stuck rows/queue {stuck}"
+        )
     if "fuzz" in results:
         print(f"fuzz: {results['fuzz']['requests']} requests, {results['fuzz']['5xx']} with a 5xx status")
     if args.out is not None:

@@ -19,6 +19,7 @@ Tokens become text in this thread (StreamDecoder), and each step's text is hande
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections import deque
@@ -36,12 +37,15 @@ from baichuan.generate import (
     sample_next,
 )
 from baichuan.kv_cache import KVCache
+from baichuan.memory import return_free_memory
 from baichuan.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 # Prompt tokens a scheduling round prefills at most, so a long prompt never stalls the running rows for long.
 PREFILL_CHUNK = 512
+# Seconds without work after which the engine hands freed memory back to the system (once per idle spell).
+IDLE_RELEASE_S = 1.0
 
 
 class QueueFull(RuntimeError):
@@ -175,6 +179,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stats = Stats()
         self.failure: str | None = None
+        self.released = True  # free memory handed back since the last step
 
     # --- the asyncio side ----------------------------------------------------------------------------------
 
@@ -248,8 +253,15 @@ class Engine:
                     if idle:
                         self.wake.clear()
                 if idle:
-                    self.wake.wait()
+                    # After a second without work, once per idle spell: memory freed by finished requests goes
+                    # back to the system, so the server's RSS is what is alive, not the high-water mark of load.
+                    if self.wake.wait(timeout=None if self.released else IDLE_RELEASE_S):
+                        continue
+                    gc.collect()
+                    return_free_memory()
+                    self.released = True
                     continue
+                self.released = False
                 try:
                     self._step()
                 except Exception as error:  # a failed forward must not take the server down with it
