@@ -28,6 +28,7 @@ _LAZY = {
     "save_model": "baichuan.checkpoint",
     "fold_norm_head": "baichuan.checkpoint",
     "build_chat_input": "baichuan.chat_format",
+    "tokenize_conversation": "baichuan.train.sft_data",
 }
 
 
