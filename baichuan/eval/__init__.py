@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks as rows of data, scored like their official scripts."""
