@@ -20,7 +20,7 @@ The tables evaluate every variant with fp32 activations, so that only its stored
 reference: bf16 weights are widened back to fp32 and each quantized linear becomes an fp32 Linear holding its
 dequantized weight. That isolates the cost of the weights, gives the same numbers on every machine, and runs at
 fp32 speed (bf16 arithmetic is emulated on CPUs without AVX-512 BF16). What the quantized modules' own forward
-adds on this machine (the CPU kernels quantize.py picks: ours from baichuan/cpu_gemv.py where they build, else
+adds on this machine (the CPU kernels baichuan/quant picks: ours from baichuan/cpu_gemv.py where they build, else
 torch's, each with the activation dtype it computes in) is measured on the first --kernel-windows windows and
 printed under each table.
 
@@ -53,7 +53,7 @@ from torch import nn
 from baichuan.checkpoint import fold_norm_head
 from baichuan.config import Config
 from baichuan.model import Baichuan
-from baichuan.quantize import QUANTIZED_TYPES, quantize_model
+from baichuan.quant.swap import QUANTIZED_TYPES, quantize_model
 from baichuan.tokenizer import Tokenizer
 from baichuan.train.data import json_strings
 from baichuan.train.loop import TrainConfig

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from baichuan.checkpoint import fold_norm_head, load_model
 from baichuan.generate import SamplingConfig, generate_tokens
-from baichuan.quantize import QUANTIZED_TYPES
+from baichuan.quant.swap import QUANTIZED_TYPES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -132,7 +132,7 @@ def test_pickled_objects_are_refused(tmp_path):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_on_load_equals_quantize_after_load_and_round_trips(tmp_path, bits):
     from baichuan.checkpoint import fold_norm_head
-    from baichuan.quantize import quantize_model
+    from baichuan.quant.swap import quantize_model
 
     model = tiny_model("alibi", True)
     save_model(model, tmp_path / "float", max_shard_bytes=100_000)

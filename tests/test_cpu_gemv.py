@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from baichuan import cpu_gemv
-from baichuan.quantize import Int4Linear, unpack_int4
+from baichuan.quant.int4 import Int4Linear, unpack_int4
 from tests.conftest import require_cpu_kernels
 
 

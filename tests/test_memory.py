@@ -17,7 +17,7 @@ from baichuan.memory import (
     weight_bytes,
 )
 from baichuan.model import Baichuan
-from baichuan.quantize import quantize_model
+from baichuan.quant.swap import quantize_model
 from tests.conftest import tiny_config
 
 

@@ -109,7 +109,8 @@ def _int4_groups(in_features: int) -> list[int]:
 
 
 def _layers(canary: Canary, kernels: str) -> None:
-    from baichuan.quantize import Int4Linear, Int8Linear
+    from baichuan.quant.int4 import Int4Linear
+    from baichuan.quant.int8 import Int8Linear
 
     for in_features in IN_FEATURES:
         for out_features in OUT_FEATURES:
@@ -144,15 +145,9 @@ def _layers(canary: Canary, kernels: str) -> None:
 def _raw_ops(canary: Canary) -> None:
     """The ops themselves, where the predicates and our kernels' own checks admit them."""
     from baichuan import cpu_gemv
-    from baichuan.quantize import (
-        KERNEL_DTYPE,
-        _cpu_int4_layout,
-        int4pack_mm_safe,
-        int8pack_mm_safe,
-        pack_int4,
-        quantize_int4,
-        quantize_int8,
-    )
+    from baichuan.quant.int4 import int4pack_mm_safe, pack_int4, quantize_int4
+    from baichuan.quant.int8 import int8pack_mm_safe, quantize_int8
+    from baichuan.quant.kernels import KERNEL_DTYPE, cpu_int4_layout
 
     compiled = cpu_gemv.load()
     int8pack_mm = getattr(torch, "_weight_int8pack_mm", None)
@@ -172,7 +167,7 @@ def _raw_ops(canary: Canary) -> None:
                 scale, zero = (t.double().repeat_interleave(g, 1) for t in (s, z))  # (out, in) each
                 w4 = (codes4.double() - 8) * scale + zero
                 sz = torch.stack([s.t(), z.t()], -1).contiguous()
-                torch_safe = int4pack_mm_safe(in_features, out_features, g) and _cpu_int4_layout() is not None
+                torch_safe = int4pack_mm_safe(in_features, out_features, g) and cpu_int4_layout() is not None
                 tiled = (
                     torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes4.int(), 1)
                     if torch_safe
@@ -216,7 +211,7 @@ def main() -> int:
     kernel_sets = ["avx2", "torch"] if cpu_gemv.load() is not None else ["torch"]
     load = cpu_gemv.load
     for kernels in kernel_sets:
-        if kernels == "torch":  # as tests/test_quantize.py's `kernels` fixture does
+        if kernels == "torch":  # as the `kernels` fixture of tests/quant/conftest.py does
             cpu_gemv.load = lambda: None
         try:
             _layers(canary, kernels)

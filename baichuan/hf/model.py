@@ -191,7 +191,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     def quantize(self, bits: int, group_size: int = 128) -> BaichuanForCausalLM:
         """Weight-only int8/int4 in place, on CPU or CUDA: the originals' `model.quantize(8|4)`, which here also
         saves and reloads (`save_pretrained`, then `from_pretrained`)."""
-        from baichuan.quantize import quantize_model
+        from baichuan.quant.swap import quantize_model
 
         fold_norm_head(self)  # quantize the normalised head rows, never the raw NormHead weight
         self.quantization = self.config.quantization = quantize_model(self, bits, group_size)
