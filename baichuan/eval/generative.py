@@ -55,6 +55,9 @@ class Task:
         None  # stop strings when prompts are in the chat format (None: `stop`)
     )
     notes: dict[str, Any] = field(default_factory=dict)  # more settings for the result file
+    # Settings known only at run time (sandbox limits, library versions); raises ImportError, before any
+    # generation, where a library the metric needs is missing.
+    run_notes: Callable[[sandbox.Limits], dict[str, Any]] = lambda limits: {}
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
@@ -110,6 +113,20 @@ def _pass_at_1(examples: list[Example], programs: list[str | None], limits: sand
     outcomes = sandbox.run_many([p or "raise SystemExit(1)" for p in programs], limits)
     correct = [program is not None and o.passed for program, o in zip(programs, outcomes, strict=True)]
     return Scored(_per_subject(examples, correct), correct)
+
+
+def _sandbox_notes(limits: sandbox.Limits) -> dict[str, Any]:
+    return {"sandbox": sandbox.describe(limits)}
+
+
+def _bleu_notes(limits: sandbox.Limits) -> dict[str, Any]:
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ImportError(
+            "the flores task scores BLEU with sacrebleu: pip install 'baichuan-toolkit[eval]'"
+        ) from None
+    return {"sacrebleu": sacrebleu.__version__}
 
 
 def _bleu(examples: list[Example], predictions: list[str | None], limits: sandbox.Limits) -> Scored:
@@ -348,6 +365,7 @@ HUMANEVAL = Task(
     parse=_humaneval_program,
     score=_pass_at_1,
     aggregate="micro",
+    run_notes=_sandbox_notes,
 )
 
 
@@ -410,6 +428,7 @@ MBPP = Task(
     parse=_mbpp_program,
     score=_pass_at_1,
     aggregate="micro",
+    run_notes=_sandbox_notes,
 )
 
 
@@ -463,6 +482,7 @@ FLORES = Task(
     score=_bleu,
     aggregate="macro",
     notes={"directions": list(FLORES_DIRECTIONS), "tokenize": _FLORES_TOKENIZE},
+    run_notes=_bleu_notes,
 )
 
 
@@ -513,6 +533,7 @@ def run_generative_task(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     shots = task.shots if shots is None else shots
+    run_notes = task.run_notes(limits)
     examples = _first_per_subject(task.read(Path(data_dir), shots), limit)
     stop = task.chat_stop if chat and task.chat_stop is not None else task.stop
 
@@ -551,9 +572,8 @@ def run_generative_task(
         "aggregate": "mean over examples" if task.aggregate == "micro" else "mean over subjects",
         "first_prompt": examples[0].prompt if examples else None,
         **task.notes,
+        **run_notes,
     }
-    if task.score is _pass_at_1:
-        settings["sandbox"] = sandbox.describe(limits)
     return {
         "score": score,
         "metric": task.metric,
@@ -565,8 +585,9 @@ def run_generative_task(
             {
                 "subject": e.subject,
                 "completion": c[:2000],
-                "prediction": p if task.score is not _pass_at_1 else None,
-                "reference": e.reference if task.score is not _pass_at_1 else None,
+                # A code task's prediction is the whole program, and its reference the tests: left out.
+                "prediction": None if task.metric == "pass@1" else p,
+                "reference": None if task.metric == "pass@1" else e.reference,
                 "correct": None if scored.correct is None else scored.correct[i],
             }
             for i, (e, c, p) in enumerate(zip(examples[:3], completions[:3], predictions[:3], strict=True))

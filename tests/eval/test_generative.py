@@ -199,3 +199,20 @@ def test_cut_at_stop_takes_the_earliest():
     assert cut_at_stop("a\n\nQ: b\nQuestion:", ["\nQuestion:", "\n\nQ:"]) == "a"
     assert cut_at_stop("no stop here", ["[DONE]"]) == "no stop here"
     assert cut_at_stop("x", []) == "x"
+
+
+def test_flores_bleu_tokenizes_chinese_targets_by_character(data_root):
+    # A Chinese translation that differs from the reference only in spaces is the same translation: BLEU with
+    # sacrebleu's "zh" tokenizer scores it ~99, where "13a" (whitespace words) would give ~38.
+    targets = {e.prompt: e.target for e in GENERATIVE_TASKS["flores"].read(data_root, 8)}
+
+    def unspaced(prompts, max_new_tokens, stop):
+        return [targets[p].replace(" ", "") if p.endswith("Chinese:") else targets[p] for p in prompts]
+
+    result = run_generative_task(
+        "flores", unspaced, data_root, shots=None, limit=None, batch_size=256, chat=False
+    )
+    assert result["per_subject"]["en-zh"] > 95.0 and result["per_subject"]["zh-en"] == pytest.approx(100.0)
+    assert result["settings"]["tokenize"] == {"en": "13a", "zh": "zh"}
+    assert result["settings"]["directions"] == ["zh-en", "en-zh"]
+    assert result["settings"]["sacrebleu"] == __import__("sacrebleu").__version__
