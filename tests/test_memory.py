@@ -138,3 +138,13 @@ def test_available_memory_cgroup_v1_parent_limit_binds(tmp_path):
 def test_available_memory_takes_meminfo_when_smaller(tmp_path):
     files = {"memory.max": str(64 * GiB), "memory.current": str(GiB)}
     assert available_memory(fake_root(tmp_path, "0::/\n", files, available_kb=2**20)) == (GiB, "MemAvailable")
+
+
+def test_returning_free_memory_runs_where_the_c_library_has_malloc_trim():
+    import ctypes.util
+    import platform
+
+    from baichuan.memory import return_free_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
+    assert return_free_memory() is bool(glibc)

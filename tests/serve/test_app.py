@@ -475,3 +475,27 @@ def test_submit_checks_the_queue_and_the_context(loaded):
             engine.submit([1] * 250, greedy(loaded, 10))
 
     asyncio.run(main())
+
+
+def test_an_idle_engine_hands_freed_memory_back_once(loaded, monkeypatch):
+    released = []
+    monkeypatch.setattr(engine_module, "IDLE_RELEASE_S", 0.05)
+    monkeypatch.setattr(engine_module, "return_free_memory", lambda: released.append(time.monotonic()))
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=2, max_queue=4)
+    engine.start()
+    try:
+        time.sleep(0.3)
+        assert released == []  # nothing ran since start: nothing to give back
+        asyncio.run(_run(engine, loaded.tokenizer.encode("hello"), greedy(loaded, 4)))
+        deadline = time.monotonic() + 5
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert len(released) == 1  # once per idle spell, not every timeout
+        asyncio.run(_run(engine, loaded.tokenizer.encode("again"), greedy(loaded, 4)))
+        deadline = time.monotonic() + 5
+        while len(released) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(released) == 2
+    finally:
+        engine.stop()
