@@ -137,6 +137,9 @@ def run_python(source: str, limits: Limits = Limits()) -> Outcome:
         command = [*prefix, sys.executable, "-I", "-c", _GUARD]
         command += [str(limits.cpu_s), str(limits.memory_bytes), str(limits.output_bytes), str(program)]
         env = {"PATH": os.defpath, "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
+        # One thread per program: they run many at a time, and a BLAS library that starts a pool per core
+        # (numpy's OpenBLAS) reserves address space per thread, which the memory limit would refuse.
+        env.update(dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1"))
         output_path = Path(tmp, "output.txt")
         start = time.monotonic()
         with open(output_path, "wb") as output:

@@ -152,3 +152,12 @@ def test_runs_in_a_fresh_temporary_directory_that_is_removed():
 def test_run_many_keeps_order():
     outcomes = run_many([f"raise SystemExit({i % 2})" for i in range(6)], workers=3)
     assert [o.passed for o in outcomes] == [True, False] * 3
+
+
+def test_numpy_imports_under_the_default_limits():
+    # One BLAS thread per program: a pool per core would reserve more address space than RLIMIT_AS allows on
+    # a many-core machine.
+    outcome = run_python(
+        "import numpy as np\nassert np.arange(4).sum() == 6\nimport os\nprint(os.environ['OPENBLAS_NUM_THREADS'])\n"
+    )
+    assert outcome.passed and outcome.output == "1\n"
