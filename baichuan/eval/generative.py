@@ -51,9 +51,8 @@ class Task:
     parse: Callable[[str, Example], str | None]  # (completion cut at the stop string, example) -> prediction
     score: Callable[[list[Example], list[str | None], sandbox.Limits], Scored]
     aggregate: Literal["micro", "macro"]  # the task's score: over all examples, or the mean of its subjects
-    chat_stop: tuple[str, ...] | None = (
-        None  # stop strings when prompts are in the chat format (None: `stop`)
-    )
+    # Stop strings where prompts are in the chat format (None: `stop`).
+    chat_stop: tuple[str, ...] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # more settings for the result file
     # Settings known only at run time (sandbox limits, library versions); raises ImportError, before any
     # generation, where a library the metric needs is missing.
@@ -524,9 +523,11 @@ def run_generative_task(
 ) -> dict:
     """Run one generation task: `generate(prompts, max_new_tokens, stop_strings)` gives greedy completions for
     batches of at most `batch_size` prompts. `shots`: None for the task's published setting. `limit`: the first
-    N examples of each subject (of each BBH task, MATH type, Flores direction). `chat` is recorded only: the
-    caller's `generate` wraps prompts in the chat format; for HumanEval it also drops the stop strings, which
-    would cut a chat model's fenced answer. `limits`: of the code sandbox."""
+    N examples of each subject (of each BBH task, MATH type, Flores direction). `chat`: the caller's `generate`
+    wraps prompts in the chat format itself; here it is recorded, and it picks the task's chat stop strings
+    (HumanEval has none: its stops would cut a chat model's fenced answer). `limits`: of the code sandbox."""
+    if name not in GENERATIVE_TASKS:
+        raise ValueError(f"unknown generation task {name!r}; choose from {', '.join(GENERATIVE_TASKS)}")
     task = GENERATIVE_TASKS[name]
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

@@ -189,6 +189,8 @@ def test_shots_and_limit_are_checked(data_root):
         run_generative_task("mbpp", None, data_root, shots=4, limit=1, batch_size=1, chat=False)
     with pytest.raises(ValueError, match="limit"):
         run_generative_task("gsm8k", None, data_root, shots=None, limit=0, batch_size=1, chat=False)
+    with pytest.raises(ValueError, match="unknown generation task 'gsm9k'; choose from bbh, gsm8k"):
+        run_generative_task("gsm9k", None, data_root, shots=None, limit=1, batch_size=1, chat=False)
     with pytest.raises(FileNotFoundError, match="gsm8k"):
         run_generative_task(
             "gsm8k", None, Path("/nonexistent"), shots=None, limit=1, batch_size=1, chat=False
