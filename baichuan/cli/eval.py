@@ -25,7 +25,8 @@ DataDir = Annotated[
     typer.Option("--data", help="Data directory laid out like ../shared/data: one folder per benchmark."),
 ]
 Shots = Annotated[
-    int | None, typer.Option(min=0, help="Few-shot examples per prompt (default: each task's published number, 5).")
+    int | None,
+    typer.Option(min=0, help="Few-shot examples per prompt (default: each task's published number, 5)."),
 ]
 Limit = Annotated[
     int | None, typer.Option(min=1, help="Score only the first N questions of each subject (a quick run).")

@@ -156,7 +156,7 @@ def _fingerprint(task: Task, subject: Subject, settings: Settings, runner: Runne
         "subject": subject.name,
         "shots": task.default_shots if settings.shots is None else settings.shots,
         "limit": settings.limit,
-        "seed": settings.seed,
+        "seed": settings.seed if task.seeded else None,
         "chat": runner.chat,
         "context": runner.context,
         "record": settings.record,
@@ -211,7 +211,7 @@ def run_mc_task(
         "settings": {
             "shots": shots,
             "shot_source": task.shot_source,
-            "shot_seed": settings.seed,
+            "shot_seed": settings.seed if task.seeded else None,
             "limit_per_subject": settings.limit,
             "prompt_format": {"header": task.format.header, "item": _describe(task.format)},
             "scoring": "argmax of next-token logits of the letters A-D (last token of cue + letter)",

@@ -118,7 +118,7 @@ class Task:
     hard: tuple[str, ...] = ()  # C-Eval's Avg(Hard)
     shot_source: str = ""  # where shots come from, for the result file
     default_shots: int = 5
-    notes: str = ""
+    seeded: bool = True  # whether the seed orders the shots (MMLU and CMMLU take dev in file order)
     extra: dict = field(default_factory=dict)
 
 
@@ -350,6 +350,7 @@ def _subset(reader, names: tuple[str, ...]):
 
 # --- the table -----------------------------------------------------------------------------------------------
 
+POOL = "the first 5 of the questions shuffled with the seed (the rest are scored)"
 CEVAL_CATEGORIES = ("STEM", "Social Sciences", "Humanities", "Other")
 MMLU_CATEGORIES = ("Humanities", "Social Sciences", "STEM", "Other")
 CMMLU_CATEGORIES = ("STEM", "Humanities", "Social Sciences", "Other", "China specific")
@@ -365,38 +366,56 @@ TASKS: dict[str, Task] = {
             "subjects",
             CEVAL_CATEGORIES,
             tables.CEVAL_HARD,
-            "dev",
+            "dev, shuffled with the seed",
         ),
-        Task("mmlu", "MMLU", read_mmlu, MMLU_FORMAT, "questions", MMLU_CATEGORIES, shot_source="dev"),
-        Task("cmmlu", "CMMLU", read_cmmlu, CMMLU_FORMAT, "subjects", CMMLU_CATEGORIES, shot_source="dev"),
-        Task("gaokao", "Gaokao", read_gaokao, INLINE_ZH_FORMAT, "questions", shot_source="seeded pool of 5"),
+        Task(
+            "mmlu",
+            "MMLU",
+            read_mmlu,
+            MMLU_FORMAT,
+            "questions",
+            MMLU_CATEGORIES,
+            shot_source="dev, file order",
+            seeded=False,
+        ),
+        Task(
+            "cmmlu",
+            "CMMLU",
+            read_cmmlu,
+            CMMLU_FORMAT,
+            "subjects",
+            CMMLU_CATEGORIES,
+            shot_source="dev, file order",
+            seeded=False,
+        ),
+        Task("gaokao", "Gaokao", read_gaokao, INLINE_ZH_FORMAT, "questions", shot_source=POOL),
         Task(
             "agieval",
             "AGIEval",
             read_agieval,
             AGIEVAL_ZH_FORMAT,
             "questions",
-            shot_source="seeded pool of 5",
+            shot_source=POOL,
             extra={"english": tuple(AGIEVAL_EN)},
         ),
-        Task("jec_qa", "JEC-QA", read_jec_qa, CEVAL_FORMAT, "questions", shot_source="seeded pool of 5"),
+        Task("jec_qa", "JEC-QA", read_jec_qa, CEVAL_FORMAT, "questions", shot_source=POOL),
         Task(
             "medqa",
             "MedQA",
             read_medqa,
             MMLU_FORMAT,
             "questions",
-            shot_source="dev",
+            shot_source="dev, shuffled with the seed",
             extra={"chinese": ("mcmle",)},
         ),
-        Task("medmcqa", "MedMCQA", read_medmcqa, MMLU_FORMAT, "questions", shot_source="seeded pool of 5"),
+        Task("medmcqa", "MedMCQA", read_medmcqa, MMLU_FORMAT, "questions", shot_source=POOL),
         Task(
             "ceval_medical",
             "C-Eval medical",
             _subset(read_ceval, tables.MEDICAL["ceval"]),
             CEVAL_FORMAT,
             "subjects",
-            shot_source="dev",
+            shot_source="dev, shuffled with the seed",
         ),
         Task(
             "mmlu_medical",
@@ -404,7 +423,8 @@ TASKS: dict[str, Task] = {
             _subset(read_mmlu, tables.MEDICAL["mmlu"]),
             MMLU_FORMAT,
             "questions",
-            shot_source="dev",
+            shot_source="dev, file order",
+            seeded=False,
         ),
         Task(
             "cmmlu_medical",
@@ -412,7 +432,8 @@ TASKS: dict[str, Task] = {
             _subset(read_cmmlu, tables.MEDICAL["cmmlu"]),
             CMMLU_FORMAT,
             "subjects",
-            shot_source="dev",
+            shot_source="dev, file order",
+            seeded=False,
         ),
     )
 }
