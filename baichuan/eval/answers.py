@@ -138,7 +138,6 @@ _REPLACE = [
     ("%", ""),
     ("\\;", ""),
     ("\\,", ""),
-    ("\\ ", ""),
     ("{,}", ""),
     ("\\dots", ""),
     ("\\ldots", ""),
@@ -156,6 +155,8 @@ _UNIT_WORDS = (
 )  # fmt: skip
 _UNITS = re.compile(r"\\(?:text|mbox|mathrm)\{\s*(?:" + "|".join(_UNIT_WORDS) + r")\s*\}(?:\^\d)?|\b(?:" +
                     "|".join(_UNIT_WORDS) + r")\b(?:\^\d)?")  # fmt: skip
+# A LaTeX space "\ ", but not a row break "\\" followed by a space: matrix rows must stay apart.
+_LATEX_SPACE = re.compile(r"(?<!\\)\\ ")
 _TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|mathrm|mbox|mathbf|boxed|overline)\{([^{}]*)\}")
 _SHORT_LHS = re.compile(r"^[A-Za-z]\w?\s*=")  # "x = 5", "k=3": the answer is the right-hand side
 _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+")
@@ -171,6 +172,7 @@ def normalize_math(answer: str) -> str:
     "0.5" -> "\\frac{1}{2}", "3/4" -> "\\frac{3}{4}", "\\left( 1, 2 \\right)" -> "(1,2)", "90^\\circ" -> "90"."""
     text = answer.strip()
     text = _UNITS.sub("", text)
+    text = _LATEX_SPACE.sub("", text)
     for old, new in _REPLACE:
         text = text.replace(old, new)
     if _THOUSANDS.fullmatch(text):  # "1,000" but not the pair "(1,234)"

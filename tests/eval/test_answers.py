@@ -124,6 +124,9 @@ def test_math_answer_prefers_minervas_final_line():
         ("5.", "5"),
         ("\\!\\!10", "10"),
         ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}"),
+        ("10\\ \\text{cm}", "10"),  # a LaTeX space
+        # matrix rows stay apart: "\\" followed by a space is a row break, not a LaTeX space
+        ("\\begin{pmatrix} -2 \\\\ -7 \\\\ 13 \\end{pmatrix}", "\\begin{pmatrix}-2\\-7\\13\\end{pmatrix}"),
     ],
 )
 def test_normalize_math(answer, normal):
@@ -140,6 +143,11 @@ def test_normalize_math(answer, normal):
         ("2", "3", False),
         ("\\frac{1}{3}", "0.33", False),
         ("(2,5]", "[2,5)", False),
+        (
+            "\\begin{pmatrix} -2 \\\\ -71 \\\\ 3 \\end{pmatrix}",
+            "\\begin{pmatrix} -2 \\\\ -7 \\\\ 13 \\end{pmatrix}",
+            False,
+        ),
         (None, "1", False),
     ],
 )
