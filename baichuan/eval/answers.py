@@ -142,8 +142,6 @@ _REPLACE = [
     ("\\dots", ""),
     ("\\ldots", ""),
     ("\\cdots", ""),
-    (" .", " 0."),
-    ("{.", "{0."),
 ]
 # Words that name a unit or the kind of thing counted (Minerva's REMOVED_EXPRESSIONS, the word entries): removed
 # where they stand as a word, so "5 inches" and "5" agree.
@@ -156,6 +154,7 @@ _UNIT_WORDS = (
 _UNITS = re.compile(r"\\(?:text|mbox|mathrm)\{\s*(?:" + "|".join(_UNIT_WORDS) + r")\s*\}(?:\^\d)?|\b(?:" +
                     "|".join(_UNIT_WORDS) + r")\b(?:\^\d)?")  # fmt: skip
 # A LaTeX space "\ ", but not a row break "\\" followed by a space: matrix rows must stay apart.
+_BARE_DECIMAL = re.compile(r"(?<![\w}])\.(?=\d)")  # ".5" -> "0.5", but not the period of "18 ways."
 _LATEX_SPACE = re.compile(r"(?<!\\)\\ ")
 _TEXT_COMMANDS = re.compile(r"\\(?:text|textbf|mathrm|mbox|mathbf|boxed|overline)\{([^{}]*)\}")
 _SHORT_LHS = re.compile(r"^[A-Za-z]\w?\s*=")  # "x = 5", "k=3": the answer is the right-hand side
@@ -180,9 +179,7 @@ def normalize_math(answer: str) -> str:
     # \text{...} and friends keep their content once the unit words are gone: "\text{(C)}" -> "(C)".
     while (stripped := _TEXT_COMMANDS.sub(r"\1", text)) != text:
         text = stripped
-    text = text.strip()
-    if text.startswith("."):
-        text = "0" + text
+    text = _BARE_DECIMAL.sub("0.", text.strip())
     if _SHORT_LHS.match(text) and text.count("=") == 1:
         text = text.split("=", 1)[1]
     text = _SQRT_SHORT.sub(r"\\sqrt{\1}", text)

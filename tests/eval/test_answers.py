@@ -125,6 +125,8 @@ def test_math_answer_prefers_minervas_final_line():
         ("\\!\\!10", "10"),
         ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}"),
         ("10\\ \\text{cm}", "10"),  # a LaTeX space
+        ("18\\text{ ways.}", "18"),  # a sentence's period, not a decimal point
+        ("(0, .5)", "(0,0.5)"),
         # matrix rows stay apart: "\\" followed by a space is a row break, not a LaTeX space
         ("\\begin{pmatrix} -2 \\\\ -7 \\\\ 13 \\end{pmatrix}", "\\begin{pmatrix}-2\\-7\\13\\end{pmatrix}"),
     ],
