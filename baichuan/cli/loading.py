@@ -166,6 +166,30 @@ def load(prepared, max_seq_len: int | None = None):
         raise UserError(str(e)) from None
 
 
+def check_lora(lora: Path | None):
+    """The adapter read and checked before the weights (its fit to the model is checked when applied)."""
+    if lora is None:
+        return None
+    from baichuan.lora import read_adapter
+
+    try:
+        return read_adapter(lora)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def apply_lora(loaded, adapter) -> None:
+    if adapter is None:
+        return
+    from baichuan.lora import apply_adapter
+
+    try:
+        apply_adapter(loaded.model, adapter)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    note(f"LoRA adapter {adapter.directory} applied ({len(adapter.pairs)} layers)")
+
+
 def text_arg(value: str, what: str) -> str:
     """Text from argv, refused in one line where it is not UTF-8 (Python keeps such bytes as surrogates)."""
     from baichuan.chat import not_utf8

@@ -27,6 +27,13 @@ Greedy = Annotated[bool, typer.Option(help="Greedy decoding instead of sampling.
 Quantize = Annotated[
     int | None, typer.Option(help="Quantize the weights while loading: 8 or 4 bits (weight-only).")
 ]
+Lora = Annotated[
+    Path | None,
+    typer.Option(
+        help="A LoRA adapter directory (baichuan finetune --lora, or peft) for this --model: merged into its float "
+        "layers, added beside quantized ones."
+    ),
+]
 
 
 KvDtype = Annotated[

@@ -10,6 +10,8 @@ import typer
 from baichuan.cli.base import UserError, app, friendly, note
 from baichuan.cli.loading import (
     MIN_CONTEXT,
+    apply_lora,
+    check_lora,
     context_of,
     fit_memory,
     load,
@@ -24,6 +26,7 @@ from baichuan.cli.options import (
     Dtype,
     Greedy,
     KvDtype,
+    Lora,
     MaxNew,
     ModelDir,
     Penalty,
@@ -58,6 +61,7 @@ def generate(
     kv_dtype: KvDtype = "auto",
     quantize: Quantize = None,
     max_seq_len: Context = None,
+    lora: Lora = None,
 ) -> None:
     """Complete a prompt (or answer it as a chat message with --chat) and stream the text to standard output."""
     from baichuan.generate import SamplingConfig, chat_prompt, stream_text
@@ -67,6 +71,7 @@ def generate(
     sampling_flags(SamplingConfig(), *flags)
     text = stdin_text() if prompt == "-" else text_arg(prompt, "--prompt")
     system = None if system is None else text_arg(system, "--system")
+    adapter = check_lora(lora)
     prepared = prepare(model, device, dtype, quantize, kv_dtype)
     sampling = sampling_flags(prepared.sampling, *flags)
     context = context_of(prepared, max_seq_len)
@@ -105,6 +110,7 @@ def generate(
     sampling = sampling.replace(max_new_tokens=length - len(ids))
     note(prepared.note)
     loaded = load(prepared, context)
+    apply_lora(loaded, adapter)
     for piece in stream_text(loaded.model, tokenizer, ids, sampling, kv_dtype=loaded.kv_dtype):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -128,6 +134,7 @@ def chat(
     kv_dtype: KvDtype = "auto",
     quantize: Quantize = None,
     max_seq_len: Context = None,
+    lora: Lora = None,
 ) -> None:
     """Chat in the terminal: streaming answers, history, /clear, /exit, Ctrl-C stops an answer."""
     from baichuan import chat as repl
@@ -136,6 +143,7 @@ def chat(
     flags = (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy)
     sampling_flags(SamplingConfig(), *flags)
     system = None if system is None else text_arg(system, "--system")
+    adapter = check_lora(lora)
     prepared = prepare(model, device, dtype, quantize, kv_dtype)
     sampling = sampling_flags(prepared.sampling, *flags)
     # The session keeps one cache row of the whole context, and a pasted text may be prefilled at once.
@@ -155,6 +163,7 @@ def chat(
         )
         sampling = sampling.replace(max_new_tokens=context - 1)
     loaded = load(prepared, context)
+    apply_lora(loaded, adapter)
     # Bytes that are not UTF-8 come in as surrogates instead of an exception, and the REPL refuses that message.
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")

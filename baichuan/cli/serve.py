@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from baichuan.cli.base import UserError, app, friendly
-from baichuan.cli.loading import MIN_CONTEXT, context_of, fit_memory, prepare
-from baichuan.cli.options import Device, Dtype, KvDtype, ModelDir, Quantize
+from baichuan.cli.loading import MIN_CONTEXT, check_lora, context_of, fit_memory, prepare
+from baichuan.cli.options import Device, Dtype, KvDtype, Lora, ModelDir, Quantize
 
 Host = Annotated[
     str,
@@ -70,6 +70,7 @@ def serve(
     engine: Annotated[
         str, typer.Option(help="baichuan (this toolkit) or vllm (vLLM's server; needs vLLM and a GPU).")
     ] = "baichuan",
+    lora: Lora = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with continuous
     batching, and a web chat page at / (streaming answers, history, stop, sampling controls)."""
@@ -81,6 +82,10 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UserError(
             "the API key is empty (--api-key or BAICHUAN_API_KEY): give a key, or unset it to serve without one"
+        )
+    if engine == "vllm" and lora is not None:
+        raise UserError(
+            "--lora is for the baichuan engine; merge the adapter first (baichuan merge-lora) for vLLM"
         )
     if engine == "vllm":
         from baichuan.serve.vllm import run_vllm, vllm_argv
@@ -95,6 +100,7 @@ def serve(
     from baichuan.serve.app import run
     from baichuan.serve.engine import PREFILL_CHUNK
 
+    check_lora(lora)
     prepared = prepare(model, device, dtype, quantize, kv_dtype)
     # The engine keeps max_batch rows of the whole context plus one row to prefill into.
     context = context_of(prepared, max_seq_len)
@@ -126,6 +132,7 @@ def serve(
             open_browser=open_browser,
             max_request_bytes=max_request_bytes,
             allowed_hosts=[name for name in (allowed_hosts or "").split(",") if name.strip()],
+            lora=lora,
         )
     except ValueError as e:
         raise UserError(str(e)) from None

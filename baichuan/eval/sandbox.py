@@ -1,7 +1,7 @@
 """Runs untrusted Python (generated code and its tests) in a separate process with limits.
 
-Each program runs as `python -I` (isolated: no user site, no PYTHON* variables) in a fresh temporary directory,
-in its own process group, with:
+Each program runs as `python -I -B` (isolated: no user site, no PYTHON* variables; no .pyc written) in a fresh
+temporary directory, in its own process group, with:
 - a CPU-time limit (RLIMIT_CPU: SIGXCPU, then SIGKILL a second later), which a busy machine does not shorten,
   and a wall-clock limit for programs that wait rather than compute: at the deadline the whole process group is
   killed (SIGKILL);
@@ -12,7 +12,10 @@ in its own process group, with:
   outside the process is reachable. In every case an audit hook (PEP 578), installed before the program runs,
   refuses every `socket.*` event and process creation (os.system, exec, fork, spawn, subprocess). The hook alone
   guards against accidents, not against code written to escape (ctypes can go around it); the namespace is the
-  wall, and `describe` says which layers a run had.
+  wall, and `describe` says which layers a run had;
+- the same hook refuses signals to other processes (os.kill) and, outside the working directory, opening files
+  for writing and removing, renaming or changing them. Reading is not limited: the program runs as the
+  evaluating user and sees what that user sees.
 
 The limits are set in the child by a short guard script before the program is read, rather than in a
 `preexec_fn`, which is unsafe in a threaded parent (programs run from a thread pool).
@@ -62,8 +65,9 @@ class Outcome:
         return self.status == "passed"
 
 
-# The audit events refused in the child: every socket operation, and starting another process (a program
-# could otherwise reach the network through curl, or escape the time limit by a detached child).
+# The audit events refused in the child: every socket operation, starting another process (a program could
+# otherwise reach the network through curl, or escape the time limit by a detached child), and signalling one
+# (such as the evaluation that runs it: HumanEval's reliability_guard disables os.kill for the same reason).
 _BLOCKED_EVENTS = (
     "socket.",
     "os.system",
@@ -74,23 +78,55 @@ _BLOCKED_EVENTS = (
     "os.forkpty",
     "subprocess.Popen",
     "pty.spawn",
+    "os.kill",
+    "os.killpg",
 )
+# Events that change the file system -> how many of their first arguments are paths. They, and opening a file
+# for writing, are refused outside the working directory: the program runs as the evaluating user, and a
+# generated `shutil.rmtree(os.path.expanduser("~"))` must not get far.
+_PATH_EVENTS = {
+    "os.remove": 1,
+    "os.rmdir": 1,
+    "shutil.rmtree": 1,
+    "os.mkdir": 1,
+    "os.chmod": 1,
+    "os.chown": 1,
+    "os.truncate": 1,
+    "os.utime": 1,
+    "os.rename": 2,
+    "os.link": 2,
+    "os.symlink": 2,
+}
 
-# Run as `python -I -c GUARD <cpu> <memory> <output> <program>`: limits first, then the hook, then the program.
+# Run as `python -I -B -c GUARD <cpu> <memory> <output> <program>`: limits, then the hook, then the program.
 _GUARD = f"""\
-import resource, sys
+import os, resource, sys
 cpu, memory, output, program = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_FSIZE, (output, output))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-def refuse(event, args, blocked={_BLOCKED_EVENTS!r}):
+def refuse(event, args, blocked={_BLOCKED_EVENTS!r}, path_events={_PATH_EVENTS!r},
+           home=os.path.realpath(os.getcwd()), write_flags=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND,
+           realpath=os.path.realpath, fsdecode=os.fsdecode, sep=os.sep):
     if event.startswith(blocked):
         raise PermissionError(f"sandbox: {{event}} is not allowed")
+    if event == "open":
+        path, mode, flags = args
+        writes = any(c in mode for c in "wax+") if mode is not None else bool(flags & write_flags)
+        paths = [path] if writes else []
+    else:
+        paths = args[: path_events.get(event, 0)]
+    for path in paths:
+        if isinstance(path, int) or path is None:  # an open descriptor
+            continue
+        full = realpath(fsdecode(path))
+        if full != home and not full.startswith(home + sep):
+            raise PermissionError(f"sandbox: {{event}} of {{full}} outside the working directory is not allowed")
 
 sys.addaudithook(refuse)
-del resource, refuse, cpu, memory, output
+del os, resource, refuse, cpu, memory, output
 sys.argv = [program]
 import runpy
 runpy.run_path(program, run_name="__main__")
@@ -121,7 +157,7 @@ def describe(limits: Limits) -> dict:
         "output_bytes": limits.output_bytes,
         "network": ("network namespace (unshare -rn) + " if namespace else "")
         + "audit hook refusing socket.* and process creation",
-        "python": f"{sys.executable} -I",
+        "python": f"{sys.executable} -I -B",
     }
 
 
@@ -134,7 +170,7 @@ def run_python(source: str, limits: Limits = Limits()) -> Outcome:
         work.mkdir()
         program = work / "program.py"
         program.write_text(source, encoding="utf-8")
-        command = [*prefix, sys.executable, "-I", "-c", _GUARD]
+        command = [*prefix, sys.executable, "-I", "-B", "-c", _GUARD]
         command += [str(limits.cpu_s), str(limits.memory_bytes), str(limits.output_bytes), str(program)]
         env = {"PATH": os.defpath, "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
         # One thread per program: they run many at a time, and a BLAS library that starts a pool per core

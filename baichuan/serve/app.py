@@ -731,6 +731,7 @@ def run(
     log_level: str = "info",
     max_request_bytes: int = MAX_REQUEST_BYTES,
     allowed_hosts: Sequence[str] = (),
+    lora: str | os.PathLike | None = None,
 ) -> None:
     """Load the checkpoint and serve it until interrupted. `threads`: torch's intra-op threads (its default is
     one per core; fewer can be faster on a machine shared with other work). `open_browser`: open the chat page
@@ -748,6 +749,10 @@ def run(
     started = time.monotonic()
     # Quantized while loading, shard by shard; kv_dtype: see runtime.pick_kv_dtype.
     loaded = load_for_inference(model_dir, device, dtype, quantize, kv_dtype)
+    if lora is not None:  # `lora`: a LoRA adapter directory, merged into the float layers (baichuan.lora)
+        from baichuan.lora import apply_adapter
+
+        apply_adapter(loaded.model, lora)
     print(f"loaded in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     name = model_name or Path(model_dir).resolve().name
     hosts = allowed_hosts_for(host, allowed_hosts)

@@ -152,8 +152,10 @@ def flops_per_token(config: Config, seq_len: int) -> float:
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0, n: int = 2048) -> float:
     """FLOP/s of the best n x n matmul in `dtype` here: the denominator of MFU, measured, not a datasheet's."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # Its own generator: drawing from the global one would change a resumed run's dropout after its RNG restore.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     best, deadline = float("inf"), time.perf_counter() + seconds
     for i in range(1000):
         start = time.perf_counter()
@@ -643,7 +645,10 @@ def _to_device(batch, device: torch.device):
 
 def _forward_loss(model: nn.Module, batch, loss_fn) -> torch.Tensor:
     if isinstance(batch, Mapping):
-        return loss_fn(model(batch["input_ids"], attention_mask=batch.get("attention_mask")), batch["labels"])
+        loss = loss_fn(model(batch["input_ids"], attention_mask=batch.get("attention_mask")), batch["labels"])
+        # loss_scale: the micro-batch's share of the step's loss, when its parts weigh unequally (a token
+        # mean over the whole global batch, whose micro-batches hold different numbers of labelled tokens).
+        return loss * batch["loss_scale"] if "loss_scale" in batch else loss
     return loss_fn(model(batch), batch)
 
 

@@ -81,6 +81,17 @@ class PretrainConfig:
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Settings from a YAML (.yaml/.yml) or TOML (.toml) file: PretrainConfig field names, '-' or '_'."""
+    values = read_settings_file(path)
+    known = {f.name for f in fields(PretrainConfig)}
+    settings = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return settings
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML (.yaml/.yml) or TOML (.toml) file, unchecked (fine-tuning reads its files too)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".toml":
@@ -104,12 +115,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: a config file must be .yaml, .yml or .toml")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
-    known = {f.name for f in fields(PretrainConfig)}
-    settings = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    return settings
+    return values
 
 
 def model_config(cfg: PretrainConfig, data_vocab: int) -> Config:

@@ -395,6 +395,8 @@ class SFTBatches:
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.world_size, self.rank, self.pack = world_size, rank, pack
         self.rows = pack_examples(examples, seq_len, seed) if pack else [[i] for i in range(len(examples))]
+        # Labelled positions per example after the shift (its first label is never a target).
+        self.n_labels = [int((e.labels[1:] != IGNORE_INDEX).sum()) for e in examples]
         self._perm: tuple[int, np.ndarray] | None = None
 
     @property
@@ -445,11 +447,21 @@ class SFTBatches:
         return batch
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        first = step * self.global_batch + self.rank * self.micro_batch * self.grad_accum
-        return [
-            self.collate([self.row(first + m * self.micro_batch + j) for j in range(self.micro_batch)])
-            for m in range(self.grad_accum)
-        ]
+        """This rank's micro-batches of global step `step`. Each carries `loss_scale`, so that the loop's loss
+        (a mean over micro-batches and ranks) of a summed token loss is the mean over every labelled token of
+        the global batch: the same for any split into ranks and accumulation steps."""
+        start = step * self.global_batch
+        total = sum(self.n_labels[i] for g in range(start, start + self.global_batch) for i in self.row(g))
+        scale = torch.tensor(self.grad_accum * self.world_size / max(total, 1), dtype=torch.float32)
+        first = start + self.rank * self.micro_batch * self.grad_accum
+        batches = []
+        for m in range(self.grad_accum):
+            batch = self.collate(
+                [self.row(first + m * self.micro_batch + j) for j in range(self.micro_batch)]
+            )
+            batch["loss_scale"] = scale
+            batches.append(batch)
+        return batches
 
     def state_dict(self) -> dict:
         return {

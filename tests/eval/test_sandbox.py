@@ -105,6 +105,37 @@ def test_process_creation_is_refused():
     assert outcome.status == "failed" and "sandbox: os.system is not allowed" in outcome.output
 
 
+def test_signals_to_other_processes_are_refused():
+    outcome = run_python("import os, signal\nos.kill(os.getppid(), signal.SIGTERM)\n")
+    assert outcome.status == "failed" and "sandbox: os.kill is not allowed" in outcome.output
+
+
+def test_file_system_changes_outside_the_working_directory_are_refused(tmp_path):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    for code in (
+        f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')",
+        f"open({str(victim)!r}, 'a').write('x')",
+        f"import os\nos.remove({str(victim)!r})",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+        f"import os\nos.rename({str(victim)!r}, 'mine.txt')",
+        f"import os\nos.symlink({str(tmp_path)!r}, 'link')\nopen('link/new.txt', 'w')",
+        "import os\nos.chdir('..')\nopen('escaped.txt', 'w')",
+    ):
+        outcome = run_python(code + "\n")
+        assert (
+            outcome.status == "failed" and "outside the working directory is not allowed" in outcome.output
+        ), code
+    assert victim.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    # Inside it, a program may write, rename and remove as it likes, and read anything.
+    inside = (
+        "import os, tempfile\nopen('a.txt', 'w').write('x')\nos.rename('a.txt', 'b.txt')\nos.mkdir('d')\n"
+        f"os.remove('b.txt')\ntempfile.NamedTemporaryFile().write(b'x')\nprint(open({str(victim)!r}).read())\n"
+    )
+    outcome = run_python(inside)
+    assert outcome.passed and outcome.output == "precious\n", outcome.output
+
+
 def test_infinite_loop_is_killed_at_the_cpu_limit():
     start = time.monotonic()
     outcome = run_python("while True:\n    pass\n", Limits(cpu_s=1, timeout_s=60))

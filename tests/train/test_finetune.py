@@ -1,0 +1,211 @@
+"""Fine-tuning: full and LoRA runs write what chat/peft/merge-lora load; the merged logits are base + adapter;
+resume is exact; 2 processes (DDP, gloo) give the losses of 1; QLoRA on CPU passes gradients through the
+dequantised weights; unknown LoRA targets name the real ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from baichuan.checkpoint import load_model
+from baichuan.cli import app
+from baichuan.config import ConfigError, preset
+from baichuan.lora import apply_adapter, read_adapter
+from baichuan.train.finetune import FinetuneConfig, check_lora_targets, finetune
+from tests.train.conftest import REPO, repo_env
+
+QUIET = dict(progress=False, tensorboard=False, plot=False, precision="fp32", log_every=100)
+
+
+def losses(out) -> list[float]:
+    with open(out / "loss.csv", newline="") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer_dir):
+    from baichuan.scaffold import init_checkpoint
+
+    directory = tmp_path_factory.mktemp("base")
+    config = preset("baichuan2-7b").replace(
+        n_layers=2, dim=64, n_heads=4, ffn_dim=128, vocab_size=4000, max_seq_len=256
+    )
+    return init_checkpoint(
+        config, directory, dtype=torch.float32, tokenizer=tokenizer_dir / "tokenizer.model"
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from baichuan.scaffold import sample_text
+
+    lines = sample_text(96, seed=5)
+    records = [
+        {"conversations": [{"from": "human", "value": lines[i]}, {"from": "gpt", "value": lines[i + 1]}]}
+        for i in range(0, len(lines), 2)
+    ]
+    path = tmp_path_factory.mktemp("sft") / "data.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def run(base, data, out, **overrides) -> list[float]:
+    settings = dict(model=str(base), data=str(data), output_dir=str(out), batch_size=2, model_max_length=48)
+    settings.update(QUIET)
+    settings.update(overrides)
+    return finetune(FinetuneConfig(**settings), say=lambda _: None).losses
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, base, data):
+    out = tmp_path_factory.mktemp("lora")
+    run(base, data, out, lora=True, lora_target=("W_pack", "down_proj"), max_steps=6, lr=2e-2)
+    return out
+
+
+def test_unknown_lora_target_lists_the_real_names(base):
+    model = load_model(base)
+    with pytest.raises(
+        ConfigError, match=r"q_proj \(q, k and v are fused in W_pack\).*W_pack, o_proj, gate_proj"
+    ):
+        check_lora_targets(model, ("q_proj",))
+    check_lora_targets(model, ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    result = CliRunner().invoke(
+        app, ["finetune", "--model", str(base), "--data", "x.json", "--lora", "--lora-target", "qkv"]
+    )
+    assert result.exit_code == 1 and "unknown LoRA target" in result.output
+
+
+def test_full_finetune_writes_an_official_checkpoint_and_learns(tmp_path, base, data):
+    curve = run(base, data, tmp_path, max_steps=8, lr=3e-3)
+    assert curve[-1] < curve[0]
+    model = load_model(tmp_path)  # config.json, weights and tokenizer in the official layout
+    assert {"tokenizer.model", "generation_config.json", "loss.csv"} <= {p.name for p in tmp_path.iterdir()}
+    before = load_model(base).state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_adapter_merge_equals_peft_and_the_cli(tmp_path, base, adapter):
+    from peft import AutoPeftModelForCausalLM
+
+    import baichuan  # noqa: F401  (registers the Auto classes)
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_modules"] and config["task_type"] == "CAUSAL_LM" and config["r"] == 8
+    ids = torch.randint(3, 4000, (2, 12), generator=torch.Generator().manual_seed(0))
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        plain = load_model(base)(ids)
+        merged_here = load_model(base)
+        apply_adapter(merged_here, adapter)
+        assert (expected - plain).abs().max() > 1e-3  # the adapter changes the output
+        torch.testing.assert_close(merged_here(ids), expected, rtol=1e-4, atol=1e-4)
+    result = CliRunner().invoke(
+        app, ["merge-lora", "--model", str(base), "--lora", str(adapter), "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "m")(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_lora_equals_the_merged_model(tmp_path, base, adapter):
+    merged = tmp_path / "m"
+    assert (
+        CliRunner()
+        .invoke(app, ["merge-lora", "-m", str(base), "--lora", str(adapter), "--out", str(merged)])
+        .exit_code
+        == 0
+    )
+    args = ["generate", "--prompt", "the model", "--greedy", "--max-new-tokens", "8", "--dtype", "fp32"]
+    with_lora = CliRunner().invoke(app, [*args, "-m", str(base), "--lora", str(adapter)])
+    plain = CliRunner().invoke(app, [*args, "-m", str(merged)])
+    assert with_lora.exit_code == 0, with_lora.output
+    assert with_lora.stdout == plain.stdout and with_lora.stdout.strip()
+    bad = CliRunner().invoke(app, [*args, "-m", str(base), "--lora", str(tmp_path)])
+    assert bad.exit_code == 1 and "no adapter_config.json" in bad.output
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_continues_the_same_loss_trajectory(tmp_path, base, data, lora):
+    settings = dict(
+        max_steps=4, save_every=2, keep_last=0, lr=1e-2 if lora else 3e-3, lora=lora, lora_dropout=0.1
+    )
+    whole = run(base, data, tmp_path, **settings)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")
+    resumed = run(base, data, tmp_path, resume=True, **settings)
+    assert len(resumed) == 2
+    np.testing.assert_allclose(resumed, whole[2:], rtol=1e-6)
+    np.testing.assert_allclose(losses(tmp_path), whole, rtol=1e-6)
+
+
+def test_two_processes_equal_one(tmp_path, base, data):
+    common = [
+        "finetune", "--model", str(base), "--data", str(data), "--model-max-length", "48", "--max-steps", "3",
+        "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--no-tensorboard", "--no-plot",
+    ]  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, "-m", "baichuan.cli", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")],
+        env=repo_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    two = subprocess.run(
+        [*prefix, "-m", "baichuan.cli", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")],
+        env=repo_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 rank(s)" in two.stdout + two.stderr
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_qlora_on_cpu_trains_through_dequantised_weights(tmp_path, base, data):
+    from baichuan.lora import TrainableQuantized
+    from baichuan.quantize import Int4Linear
+
+    # The gradient reaching the input is that of a float linear holding the dequantised weight.
+    torch.manual_seed(0)
+    q = Int4Linear.from_weight(torch.randn(48, 64), group_size=32)
+    x = torch.randn(3, 64, requires_grad=True)
+    TrainableQuantized(q)(x).sum().backward()
+    w = q.dequantize().requires_grad_(False)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    curve = run(base, data, tmp_path, lora=True, quantize=4, max_steps=6, lr=2e-2)
+    assert all(np.isfinite(curve)) and min(curve[-2:]) < curve[0]
+    assert read_adapter(tmp_path).pairs  # an adapter of the float base's layer names
+    with pytest.raises(ConfigError, match="add --lora"):
+        run(base, data, tmp_path / "x", quantize=4, max_steps=1)
+
+
+def test_dry_run_prints_an_example_and_the_histogram(base, data):
+    result = CliRunner().invoke(
+        app, ["finetune", "--model", str(base), "--data", str(data), "--dry-run", "--model-max-length", "16"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "example 1" in result.output
+        and "token lengths" in result.output
+        and "longer than 16 tokens" in result.output
+    )
+
+
+def test_missing_tokenizer_is_named(tmp_path, base, data):
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare)
+    (bare / "tokenizer.model").unlink()
+    result = CliRunner().invoke(app, ["finetune", "--model", str(bare), "--data", str(data), "--dry-run"])
+    assert result.exit_code == 1 and "pass --tokenizer DIR" in result.output
+    result = CliRunner().invoke(
+        app, ["finetune", "--model", str(bare), "--tokenizer", str(base), "--data", str(data), "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
