@@ -224,7 +224,11 @@ def pretrain(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda.")] = None,
     strategy: Annotated[str | None, typer.Option(help="Under torchrun: ddp or fsdp (FSDP2).")] = None,
     deepspeed: Annotated[
-        str | None, typer.Option(help="DeepSpeed ZeRO config file (needs CUDA GPUs; not verified).")
+        str | None,
+        typer.Option(
+            help="DeepSpeed ZeRO-2/3 config file (configs/deepspeed/); launch with `deepspeed $(which baichuan) "
+            'pretrain ...`. Its "auto" values come from these flags; it may not set an optimizer or scheduler.'
+        ),
     ] = None,
 ) -> None:
     """Pretrain a Baichuan model from a preset (with overrides) or continue an existing checkpoint, on one

@@ -188,8 +188,15 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Baichuan inside a DDP wrapper (FSDP2 shards the model in place; it has no wrapper)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The Baichuan inside a DDP wrapper or a DeepSpeed engine (FSDP2 shards the model in place; no wrapper)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed(model):
+        return model.module
+    return model
+
+
+def _is_deepspeed(model: nn.Module) -> bool:
+    """A DeepSpeed engine (built by train/zero.py), told by its class so that deepspeed is not imported here."""
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -251,6 +258,7 @@ def save_training_checkpoint(
     files: Mapping[str, bytes] | None = None,
     keep_last: int = 0,
     save_weights: Callable[[Path, Mapping[str, torch.Tensor]], None] | None = None,
+    tmp: Path | None = None,
 ) -> Path:
     """Write out/checkpoints/step-{step}: built as a hidden temporary directory (weights and config.json by
     `save_checkpoint`, then trainer_state.pt, all fsynced), then renamed into place in one step."""
@@ -261,8 +269,9 @@ def save_training_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(root)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is None:  # else: it holds part of this checkpoint already (DeepSpeed's files, from every rank)
+        tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
     if save_weights is None:
         save_checkpoint(tmp, config_dict(config, torch.float32), dict(weights), files=files)
     else:
@@ -487,25 +496,43 @@ def train(
     base = unwrap(model)
     model_config: Config = base.config
     loss_fn = loss_fn or (lambda logits, ids: causal_lm_loss(logits, ids, model_config.z_loss_weight))
-    autocast_dtype, precision_note = resolve_precision(config.precision, device)
+    engine = _is_deepspeed(model)  # DeepSpeed owns the optimizer step: train/zero.py does its part
+    if engine:
+        from baichuan.train import zero
+
+        if weights_io is not None:
+            raise ValueError("DeepSpeed checkpoints hold the whole model; weights_io does not go with it")
+        autocast_dtype, precision_note = None, zero.precision_note(model)  # DeepSpeed casts the weights
+    else:
+        autocast_dtype, precision_note = resolve_precision(config.precision, device)
+    compute_dtype = torch.bfloat16 if engine and model.bfloat16_enabled() else autocast_dtype or torch.float32
     speak(f"precision: {precision_note}")
     if config.activation_checkpointing:
         base.model.gradient_checkpointing = True
 
-    optimizer = build_optimizer(model, config)
+    optimizer = model.optimizer if engine else build_optimizer(model, config)  # DeepSpeed's wraps ours
     start_step, bad_in_row, ema, ema_steps = 0, 0, 0.0, 0
     found = checkpoint_dirs(out) if resume else []
     if resume and not found:
         speak(f"--resume: no checkpoint under {out / 'checkpoints'}; starting from step 0")
     if found:
         step, path = found[-1]
-        weights, state = load_training_checkpoint(path, weights_io and weights_io.load)
+        if engine:
+            state = zero.load(model, path)
+        else:
+            weights, state = load_training_checkpoint(path, weights_io and weights_io.load)
         if state["data"] != batches.state_dict():
             raise ValueError(
                 f"{path}: the data do not match the checkpoint's ({state['data']} vs {batches.state_dict()}); "
                 "resume with the same data, seed, sequence length and global batch"
             )
-        load_full_state(model, optimizer, weights, state["optimizer"], strict=weights_io is None)
+        if not engine:
+            if "deepspeed" in state:
+                raise ValueError(
+                    f"{path} was written under --deepspeed (the optimizer state is in DeepSpeed's partitions): "
+                    "resume it with --deepspeed, or start from its weights with --init-from"
+                )
+            load_full_state(model, optimizer, weights, state["optimizer"], strict=weights_io is None)
         _set_rng_state(state["rng"])
         start_step, bad_in_row = state["step"], state["bad_in_row"]
         ema, ema_steps = state["loss_ema"], state["loss_ema_steps"]
@@ -522,14 +549,23 @@ def train(
     flops_token = flops_per_token(model_config, batches.seq_len)
     peak = None
     if config.measure_peak:
-        peak = matmul_peak(autocast_dtype or torch.float32, device) * world  # each rank measures its share
-        speak(f"matmul peak for MFU: {peak / 1e9:,.1f} GFLOP/s ({str(autocast_dtype or torch.float32)[6:]})")
+        peak = matmul_peak(compute_dtype, device) * world  # each rank measures its share
+        speak(f"matmul peak for MFU: {peak / 1e9:,.1f} GFLOP/s ({str(compute_dtype)[6:]})")
     logs = _Logs(out, config, start_step, speak) if main else None
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     )
     losses, skipped, last = [], [], None
+
+    def judge(loss_value: float, grad_norm: float) -> str | None:
+        """Why a step is skipped (a non-finite loss or gradient norm, or a loss spike), or None."""
+        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
+            return f"non-finite loss {loss_value} / grad norm {grad_norm}"
+        if config.spike_factor and ema_steps >= 20 and loss_value > config.spike_factor * ema:
+            return f"loss spike {loss_value:.4f} > {config.spike_factor:g} x running mean {ema:.4f}"
+        return None
+
     model.train()
     try:
         for step in range(start_step, config.max_steps):
@@ -538,24 +574,30 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = batches.micro_batches(step)
-            total = torch.zeros((), device=device)
-            for i, ids in enumerate(micro):
-                ids = _to_device(ids, device)
-                with _no_sync(model, last_micro=i == len(micro) - 1):
-                    with autocast:
-                        loss = _forward_loss(model, ids, loss_fn) / len(micro)
-                    loss.backward()
-                total += loss.detach().float()
-            loss_value = _mean_across_ranks(total)
-            clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            reason = None
-            if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-                reason = f"non-finite loss {loss_value} / grad norm {grad_norm}"
-            elif config.spike_factor and ema_steps >= 20 and loss_value > config.spike_factor * ema:
-                reason = f"loss spike {loss_value:.4f} > {config.spike_factor:g} x running mean {ema:.4f}"
+            if engine:
+                loss_value, grad_norm, reason = zero.step(
+                    model,
+                    [_to_device(b, device) for b in micro],
+                    lambda batch: _forward_loss(model, batch, loss_fn),
+                    judge,
+                    _mean_across_ranks,
+                )
+            else:
+                total = torch.zeros((), device=device)
+                for i, ids in enumerate(micro):
+                    ids = _to_device(ids, device)
+                    with _no_sync(model, last_micro=i == len(micro) - 1):
+                        with autocast:
+                            loss = _forward_loss(model, ids, loss_fn) / len(micro)
+                        loss.backward()
+                    total += loss.detach().float()
+                loss_value = _mean_across_ranks(total)
+                clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                reason = judge(loss_value, grad_norm)
             if reason is None:
-                optimizer.step()
+                if not engine:
+                    optimizer.step()
                 bad_in_row = 0
                 ema = loss_value if ema_steps == 0 else 0.95 * ema + 0.05 * loss_value
                 ema_steps += 1
@@ -563,7 +605,8 @@ def train(
                 bad_in_row += 1
                 skipped.append(step + 1)
                 speak(f"step {step + 1}: skipped ({reason}); {bad_in_row} bad step(s) in a row")
-            optimizer.zero_grad(set_to_none=True)
+            if not engine:
+                optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
             losses.append(loss_value if reason is None else float("nan"))
             if logs is not None:
@@ -591,7 +634,7 @@ def train(
                 )
             done = step + 1 == config.max_steps
             if config.save and ((config.save_every and (step + 1) % config.save_every == 0) or done):
-                weights, optim = full_state(model, optimizer)
+                weights, optim = ({}, None) if engine else full_state(model, optimizer)
                 state = {
                     "step": step + 1,
                     "optimizer": optim,
@@ -602,7 +645,9 @@ def train(
                     "loss_ema_steps": ema_steps,
                     "train_config": asdict(config),
                 }
-                if main:
+                if engine:  # every rank writes its ZeRO partition
+                    last = zero.save(model, out, step + 1, model_config, state, files, config.keep_last)
+                elif main:
                     last = save_training_checkpoint(
                         out,
                         step + 1,

@@ -72,7 +72,7 @@ class PretrainConfig:
     # hardware and scale
     device: str = "auto"
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2)
-    deepspeed: str | None = None  # a ZeRO config file (configs/deepspeed/): needs CUDA GPUs
+    deepspeed: str | None = None  # a ZeRO-2/3 config file (configs/deepspeed/); launch with `deepspeed`
 
     def train_config(self) -> TrainConfig:
         names = {f.name for f in fields(TrainConfig)}
@@ -204,19 +204,25 @@ def _public_fsdp2() -> bool:
     return True
 
 
+def _deepspeed_engine(cfg: PretrainConfig, model: Baichuan, world: int, device: torch.device, say):
+    """The model under DeepSpeed ZeRO (see train/zero.py): our AdamW handed over, the config's "auto" values
+    filled from the flags; the config used is written to OUT/deepspeed.json."""
+    from baichuan.train import zero
+    from baichuan.train.loop import build_optimizer, resolve_precision
+
+    bf16 = resolve_precision(cfg.precision, device)[0] is torch.bfloat16
+    config, _ = zero.resolve_config(cfg.deepspeed, cfg.batch_size, cfg.grad_accum, world, cfg.grad_clip, bf16)
+    if dist.get_rank() == 0:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "deepspeed.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    stage = config["zero_optimization"]["stage"]
+    where = "" if device.type == "cuda" else " on its CPU accelerator (gloo): slow; ZeRO is made for GPUs"
+    say(f"DeepSpeed ZeRO-{stage} from {cfg.deepspeed}{where}; the config used is in {cfg.out}/deepspeed.json")
+    return zero.initialize(model, build_optimizer(model, cfg.train_config()), config)
+
+
 def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
     """Run a pretraining job as configured. Under torchrun (WORLD_SIZE > 1) each rank calls this."""
-    if cfg.deepspeed:
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "--deepspeed needs CUDA GPUs, and this machine has none: DeepSpeed ZeRO does not run on CPU. "
-                "On CPU use torchrun with --strategy ddp or fsdp (gloo). The ZeRO-2/3 files in "
-                "configs/deepspeed/ have not been verified here."
-            )
-        raise ConfigError(
-            "--deepspeed: the ZeRO engine is not wired into the training loop yet (the config files in "
-            "configs/deepspeed/ are shipped, unverified); use torchrun with --strategy ddp or fsdp"
-        )
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
     if not cfg.data:
@@ -224,8 +230,17 @@ def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg.device, local_rank)
+    if cfg.deepspeed:
+        from baichuan.train import zero
+
+        zero.import_deepspeed()  # not installed: one line now, before anything is loaded
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif cfg.deepspeed and not dist.is_initialized():
+        # One process without a launcher: DeepSpeed still needs a process group, and LOCAL_RANK set.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
@@ -246,9 +261,11 @@ def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
                 f"data: {len(tokens.tokens):,} tokens, {batches.n_windows:,} windows of {cfg.seq_len}; global "
                 f"batch {batches.global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} "
                 f"rank(s) ({batches.global_batch * cfg.seq_len:,} tokens a step); device {device}"
-                + (f", {cfg.strategy.upper()}" if world > 1 else "")
+                + (f", {cfg.strategy.upper()}" if world > 1 and not cfg.deepspeed else "")
             )
-        if world > 1 and cfg.strategy == "ddp":
+        if cfg.deepspeed:
+            model = _deepspeed_engine(cfg, model, world, device, say if rank == 0 else lambda _: None)
+        elif world > 1 and cfg.strategy == "ddp":
             ids = [device.index] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         elif world > 1:
@@ -274,5 +291,5 @@ def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
             say=say,
         )
     finally:
-        if world > 1 and dist.is_initialized():
+        if (world > 1 or cfg.deepspeed) and dist.is_initialized():
             dist.destroy_process_group()
