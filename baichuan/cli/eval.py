@@ -172,9 +172,16 @@ def eval_command(
 @friendly
 def eval_curve(
     checkpoints: Annotated[
-        list[Path],
-        typer.Option("--checkpoints", help="Checkpoint directories (repeat the flag or list them)."),
-    ],
+        list[Path] | None,
+        typer.Option(
+            "--checkpoints",
+            help="Checkpoint directories: --checkpoints A B C (or the flag repeated); a shell glob such as "
+            "RUN/checkpoints/step-* works.",
+        ),
+    ] = None,
+    more: Annotated[
+        list[Path] | None, typer.Argument(help="More checkpoint directories.", show_default=False)
+    ] = None,
     out: Annotated[Path, typer.Option(help="The PNG to write; its results go to a folder beside it.")] = Path(
         "curve.png"
     ),
@@ -194,6 +201,12 @@ def eval_curve(
     from baichuan.eval.curve import plot, training_tokens
     from baichuan.eval.tasks import TASKS
 
+    checkpoints = [*(checkpoints or []), *(more or [])]
+    if not checkpoints:
+        raise UserError("name the checkpoints: --checkpoints RUN/checkpoints/step-*")
+    missing = [str(c) for c in checkpoints if not c.is_dir()]
+    if missing:
+        raise UserError(f"not a checkpoint directory: {', '.join(missing)}")
     names = _task_list(tasks)
     if any(n not in TASKS for n in names):
         raise UserError("eval-curve plots multiple-choice tasks only (ceval, mmlu, cmmlu, ...)")
@@ -203,6 +216,7 @@ def eval_curve(
         tokens = {c: training_tokens(c) for c in checkpoints}
     except ValueError as e:
         raise UserError(str(e)) from None
+    checkpoints = sorted(checkpoints, key=tokens.__getitem__)
     points: dict[str, list[tuple[int, float]]] = {TASKS[n].title: [] for n in names}
     folder = out.with_suffix("")
     for checkpoint in checkpoints:

@@ -87,13 +87,19 @@ def test_eval_curve_plots_scores_against_training_tokens(checkpoint, data_root, 
     assert training_tokens(second) == 10240
 
     png = tmp_path / "curve.png"
-    args = ["eval-curve", "--checkpoints", str(first), "--checkpoints", str(second), "--out", str(png)]
+    args = ["eval-curve", "--checkpoints", str(second), str(first), "--out", str(png)]  # as a glob lists them
     args += ["--tasks", "ceval_medical", "--data", str(data_root), "--limit", "1", "--device", "cpu"]
     result = cli.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "5,120 tokens" in result.stdout and "10,240 tokens" in result.stdout
     assert (tmp_path / "curve" / "step-00000020" / "results.json").is_file()
+    assert result.stdout.index("5,120 tokens") < result.stdout.index("10,240 tokens")  # in training order
+
+
+def test_eval_curve_needs_checkpoints(tmp_path):
+    result = cli.invoke(app, ["eval-curve", "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 1 and "name the checkpoints" in result.stderr
 
 
 def test_eval_curve_refuses_a_checkpoint_without_token_counts(checkpoint, tmp_path):
