@@ -125,13 +125,13 @@ def score_subject(
 
 def averages(
     task: Task, subjects: Sequence[Subject], results: dict[str, dict]
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float | None, dict[str, float | None]]:
     """The task's score and its category averages, as the benchmark reports them."""
 
-    def mean(names: list[str]) -> float:
+    def mean(names: list[str]) -> float | None:
         names = [n for n in names if n in results]
         if not names:
-            return float("nan")
+            return None  # no subject of this category was run (JSON has no NaN)
         if task.average == "questions":
             return (
                 100.0
@@ -386,7 +386,7 @@ def _write_json(path: Path, value: Any) -> None:
     """Written whole or not at all (a temporary file renamed), so a killed run never leaves half a result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=1, allow_nan=True), encoding="utf-8")
+    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 
