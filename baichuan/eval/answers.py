@@ -3,7 +3,7 @@
 Each parser takes the model's completion (already cut at the task's stop string) and returns the answer as a
 string, or None where it finds none; None never equals a reference. The MATH normaliser follows the rules of
 Hendrycks et al.'s `is_equiv` (https://github.com/hendrycks/math, `math_equivalence.py`) and Minerva's
-`normalize_final_answer` (Lewkowycz et al. 2022, appendix D.1), written out here as tables of rules.
+`normalize_final_answer` (Lewkowycz et al. 2022, appendix), written out here as tables of rules.
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ GSM8K = Task(
 # --- MATH -------------------------------------------------------------------------------------------------------
 
 # The 4-shot prompt of Minerva (Lewkowycz et al. 2022, "Solving Quantitative Reasoning Problems with Language
-# Models", appendix D.2): four problems of the MATH train split with Minerva's closing line, the exemplars that
+# Models", appendix): four problems of the MATH train split with Minerva's closing line, the exemplars that
 # lm-evaluation-harness' minerva_math and OpenCompass prompt with. Retyped here with the paper's LaTeX: a public
 # copy of lm-eval's minerva_math/utils.py differs in two details of whitespace and escaping (a single backslash
 # at the two align row breaks, a line break before "find" in the fourth problem). The train split is not in
