@@ -353,7 +353,7 @@ HUMANEVAL = Task(
     shots=0,
     max_shots=0,
     max_new_tokens=512,
-    # The stop sequences of the Codex paper (Chen et al. 2021, section 2.3): a new top-level statement ends the
+    # The stop sequences of the Codex paper (Chen et al. 2021): a new top-level statement ends the
     # function body. A chat model answers a whole fenced function, which they would cut: it stops at EOS only.
     stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
     chat_stop=(),
