@@ -1,18 +1,52 @@
-"""What this CPU computes natively, asked of torch and of oneDNN (the library behind torch's CPU matmuls)."""
+"""What this CPU computes natively, and the row counts at which each CPU product changes kernels.
+
+Every probe of the CPU's features lives here: whether torch's (oneDNN's) half-precision matmuls are native or
+emulated, and which build of our own kernels (`cpu_gemv`, `csrc/cpu_gemv.cpp`) this CPU can run.
+"""
 
 from __future__ import annotations
 
 import functools
+import platform
+import warnings
 
 import torch
+
+# The builds of `csrc/cpu_gemv.cpp`, lowest first; each needs the features of the ones before it.
+#   avx2        AVX2 + FMA (Haswell, Zen 1 and later)
+#   avx512      AVX-512 F/BW/VL/DQ + VNNI (Cascade Lake, Ice Lake, Zen 4 and later; Skylake-X runs avx2)
+#   avx512bf16  the above + AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later)
+KERNEL_TARGETS = ("avx2", "avx512", "avx512bf16")
+
+# Row thresholds: how many activation rows (tokens in a forward) a product must have before a kernel changes.
+# int8/int4: our kernels (cpu_gemv) up to this many rows, past it torch's or a widened GEMM (2-core Zen 3:
+# int8 1.4-2.9x faster than torch's bf16 kernels from 1 to 128 rows, int4 1.4-2.8x up to 32 rows, 0.95-1.7x at 128;
+# quantized layers may lift it, see there).
+GEMV_MAX_ROWS = 128
+# bf16: our mat-vec (cpu_gemv.bf16_gemv) up to this many rows, past it torch's GEMM (`bf16_gemv_max_rows`). Up to
+# batch-8 decoding where torch's bf16 product is emulated or ours has vdpbf16ps; only below 4 rows where ours
+# widens to fp32 and oneDNN's bf16 is native (a lower target forced on an AVX512-BF16 CPU).
+BF16_GEMV_MAX_ROWS = 8
+BF16_WIDENING_MAX_ROWS = 2
+# bf16/fp16 weights where half precision is emulated: an fp32 GEMM on the widened weight from this many rows on
+# (4096x1536 weight, 2-core Zen 3: 16 rows 7.1 vs 9.9 ms; 8 rows 6.2 vs 5.0 ms).
+UPCAST_MIN_ROWS = 16
 
 
 @functools.cache
 def half_is_emulated(dtype: torch.dtype) -> bool:
-    """Whether this CPU lacks native bf16/fp16 matmul (AVX2, AVX-512 before Cooper Lake): oneDNN's check."""
+    """Whether this CPU lacks native bf16/fp16 matmul: the one answer to "native half precision?", for the
+    default dtype (`runtime.pick_dtype`), the upcasting of prompts (`model.Linear`) and the kernels' thresholds.
+
+    Native needs oneDNN (the library behind torch's CPU matmuls) to take the dtype and, for bf16 on x86, the
+    instructions themselves (AVX512-BF16 or AMX): some torch versions let oneDNN take bf16 on any AVX-512 CPU,
+    where it is converted to fp32 for every product and runs slower than fp32 itself."""
     try:
         if dtype == torch.bfloat16:
-            return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            if native and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+                native = _probe("_is_avx512_bf16_supported") or _probe("_is_amx_tile_supported")
+            return not native
         if dtype == torch.float16:
             return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
     except (AttributeError, RuntimeError):  # torch built without oneDNN
@@ -23,3 +57,59 @@ def half_is_emulated(dtype: torch.dtype) -> bool:
 def has_avx2() -> bool:
     """Whether torch runs its AVX2 (or AVX-512) kernels here, which our own kernels (cpu_gemv) need too."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _probe(name: str) -> bool:
+    """One of torch's cpuinfo feature checks (`torch.cpu._is_*_supported`, private: False where it moved)."""
+    probe = getattr(torch.cpu, name, None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def kernel_targets() -> tuple[str, ...]:
+    """The builds of our kernels this CPU (and its operating system) can run, lowest first; () without AVX2."""
+    if not has_avx2():
+        return ()
+    if not (_probe("_is_avx512_supported") and _probe("_is_vnni_supported")):
+        return KERNEL_TARGETS[:1]
+    if not _probe("_is_avx512_bf16_supported"):
+        return KERNEL_TARGETS[:2]
+    return KERNEL_TARGETS
+
+
+def kernel_target(requested: str | None = None, supported: tuple[str, ...] | None = None) -> str | None:
+    """The build of our kernels to use: the highest the CPU runs (`supported`, default `kernel_targets()`), or
+    `requested` where that is lower. A target the CPU cannot run is clamped to the highest it can, with a
+    warning, as is a name that is no target. None: the CPU runs none (no AVX2)."""
+    supported = kernel_targets() if supported is None else supported
+    if not supported:
+        return None
+    best = supported[-1]
+    if not requested:
+        return best
+    requested = requested.strip().lower()
+    if requested not in KERNEL_TARGETS:
+        warnings.warn(
+            f"unknown CPU kernel target {requested!r} (choose from {', '.join(KERNEL_TARGETS)}); using {best}",
+            stacklevel=2,
+        )
+        return best
+    if requested not in supported:
+        warnings.warn(
+            f"this CPU cannot run the {requested} kernels (it runs {', '.join(supported)}); using {best}",
+            stacklevel=2,
+        )
+        return best
+    return requested
+
+
+def bf16_gemv_max_rows(target: str | None) -> int:
+    """Activation rows up to which our bf16 mat-vec (the build for `target`) beats torch's bf16 product here."""
+    if target is None:
+        return 0
+    if target == "avx512bf16" or half_is_emulated(torch.bfloat16):
+        return BF16_GEMV_MAX_ROWS
+    return BF16_WIDENING_MAX_ROWS

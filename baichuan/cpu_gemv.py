@@ -1,10 +1,17 @@
-"""The AVX2 int8/int4 mat-vec kernels (`csrc/cpu_gemv.cpp`), compiled on first use and cached by torch.
+"""Our CPU kernels (`csrc/cpu_gemv.cpp`): weight-only int8/int4 and bf16 products for decoding, compiled on
+first use, once per instruction set, and cached by torch.
 
 torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` run out of arithmetic before memory on
-decode-sized products (they widen every weight to float); these kernels do pairs of int8 (or int4) x int16
-products per instruction and so stream weights much closer to the memory's rate. They need an x86 CPU with AVX2
-and a C++ compiler; where either is missing, or the build fails, or BAICHUAN_CPU_KERNELS=0 is set, `load()` gives
-None and the callers keep torch's kernels.
+decode-sized products (they widen every weight to float), and its bf16 mat-vec does too where bf16 is emulated;
+these kernels do pairs of int8 (or int4) x int16 products per instruction, and bf16 products with `vdpbf16ps` or
+two FMAs per 32-bit lane, and so stream weights much closer to the memory's rate.
+
+Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx512 (with VNNI) or
+avx512bf16. Each build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
+extension cache), so a cache shared between machines never hands a CPU a kernel it cannot run.
+BAICHUAN_CPU_ISA=avx2 (or avx512) forces a lower target; one the CPU cannot run is clamped, with a warning.
+They need an x86 CPU with AVX2 and a C++ compiler; where either is missing, or the build fails, or
+BAICHUAN_CPU_KERNELS=0 is set, `load()` gives None and the callers keep torch's kernels.
 """
 
 from __future__ import annotations
@@ -19,18 +26,28 @@ from types import ModuleType
 
 import torch
 
-from baichuan.cpu import has_avx2
+from baichuan.cpu import GEMV_MAX_ROWS, bf16_gemv_max_rows, kernel_target
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
-# Activation rows up to which the kernels are used by default. 2-core Zen 3, 4608x1536, 1536x4096, 4096x4096 and
-# 125696x1536 layers against torch's bf16 kernels: int8 1.4-2.9x faster from 1 to 128 rows; int4 1.4-2.8x up to
-# 32 rows, 0.95-1.7x at 128.
-# Past that, prompts: int8 is faster as an fp32 GEMM on the widened weight (512-token prefill of the 1.29B
-# benchmark model: 64.7 against 36.2 tok/s), while int4 stays faster in the kernel (55.9 against 41.6 tok/s with
-# torch's kernel and its widening), so `quantize.Int4Linear` lifts the limit where bf16 is emulated.
-MAX_ROWS = 128
+ENV_TARGET = "BAICHUAN_CPU_ISA"
+MAX_ROWS = GEMV_MAX_ROWS  # the name the quantized layers use
+# What each target compiles with. Never -march=native: a build must run on every CPU of its target.
+TARGET_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": [
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512vnni",
+    ],
+}
+TARGET_FLAGS["avx512bf16"] = [*TARGET_FLAGS["avx512"], "-mavx512bf16"]
 
 
 def serves(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
@@ -38,18 +55,36 @@ def serves(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
     return x.device.type == "cpu" and x.numel() <= max_rows * in_features
 
 
-def _built(cpp_extension: ModuleType) -> bool:
+def target() -> str | None:
+    """The instruction set of the build `load()` uses here (BAICHUAN_CPU_ISA may lower it); None without AVX2
+    or where BAICHUAN_CPU_KERNELS=0."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    return kernel_target(os.environ.get(ENV_TARGET))
+
+
+def build_name(isa: str) -> str:
+    return f"{NAME}_{isa}"
+
+
+def _built(cpp_extension: ModuleType, name: str) -> bool:
     try:
-        return any(Path(cpp_extension._get_build_directory(NAME, False)).glob(f"{NAME}*.so"))
+        return any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
     except Exception:  # a private helper of torch's: if it moves, the message just shows every time
         return False
 
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The compiled kernel module, or None where it cannot be used here (the reason goes to a warning once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not has_avx2():
-        return None
+    """The compiled kernel module for this CPU, or None where it cannot be used here (the reason goes to a
+    warning once)."""
+    isa = target()
+    return None if isa is None else load_target(isa)
+
+
+@functools.cache
+def load_target(isa: str) -> ModuleType | None:
+    """The build for one target (tests run the lower ones too). The caller makes sure the CPU runs it."""
     # Importing cpp_extension on a CPU-only machine logs a warning about CUDA_HOME that concerns only CUDA builds.
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
@@ -59,38 +94,48 @@ def load() -> ModuleType | None:
     finally:
         logger.setLevel(level)
 
+    name = build_name(isa)
     try:
-        if not _built(cpp_extension):
+        if not _built(cpp_extension, name):
             print(
-                "baichuan: building the AVX2 int8/int4 kernels (once per machine, about a minute)...",
+                f"baichuan: building the {isa} CPU kernels (once per machine, about a minute)...",
                 file=sys.stderr,
             )
         module = cpp_extension.load(
-            name=NAME,
+            name=name,
             sources=[str(SOURCE)],
             # Without -fopenmp, at::parallel_for (a header template) silently runs on one thread.
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=["-O3", *TARGET_FLAGS[isa], "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, a build error: torch's kernels still work
         warnings.warn(
-            f"the AVX2 int8/int4 kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"the {isa} CPU kernels could not be built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             f"using torch's kernels. Set {ENV_SWITCH}=0 to skip the attempt.",
             stacklevel=2,
         )
         return None
+    if module.target != isa:  # the source's feature tests disagree with the flags: never run it
+        warnings.warn(f"the {isa} CPU kernels built as {module.target}; using torch's kernels.", stacklevel=2)
+        return None
     return module
+
+
+@functools.cache
+def _bf16_max_rows() -> int:
+    return bf16_gemv_max_rows(target())
 
 
 def _apply(kernel: str, x: torch.Tensor, *args) -> torch.Tensor | None:
     """Run a kernel on x (..., K) of any float dtype: (..., N) in x's dtype, or None where the kernels are not
-    available. Called once per layer per token, so it skips the conversions that are not needed."""
+    available. Called once per layer per token, so it skips the conversions that are not needed (the kernels
+    take fp32 and bf16 rows as they are)."""
     module = load()
     if module is None:
         return None
     rows = x.reshape(-1, x.shape[-1])
-    if rows.dtype != torch.float32:
+    if rows.dtype is not torch.float32 and rows.dtype is not torch.bfloat16:
         rows = rows.float()
     if not rows.is_contiguous():
         rows = rows.contiguous()
@@ -112,3 +157,30 @@ def int4_gemv(
     scales_and_zeros (K/group_size, N, 2), group_size a multiple of 32 dividing K; None where the kernels are not
     available."""
     return _apply("int4_gemv", x, packed, scales_and_zeros, group_size)
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x @ weight.T for x (..., K) and a contiguous bf16 weight (N, K), in x's dtype (fp32 x is rounded to bf16
+    where the CPU has AVX512-BF16); None where the kernels are not available."""
+    return _apply("bf16_gemv", x, weight)
+
+
+def bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) through `bf16_gemv` where it is the faster product: bf16 x and weight on the
+    CPU, at most `cpu.bf16_gemv_max_rows` rows (decoding), and no gradient to record. None elsewhere, and the
+    caller runs torch's. Runs once per layer per token, so the cheap checks come first."""
+    if (
+        x.dtype is not torch.bfloat16
+        or weight.dtype is not torch.bfloat16
+        or x.device.type != "cpu"
+        or x.numel() > _bf16_max_rows() * x.shape[-1]
+        or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        or not weight.is_contiguous()
+    ):
+        return None
+    y = bf16_gemv(x, weight)
+    if y is None or bias is None:
+        return y
+    return y + bias.to(y.dtype)

@@ -6,7 +6,6 @@ The front ends (generate, chat, serve) all start here, so a checkpoint behaves t
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +40,6 @@ DTYPE_NAMES = {
 }
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX (x86) or Arm's BF16 extension: bf16 matmuls run natively rather than emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ has bf16
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
-
-
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +71,7 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "bf16 on a GPU that supports it"
         return torch.float16, "fp16: this GPU has no bf16"
-    if cpu_has_native_bf16():
+    if not half_is_emulated(torch.bfloat16):
         return torch.bfloat16, "bf16: this CPU computes bf16 natively (AVX512-BF16/AMX)"
     return (
         torch.float32,

@@ -134,7 +134,12 @@ def worker_ours(args) -> dict:
     result: dict = {
         "read_bytes": _read_per_token(model),
         "activations": str(dtype).removeprefix("torch."),
-        "kernels": "AVX2 int16-activation" if cpu_gemv.load() else "torch bf16",
+        # Which build of our CPU kernels ran (BAICHUAN_CPU_ISA=avx2 forces the AVX2 one), or torch's alone.
+        "kernels": (
+            "torch"
+            if cpu_gemv.load() is None
+            else f"{cpu_gemv.load().target} {'int16-activation' if bits else 'bf16 mat-vec'}"
+        ),
     }
 
     def timed(prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
@@ -562,6 +567,8 @@ def main() -> None:
                 label = LLAMA_CPP_NAMES[dtype]
             elif dtype in QUANT_BITS and key == "ours" and "activations" in r:
                 label = f"{dtype} ({r['activations']} model, {r.get('kernels', '?')} kernels)"
+            elif dtype == "bf16" and key == "ours" and "kernels" in r:
+                label = f"{dtype} ({r['kernels']} kernels)"
             if "error" in r:
                 print(f"| {names[key]} | {label} | failed: {r['error'][:80]} | | | | | | |")
                 continue

@@ -1,8 +1,11 @@
-"""The AVX2 int8/int4 kernels of `baichuan.cpu_gemv` against float64 products of the same quantized weights, and
-what happens where they cannot be built.
+"""The CPU kernels of `baichuan.cpu_gemv` (int8, int4, bf16) against float64 products of the same weights, in
+every build this CPU runs (avx2, avx512, avx512bf16), and how the build is chosen and what happens where it cannot
+be built.
 
-Activations are quantized to int16 per block (relative error ~1.5e-5 per value), so outputs agree with the
-exact product to ~3e-5 (bound 1e-4)."""
+int8/int4 activations are quantized to int16 per block (relative error ~1.5e-5 per value), so outputs agree with
+the exact product to ~3e-5 (bound 1e-4). bf16 sums exact products in fp32 (bound 1e-5); with AVX512-BF16, fp32
+activations are first rounded to bf16, so there the reference takes them rounded. bf16 activations give bf16
+outputs: the fp32 result rounded once, which the tests check bit for bit."""
 
 from __future__ import annotations
 
@@ -13,15 +16,27 @@ import sys
 import pytest
 import torch
 
-from baichuan import cpu_gemv
+from baichuan import cpu, cpu_gemv
+from baichuan.model import Linear
 from baichuan.quant.int4 import Int4Linear, unpack_int4
-from tests.conftest import require_cpu_kernels
+from tests.conftest import require_cpu_kernels, skip_platform
 
 
 @pytest.fixture(scope="module")
 def kernels():
     require_cpu_kernels()
     return cpu_gemv
+
+
+@pytest.fixture(scope="module", params=cpu.KERNEL_TARGETS)
+def build(request):
+    """The compiled module of one target, where this CPU runs it."""
+    require_cpu_kernels()
+    if request.param not in cpu.kernel_targets():
+        skip_platform(f"this CPU cannot run the {request.param} kernels (it runs {cpu.kernel_targets()})")
+    module = cpu_gemv.load_target(request.param)
+    assert module is not None and module.target == request.param
+    return module
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,10 +102,12 @@ def test_bad_shapes_are_refused_with_a_message(kernels):
         compiled.int8_gemv(torch.zeros(1, 24), weight, torch.ones(4))
     with pytest.raises(RuntimeError, match="columns"):
         compiled.int8_gemv(torch.zeros(1, 32), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4))
-    with pytest.raises(RuntimeError, match="fp32"):
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
         compiled.int8_gemv(
-            torch.zeros(1, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4)
+            torch.zeros(1, 16, dtype=torch.float16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4)
         )
+    with pytest.raises(RuntimeError, match="bf16 \\(N, K\\)"):
+        compiled.bf16_gemv(torch.zeros(1, 16), torch.zeros(4, 16))
     scales_and_zeros = torch.zeros(1, 4, 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="group size"):
         compiled.int4_gemv(torch.zeros(1, 48), torch.zeros(4, 24, dtype=torch.uint8), scales_and_zeros, 48)
@@ -116,11 +133,14 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_gemv, "has_avx2", lambda: True)
-    monkeypatch.setattr(cpu_gemv, "_built", lambda _: True)
+    monkeypatch.setattr(cpu_gemv, "target", lambda: "avx2")
+    monkeypatch.setattr(cpu_gemv, "_built", lambda *_: True)
     cpu_gemv.load.cache_clear()
+    cpu_gemv.load_target.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="could not be built .*Ninja is required.*using torch's kernels"):
+        with pytest.warns(
+            UserWarning, match="avx2 CPU kernels could not be built .*Ninja is required.*torch's"
+        ):
             assert cpu_gemv.load() is None
         assert (
             cpu_gemv.int8_gemv(torch.zeros(1, 16), torch.zeros(1, 16, dtype=torch.int8), torch.ones(1))
@@ -128,3 +148,181 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         )
     finally:
         cpu_gemv.load.cache_clear()
+        cpu_gemv.load_target.cache_clear()
+
+
+# --- every build: odd shapes, 1-17 rows, misaligned buffers ------------------------------------------------------
+
+ROWS = range(1, 18)
+
+
+def _misaligned(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """A copy of t that starts `nbytes` past a 64-byte boundary."""
+    buf = torch.empty(t.numel() * t.element_size() + 64 + nbytes, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % 64 + nbytes
+    return buf[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+
+
+def _check_rows(kernel, x: torch.Tensor, args: tuple, exact, tolerance: float) -> None:
+    """kernel(x, *args) against exact(x) for fp32 x, and bf16 x: the fp32 result of the same bf16 values, rounded."""
+    y = kernel(x, *args)
+    assert y.dtype == torch.float32 and rel(y, exact(x)) < tolerance, (tuple(x.shape), rel(y, exact(x)))
+    xb = x.bfloat16()
+    yb = kernel(xb, *args)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, kernel(xb.float(), *args).bfloat16())
+
+
+@pytest.mark.parametrize("shape", [(67, 16), (64, 48), (13, 208), (130, 1536), (5, 13696)], ids=str)
+def test_int8_every_build(build, shape):
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+    scales = torch.rand(out_features, generator=generator)
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=generator)
+        w = _misaligned(weight, rows % 3)  # a weight row may start anywhere, as read from a file
+        _check_rows(
+            build.int8_gemv,
+            x,
+            (w, scales),
+            lambda x: (x.double() @ weight.double().t()) * scales.double(),
+            1e-4,
+        )
+    x = _misaligned(torch.randn(3, in_features, generator=generator), 4)
+    assert (
+        rel(build.int8_gemv(x, weight, scales), (x.double() @ weight.double().t()) * scales.double()) < 1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "shape", [(67, 64, 32), (9, 192, 64), (64, 256, 128), (130, 1536, 256), (5, 13696, 128)]
+)
+def test_int4_every_build(build, shape):
+    out_features, in_features, group_size = shape
+    generator = torch.Generator().manual_seed(in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02, generator=generator)
+        linear.weight[0, :group_size] += 0.5  # a group away from zero: the zero points matter
+    module = Int4Linear.from_linear(linear, group_size)
+    w = module.dequantize().double()
+    packed = _misaligned(module.weight, 1)
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=generator)
+        args = (packed, module.scales_and_zeros, group_size)
+        _check_rows(build.int4_gemv, x, args, lambda x: x.double() @ w.t(), 1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 15), (67, 16), (33, 100), (64, 48), (130, 1536), (5, 13696)])
+def test_bf16_every_build(build, shape):
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(shape, generator=generator).bfloat16()
+    w = _misaligned(weight, 2)
+    rounds_x = build.target == "avx512bf16"  # vdpbf16ps takes bf16 activations
+
+    def exact(x: torch.Tensor) -> torch.Tensor:
+        return (x.bfloat16() if rounds_x else x).double() @ weight.double().t()
+
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=generator)
+        _check_rows(build.bf16_gemv, x, (w,), exact, 1e-5)
+        xb = _misaligned(x.bfloat16(), 2)
+        assert torch.equal(build.bf16_gemv(xb, weight), build.bf16_gemv(x.bfloat16(), weight))
+
+
+def test_bf16_non_finite_values_propagate(build):
+    weight = torch.ones(4, 40, dtype=torch.bfloat16)
+    x = torch.ones(3, 40)
+    x[0, 3], x[1, 39] = float("nan"), float("inf")  # 39: in the tail past the last whole vector
+    y = build.bf16_gemv(x, weight)
+    assert y[0].isnan().all() and y[1].isinf().all() and torch.equal(y[2], torch.full((4,), 40.0))
+
+
+# --- choosing the build ------------------------------------------------------------------------------------------
+
+
+def test_the_target_is_the_highest_the_cpu_runs_or_a_lower_one_asked_for():
+    everything = cpu.KERNEL_TARGETS
+    assert cpu.kernel_target(None, everything) == "avx512bf16"
+    assert cpu.kernel_target("avx2", everything) == "avx2"
+    assert cpu.kernel_target(" AVX512 ", everything) == "avx512"
+    assert cpu.kernel_target(None, ()) is None
+    assert cpu.kernel_target("avx2", ()) is None  # no AVX2 at all: nothing to force
+    with pytest.warns(UserWarning, match="cannot run the avx512bf16 kernels .*using avx2"):
+        assert cpu.kernel_target("avx512bf16", ("avx2",)) == "avx2"
+    with pytest.warns(UserWarning, match="unknown CPU kernel target 'sse2'"):
+        assert cpu.kernel_target("sse2", ("avx2", "avx512")) == "avx512"
+    assert cpu.kernel_targets() in ((), everything[:1], everything[:2], everything)
+
+
+def test_each_build_is_named_after_its_target(kernels):
+    """Separate names, so separate directories in torch's extension cache: a cache shared between machines never
+    gives one CPU another's build."""
+    assert [cpu_gemv.build_name(t) for t in cpu.KERNEL_TARGETS] == [
+        "baichuan_cpu_gemv_avx2",
+        "baichuan_cpu_gemv_avx512",
+        "baichuan_cpu_gemv_avx512bf16",
+    ]
+    assert (
+        kernels.load().target == cpu_gemv.target() == cpu.kernel_target(os.environ.get(cpu_gemv.ENV_TARGET))
+    )
+    assert "-mavx512f" not in cpu_gemv.TARGET_FLAGS["avx2"]
+    assert "-mavx512bf16" not in cpu_gemv.TARGET_FLAGS["avx512"]
+
+
+def test_a_lower_target_forced_by_the_environment():
+    """BAICHUAN_CPU_ISA=avx2 on any AVX2 CPU: the AVX2 build runs, and the model's layers give correct results."""
+    require_cpu_kernels()
+    code = """
+import torch
+from baichuan import cpu_gemv
+from baichuan.model import Linear
+from baichuan.quant.int8 import Int8Linear
+module = cpu_gemv.load()
+linear = Linear(96, 40, bias=True).bfloat16()
+x = torch.randn(2, 96).bfloat16()
+with torch.inference_mode():
+    ours = linear(x)
+    exact = x.double() @ linear.weight.double().t() + linear.bias.double()
+    int8 = Int8Linear.from_linear(torch.nn.Linear(96, 40, bias=False))
+    y8 = int8(x.float())
+    exact8 = x.double() @ int8.dequantize(torch.float64).t()
+rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+print(cpu_gemv.target(), module.target, rel(ours, exact) < 5e-3, rel(y8, exact8) < 1e-4)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, cpu_gemv.ENV_TARGET: "avx2"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["avx2", "avx2", "True", "True"]
+
+
+# --- the bf16 decode path of the model -----------------------------------------------------------------------------
+
+
+def test_model_linear_takes_the_bf16_kernel_for_decoding_only(kernels, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    linear = Linear(64, 48, bias=True).bfloat16()
+    with torch.no_grad():
+        linear.weight.normal_(generator=generator)
+        linear.bias.normal_(generator=generator)
+    calls = []
+    gemv = cpu_gemv.bf16_gemv
+    monkeypatch.setattr(cpu_gemv, "bf16_gemv", lambda *a: calls.append(a[0].shape) or gemv(*a))
+    limit = cpu.bf16_gemv_max_rows(cpu_gemv.target())
+    for rows in (1, limit, limit + 1):
+        x = torch.randn(1, rows, 64, generator=generator).bfloat16()
+        with torch.inference_mode():
+            y = linear(x)
+        exact = x.double() @ linear.weight.double().t() + linear.bias.double()
+        assert y.shape == (1, rows, 48) and y.dtype == torch.bfloat16 and rel(y, exact) < 5e-3
+    assert calls == [(1, 1, 64), (1, limit, 64)]  # past the limit: torch's product
+    x = torch.randn(1, 64).bfloat16()
+    linear(x).sum().backward()  # training: autograd needs torch's product
+    linear.float()(x.float())
+    assert len(calls) == 2 and linear.weight.grad is not None

@@ -1,15 +1,30 @@
-// Weight-only int8 and int4 matrix products for AVX2 CPUs, for the few activation rows of decoding (and up to
-// a short prompt). Built on first use by baichuan/cpu_gemv.py.
+// Weight-only int8/int4 and bf16 matrix products for the few activation rows of decoding (and up to a short
+// prompt). Built on first use by baichuan/cpu_gemv.py, once per instruction set: the same source compiles to
+//
+//   avx2        AVX2 + FMA: 256-bit vectors, `vpmaddwd` for int8/int4, bf16 widened to fp32 for FMA;
+//   avx512      AVX-512 F/BW/VL/DQ + VNNI: 512-bit vectors, `vpdpwssd` (multiply pairs of int16 and accumulate
+//               in int32, one instruction where AVX2 needs two);
+//   avx512bf16  the above + AVX512-BF16: `vdpbf16ps` for the bf16 product.
+//
+// The loader picks the build from the CPU's features and names each after its target, so a build never runs on
+// a CPU without its instructions.
 //
 //   int8: y[m, n] = scales[n] * sum_k w[n, k] x[m, k]; w int8 (N, K) row-major.
 //   int4: w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k / G; q packed two per byte, column 2j in the
 //         low nibble and 2j+1 in the high one (N, K/2); scale and zero bf16 side by side in (K/G, N, 2).
+//   bf16: y[m, n] = sum_k w[n, k] x[m, k]; w bf16 (N, K).
 //
-// Activations are quantized to int16 per block of B values (scale = block absmax / 32767, relative error
-// ~1.5e-5), so each pair of products is one `vpmaddwd` on weights widened to int16, summed in int32 within a
-// block and in fp32 across blocks: about 3 instructions per 16 int8 weights, against 3 per 8 for widening to
-// fp32 and FMA, so decoding comes much closer to the memory's rate. For int4 the block is the group, and the
-// zero points come in through the block sums of x.
+// int8/int4: activations are quantized to int16 per block of B values (scale = block absmax / 32767, relative
+// error ~1.5e-5), so each pair of products is one `vpmaddwd` (or `vpdpwssd`) on weights widened to int16, summed
+// in int32 within a block and in fp32 across blocks: about 3 instructions per 16 int8 weights with AVX2 and 2 per
+// 32 with VNNI, against 3 per 8 for widening to fp32 and FMA, so decoding comes much closer to the memory's rate.
+// Activations are not quantized to int8 for `vpdpbusd`: that would add a per-row rounding error of ~4e-3, far
+// above the int16 codes' and close to the int8 weights' own. For int4 the block is the group, and the zero
+// points come in through the block sums of x.
+//
+// bf16: without AVX512-BF16 each 32-bit lane of loaded weights holds two bf16, so the even one becomes an fp32 by
+// a shift and the odd one by a mask, with no shuffle; x is reordered once per call to match (evens, then odds).
+// All kernels split output rows over torch's own thread pool (at::parallel_for), so they never add threads to it.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -18,7 +33,23 @@
 #include <cmath>
 #include <cstring>
 
-namespace {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__)
+#define BAICHUAN_AVX512 1
+#if defined(__AVX512BF16__)
+#define BAICHUAN_AVX512BF16 1
+#endif
+#endif
+
+namespace baichuan_cpu_gemv {
+
+#if defined(BAICHUAN_AVX512BF16)
+constexpr const char* kTarget = "avx512bf16";
+#elif defined(BAICHUAN_AVX512)
+constexpr const char* kTarget = "avx512";
+#else
+constexpr const char* kTarget = "avx2";
+#endif
 
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 constexpr int64_t kPrefetchRows = 16;
@@ -45,6 +76,29 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
+// The float accumulators of int8/int4 tiles: one vector of int32 block sums is scaled and added per block.
+#if defined(BAICHUAN_AVX512)
+using FloatAcc = __m512;
+using IntAcc = __m512i;
+inline FloatAcc acc_zero() { return _mm512_setzero_ps(); }
+inline IntAcc int_zero() { return _mm512_setzero_si512(); }
+inline IntAcc widen_acc(__m256i v) { return _mm512_zextsi256_si512(v); }
+inline FloatAcc scale_add(IntAcc sums, float s, FloatAcc acc) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(s), acc);
+}
+inline float acc_sum(FloatAcc v) { return _mm512_reduce_add_ps(v); }
+#else
+using FloatAcc = __m256;
+using IntAcc = __m256i;
+inline FloatAcc acc_zero() { return _mm256_setzero_ps(); }
+inline IntAcc int_zero() { return _mm256_setzero_si256(); }
+inline IntAcc widen_acc(__m256i v) { return v; }
+inline FloatAcc scale_add(IntAcc sums, float s, FloatAcc acc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(s), acc);
+}
+inline float acc_sum(FloatAcc v) { return hsum(v); }
+#endif
+
 int64_t int8_block(int64_t K) {
   for (int64_t b = kMaxBlock; b >= 16; b /= 2)
     if (K % b == 0) return b;
@@ -57,9 +111,14 @@ struct Activations {
   int64_t blocks;  // per row
 };
 
-// lanes > 1: within each 16 * lanes values, position lanes * i + r moves to 16 * r + i, the order in which the
-// int4 kernel unpacks nibbles (2: low/high nibble of each byte; 4: the four nibbles of each 16-bit lane).
-Activations quantize_activations(const torch::Tensor& x, int64_t B, int lanes) {
+// x (M, K) as contiguous fp32: itself, or a widened copy of bf16 rows.
+torch::Tensor as_float(const torch::Tensor& x) { return x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat); }
+
+// lanes > 1: within each width * lanes values, position lanes * i + r moves to width * r + i, the order in which
+// the int4 kernel unpacks nibbles (2: low/high nibble of each byte; 4: the four nibbles of each 16-bit lane;
+// width: 16-bit lanes per vector, 16 for 256-bit vectors and 32 for 512-bit ones).
+Activations quantize_activations(const torch::Tensor& input, int64_t B, int lanes, int width = 16) {
+  const torch::Tensor x = as_float(input);
   const int64_t M = x.size(0), K = x.size(1), nb = K / B;
   Activations a{torch::empty({M, K}, x.options().dtype(torch::kShort)), torch::empty({M, nb}, x.options()),
                 torch::empty({M, nb}, x.options()), nb};
@@ -68,7 +127,7 @@ Activations quantize_activations(const torch::Tensor& x, int64_t B, int lanes) {
   float* S = a.scales.data_ptr<float>();
   float* T = a.sums.data_ptr<float>();
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  int16_t order[64];
+  int16_t order[128];
   for (int64_t i = 0; i < M * nb; ++i) {
     const float* p = X + i * B;  // rows are contiguous, so block i of the whole tensor is row i / nb's
     int16_t* q = Q + i * B;
@@ -95,10 +154,10 @@ Activations quantize_activations(const torch::Tensor& x, int64_t B, int lanes) {
       _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
     }
     if (lanes > 1)
-      for (int64_t k = 0; k < B; k += 16 * lanes) {
-        std::memcpy(order, q + k, 16 * lanes * sizeof(int16_t));
+      for (int64_t k = 0; k < B; k += width * lanes) {
+        std::memcpy(order, q + k, width * lanes * sizeof(int16_t));
         for (int r = 0; r < lanes; ++r)
-          for (int i = 0; i < 16; ++i) q[k + 16 * r + i] = order[lanes * i + r];
+          for (int i = 0; i < width; ++i) q[k + width * r + i] = order[lanes * i + r];
       }
     S[i] = mx / 32767.0f;
     T[i] = S[i] * float(hsum(total));
@@ -106,26 +165,68 @@ Activations quantize_activations(const torch::Tensor& x, int64_t B, int lanes) {
   return a;
 }
 
+// Output rows (M, N) in fp32 or bf16: y[m * N + n] = v.
+struct Output {
+  float* f32;
+  at::BFloat16* b16;
+  void set(int64_t i, float v) const {
+    if (f32)
+      f32[i] = v;
+    else
+      b16[i] = at::BFloat16(v);  // round to nearest even
+  }
+};
+
+Output output_of(torch::Tensor& y) {
+  if (y.scalar_type() == torch::kFloat) return {y.data_ptr<float>(), nullptr};
+  return {nullptr, y.data_ptr<at::BFloat16>()};
+}
+
 struct Int8Tile {
   const int8_t* w;
   const float* scales;
   const int16_t* xq;
   const float* xs;
-  float* y;
+  Output y;
   int64_t N, K, B, blocks;
 
   // Rows [n, n + R) against activation rows [m, m + MB): each weight vector is widened once for all MB.
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     const int8_t* wn = w + n * K;
-    __m256 facc[R][MB];
+    FloatAcc facc[R][MB];
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) facc[r][j] = _mm256_setzero_ps();
+      for (int j = 0; j < MB; ++j) facc[r][j] = acc_zero();
     for (int64_t k0 = 0, b = 0; k0 < K; k0 += B, ++b) {
-      __m256i iacc[R][MB];
+      IntAcc iacc[R][MB];
       for (int r = 0; r < R; ++r)
-        for (int j = 0; j < MB; ++j) iacc[r][j] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k0 + B; k += 16) {
+        for (int j = 0; j < MB; ++j) iacc[r][j] = int_zero();
+      int64_t k = k0;
+#if defined(BAICHUAN_AVX512)
+      for (; k + 32 <= k0 + B; k += 32) {
+        if ((k & 63) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+        __m512i xv[MB];
+        for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_si512((const void*)(xq + (m + j) * K + k));
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wn + r * K + k)));
+          for (int j = 0; j < MB; ++j) iacc[r][j] = _mm512_dpwssd_epi32(iacc[r][j], wv, xv[j]);
+        }
+      }
+      if (k < k0 + B) {  // a block of 16 (K an odd multiple of 16)
+        if ((k & 63) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+        __m512i xv[MB];
+        for (int j = 0; j < MB; ++j)
+          xv[j] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k)));
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv =
+              _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k))));
+          for (int j = 0; j < MB; ++j) iacc[r][j] = _mm512_dpwssd_epi32(iacc[r][j], wv, xv[j]);
+        }
+      }
+#else
+      for (; k < k0 + B; k += 16) {
         if ((k & 63) == 0)
           for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
         __m256i xv[MB];
@@ -135,13 +236,14 @@ struct Int8Tile {
           for (int j = 0; j < MB; ++j) iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_madd_epi16(wv, xv[j]));
         }
       }
+#endif
       for (int j = 0; j < MB; ++j) {
-        const __m256 s = _mm256_set1_ps(xs[(m + j) * blocks + b]);
-        for (int r = 0; r < R; ++r) facc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]), s, facc[r][j]);
+        const float s = xs[(m + j) * blocks + b];
+        for (int r = 0; r < R; ++r) facc[r][j] = scale_add(iacc[r][j], s, facc[r][j]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y[(m + j) * N + n + r] = hsum(facc[r][j]) * scales[n + r];
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, acc_sum(facc[r][j]) * scales[n + r]);
   }
 };
 
@@ -151,8 +253,37 @@ struct Int4Tile {
   const int16_t* xq;
   const float* xs;
   const float* xsums;
-  float* y;
+  Output y;
   int64_t N, K, G, groups;
+
+#if defined(BAICHUAN_AVX512)
+  // Groups of 128 and more: each 16-bit lane of 64 bytes holds four nibbles, unpacked by masks and shifts alone.
+  template <int R, int MB>
+  void dot_group128(__m512i (&iacc)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
+    const int64_t row_bytes = K / 2;
+    const __m512i nibble = _mm512_set1_epi16(0x000F);
+    for (int64_t k = k0; k < k0 + G; k += 128) {
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
+      __m512i xv[MB][4];
+      for (int j = 0; j < MB; ++j)
+        for (int t = 0; t < 4; ++t) xv[j][t] = _mm512_loadu_si512((const void*)(xq + (m + j) * K + k + 32 * t));
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_loadu_si512((const void*)(pn + r * row_bytes + k / 2));
+        const __m512i q0 = _mm512_and_si512(v, nibble);
+        const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        const __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), nibble);
+        const __m512i q3 = _mm512_srli_epi16(v, 12);
+        for (int j = 0; j < MB; ++j) {
+          __m512i acc = _mm512_dpwssd_epi32(iacc[r][j], q0, xv[j][0]);
+          acc = _mm512_dpwssd_epi32(acc, q1, xv[j][1]);
+          acc = _mm512_dpwssd_epi32(acc, q2, xv[j][2]);
+          iacc[r][j] = _mm512_dpwssd_epi32(acc, q3, xv[j][3]);
+        }
+      }
+    }
+  }
+#endif
 
   // Groups of 64 and more: each 16-bit lane of 32 bytes holds four nibbles, unpacked by masks and shifts alone.
   template <int R, int MB>
@@ -209,35 +340,189 @@ struct Int4Tile {
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     const uint8_t* pn = packed + n * (K / 2);
-    __m256 facc[R][MB];
+    FloatAcc facc[R][MB];
     float zero_terms[R][MB];
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) {
-        facc[r][j] = _mm256_setzero_ps();
+        facc[r][j] = acc_zero();
         zero_terms[r][j] = 0.0f;
       }
     for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
-      __m256i iacc[R][MB];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < MB; ++j) iacc[r][j] = _mm256_setzero_si256();
-      if (G % 64 == 0)
-        dot_group64<R, MB>(iacc, pn, k0, m);
-      else
-        dot_group32<R, MB>(iacc, pn, k0, m);
+      IntAcc iacc[R][MB];
+#if defined(BAICHUAN_AVX512)
+      if (G % 128 == 0) {
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < MB; ++j) iacc[r][j] = int_zero();
+        dot_group128<R, MB>(iacc, pn, k0, m);
+      } else
+#endif
+      {
+        __m256i narrow[R][MB];
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_setzero_si256();
+        if (G % 64 == 0)
+          dot_group64<R, MB>(narrow, pn, k0, m);
+        else
+          dot_group32<R, MB>(narrow, pn, k0, m);
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < MB; ++j) iacc[r][j] = widen_acc(narrow[r][j]);
+      }
       const uint16_t* sz = scales_and_zeros + (g * N + n) * 2;
       for (int r = 0; r < R; ++r) {
         const float scale = bf16_to_float(sz[2 * r]), zero = bf16_to_float(sz[2 * r + 1]);
         for (int j = 0; j < MB; ++j) {
           const int64_t block = (m + j) * groups + g;
-          facc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]), _mm256_set1_ps(scale * xs[block]), facc[r][j]);
+          facc[r][j] = scale_add(iacc[r][j], scale * xs[block], facc[r][j]);
           zero_terms[r][j] += (zero - 8.0f * scale) * xsums[block];
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y[(m + j) * N + n + r] = hsum(facc[r][j]) + zero_terms[r][j];
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, acc_sum(facc[r][j]) + zero_terms[r][j]);
   }
 };
+
+// --- bf16 -------------------------------------------------------------------------------------------------------
+
+#if defined(BAICHUAN_AVX512BF16)
+constexpr int64_t kBf16Step = 32;  // bf16 values per vdpbf16ps
+
+// x (M, K) rounded to bf16 (itself where it is bf16 already), in order.
+torch::Tensor prepare_bf16_activations(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kBFloat16 ? x : x.to(torch::kBFloat16);
+}
+
+struct Bf16Tile {
+  const uint16_t* w;
+  const uint16_t* x;
+  Output y;
+  int64_t N, K;
+
+  template <int R, int MB>
+  void run(int64_t n, int64_t m) const {
+    const uint16_t* wn = w + n * K;
+    // Two accumulators per pair of rows: vdpbf16ps has a latency of several cycles.
+    __m512 acc[R][MB][2];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+    const int64_t full = K - K % kBf16Step;
+    int64_t k = 0;
+    for (; k + 2 * kBf16Step <= full; k += 2 * kBf16Step) {
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        __m512bh xv[MB];
+        for (int j = 0; j < MB; ++j) xv[j] = (__m512bh)_mm512_loadu_si512((const void*)(x + (m + j) * K + k + 32 * h));
+        for (int r = 0; r < R; ++r) {
+          const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(wn + r * K + k + 32 * h));
+          for (int j = 0; j < MB; ++j) acc[r][j][h] = _mm512_dpbf16_ps(acc[r][j][h], wv, xv[j]);
+        }
+      }
+    }
+    if (k < K) {  // up to 63 values left: masked loads read nothing past the row
+      for (int h = 0; h < 2 && k < K; ++h, k += kBf16Step) {
+        const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+        __m512bh xv[MB];
+        for (int j = 0; j < MB; ++j) xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (m + j) * K + k);
+        for (int r = 0; r < R; ++r) {
+          const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wn + r * K + k);
+          for (int j = 0; j < MB; ++j) acc[r][j][h] = _mm512_dpbf16_ps(acc[r][j][h], wv, xv[j]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j)
+        y.set((m + j) * N + n + r, _mm512_reduce_add_ps(_mm512_add_ps(acc[r][j][0], acc[r][j][1])));
+  }
+};
+#else
+#if defined(BAICHUAN_AVX512)
+constexpr int64_t kBf16Step = 32;  // bf16 values per 512-bit load
+using Bf16Vec = __m512;
+inline __m512 fma_vec(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m512 zero_vec() { return _mm512_setzero_ps(); }
+inline __m512 load_vec(const float* p) { return _mm512_loadu_ps(p); }
+inline float sum_vec(__m512 v) { return _mm512_reduce_add_ps(v); }
+// The even bf16 of each 32-bit lane as fp32 (a shift), and the odd one (a mask).
+inline void widen_pairs(const uint16_t* p, __m512& even, __m512& odd) {
+  const __m512i v = _mm512_loadu_si512((const void*)p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+}
+#else
+constexpr int64_t kBf16Step = 16;  // bf16 values per 256-bit load
+using Bf16Vec = __m256;
+inline __m256 fma_vec(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256 zero_vec() { return _mm256_setzero_ps(); }
+inline __m256 load_vec(const float* p) { return _mm256_loadu_ps(p); }
+inline float sum_vec(__m256 v) { return hsum(v); }
+inline void widen_pairs(const uint16_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+}
+#endif
+
+// x (M, K) as fp32 with each whole step of kBf16Step values split into its even-indexed values, then its odd ones
+// (the order widen_pairs gives the weights in); the last K % kBf16Step values stay in place.
+torch::Tensor prepare_bf16_activations(const torch::Tensor& input) {
+  const torch::Tensor x = as_float(input);
+  const int64_t M = x.size(0), K = x.size(1), full = K - K % kBf16Step, half = kBf16Step / 2;
+  torch::Tensor out = torch::empty_like(x);
+  const float* X = x.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* p = X + m * K;
+    float* q = O + m * K;
+    for (int64_t k = 0; k < full; k += kBf16Step)
+      for (int64_t i = 0; i < half; ++i) {
+        q[k + i] = p[k + 2 * i];
+        q[k + half + i] = p[k + 2 * i + 1];
+      }
+    for (int64_t k = full; k < K; ++k) q[k] = p[k];
+  }
+  return out;
+}
+
+struct Bf16Tile {
+  const uint16_t* w;
+  const float* x;
+  Output y;
+  int64_t N, K;
+
+  template <int R, int MB>
+  void run(int64_t n, int64_t m) const {
+    constexpr int64_t half = kBf16Step / 2;
+    const uint16_t* wn = w + n * K;
+    Bf16Vec acc[R][MB][2];  // even and odd halves: two independent chains per pair of rows
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) acc[r][j][0] = acc[r][j][1] = zero_vec();
+    const int64_t full = K - K % kBf16Step;
+    for (int64_t k = 0; k < full; k += kBf16Step) {
+      if ((k & 31) == 0)
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+      Bf16Vec xe[MB], xo[MB];
+      for (int j = 0; j < MB; ++j) {
+        xe[j] = load_vec(x + (m + j) * K + k);
+        xo[j] = load_vec(x + (m + j) * K + k + half);
+      }
+      for (int r = 0; r < R; ++r) {
+        Bf16Vec even, odd;
+        widen_pairs(wn + r * K + k, even, odd);
+        for (int j = 0; j < MB; ++j) {
+          acc[r][j][0] = fma_vec(even, xe[j], acc[r][j][0]);
+          acc[r][j][1] = fma_vec(odd, xo[j], acc[r][j][1]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) {
+        float total = sum_vec(acc[r][j][0]) + sum_vec(acc[r][j][1]);
+        for (int64_t k = full; k < K; ++k) total += bf16_to_float(wn[r * K + k]) * x[(m + j) * K + k];
+        y.set((m + j) * N + n + r, total);
+      }
+  }
+};
+#endif
 
 template <int R, int MB, class Tile>
 void run_rows(const Tile& tile, int64_t n0, int64_t n1, int64_t m) {
@@ -247,7 +532,7 @@ void run_rows(const Tile& tile, int64_t n0, int64_t n1, int64_t m) {
 }
 
 // Rows in parallel chunks; activation rows 4 at a time (fewer weight rows per tile as there are more activation
-// rows, so the int32 accumulators stay in registers).
+// rows, so the accumulators stay in registers).
 template <class Tile>
 void run_all(const Tile& tile, int64_t N, int64_t M) {
   at::parallel_for(0, (N + kChunkRows - 1) / kChunkRows, 1, [&](int64_t c0, int64_t c1) {
@@ -264,11 +549,10 @@ void run_all(const Tile& tile, int64_t N, int64_t M) {
 }
 
 void check_activations(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "x: contiguous fp32 (M, K) on the CPU");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16) &&
+                  x.is_contiguous() && x.device().is_cpu(),
+              "x: contiguous fp32 or bf16 (M, K) on the CPU");
 }
-
-}  // namespace
 
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales) {
   check_activations(x);
@@ -283,7 +567,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   const Activations a = quantize_activations(x, B, 1);
   auto y = torch::empty({M, N}, x.options());
   const Int8Tile tile{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), a.codes.data_ptr<int16_t>(),
-                      a.scales.data_ptr<float>(), y.data_ptr<float>(), N, K, B, a.blocks};
+                      a.scales.data_ptr<float>(), output_of(y), N, K, B, a.blocks};
   run_all(tile, N, M);
   return y;
 }
@@ -302,14 +586,20 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
                   scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == groups &&
                   scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
-  const Activations a = quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2);
+#if defined(BAICHUAN_AVX512)
+  const bool wide = group_size % 128 == 0;
+#else
+  const bool wide = false;
+#endif
+  const Activations a =
+      quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2, wide ? 32 : 16);
   auto y = torch::empty({M, N}, x.options());
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
                       a.codes.data_ptr<int16_t>(),
                       a.scales.data_ptr<float>(),
                       a.sums.data_ptr<float>(),
-                      y.data_ptr<float>(),
+                      output_of(y),
                       N,
                       K,
                       group_size,
@@ -318,7 +608,31 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
   return y;
 }
 
+torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
+  check_activations(x);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous(),
+              "weight: contiguous bf16 (N, K)");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " columns, x has ", K);
+  const torch::Tensor xp = prepare_bf16_activations(x);
+  auto y = torch::empty({M, N}, x.options());
+  const Bf16Tile tile{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+#if defined(BAICHUAN_AVX512BF16)
+                      reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()),
+#else
+                      xp.data_ptr<float>(),
+#endif
+                      output_of(y), N, K};
+  run_all(tile, N, M);
+  return y;
+}
+
+}  // namespace baichuan_cpu_gemv
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_gemv", &int8_gemv, "(x @ weight.T) * scales, int8 weight (N, K), fp32 x (M, K)");
-  m.def("int4_gemv", &int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32 x (M, K)");
+  namespace k = baichuan_cpu_gemv;
+  m.attr("target") = k::kTarget;
+  m.def("int8_gemv", &k::int8_gemv, "(x @ weight.T) * scales, int8 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
+  m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");
+  m.def("bf16_gemv", &k::bf16_gemv, "x @ weight.T, bf16 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
 }
