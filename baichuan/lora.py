@@ -201,6 +201,11 @@ class TrainableQuantized(nn.Module):
             return _DequantizedMatmul.apply(x, self.quantized)
         return self.quantized(x)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The quantized codes: where peft looks for the layer's device (their integer dtype casts nothing)."""
+        return self.quantized.weight
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized.dequantize(dtype)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from baichuan.checkpoint import CheckpointError, load_model, read_config, save_model
+from baichuan.checkpoint import CheckpointError, load_model, load_weights, read_config, save_model
 from baichuan.model import Baichuan
 from tests.conftest import shared_path, tiny_config
 
@@ -49,6 +49,30 @@ def test_load_into_dtype(tmp_path):
     save_model(model, tmp_path)
     half = load_model(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+def test_load_weights_transform_hook(tmp_path):
+    """The one hook of a load (quantizing, folding the head): it sees each tensor checked and cast; what it
+    returns is put in place, None means it used the tensor itself."""
+    source = tiny_model("rope", False)
+    save_model(source, tmp_path)
+    with torch.device("meta"):
+        model = Baichuan(source.config)
+    seen = {}
+
+    def transform(name, tensor):
+        seen[name] = tensor.dtype
+        if name == "lm_head.weight":
+            model.lm_head.weight = torch.nn.Parameter(torch.ones_like(tensor), requires_grad=False)
+            return None
+        return tensor * 2 if name == "model.norm.weight" else tensor
+
+    load_weights(model, tmp_path, torch.bfloat16, transform=transform, mmap=False)
+    assert set(seen) == set(source.state_dict()) and set(seen.values()) == {torch.bfloat16}
+    assert torch.equal(model.lm_head.weight, torch.ones_like(source.lm_head.weight, dtype=torch.bfloat16))
+    assert torch.equal(model.model.norm.weight, source.model.norm.weight.bfloat16() * 2)
+    embed = model.model.embed_tokens.weight
+    assert torch.equal(embed, source.model.embed_tokens.weight.bfloat16()) and embed.requires_grad
 
 
 @pytest.mark.parametrize("variant", ["baichuan1_7b", "baichuan2_13b"])
