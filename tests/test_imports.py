@@ -18,7 +18,6 @@ LAYERS = {
     "kv_cache": 1,
     "memory": 1,
     "tokenizer": 1,
-    "quantize": 2,  # the old name: re-exports quant/ until its last import sites move, then goes
     "quant": 1,  # quant/*: knows only nn.Linear; checkpoint loads through its transform hook
     "lora": 1,
     "model": 2,

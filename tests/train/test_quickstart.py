@@ -103,3 +103,19 @@ def test_bad_minutes_is_one_line():
     assert result.exit_code == 1
     assert "--minutes must be positive" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_probe_times_real_steps_and_picks_a_thread_count(tmp_path):
+    from baichuan.config import Config
+    from baichuan.model import Baichuan
+    from baichuan.train.data import PackedBatches
+
+    config = Config(vocab_size=512, dim=32, n_layers=1, n_heads=2, ffn_dim=64, norm_head=True, max_seq_len=16)
+    model = Baichuan(config)
+    model.init_weights()
+    batches = PackedBatches(torch.randint(3, 512, (4096,)).numpy(), 16, 4)
+    threads, per_step, measured = qs.fastest_threads(model, batches, tmp_path / "probe")
+    assert threads in (1, torch.get_num_threads())
+    assert 0 < per_step < 10
+    assert "s a step on 1" in measured or "on 1 thread" in measured
+    assert not (tmp_path / "probe").exists()
