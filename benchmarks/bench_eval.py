@@ -22,6 +22,7 @@ Needs ../shared/data and lm-eval (`pip install -e .[eval]`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -126,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from baichuan.eval.harness import Runner
-    from baichuan.eval.tasks import TASKS, Subject, format_for
+    from baichuan.eval.tasks import TASKS, format_for
     from baichuan.runtime import load_for_inference
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,9 +139,7 @@ def main() -> None:
         task = TASKS["ceval"]
         subjects = task.read(SHARED, 1234)
         if args.limit:
-            subjects = [
-                Subject(s.name, s.title, s.categories, s.shots, s.questions[: args.limit]) for s in subjects
-            ]
+            subjects = [dataclasses.replace(s, questions=s.questions[: args.limit]) for s in subjects]
         n = sum(len(s.questions) for s in subjects)
         texts = [format_for(task, s).prompt(s.title, s.shots[:5], q) for s in subjects for q in s.questions]
         print(f"{n} questions, 5-shot C-Eval val, {args.device}, {args.dtype}")

@@ -5,6 +5,7 @@ resumes where it was, and the settings that make a score reproducible written ne
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -175,9 +176,7 @@ def run_mc_task(
     with the settings it was computed under, and read back instead of recomputed when they match."""
     subjects = task.read(Path(data_dir), settings.seed)
     if settings.limit is not None:
-        subjects = [
-            Subject(s.name, s.title, s.categories, s.shots, s.questions[: settings.limit]) for s in subjects
-        ]
+        subjects = [dataclasses.replace(s, questions=s.questions[: settings.limit]) for s in subjects]
     total = sum(len(s.questions) for s in subjects)
     done = 0
 

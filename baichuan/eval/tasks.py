@@ -29,7 +29,7 @@ import csv
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from baichuan.eval import subjects as tables
@@ -51,6 +51,7 @@ class Subject:
     categories: tuple[str, ...]
     shots: list[Question]  # the few-shot pool, in the order shots are taken
     questions: list[Question]
+    format: Format | None = None  # where it differs from its task's (AGIEval's English tasks, MCMLE)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,6 @@ class Task:
     shot_source: str = ""  # where shots come from, for the result file
     default_shots: int = 5
     seeded: bool = True  # whether the seed orders the shots (MMLU and CMMLU take dev in file order)
-    extra: dict = field(default_factory=dict)
 
 
 class DataError(ValueError):
@@ -285,8 +285,10 @@ def read_agieval(data_dir: Path, seed: int | None) -> list[Subject]:
     for name, title in {**AGIEVAL_ZH, **AGIEVAL_EN}.items():
         rows = [q for q in map(_agieval_question, _jsonl(root / f"{name}.jsonl")) if q is not None]
         shots, questions = _split_pool(rows, seed)
-        category = "English" if name in AGIEVAL_EN else "Chinese"
-        out.append(Subject(name, title, (category,), shots, questions))
+        if name in AGIEVAL_EN:
+            out.append(Subject(name, title, ("English",), shots, questions, AGIEVAL_EN_FORMAT))
+        else:
+            out.append(Subject(name, title, ("Chinese",), shots, questions))
     return out
 
 
@@ -322,7 +324,8 @@ def read_medqa(data_dir: Path, seed: int | None) -> list[Subject]:
             continue
         dev = _medqa_rows(base / "phrases_no_exclude_dev.jsonl")
         test = _medqa_rows(base / "phrases_no_exclude_test.jsonl")
-        out.append(Subject(name, title, (name.upper(),), _shuffled(dev, seed), test))
+        fmt = CEVAL_FORMAT if folder == "Mainland" else None
+        out.append(Subject(name, title, (name.upper(),), _shuffled(dev, seed), test, fmt))
     return out
 
 
@@ -396,7 +399,6 @@ TASKS: dict[str, Task] = {
             AGIEVAL_ZH_FORMAT,
             "questions",
             shot_source=POOL,
-            extra={"english": tuple(AGIEVAL_EN)},
         ),
         Task("jec_qa", "JEC-QA", read_jec_qa, CEVAL_FORMAT, "questions", shot_source=POOL),
         Task(
@@ -406,7 +408,6 @@ TASKS: dict[str, Task] = {
             MMLU_FORMAT,
             "questions",
             shot_source="dev, shuffled with the seed",
-            extra={"chinese": ("mcmle",)},
         ),
         Task("medmcqa", "MedMCQA", read_medmcqa, MMLU_FORMAT, "questions", shot_source=POOL),
         Task(
@@ -440,9 +441,5 @@ TASKS: dict[str, Task] = {
 
 
 def format_for(task: Task, subject: Subject) -> Format:
-    """The format of one subject: AGIEval's English tasks take the English layout, MCMLE the Chinese one."""
-    if subject.name in task.extra.get("english", ()):
-        return AGIEVAL_EN_FORMAT
-    if subject.name in task.extra.get("chinese", ()):
-        return CEVAL_FORMAT
-    return task.format
+    """The format of one subject: its own where it has one, else its task's."""
+    return subject.format or task.format

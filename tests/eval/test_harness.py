@@ -5,6 +5,7 @@ resume from the per-subject cache, and the result files carry what reproduces th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -85,9 +86,7 @@ def test_prefix_reuse_picks_the_same_letters_as_one_at_a_time(loaded, data_root,
 
     settings = Settings(limit=19, batch_size=8)
     one = Settings(limit=19, batch_size=1, share_prefix=False)
-    limited = type(subject)(
-        subject.name, subject.title, subject.categories, subject.shots, subject.questions[:19]
-    )
+    limited = dataclasses.replace(subject, questions=subject.questions[:19])
     assert (
         score_subject(runner, task, limited, settings)["predictions"]
         == score_subject(runner, task, limited, one)["predictions"]

@@ -4,6 +4,7 @@ question as our scorer given the same prompts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -69,7 +70,7 @@ def test_lm_eval_hf_backend_runs_our_model(checkpoint, loaded, data_root, tmp_pa
     assert 0.0 <= out["results"][name]["acc,none"] <= 1.0
 
     runner = Runner(loaded.model, loaded.tokenizer, add_bos=loaded.add_bos)
-    limited = type(subject)(subject.name, subject.title, subject.categories, subject.shots, questions)
+    limited = dataclasses.replace(subject, questions=questions)
     prompts, _ = subject_prompts(runner, task, limited, 5)
     from baichuan.eval.scoring import score_choices
 

@@ -137,3 +137,19 @@ def test_letter_tokens_are_the_ones_the_shots_teach(runner):
     assert [tok.id_to_piece(i) for i in en] == ["▁A", "▁B"]
     shot = tok.encode("答案：B\n\n")
     assert zh[1] in shot
+
+
+def test_each_agieval_task_gets_the_layout_of_its_language(data_root):
+    from baichuan.eval.tasks import format_for
+
+    task = TASKS["agieval"]
+    prompts = {
+        s.name: format_for(task, s).prompt(s.title, s.shots[:5], s.questions[0])
+        for s in task.read(data_root, 1234)
+    }
+    assert prompts["logiqa-en"].startswith(
+        "The following are multiple choice questions (with answers) about logical"
+    )
+    assert prompts["logiqa-en"].endswith("\nAnswer:") and "\n(A)" in prompts["logiqa-en"]
+    assert prompts["logiqa-zh"].startswith("以下是关于逻辑推理的单项选择题，请选出其中的正确答案。\n\n")
+    assert prompts["logiqa-zh"].endswith("\n答案：")
