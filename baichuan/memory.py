@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baichuan.config import Config
+from baichuan.cpu import UPCAST_MIN_ROWS
 
 GiB = 2**30
 # The interpreter, torch and its libraries, the tokenizer: resident before the first weight is read (about the
@@ -23,9 +24,9 @@ RUNTIME_BYTES = 800 * 2**20
 # Sizes chosen to fit (a shorter context, a smaller batch) use this share of the free memory: the rest is for
 # what an estimate does not see (other processes starting, allocator fragmentation).
 HEADROOM = 0.9
-# Where a CPU only emulates bf16/fp16, prompts multiply an fp32 copy of each weight (model.Linear), and int8/int4
-# prompts a widened one (quant.int8.INT8_WIDEN_MIN_ROWS): one layer's worth, freed after each product.
-UPCAST_MIN_ROWS = 16
+# Where a CPU only emulates bf16/fp16, prompts of cpu.UPCAST_MIN_ROWS rows and more multiply an fp32 copy of each
+# weight (model.Linear), and int8/int4 prompts a widened one (quant.int8.INT8_WIDEN_MIN_ROWS): one layer's worth,
+# freed after each product.
 
 
 @dataclass(frozen=True)
