@@ -214,7 +214,7 @@ def build_model(
         if device.type == "cuda":
             _quantize_nf4(model, device)
         else:
-            from baichuan.quantize import QUANTIZED_TYPES, quantize_model
+            from baichuan.quant.swap import QUANTIZED_TYPES, quantize_model
 
             record = quantize_model(model, cfg.quantize)
             n = make_quantized_trainable(model, QUANTIZED_TYPES)

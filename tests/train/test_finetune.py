@@ -169,7 +169,7 @@ def test_two_processes_equal_one(tmp_path, base, data):
 
 def test_qlora_on_cpu_trains_through_dequantised_weights(tmp_path, base, data):
     from baichuan.lora import TrainableQuantized
-    from baichuan.quantize import Int4Linear
+    from baichuan.quant.int4 import Int4Linear
 
     # The gradient reaching the input is that of a float linear holding the dequantised weight.
     torch.manual_seed(0)
