@@ -44,6 +44,8 @@ ALLOWED_ACROSS = {
     ("runtime", "checkpoint"),
     ("runtime", "generate"),
     ("runtime", "chat_format"),
+    ("convert", "checkpoint"),  # conversions read and write checkpoints with the one loader and commit
+    ("convert", "chat_format"),  # the GGUF export embeds the chat template
 }
 HEAVY = ("transformers", "fastapi", "gradio", "deepspeed", "lm_eval")
 

@@ -7,7 +7,7 @@ import sys
 
 # isort: off
 # Importing a group registers its commands, in the order `--help` lists them.
-from baichuan.cli import quickstart, scaffold, run, serve, quantize, train, finetune, eval  # noqa: F401
+from baichuan.cli import quickstart, scaffold, run, serve, quantize, convert, train, finetune, eval  # noqa: F401
 
 # isort: on
 from baichuan.cli.base import UserError, app, friendly, parse_dtype

@@ -1,0 +1,522 @@
+"""GGUF, llama.cpp's format, both ways: export a checkpoint for llama.cpp, import a GGUF Baichuan model or a
+vocabulary-only GGUF into our layout.
+
+The export writes what llama.cpp's `baichuan` architecture reads (src/models/baichuan.cpp and the BAICHUAN case
+of src/llama-model.cpp in ggml-org/llama.cpp):
+- `W_pack` split into attn_q/attn_k/attn_v; for RoPE, q and k rows permuted from the rotate-half layout of the
+  checkpoints to the interleaved pairs of llama.cpp's "normal" RoPE (the inverse of the HF permutation);
+- Baichuan2's NormHead folded: `output.weight` holds the normalised rows (llama.cpp has no NormHead);
+- the tokenizer's pieces, scores and types, the special ids and the chat template embedded.
+
+llama.cpp picks the position encoding of a Baichuan model from its layer count alone: 32 layers is "7B" and
+gets RoPE, 40 layers is "13B" and gets ALiBi (max bias 8, the original slopes), any other count gets neither.
+A model whose own encoding differs from that rule would load and compute something else, so the export
+refuses it.
+
+Each tensor is read, converted and written in turn (the file's layout is planned from the headers first), so
+peak memory is near one tensor; the file appears at its path only when complete (written beside it, then
+renamed).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from baichuan.chat_format import jinja_template, load_chat_format
+from baichuan.checkpoint import read_config
+from baichuan.config import ALIBI, ROPE, Config
+from baichuan.convert import spm_proto
+from baichuan.convert.formats import (
+    ConvertError,
+    TensorInfo,
+    read_source_config,
+    refuse_quantized,
+    staged_directory,
+    stream_tensors,
+    tensor_infos,
+    write_checkpoint,
+)
+from baichuan.tokenizer import MODEL_FILE
+
+ARCH = "baichuan"
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# llama.cpp's n_layer -> model type -> position encoding, for arch baichuan.
+LLAMA_CPP_POSITION = {32: ROPE, 40: ALIBI}
+ALIBI_MAX_BIAS = 8.0
+# Keys of our own, which llama.cpp ignores: they make an import of our export give back the same checkpoint.
+KEY_POSITION = "baichuan_toolkit.position_encoding"
+KEY_NORMALIZER = "baichuan_toolkit.sentencepiece.normalizer_spec"  # base64 of the serialized spec
+KEY_TRAINER = "baichuan_toolkit.sentencepiece.trainer_spec"
+READINGS = ("baichuan", "llamacpp")
+
+_NAMES = {  # ours -> GGUF, per layer (W_pack is split apart)
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConvertError("GGUF needs the gguf package: pip install 'baichuan-toolkit[convert]'") from None
+    return gguf
+
+
+def llama_cpp_position(n_layers: int) -> str | None:
+    """The position encoding llama.cpp gives a Baichuan GGUF of `n_layers` layers (None: neither)."""
+    return LLAMA_CPP_POSITION.get(n_layers)
+
+
+def check_llama_cpp(config: Config) -> None:
+    """Refuse a model that llama.cpp would run with another position encoding than its own."""
+    theirs = llama_cpp_position(config.n_layers)
+    if theirs != config.position:
+        runs = f"with {theirs.upper()}" if theirs else "with no position encoding at all"
+        raise ConvertError(
+            f"llama.cpp runs a {config.n_layers}-layer Baichuan {runs} (it gives RoPE to 32-layer and ALiBi to "
+            f"40-layer models only); this model uses {config.position.upper()}, so the GGUF would compute "
+            "something else: not written"
+        )
+
+
+def _interleave_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Rows of each head go from (first halves, second halves) to interleaved pairs (x0, x_half, x1, ...).
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rotate_half_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # The inverse of _interleave_rope.
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_names(name: str) -> list[str]:
+    """The GGUF tensor names one of our tensors becomes (W_pack: three)."""
+    if name in _GLOBAL:
+        return [_GLOBAL[name]]
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"] or len(parts) < 4:
+        raise ConvertError(f"unexpected tensor {name!r}: not a Baichuan weight")
+    i, rest = parts[2], ".".join(parts[3:])
+    if rest == "self_attn.W_pack.weight":
+        return [f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight", f"blk.{i}.attn_v.weight"]
+    if rest not in _NAMES:
+        raise ConvertError(f"unexpected tensor {name!r}: not a Baichuan weight")
+    return [f"blk.{i}.{_NAMES[rest]}"]
+
+
+def _qtype(gguf, type: str, shape: tuple[int, ...]):
+    """The GGML type of one tensor: norms stay F32 (as llama.cpp keeps them); a matrix whose rows do not fill
+    whole quantization blocks falls back to F16, as llama.cpp's converter does."""
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or type == "f32":
+        return Q.F32
+    qtype = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[type]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else Q.F16
+
+
+def _encode(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return tensor.float().contiguous().numpy()
+    if qtype == Q.F16:
+        return tensor.to(torch.float16).contiguous().numpy()
+    if qtype == Q.BF16:
+        return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return gguf.quants.quantize(tensor.float().contiguous().numpy(), qtype)
+
+
+def _nbytes(gguf, shape: tuple[int, ...], qtype) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return rows * shape[-1] // block * size
+
+
+def _file_type(gguf, type: str):
+    F = gguf.LlamaFileType
+    return {
+        "f32": F.ALL_F32,
+        "f16": F.MOSTLY_F16,
+        "bf16": F.MOSTLY_BF16,
+        "q8_0": F.MOSTLY_Q8_0,
+        "q4_0": F.MOSTLY_Q4_0,
+    }[type]
+
+
+def export_gguf(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    type: str = "f16",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Write checkpoint directory `model` as one GGUF file `out` that llama.cpp runs as this model computes."""
+    gguf = _gguf()
+    if type not in TYPES:
+        raise ConvertError(f"unknown GGUF type {type!r}; choose one of {', '.join(TYPES)}")
+    model, out = Path(model), Path(out)
+    config = read_config(model)
+    refuse_quantized(model, read_source_config(model), "a GGUF export")
+    check_llama_cpp(config)
+    tokenizer_path = model / MODEL_FILE
+    if not tokenizer_path.is_file():
+        raise ConvertError(f"{model} has no {MODEL_FILE}: llama.cpp needs the vocabulary inside the GGUF")
+    proto = spm_proto.parse(tokenizer_path.read_bytes())
+    if len(proto.pieces) > config.vocab_size:
+        raise ConvertError(
+            f"{tokenizer_path} has {len(proto.pieces)} pieces, more than the model's {config.vocab_size} rows"
+        )
+    sources = tensor_infos(model)
+
+    plan: list[tuple[str, tuple[int, ...], object]] = []  # (GGUF name, shape, GGML type) in write order
+    for info in sources:
+        names = gguf_names(info.name)
+        shape = (info.shape[0] // len(names), *info.shape[1:])
+        plan += [(name, shape, _qtype(gguf, type, shape)) for name in names]
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        _add_hparams(writer, gguf, config, type)
+        _add_tokenizer(writer, gguf, proto, config, model)
+        for name, shape, qtype in plan:
+            byte_dtype = (
+                np.uint8
+                if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+                else None
+            )
+            if qtype == gguf.GGMLQuantizationType.BF16:
+                writer.add_tensor_info(name, shape, np.dtype(np.int16), _nbytes(gguf, shape, qtype), qtype)
+            elif byte_dtype is not None:
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+                writer.add_tensor_info(
+                    name, byte_shape, np.dtype(np.uint8), _nbytes(gguf, shape, qtype), qtype
+                )
+            else:
+                np_dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+                writer.add_tensor_info(name, shape, np.dtype(np_dtype), _nbytes(gguf, shape, qtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        steps = iter(plan)
+        done = 0
+        for name, tensor in stream_tensors(model):
+            for part in _export_tensor(name, tensor, config):
+                _, shape, qtype = next(steps)
+                writer.write_tensor_data(_encode(gguf, part, qtype))
+            done += 1
+            if progress is not None:
+                progress(name, done, len(sources))
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _export_tensor(name: str, tensor: torch.Tensor, config: Config) -> list[torch.Tensor]:
+    if name == "lm_head.weight" and config.norm_head:  # fold NormHead: the rows it normalises on every call
+        return [torch.nn.functional.normalize(tensor.float(), dim=-1)]
+    if name.endswith("self_attn.W_pack.weight"):
+        q, k, v = tensor.chunk(3, dim=0)
+        if config.position == ROPE:
+            q, k = _interleave_rope(q, config.n_heads), _interleave_rope(k, config.n_heads)
+        return [q, k, v]
+    return [tensor]
+
+
+def _add_hparams(writer, gguf, config: Config, type: str) -> None:
+    writer.add_name("baichuan")
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.ffn_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.head_dim)  # llama.cpp asserts n_rot == head size for baichuan
+    if config.position == ROPE:
+        writer.add_rope_freq_base(config.rope_base)
+    else:
+        writer.add_max_alibi_bias(ALIBI_MAX_BIAS)
+    writer.add_string(KEY_POSITION, config.position)
+    writer.add_file_type(_file_type(gguf, type))
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _add_tokenizer(writer, gguf, proto: spm_proto.ModelProto, config: Config, model: Path) -> None:
+    pieces = list(proto.pieces)
+    pieces += [
+        spm_proto.Piece(f"[PAD{i}]", -10000.0, spm_proto.UNUSED)
+        for i in range(len(pieces), config.vocab_size)
+    ]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([p.piece.encode("utf-8") for p in pieces])
+    writer.add_token_scores([p.score for p in pieces])
+    writer.add_token_types([p.type for p in pieces])
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    unk = next((i for i, p in enumerate(pieces) if p.type == spm_proto.UNKNOWN), None)
+    if unk is not None:
+        writer.add_unk_token_id(unk)
+    writer.add_add_bos_token(False)  # Baichuan prompts and chat formats carry no BOS
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(bool(spm_proto.spec_value(proto.normalizer_spec, 3, 1)))
+    writer.add_string(KEY_NORMALIZER, base64.b64encode(proto.normalizer_spec).decode())
+    writer.add_string(KEY_TRAINER, base64.b64encode(proto.trainer_spec).decode())
+    chat = load_chat_format(model)
+    ids = (chat.user_id, chat.assistant_id, chat.eos_id)
+    if all(0 <= i < len(proto.pieces) for i in ids):
+        user, assistant, eos = (pieces[i].piece for i in ids)
+        writer.add_chat_template(jinja_template(chat, user, assistant, eos))
+
+
+# --- import ------------------------------------------------------------------------------------------------
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_block_count(path: str | os.PathLike) -> int:
+    """The layer count a GGUF file states (0 for a vocabulary-only file, or one that cannot be read)."""
+    try:
+        return int(_field(_gguf().GGUFReader(str(path)), f"{ARCH}.block_count", 0))
+    except (ValueError, OSError):
+        return 0
+
+
+def import_gguf(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    reading: str = "baichuan",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Write a GGUF Baichuan model as a checkpoint directory (config.json, safetensors, tokenizer files), or a
+    vocabulary-only GGUF as a tokenizer directory. Quantized tensors are dequantized; `dtype` defaults to the
+    file's float type (fp32 for quantized files).
+
+    A GGUF keeps a tokenizer's pieces but not its normaliser settings. Our exports record them; for others
+    `reading` chooses: "baichuan" reads the vocabulary as the original Baichuan tokenizer is built (NFKC
+    normalisation, a dummy prefix, and the score-0 pieces before the byte pieces as user-defined symbols, where
+    SentencePiece's trainer puts them); "llamacpp" reads it as llama.cpp does (no normalisation, pieces as
+    typed)."""
+    gguf = _gguf()
+    path, out = Path(path), Path(out)
+    if reading not in READINGS:
+        raise ConvertError(f"unknown tokenizer reading {reading!r}; choose one of {', '.join(READINGS)}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = _field(reader, "general.architecture")
+    if arch != ARCH:
+        raise ConvertError(f"{path}: architecture {arch!r}, not a Baichuan GGUF ('{ARCH}')")
+    if _field(reader, "tokenizer.ggml.model") != "llama":
+        raise ConvertError(f"{path}: no SentencePiece ('llama') vocabulary inside")
+    tokenizer = _tokenizer_model(reader, reading)
+    files = _tokenizer_files(reader, tokenizer)
+    if not reader.tensors:  # vocabulary only
+        with staged_directory(out, lambda: MODEL_FILE) as staging:
+            for name, content in files.items():
+                (staging / name).write_bytes(content)
+        return out
+
+    config = _config(reader, path)
+    by_name = {t.name: t for t in reader.tensors}
+    float_types = {
+        gguf.GGMLQuantizationType.F16: torch.float16,
+        gguf.GGMLQuantizationType.BF16: torch.bfloat16,
+    }
+    if dtype is None:
+        kinds = {float_types.get(t.tensor_type, torch.float32) for t in reader.tensors if len(t.shape) > 1}
+        dtype = kinds.pop() if len(kinds) == 1 else torch.float32
+    with torch.device("meta"):
+        from baichuan.model import Baichuan
+
+        names = [(n, tuple(p.shape)) for n, p in Baichuan(config).state_dict().items()]
+    infos = [TensorInfo(n, s, dtype) for n, s in names]
+
+    def read(gguf_name: str) -> torch.Tensor:
+        if gguf_name not in by_name:
+            raise ConvertError(f"{path}: tensor {gguf_name} is missing")
+        t = by_name[gguf_name]
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            data = torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).float()
+        elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = torch.from_numpy(np.array(t.data, dtype=np.float32))
+        else:
+            data = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        return data.reshape(shape)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for info in infos:
+            parts = [read(n) for n in gguf_names(info.name)]
+            if len(parts) == 3 and config.position == ROPE:
+                parts[0], parts[1] = (_rotate_half_rope(p, config.n_heads) for p in parts[:2])
+            yield info.name, torch.cat(parts).to(info.dtype)
+
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    files["generation_config.json"] = _json(
+        {
+            "pad_token_id": config.pad_token_id,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+        }
+    )
+    write_checkpoint(out, hf, infos, tensors(), files=files, progress=progress)
+    return out
+
+
+def _config(reader, path: Path) -> Config:
+    def key(name, default=None):
+        value = _field(reader, f"{ARCH}.{name}", default)
+        if value is None:
+            raise ConvertError(f"{path}: GGUF key {ARCH}.{name} is missing")
+        return value
+
+    n_layers = int(key("block_count"))
+    position = _field(reader, KEY_POSITION) or llama_cpp_position(n_layers)
+    if position is None:
+        raise ConvertError(
+            f"{path}: a {n_layers}-layer Baichuan GGUF runs in llama.cpp with no position encoding, which no "
+            "Baichuan model has; its position encoding cannot be known"
+        )
+    n_heads = int(key("attention.head_count"))
+    if int(key("attention.head_count_kv", n_heads)) != n_heads:
+        raise ConvertError(f"{path}: grouped-query attention is not a Baichuan model")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    return Config(
+        vocab_size=int(_field(reader, f"{ARCH}.vocab_size", len(tokens))),
+        dim=int(key("embedding_length")),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        ffn_dim=int(key("feed_forward_length")),
+        position=position,
+        norm_head=False,
+        max_seq_len=int(key("context_length", 4096)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_base=float(_field(reader, f"{ARCH}.rope.freq_base", 10_000.0)),
+        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+    )
+
+
+def _tokenizer_model(reader, reading: str) -> bytes:
+    """A SentencePiece model file holding the GGUF's vocabulary (padding pieces past the tokenizer dropped)."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = _field(reader, "tokenizer.ggml.token_type") or [spm_proto.NORMAL] * len(tokens)
+    pieces = [spm_proto.Piece(t, float(s), int(k)) for t, s, k in zip(tokens, scores, types, strict=True)]
+    while pieces and pieces[-1].type == spm_proto.UNUSED and pieces[-1].piece.startswith("[PAD"):
+        pieces.pop()
+    normalizer, trainer = _field(reader, KEY_NORMALIZER), _field(reader, KEY_TRAINER)
+    if normalizer is not None and trainer is not None:  # our own export: the settings it came with
+        proto = spm_proto.ModelProto(pieces, base64.b64decode(trainer), base64.b64decode(normalizer))
+        return spm_proto.serialize(proto)
+    dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    if reading == "baichuan":
+        first_byte = next((i for i, p in enumerate(pieces) if p.type == spm_proto.BYTE), len(pieces))
+        for p in pieces[:first_byte]:
+            if p.type == spm_proto.NORMAL and p.score == 0.0:
+                p.type = spm_proto.USER_DEFINED
+    rule = "nmt_nfkc" if reading == "baichuan" else "identity"
+    normalizer = spm_proto.set_fields(_normalizer_spec(rule), {3: int(dummy_prefix), 4: 0, 5: 1})
+
+    def special(key: str, kind: int) -> int:
+        value = _field(reader, key)
+        if value is not None:
+            return int(value)
+        return next((i for i, p in enumerate(pieces) if p.type == kind), -1)
+
+    trainer_fields = {
+        3: spm_proto.BPE,
+        4: len(pieces),
+        35: int(any(p.type == spm_proto.BYTE for p in pieces)),
+        40: special("tokenizer.ggml.unknown_token_id", spm_proto.UNKNOWN),
+        41: special("tokenizer.ggml.bos_token_id", -1),
+        42: special("tokenizer.ggml.eos_token_id", -1),
+        43: 2**64 - 1,  # pad_id -1: Baichuan's pad is <unk>, not a piece of its own
+    }
+    trainer = spm_proto.set_fields(b"", trainer_fields)
+    return spm_proto.serialize(spm_proto.ModelProto(pieces, trainer, normalizer))
+
+
+def _normalizer_spec(rule: str) -> bytes:
+    """SentencePiece's own normaliser spec for `rule` (its precompiled character map included), taken from a
+    throwaway model its trainer builds in a few milliseconds: the map exists nowhere else in the package."""
+    if rule == "identity":
+        return spm_proto.set_fields(b"", {1: b"identity"})
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a b c"]),
+        model_writer=model,
+        model_type="char",
+        vocab_size=8,
+        hard_vocab_limit=False,
+        normalization_rule_name=rule,
+        minloglevel=2,
+    )
+    return spm_proto.parse(model.getvalue()).normalizer_spec
+
+
+def _tokenizer_files(reader, tokenizer: bytes) -> dict[str, bytes]:
+    def piece(key: str, fallback: str) -> str:
+        i = _field(reader, key)
+        tokens = _field(reader, "tokenizer.ggml.tokens")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else fallback
+
+    special = {
+        "bos_token": piece("tokenizer.ggml.bos_token_id", "<s>"),
+        "eos_token": piece("tokenizer.ggml.eos_token_id", "</s>"),
+        "unk_token": piece("tokenizer.ggml.unknown_token_id", "<unk>"),
+        "pad_token": piece("tokenizer.ggml.padding_token_id", "<unk>"),
+    }
+    config = {
+        "tokenizer_class": "BaichuanTokenizer",
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": False,
+        **special,
+        "clean_up_tokenization_spaces": False,
+        "sp_model_kwargs": {},
+        "model_max_length": int(_field(reader, f"{ARCH}.context_length", 4096)),
+    }
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    return {
+        MODEL_FILE: tokenizer,
+        "tokenizer_config.json": _json(config),
+        "special_tokens_map.json": _json(special),
+    }
+
+
+def _json(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
