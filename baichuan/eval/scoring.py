@@ -65,7 +65,9 @@ def score_choices(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
 
-    # Keep one token of every prompt out of the prefix: its logits are the ones read.
+    # Keep one token of every prompt out of the prefix: its logits are the ones read. A lone prompt has no one to
+    # share with: one forward is cheaper than a prefix pass and a suffix pass.
+    share_prefix = share_prefix and len(prompts) > 1
     P = min(common_prefix(prompts), min(map(len, prompts)) - 1) if share_prefix else 0
     prefix = None
     if P > 0:
