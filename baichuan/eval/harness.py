@@ -70,8 +70,8 @@ def subject_prompts(
     runner: Runner, task: Task, subject: Subject, shots: int
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids of each question's prompt and the shots it got: as many as asked for while the prompt fits the
-    context, fewer where it does not (hendrycks and CMMLU drop shots the same way); a question that does not fit
-    even alone keeps its last `context` tokens."""
+    context, fewer where it does not (the last ones go, as in hendrycks; CMMLU drops the longest); a question
+    that does not fit even alone keeps its last `context` tokens."""
     fmt = format_for(task, subject)
     prompts, used = [], []
     for question in subject.questions:
