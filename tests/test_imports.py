@@ -14,6 +14,7 @@ LAYERS = {
     "config": 0,
     "cpu": 0,
     "cpu_gemv": 0,
+    "native_bpe": 0,  # the C++ BPE encoder's loader: standard library only
     "position": 1,
     "kv_cache": 1,
     "memory": 1,
