@@ -58,7 +58,9 @@ def load() -> ModuleType | None:
     """The compiled module, built here if needed; None where it cannot be (the reason goes to a warning, once)."""
     try:
         return _load()
-    except Exception as e:  # no compiler, no headers, a build error, an unwritable cache: sentencepiece still works
+    except (
+        Exception
+    ) as e:  # no compiler, no headers, a build error, an unwritable cache: sentencepiece still works
         warnings.warn(
             f"the native tokenizer could not be built ({type(e).__name__}: {str(e).strip()[:300]}); "
             "encoding with sentencepiece instead",

@@ -18,6 +18,18 @@ Decoding does not go through the `tokenizers` decoder: its ByteFallback turns a 
 valid UTF-8 into one U+FFFD per byte, where sentencepiece replaces only the bytes that start no character
 (`<0xA3><0x35>` is "\ufffd5", not "\ufffd\ufffd"). `PieceDecoder` decodes as sentencepiece does.
 
+Encoding does not go through `tokenizers` either where it can be helped: with a tokenizer.model beside it, the
+fast tokenizer encodes with our C++ encoder (`baichuan.native_bpe`), which is exactly sentencepiece and several
+times faster than the `tokenizers` pipeline above. Added tokens (`<s>`, `</s>`, the role pieces, any the user
+adds) are cut out of the text first, leftmost and longest first as the backend's added vocabulary does, and each
+stretch between them is encoded on its own, dummy prefix included. Its offsets (`return_offsets_mapping`) are
+sentencepiece's pieces' spans, in characters. `encode`, `tokenizer(text)` and batches (shared among the CPUs,
+one thread under TOKENIZERS_PARALLELISM=false) take it when the call asks for nothing it does not give (a text
+pair, truncation, overflow, special-tokens masks, token type ids, pre-split words); such calls, and tokenizers
+built from tokenizer.json alone or where the encoder cannot be built, use the `tokenizers` backend, which gives
+the same ids (its offsets differ: the dummy-prefix `▁` counts in the first piece's span there). Outputs of the
+native path carry no `tokenizers.Encoding` (`BatchEncoding.word_ids()` and friends need `native=False`).
+
 Chat content is never parsed for special tokens. `tokenizer(text)` and `encode` keep transformers' convention, as
 the original does: `"<s>"`, `"</s>"` and the role pieces in the text become those tokens (the role pieces are
 user-defined pieces of the real vocabularies, so even split_special_tokens=True keeps them, as sentencepiece
@@ -42,8 +54,11 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import BPE
-from transformers import SentencePieceBackend, TokenizersBackend
+from transformers import BatchEncoding, SentencePieceBackend, TokenizersBackend
+from transformers.tokenization_utils_base import TruncationStrategy
+from transformers.utils import PaddingStrategy
 
+from baichuan.native_bpe import Encoder, available_cpus
 from baichuan.tokenizer import MODEL_FILE, Tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -440,6 +455,13 @@ class _ChatContent:
         return out if a["return_dict"] else out["input_ids"]
 
 
+def _threads() -> int:
+    # transformers' switch for the backend's threads, honoured for ours as well.
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0", "off", "no"):
+        return 1
+    return available_cpus()
+
+
 def _plain_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
     plain = []
     for i, message in enumerate(messages):
@@ -557,6 +579,7 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         clean_up_tokenization_spaces: bool = False,
+        native: bool = True,
         **kwargs: Any,
     ):
         if tokenizer_file is None or not os.path.isfile(tokenizer_file):
@@ -588,6 +611,101 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
         decoder = self._tokenizer.decoder
         drop_dummy_prefix = decoder is not None and decoder.decode([SPACE + "a"]) == "a"
         self._decode_pieces = PieceDecoder(pieces, drop_dummy_prefix)
+        # The C++ encoder of the tokenizer.model this was built from (None: the backend encodes).
+        self._native: Encoder | None = None
+        self._native_cuts: dict[bool, tuple[re.Pattern[str] | None, dict[str, int]] | None] = {}
+        if native and vocab_file and os.path.isfile(vocab_file):
+            with open(vocab_file, "rb") as f:
+                self._native = Encoder.create(f.read())
+
+    def _added_token_cut(
+        self, split_special_tokens: bool
+    ) -> tuple[re.Pattern[str] | None, dict[str, int]] | None:
+        """The regex that cuts the added tokens out of a text (None: there are none to cut) and their ids, or None
+        where the native path cannot encode as the backend does (an added token with lstrip, rstrip,
+        single_word or normalized set)."""
+        if split_special_tokens not in self._native_cuts:
+            added = self._tokenizer.get_added_tokens_decoder()
+            plain = all(not (t.lstrip or t.rstrip or t.single_word or t.normalized) for t in added.values())
+            cut = None
+            if plain:
+                # split_special_tokens=True leaves special tokens in the text, as the backend does.
+                ids = {t.content: i for i, t in added.items() if not (split_special_tokens and t.special)}
+                # An alternation tries its branches in order: longest first gives the leftmost-longest match.
+                pattern = "|".join(re.escape(t) for t in sorted(ids, key=len, reverse=True))
+                cut = (re.compile(pattern) if ids else None, ids)
+            self._native_cuts[split_special_tokens] = cut
+        return self._native_cuts[split_special_tokens]
+
+    def _native_stretches(self, text: str, split_special_tokens: bool) -> list[str | tuple[int, int]] | None:
+        """`text` as the stretches to encode, with the (id, length) of each added token between them; None where
+        the native path does not apply."""
+        cut = self._added_token_cut(split_special_tokens)
+        if cut is None:
+            return None
+        pattern, ids = cut
+        if pattern is None:
+            return [text] if text else []
+        parts: list[str | tuple[int, int]] = []
+        at = 0
+        for match in pattern.finditer(text):
+            if match.start() > at:
+                parts.append(text[at : match.start()])
+            parts.append((ids[match.group()], match.end() - match.start()))
+            at = match.end()
+        if at < len(text):
+            parts.append(text[at:])
+        return parts
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after one text (BOS and EOS, as the flags say)."""
+        bos = [self.bos_token_id] if self.add_bos_token and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if self.add_eos_token and self.eos_token_id is not None else []
+        return bos, eos
+
+    def _native_batch(
+        self, texts: Sequence[str], add_special_tokens: bool, split_special_tokens: bool, offsets: bool
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]]] | None:
+        """Ids (and character offsets) of each text through the C++ encoder; None where it does not apply."""
+        encoder = self._native
+        if encoder is None:
+            return None
+        split = [self._native_stretches(text, split_special_tokens) for text in texts]
+        if any(parts is None for parts in split):
+            return None
+        bos, eos = self._special_tokens() if add_special_tokens else ([], [])
+        all_ids: list[list[int]] = []
+        all_offsets: list[list[tuple[int, int]]] = []
+        if offsets:
+            for parts in split:
+                ids, spans, at = list(bos), [(0, 0)] * len(bos), 0
+                for part in parts or ():
+                    if isinstance(part, tuple):  # an added token: its own text
+                        ids.append(part[0])
+                        spans.append((at, at + part[1]))
+                        at += part[1]
+                        continue
+                    part_ids, part_spans = encoder.encode_with_offsets(part)
+                    ids += part_ids
+                    spans += [(at + b, at + e) for b, e in part_spans]
+                    at += len(part)
+                all_ids.append(ids + eos)
+                all_offsets.append(spans + [(0, 0)] * len(eos))
+            return all_ids, all_offsets
+        stretches = [part for parts in split for part in parts or () if isinstance(part, str)]
+        threads = _threads() if len(stretches) > 1 else 1
+        encoded = iter(
+            encoder.encode_batch(stretches, threads) if threads > 1 else map(encoder.encode, stretches)
+        )
+        for parts in split:
+            ids = list(bos)
+            for part in parts or ():
+                if isinstance(part, tuple):
+                    ids.append(part[0])
+                else:
+                    ids += next(encoded)
+            all_ids.append(ids + eos if eos else ids)
+        return all_ids, all_offsets
 
     def _add_tokens(self, new_tokens: list[str | AddedToken], special_tokens: bool = False) -> int:
         # A token matched after normalisation would be looked for with the dummy-prefix `▁` in front of it; match
@@ -596,6 +714,7 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
             AddedToken(t, normalized=False, special=special_tokens) if isinstance(t, str) else t
             for t in new_tokens
         ]
+        self._native_cuts = {}  # the added tokens change: cut anew
         return super()._add_tokens(new_tokens, special_tokens=special_tokens)
 
     def encode(
@@ -630,6 +749,11 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
             and backend.padding is None
         ):
             split = kwargs.get("split_special_tokens", self.split_special_tokens)
+            native = self._native_batch([text], add_special_tokens, bool(split), offsets=False)
+            if native is not None:
+                ids = native[0][0]
+                self._eventual_warn_about_too_long_sequence(ids, None, True)
+                return ids
             if backend.encode_special_tokens != split:
                 backend.encode_special_tokens = split
             ids = backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
@@ -647,6 +771,101 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
             return_tensors=return_tensors,
             **kwargs,
         )
+
+    def _encode_plus(
+        self,
+        text: Any,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding_strategy: Any = PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy: Any = TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length: int | None = None,
+        stride: int = 0,
+        is_split_into_words: bool = False,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: Any = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_overflowing_tokens: bool = False,
+        return_special_tokens_mask: bool = False,
+        return_offsets_mapping: bool = False,
+        return_length: bool = False,
+        verbose: bool = True,
+        split_special_tokens: bool | None = None,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        # `tokenizer(text)` and `tokenizer([texts])`: the C++ encoder, where the call asks only for ids,
+        # attention masks, offsets, lengths, padding and tensors (see the module docstring).
+        batched = isinstance(text, (list, tuple))
+        texts = list(text) if batched else [text]
+        if split_special_tokens is None:
+            split_special_tokens = self.split_special_tokens
+        native = None
+        if (
+            self._native is not None
+            and text_pair is None
+            and not is_split_into_words
+            and truncation_strategy == TruncationStrategy.DO_NOT_TRUNCATE
+            and not (return_overflowing_tokens or return_special_tokens_mask or return_token_type_ids)
+            and not kwargs
+            and all(isinstance(t, str) for t in texts)
+        ):
+            native = self._native_batch(
+                texts, add_special_tokens, bool(split_special_tokens), offsets=return_offsets_mapping
+            )
+        if native is None:
+            return super()._encode_plus(
+                text,
+                text_pair=text_pair,
+                add_special_tokens=add_special_tokens,
+                padding_strategy=padding_strategy,
+                truncation_strategy=truncation_strategy,
+                max_length=max_length,
+                stride=stride,
+                is_split_into_words=is_split_into_words,
+                pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side,
+                return_tensors=return_tensors,
+                return_token_type_ids=return_token_type_ids,
+                return_attention_mask=return_attention_mask,
+                return_overflowing_tokens=return_overflowing_tokens,
+                return_special_tokens_mask=return_special_tokens_mask,
+                return_offsets_mapping=return_offsets_mapping,
+                return_length=return_length,
+                verbose=verbose,
+                split_special_tokens=split_special_tokens,
+            )
+        ids, offsets = native
+        for row in ids:
+            self._eventual_warn_about_too_long_sequence(row, max_length, verbose)
+        encoded: dict[str, Any] = {"input_ids": ids}
+        if return_length:
+            encoded["length"] = [len(row) for row in ids]
+        if not batched:
+            encoded = {key: value[0] for key, value in encoded.items()}
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        padded = self.pad(
+            encoded,
+            padding=padding_strategy,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+            verbose=verbose,
+        )
+        if return_offsets_mapping:  # padding positions get (0, 0), as the backend gives them
+            rows = padded["input_ids"] if batched else [padded["input_ids"]]
+            left = (padding_side or self.padding_side) == "left"
+            offsets = [
+                [(0, 0)] * (len(row) - len(spans)) + spans
+                if left
+                else spans + [(0, 0)] * (len(row) - len(spans))
+                for row, spans in zip(rows, offsets, strict=True)
+            ]
+            padded["offset_mapping"] = offsets if batched else offsets[0]
+        return BatchEncoding(dict(padded), tensor_type=return_tensors)
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs: Any) -> dict[str, Any]:
