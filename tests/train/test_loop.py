@@ -253,3 +253,80 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big = train(tiny_model(), random_batches(micro=4), config, tmp_path / "a", say=lambda _: None).losses
     accum = train(tiny_model(), random_batches(micro=2, accum=2), config, tmp_path / "b", say=lambda _: None)
     np.testing.assert_allclose(accum.losses, big, rtol=1e-5)
+
+
+def spike_at(step: int, factor: float = 20.0):
+    """A loss function that multiplies the loss by `factor` on the given (1-based) step."""
+    calls = {"step": 0}
+
+    def loss_fn(logits, ids):
+        calls["step"] += 1
+        loss = causal_lm_loss(logits, ids)
+        return loss * factor if calls["step"] == step else loss
+
+    return loss_fn
+
+
+def test_nan_and_spike_steps_leave_the_weights_unchanged(tmp_path):
+    model, snapshots, lines = tiny_model(), {}, []
+
+    def snapshot(step, loss):
+        snapshots[step] = [p.detach().clone() for p in model.parameters()]
+
+    calls = {"step": 0}
+
+    def loss_fn(logits, ids):  # NaN on step 3, 20 x the loss on step 23
+        calls["step"] += 1
+        loss = causal_lm_loss(logits, ids)
+        return {3: loss * float("nan"), 23: loss * 20}.get(calls["step"], loss)
+
+    config = TrainConfig(max_steps=24, lr=1e-4, spike_factor=3.0, save=False, **QUIET)
+    result = train(model, OneBatch(), config, tmp_path, loss_fn=loss_fn, say=lines.append, on_step=snapshot)
+    assert result.skipped == [3, 23]
+    unchanged = [s for s in range(2, 25) if all(map(torch.equal, snapshots[s - 1], snapshots[s]))]
+    assert unchanged == [3, 23]  # every other step moved the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    skipped = [line for line in lines if "skipped" in line]
+    assert skipped[0].startswith("step 3: skipped (non-finite loss nan")
+    assert skipped[1].startswith("step 23: skipped (loss spike") and "x running mean" in skipped[1]
+    rows = (tmp_path / "loss.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows if r.split(",")[-1] == "1"] == [3, 23]
+
+
+def test_tensorboard_scalars_and_loss_png(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install 'baichuan-toolkit[train]'")
+    pytest.importorskip("matplotlib", reason="pip install 'baichuan-toolkit[train]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = TrainConfig(max_steps=4, lr=1e-3, **dict(QUIET, tensorboard=True, plot=True))
+    result = train(tiny_model(), OneBatch(), config, tmp_path, loss_fn=nan_at({2}), say=lambda _: None)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(
+        events.Tags()["scalars"]
+    )
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 3, 4]  # the skipped step is not plotted
+    np.testing.assert_allclose([e.value for e in loss], [result.losses[i] for i in (0, 2, 3)], rtol=1e-6)
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width >= 400 and height >= 200
+
+
+def test_activation_checkpointing_recomputes_and_changes_nothing(tmp_path):
+    config = TrainConfig(max_steps=3, lr=3e-3, save=False, **QUIET)
+    plain = train(tiny_model(), random_batches(), config, tmp_path / "a", say=lambda _: None).losses
+    model, calls = tiny_model(), []
+    layer = model.model.layers[0]
+    forward = layer.forward
+
+    def counted(*args, **kwargs):  # module hooks do not fire when torch's checkpoint recomputes: count here
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    layer.forward = counted
+    config.activation_checkpointing = True
+    recomputed = train(model, random_batches(), config, tmp_path / "b", say=lambda _: None).losses
+    assert len(calls) == 6  # 3 steps, each a forward and its recomputation in the backward pass
+    np.testing.assert_allclose(recomputed, plain, rtol=1e-5)
