@@ -12,7 +12,7 @@ implementation runs in its own child process, one after another, on the same ran
 
 - ours: `baichuan.generate.generate_tokens` (batch 1) and `generate` (batch 8) on `load_model` + `fold_norm_head`
 - transformers: `AutoModelForCausalLM.from_pretrained(dir).generate(...)` on our BaichuanForCausalLM, greedy
-- llama.cpp: `llama-cpp-python` on a GGUF export of the same weights (`benchmarks/gguf_export.py`)
+- llama.cpp: `llama-cpp-python` on a GGUF export of the same weights (`baichuan.convert.gguf`)
 
 int8 / int4 are our weight-only quantization (`load_model(quantize=8|4)`, activations in the dtype `--dtype auto`
 picks on this machine); llama.cpp runs them as Q8_0 / Q4_0, made from the bf16 GGUF by llama.cpp's own quantizer
@@ -255,22 +255,18 @@ def worker_llamacpp(args) -> dict:
     import torch
     from llama_cpp import Llama
 
-    from baichuan.checkpoint import load_model
-
-    sys.path.insert(0, str(HERE))
-    from gguf_export import export_gguf, llama_cpp_matches
+    from baichuan.checkpoint import read_config
+    from baichuan.convert.gguf import export_gguf, llama_cpp_position
 
     float_name = "bf16" if args.dtype in QUANT_BITS else args.dtype
     float_path = Path(args.checkpoint) / f"model-{float_name}.gguf"
     result: dict = {}
-    float_dtype = getattr(torch, DTYPES[float_name])
-    model = load_model(args.checkpoint, dtype=float_dtype)
-    config = model.config
+    config = read_config(args.checkpoint)
     if not float_path.is_file():
         t = time.perf_counter()
-        export_gguf(model, float_path, float_dtype, Path(args.checkpoint) / "tokenizer.model")
+        # exact=False: a shape llama.cpp runs with another position encoding still times right (see same_function)
+        export_gguf(args.checkpoint, float_path, LLAMA_CPP_NAMES[float_name].lower(), exact=False)
         result["export_s"] = time.perf_counter() - t
-    del model
     path = float_path
     if args.dtype in QUANT_BITS:
         path = Path(args.checkpoint) / f"model-{LLAMA_CPP_NAMES[args.dtype]}.gguf"
@@ -279,7 +275,7 @@ def worker_llamacpp(args) -> dict:
             llama_cpp_quantize(float_path, path, args.dtype, args.threads)
             result["quantize_s"] = time.perf_counter() - t
     result["file_bytes"] = path.stat().st_size
-    result["same_function"] = llama_cpp_matches(config)
+    result["same_function"] = llama_cpp_position(config.n_layers) == config.position
 
     n_ctx = max(args.prefill, args.decode_prompt + args.new_tokens) + 8
     llm = Llama(

@@ -166,15 +166,19 @@ def export_gguf(
     out: str | os.PathLike,
     type: str = "f16",
     progress: Callable[[str, int, int], None] | None = None,
+    exact: bool = True,
 ) -> Path:
-    """Write checkpoint directory `model` as one GGUF file `out` that llama.cpp runs as this model computes."""
+    """Write checkpoint directory `model` as one GGUF file `out` that llama.cpp runs as this model computes.
+    `exact=False` writes a model llama.cpp would run with another position encoding too (only a speed
+    benchmark wants that: the file's outputs are not this model's)."""
     gguf = _gguf()
     if type not in TYPES:
         raise ConvertError(f"unknown GGUF type {type!r}; choose one of {', '.join(TYPES)}")
     model, out = Path(model), Path(out)
     config = read_config(model)
     refuse_quantized(model, read_source_config(model), "a GGUF export")
-    check_llama_cpp(config)
+    if exact:
+        check_llama_cpp(config)
     tokenizer_path = model / MODEL_FILE
     if not tokenizer_path.is_file():
         raise ConvertError(f"{model} has no {MODEL_FILE}: llama.cpp needs the vocabulary inside the GGUF")
