@@ -209,3 +209,59 @@ def test_missing_tokenizer_is_named(tmp_path, base, data):
         app, ["finetune", "--model", str(bare), "--tokenizer", str(base), "--data", str(data), "--dry-run"]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_chat_and_serve_take_the_adapter(tmp_path, base, adapter, monkeypatch):
+    from baichuan.generate import stream_text
+    from baichuan.runtime import load_for_inference
+
+    merged = tmp_path / "m"
+    assert (
+        CliRunner()
+        .invoke(app, ["merge-lora", "-m", str(base), "--lora", str(adapter), "--out", str(merged)])
+        .exit_code
+        == 0
+    )
+    chat = CliRunner().invoke(
+        app, ["chat", "-m", str(base), "--lora", str(adapter), "--greedy", "--max-new-tokens", "4", "--dtype", "fp32"],
+        input="hello\n/exit\n",
+    )  # fmt: skip
+    assert chat.exit_code == 0, chat.output
+    assert "LoRA adapter" in chat.output and "applied (4 layers)" in chat.output
+    # The server: the app `baichuan serve --lora` would serve, answering as the merged checkpoint does.
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
+    served = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "-m",
+            str(base),
+            "--lora",
+            str(adapter),
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--max-batch",
+            "1",
+        ],
+    )
+    assert served.exit_code == 0, served.output
+    reference = load_for_inference(merged, "cpu", "fp32")
+    ids = reference.tokenizer.encode("the model")
+    sampling = reference.sampling.replace(max_new_tokens=8, do_sample=False)
+    expected = "".join(stream_text(reference.model, reference.tokenizer, ids, sampling))
+    with TestClient(apps[0], base_url="http://127.0.0.1") as client:
+        body = {"model": base.name, "prompt": "the model", "temperature": 0, "max_tokens": 8}
+        answer = client.post("/v1/completions", json=body).json()
+    assert answer.get("choices", [{}])[0].get("text") == expected and expected, answer
+
+
+def test_accumulation_equals_a_larger_batch(tmp_path, base, data):
+    whole = run(base, data, tmp_path / "a", batch_size=4, max_steps=3, lr=3e-3)
+    accumulated = run(base, data, tmp_path / "b", batch_size=2, grad_accum=2, max_steps=3, lr=3e-3)
+    np.testing.assert_allclose(accumulated, whole, rtol=1e-5)
