@@ -54,6 +54,9 @@ constexpr const char* kTarget = "avx2";
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 constexpr int64_t kPrefetchRows = 16;
 constexpr int64_t kChunkRows = 64;  // rows per parallel work item: whole tiles for every R
+// Least work (weight bytes x activation rows) per thread: smaller products run on the calling thread alone, where
+// waking the pool would cost more than it saves (a tiny model's layers; any layer on a machine short of cores).
+constexpr int64_t kMinTaskWork = 1 << 17;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -534,8 +537,9 @@ void run_rows(const Tile& tile, int64_t n0, int64_t n1, int64_t m) {
 // Rows in parallel chunks; activation rows 4 at a time (fewer weight rows per tile as there are more activation
 // rows, so the accumulators stay in registers).
 template <class Tile>
-void run_all(const Tile& tile, int64_t N, int64_t M) {
-  at::parallel_for(0, (N + kChunkRows - 1) / kChunkRows, 1, [&](int64_t c0, int64_t c1) {
+void run_all(const Tile& tile, int64_t N, int64_t M, int64_t row_bytes) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, kChunkRows * row_bytes * M));
+  at::parallel_for(0, (N + kChunkRows - 1) / kChunkRows, grain, [&](int64_t c0, int64_t c1) {
     const int64_t n0 = c0 * kChunkRows, n1 = std::min(N, c1 * kChunkRows);
     for (int64_t m = 0; m < M;) {
       switch (std::min<int64_t>(M - m, 4)) {
@@ -568,7 +572,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   auto y = torch::empty({M, N}, x.options());
   const Int8Tile tile{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), a.codes.data_ptr<int16_t>(),
                       a.scales.data_ptr<float>(), output_of(y), N, K, B, a.blocks};
-  run_all(tile, N, M);
+  run_all(tile, N, M, K);
   return y;
 }
 
@@ -604,7 +608,7 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
                       K,
                       group_size,
                       groups};
-  run_all(tile, N, M);
+  run_all(tile, N, M, K / 2);
   return y;
 }
 
@@ -623,7 +627,7 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
                       xp.data_ptr<float>(),
 #endif
                       output_of(y), N, K};
-  run_all(tile, N, M);
+  run_all(tile, N, M, 2 * K);
   return y;
 }
 
