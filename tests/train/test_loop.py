@@ -330,3 +330,24 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(tmp_path):
     recomputed = train(model, random_batches(), config, tmp_path / "b", say=lambda _: None).losses
     assert len(calls) == 6  # 3 steps, each a forward and its recomputation in the backward pass
     np.testing.assert_allclose(recomputed, plain, rtol=1e-5)
+
+
+def test_flops_per_token_counts_the_matmul_weights():
+    """6 FLOPs per matmul weight (all but the embeddings and norms) plus the attention products (PaLM, app. B)."""
+    from baichuan.config import preset
+    from baichuan.train.loop import flops_per_token
+
+    c = preset("baichuan2-7b")
+    matmul_weights = c.num_params() - c.vocab_size * c.dim - (2 * c.n_layers + 1) * c.dim
+    assert matmul_weights == 7_505_973_248 - 125_696 * 4096 - 65 * 4096
+    assert flops_per_token(c, 4096) == 6 * matmul_weights + 12 * 32 * 4096 * 4096
+
+
+def test_mfu_is_logged_against_a_measured_peak(tmp_path):
+    config = TrainConfig(max_steps=2, lr=1e-3, save=False, **dict(QUIET, measure_peak=True))
+    lines = []
+    train(tiny_model(), OneBatch(), config, tmp_path, say=lines.append)
+    assert any(line.startswith("matmul peak for MFU: ") and "(float32)" in line for line in lines)
+    rows = (tmp_path / "loss.csv").read_text().splitlines()[1:]
+    mfu = [float(row.split(",")[6]) for row in rows]
+    assert all(0 < m < 1 for m in mfu), mfu  # a tiny model on one thread: well below the peak, never above
