@@ -19,17 +19,16 @@ import torch
 KERNEL_TARGETS = ("avx2", "avx512", "avx512bf16")
 
 # Row thresholds: how many activation rows (tokens in a forward) a product must have before a kernel changes.
-# int8/int4: our kernels (cpu_gemv) up to this many rows, past it torch's or a widened GEMM (2-core Zen 3:
-# int8 1.4-2.9x faster than torch's bf16 kernels from 1 to 128 rows, int4 1.4-2.8x up to 32 rows, 0.95-1.7x at 128;
-# quantized layers may lift it, see there).
+# The measurements behind each are in benchmarks/README.md, with the CPU they were taken on.
+# int8/int4: our kernels (cpu_gemv) up to this many rows, past it torch's kernels or a widened GEMM (the quantized
+# layers may lift it where bf16 is emulated).
 GEMV_MAX_ROWS = 128
-# bf16: our mat-vec (cpu_gemv.bf16_gemv) up to this many rows, past it torch's GEMM (`bf16_gemv_max_rows`). Up to
-# batch-8 decoding where torch's bf16 product is emulated or ours has vdpbf16ps; only below 4 rows where ours
-# widens to fp32 and oneDNN's bf16 is native (a lower target forced on an AVX512-BF16 CPU).
+# bf16: our mat-vec (cpu_gemv.bf16_gemv) up to this many rows, past it torch's GEMM (`bf16_gemv_max_rows`): up to
+# batch-8 decoding where torch's bf16 product is emulated or ours has vdpbf16ps, but only up to 2 rows where ours
+# widens to fp32 against oneDNN's native bf16 (a lower target forced on an AVX512-BF16 CPU).
 BF16_GEMV_MAX_ROWS = 8
 BF16_WIDENING_MAX_ROWS = 2
-# bf16/fp16 weights where half precision is emulated: an fp32 GEMM on the widened weight from this many rows on
-# (4096x1536 weight, 2-core Zen 3: 16 rows 7.1 vs 9.9 ms; 8 rows 6.2 vs 5.0 ms).
+# bf16/fp16 weights where half precision is emulated: an fp32 GEMM on the widened weight from this many rows on.
 UPCAST_MIN_ROWS = 16
 
 
