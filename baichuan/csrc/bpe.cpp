@@ -47,7 +47,7 @@ namespace {
 enum PieceType : uint8_t { NORMAL = 1, UNKNOWN = 2, CONTROL = 3, USER_DEFINED = 4, UNUSED = 5, BYTE = 6 };
 constexpr int kBpeModel = 2;
 constexpr int kMaxNormalizerResults = 32;  // Normalizer::kMaxTrieResultsSize
-constexpr size_t kCacheMaxWordBytes = 48;
+constexpr size_t kCacheMaxWordBytes = 32;
 constexpr size_t kCacheSlots = 1 << 15;
 const char kSpace[] = "\xe2\x96\x81";  // U+2581
 
@@ -197,87 +197,87 @@ class StrMap {
   size_t mask_ = 0;
 };
 
-// (left symbol, right symbol) -> (merged piece, its score).
+// (left symbol, right symbol) -> merged piece, in one 64-bit slot (20 bits each: one cache miss a lookup).
 class PairMap {
  public:
-  struct Merge {
-    int32_t piece;
-    float score;
-  };
+  static constexpr int kBits = 20;
+  static constexpr uint32_t kMaxKey = (1u << kBits) - 2;
   void reserve(size_t n) {
     size_t cap = 16;
     while (cap < 2 * n) cap <<= 1;
-    keys_.assign(cap, kEmpty);
-    values_.assign(cap, Merge{-1, 0.f});
+    slots_.assign(cap, kEmpty);
     mask_ = cap - 1;
   }
-  static uint64_t key(int32_t left, int32_t right) {
-    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
-  }
-  void insert(uint64_t k, Merge m) {
+  static uint64_t key(uint32_t left, uint32_t right) { return (static_cast<uint64_t>(left) << kBits) | right; }
+  void insert(uint64_t k, uint32_t value) {
     for (size_t i = mix64(k) & mask_;; i = (i + 1) & mask_) {
-      if (keys_[i] == kEmpty || keys_[i] == k) {
-        keys_[i] = k;
-        values_[i] = m;
+      if (slots_[i] == kEmpty || (slots_[i] >> kBits) == k) {
+        slots_[i] = (k << kBits) | value;
         return;
       }
     }
   }
-  const Merge* find(uint64_t k) const {
+  // The value, or -1.
+  int32_t find(uint64_t k) const {
     for (size_t i = mix64(k) & mask_;; i = (i + 1) & mask_) {
-      if (keys_[i] == k) return &values_[i];
-      if (keys_[i] == kEmpty) return nullptr;
+      const uint64_t slot = slots_[i];
+      if ((slot >> kBits) == k) return static_cast<int32_t>(slot & ((1u << kBits) - 1));
+      if (slot == kEmpty) return -1;
     }
   }
 
  private:
-  static constexpr uint64_t kEmpty = ~0ull;
-  std::vector<uint64_t> keys_;
-  std::vector<Merge> values_;
+  static constexpr uint64_t kEmpty = ~0ull;  // its key part (2^44 - 1) is no pair of keys up to kMaxKey
+  std::vector<uint64_t> slots_;
   size_t mask_ = 0;
 };
 
 // A byte trie of the user-defined pieces: the longest one that is a prefix of the text (PrefixMatcher).
 class Trie {
  public:
-  void add(std::string_view word) {
+  void add(std::string_view word, int32_t id) {
     int node = 0;
     for (char c : word) {
       const uint64_t k = (static_cast<uint64_t>(node) << 8) | static_cast<uint8_t>(c);
       auto it = edges_.find(k);
       if (it == edges_.end()) {
         it = edges_.emplace(k, static_cast<int>(terminal_.size())).first;
-        terminal_.push_back(false);
+        terminal_.push_back(-1);
       }
       node = it->second;
     }
-    terminal_[node] = true;
+    terminal_[node] = id;
     starts_[static_cast<uint8_t>(word[0])] = true;
     empty_ = false;
   }
-  void finish() {
+  bool finish() {
+    if (terminal_.size() > PairMap::kMaxKey) return false;
     table_.reserve(edges_.size());
-    for (const auto& [k, v] : edges_) table_.insert(k, PairMap::Merge{v, 0.f});
+    for (const auto& [k, v] : edges_) table_.insert(k, static_cast<uint32_t>(v));
+    return true;
   }
-  // Length of the longest match at s (0: none).
-  size_t match(const char* s, size_t n) const {
+  // Length of the longest match at s (0: none); `id` gets its piece.
+  size_t match(const char* s, size_t n, int32_t* id = nullptr) const {
     if (empty_ || !starts_[static_cast<uint8_t>(*s)]) return 0;
     size_t best = 0;
     int node = 0;
     for (size_t i = 0; i < n; ++i) {
-      const auto* m = table_.find((static_cast<uint64_t>(node) << 8) | static_cast<uint8_t>(s[i]));
-      if (m == nullptr) break;
-      node = m->piece;
-      if (terminal_[node]) best = i + 1;
+      node = table_.find((static_cast<uint64_t>(node) << 8) | static_cast<uint8_t>(s[i]));
+      if (node < 0) break;
+      if (terminal_[node] >= 0) {
+        best = i + 1;
+        if (id != nullptr) *id = terminal_[node];
+      }
     }
     return best;
   }
   bool empty() const { return empty_; }
+  bool may_start(uint8_t byte) const { return starts_[byte]; }
 
  private:
   std::unordered_map<uint64_t, int> edges_;
   PairMap table_;
-  std::vector<bool> terminal_ = {false};
+  std::vector<int32_t> terminal_ = {-1};  // the piece a node ends, or -1
   bool starts_[256] = {};
   bool empty_ = true;
 };
@@ -299,6 +299,19 @@ class CharsMap {
     return !units_.empty();
   }
   bool empty() const { return units_.empty(); }
+  // Whether some rule's source starts with these bytes (the trie has a node for them).
+  bool reaches(const char* s, size_t n) const {
+    if (units_.empty()) return false;
+    size_t id = offset(units_[0]);
+    for (size_t i = 0; i < n; ++i) {
+      id ^= static_cast<uint8_t>(s[i]);
+      if (id >= units_.size()) return false;
+      const uint32_t unit = units_[id];
+      if ((unit & ((1u << 31) | 0xFF)) != static_cast<uint8_t>(s[i])) return false;
+      id ^= offset(unit);
+    }
+    return true;
+  }
   // Longest rule among Darts' first kMaxNormalizerResults matches at s: its length, and its replacement.
   size_t longest(const char* s, size_t n, std::string_view* out) const {
     size_t found = 0, length = 0;
@@ -455,7 +468,7 @@ class Model {
   StrMap reserved_map_;  // the others (reserved_id_map_)
   int32_t unk_id_ = -1;
   int32_t byte_ids_[256];
-  bool has_unused_ = false, split_words_ = false;
+  bool has_unused_ = false, split_words_ = false, cut_every_space_ = false;
   // Symbol keys: a piece of pieces_map_ is its id; a character that is no such piece but occurs in one gets a
   // key from pieces_.size() up, so that merges into that piece are found. Other characters have no key.
   std::vector<int32_t> bmp_keys_;           // by code point, for characters of 1-3 bytes
@@ -463,6 +476,8 @@ class Model {
   std::deque<std::string> virtual_chars_;   // text of the keys from pieces_.size() up (a deque: they stay put)
   std::vector<int32_t> key_ids_;            // key -> output id (PieceToId of its text)
   PairMap merges_;
+  std::vector<bool> left_part_, right_part_;  // whether a key is the left (right) part of any merge
+  std::vector<bool> plain_;                   // by code point: see plain_char
 
   bool fail(const char* message) {
     error = message;
@@ -513,7 +528,7 @@ class Model {
       if (piece.empty()) return fail("piece must not be empty");
       if (!(is_piece_type(types_[i]) ? pieces_map_ : reserved_map_).insert(piece, static_cast<int32_t>(i)))
         return fail("a piece is defined twice");
-      if (types_[i] == USER_DEFINED) user_.add(piece);
+      if (types_[i] == USER_DEFINED) user_.add(piece, static_cast<int32_t>(i));
       if (types_[i] == UNUSED) has_unused_ = true;
       if (types_[i] == UNKNOWN) {
         if (unk_id_ >= 0) return fail("unk is defined twice");
@@ -521,22 +536,29 @@ class Model {
       }
     }
     if (unk_id_ < 0) return fail("no unk piece");
-    user_.finish();
+    if (!user_.finish()) return fail("too many user-defined pieces");
     for (int b = 0; b < 256; ++b) {
       char name[8];
       std::snprintf(name, sizeof(name), "<0x%02X>", b);
       byte_ids_[b] = piece_to_id(name, 6);
     }
-    // Word cuts are exact when no piece holds a `▁` after its first byte (no merge or user-defined piece can
-    // then cross the start of a `▁`) and no piece is unused (their resegmentation remembers pairs across the
-    // whole text).
-    split_words_ = escape_whitespaces_ && !has_unused_;
-    for (size_t i = 0; i < n && split_words_; ++i) {
+    // Word cuts. No merge and no user-defined piece can cross the start of a `▁` that no piece holds after its
+    // first byte: where no piece holds one after anything, the text is cut before every `▁` (Baichuan's
+    // vocabularies); where pieces hold `▁` only after `▁` (whitespace-only pieces such as `▁▁▁▁`, which
+    // `train-tokenizer` allows), before each `▁` that follows something else. Never with unused pieces: their
+    // resegmentation remembers pairs across the whole text.
+    bool every = true, after_other = true;
+    for (size_t i = 0; i < n; ++i) {
       if (!is_piece_type(types_[i])) continue;
       const auto piece = pieces_[i];
-      if (piece.size() > 3 && piece.substr(1).find(kSpace) != std::string_view::npos) split_words_ = false;
-      if (piece.find(' ') != std::string_view::npos) split_words_ = false;
+      if (piece.find(' ') != std::string_view::npos) every = after_other = false;
+      for (size_t at = piece.find(kSpace, 1); at != std::string_view::npos; at = piece.find(kSpace, at + 1)) {
+        every = false;
+        if (at < 3 || piece.substr(at - 3, 3) != kSpace) after_other = false;
+      }
     }
+    split_words_ = escape_whitespaces_ && !has_unused_ && (every || after_other);
+    cut_every_space_ = every;
     // Symbol keys.
     bmp_keys_.assign(0x10000, -1);
     long_char_keys_.reserve(n);
@@ -571,21 +593,53 @@ class Model {
     for (size_t i = 0; i < n; ++i) key_ids_[i] = piece_to_id(pieces_[i].data(), pieces_[i].size());
     for (size_t v = 0; v < virtual_chars_.size(); ++v)
       key_ids_[n + v] = piece_to_id(virtual_chars_[v].data(), virtual_chars_[v].size());
+    plain_.assign(0x10000, false);
+    for (uint32_t cp = 0; cp < 0x10000; ++cp) {
+      if (cp == ' ' || (cp >= 0xD800 && cp <= 0xDFFF)) continue;
+      char c[3];
+      size_t len = 1;
+      if (cp < 0x80) {
+        c[0] = static_cast<char>(cp);
+      } else if (cp < 0x800) {
+        c[0] = static_cast<char>(0xC0 | (cp >> 6));
+        c[1] = static_cast<char>(0x80 | (cp & 0x3F));
+        len = 2;
+      } else {
+        c[0] = static_cast<char>(0xE0 | (cp >> 12));
+        c[1] = static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+        c[2] = static_cast<char>(0x80 | (cp & 0x3F));
+        len = 3;
+      }
+      plain_[cp] = !user_.may_start(static_cast<uint8_t>(c[0])) && !charsmap_.reaches(c, len);
+    }
+    if (key_ids_.size() > PairMap::kMaxKey) return fail("too many pieces");
     // Merges: every split of a piece, at a character boundary, into two symbols that have keys.
     merges_.reserve(pairs);
+    left_part_.assign(key_ids_.size(), false);
+    right_part_.assign(key_ids_.size(), false);
     for (size_t i = 0; i < n; ++i) {
       if (!is_piece_type(types_[i])) continue;
       const auto piece = pieces_[i];
       for (size_t at = one_char_len(piece.data()); at < piece.size(); at += one_char_len(piece.data() + at)) {
         const int32_t left = key_of(piece.substr(0, at)), right = key_of(piece.substr(at));
-        if (left >= 0 && right >= 0)
-          merges_.insert(PairMap::key(left, right), PairMap::Merge{static_cast<int32_t>(i), scores_[i]});
+        if (left >= 0 && right >= 0) {
+          merges_.insert(PairMap::key(left, right), static_cast<uint32_t>(i));
+          left_part_[left] = right_part_[right] = true;
+        }
       }
     }
     return true;
   }
 
   // --- 1. normalisation (Normalizer::Normalize)
+
+  // The length of the character at s if normalising leaves it as it is (valid UTF-8 of 1-3 bytes, not a space,
+  // starting no user-defined piece and no charsmap rule), else 0: most characters, found in one bit.
+  size_t plain_char(const char* s, size_t n) const {
+    const size_t len = std::min(one_char_len(s), n);
+    const int32_t cp = bmp_index(s, len);
+    return cp >= 0 && plain_[cp] && !(len == 2 && cp < 0x80) ? len : 0;
+  }
 
   // The normalised form of the text's prefix, and how many input bytes it consumes (NormalizePrefix).
   std::pair<std::string_view, size_t> normalize_prefix(const char* s, size_t n) const {
@@ -626,9 +680,20 @@ class Model {
     if (!whitespace_as_suffix_ && add_dummy_prefix_) add_ws();
     bool prev_space = remove_extra_whitespaces_;
     while (consumed < size) {
+      if (const size_t len = plain_char(text + consumed, size - consumed)) {  // copied as it is
+        out.append(text + consumed, len);
+        if (offsets) map.insert(map.end(), len, static_cast<uint32_t>(consumed));
+        consumed += len;
+        prev_space = false;
+        continue;
+      }
       auto [piece, used] = normalize_prefix(text + consumed, size - consumed);
       while (prev_space && !piece.empty() && piece[0] == ' ') piece.remove_prefix(1);
-      if (!piece.empty()) {
+      if (!piece.empty() && (!escape_whitespaces_ || std::memchr(piece.data(), ' ', piece.size()) == nullptr)) {
+        out.append(piece.data(), piece.size());
+        if (offsets) map.insert(map.end(), piece.size(), static_cast<uint32_t>(consumed));
+        prev_space = piece.back() == ' ';
+      } else if (!piece.empty()) {
         for (char c : piece) {
           if (escape_whitespaces_ && c == ' ') {
             out.append(kSpace, 3);
@@ -673,25 +738,32 @@ class Model {
     const char* data = text.data();
     const size_t size = text.size();
     size_t word = 0, at = 0;
+    bool after_space = false;
     while (at < size) {
-      if (const size_t m = user_.match(data + at, size - at)) {  // frozen: its own piece
+      int32_t frozen;
+      if (const size_t m = user_.match(data + at, size - at, &frozen)) {  // frozen: its own piece
         if (at > word) cached_bpe(data + word, at - word, s);
-        s.pieces.push_back(Piece{key_ids_[pieces_map_.find(data + at, m)], static_cast<uint32_t>(m)});
+        s.pieces.push_back(Piece{key_ids_[frozen], static_cast<uint32_t>(m)});
         at += m;
         word = at;
+        after_space = false;
         continue;
       }
-      if (at > word && size - at >= 3 && std::memcmp(data + at, kSpace, 3) == 0) {
+      const bool space = size - at >= 3 && std::memcmp(data + at, kSpace, 3) == 0;
+      if (space && at > word && (cut_every_space_ || !after_space)) {
         cached_bpe(data + word, at - word, s);
         word = at;
       }
+      after_space = space;
       at += std::min(one_char_len(data + at), size - at);
     }
     if (at > word) cached_bpe(data + word, at - word, s);
   }
 
   void cached_bpe(const char* word, size_t size, Scratch& s) const {
-    if (size > kCacheMaxWordBytes) {
+    // Only words that start with `▁`, which repeat (English words, say); a stretch of Chinese between
+    // punctuation rarely does, and looking it up would only cost a cache miss.
+    if (size > kCacheMaxWordBytes || size < 3 || std::memcmp(word, kSpace, 3) != 0) {
       bpe(word, size, false, s);
       return;
     }
@@ -750,20 +822,23 @@ class Model {
     auto less = [](const Scratch::Candidate& a, const Scratch::Candidate& b) {
       return a.score < b.score || (a.score == b.score && a.left > b.left);
     };
-    auto consider = [&](int32_t left, int32_t right) {
+    auto consider = [&](int32_t left, int32_t right, bool heap) {
       if (left < 0 || right < 0) return;
       const auto& l = symbols[left];
       const auto& r = symbols[right];
       if (l.freeze || r.freeze || l.key < 0 || r.key < 0) return;
-      const auto* m = merges_.find(PairMap::key(l.key, r.key));
-      if (m == nullptr) return;
-      agenda.push_back(Scratch::Candidate{m->score, left, right, m->piece, l.size + r.size});
-      std::push_heap(agenda.begin(), agenda.end(), less);
-      if (types_[m->piece] == UNUSED)
+      if (!(left_part_[l.key] && right_part_[r.key])) return;  // no piece starts with l or ends with r
+      const int32_t piece = merges_.find(PairMap::key(l.key, r.key));
+      if (piece < 0) return;
+      agenda.push_back(Scratch::Candidate{scores_[piece], left, right, piece, l.size + r.size});
+      if (heap) std::push_heap(agenda.begin(), agenda.end(), less);
+      if (has_unused_ && types_[piece] == UNUSED)
         rev_merge[std::string_view(text + l.start, l.size + r.size)] = {std::string_view(text + l.start, l.size),
                                                                          std::string_view(text + r.start, r.size)};
     };
-    for (size_t i = 1; i < symbols.size(); ++i) consider(static_cast<int32_t>(i - 1), static_cast<int32_t>(i));
+    for (size_t i = 1; i < symbols.size(); ++i)
+      consider(static_cast<int32_t>(i - 1), static_cast<int32_t>(i), false);
+    std::make_heap(agenda.begin(), agenda.end(), less);
     while (!agenda.empty()) {
       std::pop_heap(agenda.begin(), agenda.end(), less);
       const auto top = agenda.back();
@@ -776,8 +851,8 @@ class Model {
       l.next = r.next;
       if (r.next >= 0) symbols[r.next].prev = top.left;
       r.size = 0;
-      consider(l.prev, top.left);
-      consider(top.left, l.next);
+      consider(l.prev, top.left, true);
+      consider(top.left, l.next, true);
     }
     for (int32_t i = 0; i != -1; i = symbols[i].next) {
       const auto& sym = symbols[i];
