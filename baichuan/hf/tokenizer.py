@@ -63,6 +63,8 @@ from baichuan.tokenizer import MODEL_FILE, Tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 SPACE = "▁"
+# How the native path cuts added tokens out of a text: the regex, their ids by text, their first characters.
+_Cut = tuple[re.Pattern[str] | None, dict[str, int], frozenset[str]]
 # sentencepiece_model.proto: ModelProto.SentencePiece.Type, and TrainerSpec.ModelType
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 BPE_MODEL = 2
@@ -613,17 +615,15 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
         self._decode_pieces = PieceDecoder(pieces, drop_dummy_prefix)
         # The C++ encoder of the tokenizer.model this was built from (None: the backend encodes).
         self._native: Encoder | None = None
-        self._native_cuts: dict[bool, tuple[re.Pattern[str] | None, dict[str, int]] | None] = {}
+        self._native_cuts: dict[bool, _Cut | None] = {}
         if native and vocab_file and os.path.isfile(vocab_file):
             with open(vocab_file, "rb") as f:
                 self._native = Encoder.create(f.read())
 
-    def _added_token_cut(
-        self, split_special_tokens: bool
-    ) -> tuple[re.Pattern[str] | None, dict[str, int]] | None:
-        """The regex that cuts the added tokens out of a text (None: there are none to cut) and their ids, or None
-        where the native path cannot encode as the backend does (an added token with lstrip, rstrip,
-        single_word or normalized set)."""
+    def _added_token_cut(self, split_special_tokens: bool) -> _Cut | None:
+        """The regex that cuts the added tokens out of a text (None: there are none to cut), their ids and their
+        first characters, or None where the native path cannot encode as the backend does (an added token with
+        lstrip, rstrip, single_word or normalized set)."""
         if split_special_tokens not in self._native_cuts:
             added = self._tokenizer.get_added_tokens_decoder()
             plain = all(not (t.lstrip or t.rstrip or t.single_word or t.normalized) for t in added.values())
@@ -633,7 +633,7 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
                 ids = {t.content: i for i, t in added.items() if not (split_special_tokens and t.special)}
                 # An alternation tries its branches in order: longest first gives the leftmost-longest match.
                 pattern = "|".join(re.escape(t) for t in sorted(ids, key=len, reverse=True))
-                cut = (re.compile(pattern) if ids else None, ids)
+                cut = (re.compile(pattern) if ids else None, ids, frozenset(t[0] for t in ids if t))
             self._native_cuts[split_special_tokens] = cut
         return self._native_cuts[split_special_tokens]
 
@@ -643,8 +643,8 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
         cut = self._added_token_cut(split_special_tokens)
         if cut is None:
             return None
-        pattern, ids = cut
-        if pattern is None:
+        pattern, ids, firsts = cut
+        if pattern is None or not any(c in text for c in firsts):  # `in` is much faster than the regex
             return [text] if text else []
         parts: list[str | tuple[int, int]] = []
         at = 0
@@ -748,10 +748,16 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
             and backend.truncation is None
             and backend.padding is None
         ):
-            split = kwargs.get("split_special_tokens", self.split_special_tokens)
-            native = self._native_batch([text], add_special_tokens, bool(split), offsets=False)
-            if native is not None:
-                ids = native[0][0]
+            split = bool(kwargs.get("split_special_tokens", self.split_special_tokens))
+            cut = self._added_token_cut(split) if self._native is not None else None
+            if cut is not None:
+                if cut[0] is None or not any(c in text for c in cut[2]):  # no added token: one C call
+                    ids = self._native.encode(text)  # type: ignore[union-attr]
+                    if add_special_tokens and (self.add_bos_token or self.add_eos_token):
+                        bos, eos = self._special_tokens()
+                        ids = bos + ids + eos
+                else:
+                    ids = self._native_batch([text], add_special_tokens, split, offsets=False)[0][0]  # type: ignore[index]
                 self._eventual_warn_about_too_long_sequence(ids, None, True)
                 return ids
             if backend.encode_special_tokens != split:
@@ -799,6 +805,8 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
         # attention masks, offsets, lengths, padding and tensors (see the module docstring).
         batched = isinstance(text, (list, tuple))
         texts = list(text) if batched else [text]
+        # One text with tensors keeps its batch axis, as in the backend's path.
+        batched = batched or return_tensors is not None
         if split_special_tokens is None:
             split_special_tokens = self.split_special_tokens
         native = None
