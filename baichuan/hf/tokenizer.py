@@ -848,8 +848,6 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
         for row in ids:
             self._eventual_warn_about_too_long_sequence(row, max_length, verbose)
         encoded: dict[str, Any] = {"input_ids": ids}
-        if return_length:
-            encoded["length"] = [len(row) for row in ids]
         if not batched:
             encoded = {key: value[0] for key, value in encoded.items()}
         if return_attention_mask is None:
@@ -863,8 +861,10 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
             return_attention_mask=return_attention_mask,
             verbose=verbose,
         )
+        rows = padded["input_ids"] if batched else [padded["input_ids"]]
+        if return_length:  # after padding, as the backend counts
+            padded["length"] = [len(row) for row in rows]  # a list for one text too, as there
         if return_offsets_mapping:  # padding positions get (0, 0), as the backend gives them
-            rows = padded["input_ids"] if batched else [padded["input_ids"]]
             left = (padding_side or self.padding_side) == "left"
             offsets = [
                 [(0, 0)] * (len(row) - len(spans)) + spans
