@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,22 +235,23 @@ def _int(text: str | None) -> int | None:
         return None
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: musl, macOS, Windows
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
 def return_free_memory() -> bool:
-    """Hand the pages that the C allocator holds free back to the system (glibc's `malloc_trim`). A server's
-    requests come and go in many threads, and glibc keeps what they freed in per-thread arenas, so its RSS creeps
-    up with load that has long finished without any object being alive. Returns False where the C library has
-    no such call (musl, macOS, Windows)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        name = ctypes.util.find_library("c")
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-        if trim is not None:
-            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-        _malloc_trim = trim or False
-    if not _malloc_trim:
+    """Hand the pages that the C allocator holds free back to the system (glibc's `malloc_trim`); False where the
+    C library has no such call. glibc keeps freed blocks in its heaps and per-thread arenas: a server's requests
+    come and go in many threads, and a quantizing load's temporaries leave holes that the small blocks it keeps
+    pin, so resident memory would stay at the high-water mark of work long finished."""
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _malloc_trim(0)
+    trim(0)
     return True
-
-
-_malloc_trim = None

@@ -40,6 +40,7 @@ LAYERS = {
 # Same-layer imports that are part of the design.
 ALLOWED_ACROSS = {
     ("cpu_gemv", "cpu"),  # the kernel loader asks the CPU probes
+    ("quant", "memory"),  # a quantizing load hands its temporaries' pages back (memory.return_free_memory)
     ("generate", "chat_format"),
     ("scaffold", "train"),  # init trains its tokenizer with the one trainer
     ("runtime", "checkpoint"),

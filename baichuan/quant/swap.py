@@ -8,15 +8,13 @@ quantizing the raw rows and normalising afterwards is not possible.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from baichuan.memory import return_free_memory
 from baichuan.quant.int4 import Int4Linear
 from baichuan.quant.int8 import Int8Linear
 from baichuan.quant.spec import (
@@ -103,23 +101,6 @@ def load_quantized_state_dict(
     return module
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the pages of freed blocks back to the OS (glibc; elsewhere nothing). glibc keeps freed blocks below
-    its mmap threshold (which grows to 32 MB) in its heaps, where the small blocks a quantized model keeps pin
-    the holes that its temporaries leave; a quantizing load's resident memory then grows well past its weights."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 class QuantizingLoader:
     """The transform hook of `checkpoint.load_weights` for a model built on the meta device: it is handed each
     checked tensor and builds the quantized modules from them, so that peak memory stays near the quantized size.
@@ -194,7 +175,7 @@ class QuantizingLoader:
     def _swap(self, module_name: str, new: nn.Module) -> None:
         parent_name, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, new)
-        release_freed_memory()  # the temporaries of quantizing it
+        return_free_memory()  # the temporaries of quantizing it
 
     def finish(self) -> None:
         if self.pending:
