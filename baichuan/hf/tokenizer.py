@@ -23,12 +23,13 @@ fast tokenizer encodes with our C++ encoder (`baichuan.native_bpe`), which is ex
 times faster than the `tokenizers` pipeline above. Added tokens (`<s>`, `</s>`, the role pieces, any the user
 adds) are cut out of the text first, leftmost and longest first as the backend's added vocabulary does, and each
 stretch between them is encoded on its own, dummy prefix included. Its offsets (`return_offsets_mapping`) are
-sentencepiece's pieces' spans, in characters. `encode`, `tokenizer(text)` and batches (shared among the CPUs,
-one thread under TOKENIZERS_PARALLELISM=false) take it when the call asks for nothing it does not give (a text
-pair, truncation, overflow, special-tokens masks, token type ids, pre-split words); such calls, and tokenizers
-built from tokenizer.json alone or where the encoder cannot be built, use the `tokenizers` backend, which gives
-the same ids (its offsets differ: the dummy-prefix `▁` counts in the first piece's span there). Outputs of the
-native path carry no `tokenizers.Encoding` (`BatchEncoding.word_ids()` and friends need `native=False`).
+sentencepiece's pieces' spans, in characters. `encode`, `tokenizer(text)` and batches (shared among the CPUs, or
+RAYON_NUM_THREADS threads, one under TOKENIZERS_PARALLELISM=false, as for the backend) take it when the call
+asks for nothing it does not give (a text pair, truncation, overflow, special-tokens masks, token type ids,
+pre-split words); such calls, and tokenizers built from tokenizer.json alone or where the encoder cannot be
+built, use the `tokenizers` backend, which gives the same ids (its offsets differ: the dummy-prefix `▁` counts
+in the first piece's span there). Outputs of the native path carry no `tokenizers.Encoding`
+(`BatchEncoding.word_ids()` and friends need `native=False`).
 
 Chat content is never parsed for special tokens. `tokenizer(text)` and `encode` keep transformers' convention, as
 the original does: `"<s>"`, `"</s>"` and the role pieces in the text become those tokens (the role pieces are
@@ -458,10 +459,11 @@ class _ChatContent:
 
 
 def _threads() -> int:
-    # transformers' switch for the backend's threads, honoured for ours as well.
+    # The backend's switches for its threads (TOKENIZERS_PARALLELISM, RAYON_NUM_THREADS), honoured for ours too.
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0", "off", "no"):
         return 1
-    return available_cpus()
+    rayon = os.environ.get("RAYON_NUM_THREADS", "")
+    return int(rayon) if rayon.isdigit() and int(rayon) > 0 else available_cpus()
 
 
 def _plain_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
