@@ -11,9 +11,14 @@ reads them. Every row encodes one text at a time without BOS/EOS, except the bat
 tokenizer on lists of 1,000 texts in a child process with RAYON_NUM_THREADS (and TOKENIZERS_PARALLELISM=true)
 set to 1 or 2. `AutoTokenizer` loads a directory holding the model file and a tokenizer_config.json, so it is
 `BaichuanTokenizerFast`; `encode` is `tokenizer.encode(text, add_special_tokens=False)` and `call` is
-`tokenizer(text, add_special_tokens=False)["input_ids"]`. llama.cpp is `llama-cpp-python`'s
-`Llama(vocab_only=True).tokenize` on the vocabulary GGUF, where the package imports (its ids are those of
-tokenizer-llamacpp.model, so it is timed, not checked, against tokenizer.model).
+`tokenizer(text, add_special_tokens=False)["input_ids"]`. Both run on our C++ encoder (`baichuan.native_bpe`)
+where it builds; the "tokenizers backend" rows are the same class with native=False (the path before issue 17),
+and "native" is `baichuan.tokenizer.Tokenizer.encode` (the core tokenizer, the C++ encoder behind one Python
+call). llama.cpp is `llama-cpp-python`'s `Llama(vocab_only=True).tokenize` on the vocabulary GGUF, where the
+package imports (its ids are those of tokenizer-llamacpp.model, so it is timed, not checked, against
+tokenizer.model). The batch rows time, with 1 and 2 threads: `AutoTokenizer(list)`, the native
+`Tokenizer.encode_batch(list, threads)`, the tokenizers backend on the list, and sentencepiece's own
+`encode(list, num_threads)`; each against sentencepiece one text at a time in the same run.
 
 Time is wall-clock. On a shared machine the load changes during a run, so the rows take turns on each block of
 200 texts and every row's time is the sum over the blocks: the ratios compare the same moments. The load
@@ -82,6 +87,24 @@ def load(directory: Path):
     return fast, slow, spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
 
 
+def load_native(directory: Path):
+    """The core tokenizer (the C++ encoder, or sentencepiece where it cannot be built) and the fast tokenizer
+    on its `tokenizers` backend (native=False)."""
+    from baichuan.hf.tokenizer import BaichuanTokenizerFast
+    from baichuan.tokenizer import Tokenizer
+
+    core = Tokenizer(directory / "tokenizer.model")
+    if core._encoder is None:
+        print(
+            "warning: the native encoder could not be built; the native rows are sentencepiece",
+            file=sys.stderr,
+        )
+    backend = BaichuanTokenizerFast(
+        vocab_file=str(directory / "tokenizer.model"), add_bos_token=False, native=False
+    )
+    return core, backend
+
+
 def llama_tokenizer(gguf: Path) -> tuple[Callable[[str], list[int]] | None, str]:
     try:
         from llama_cpp import Llama
@@ -110,22 +133,32 @@ def time_rows(rows: dict[str, Callable[[str], list[int]]], texts: list[str]) -> 
 
 
 def batch_child(directory: str, sample: int) -> None:
-    """In a child with RAYON_NUM_THREADS set: batches of ours, taking turns with sentencepiece one at a time."""
+    """In a child with RAYON_NUM_THREADS set: each batch row on each chunk in turn, with sentencepiece one text at
+    a time as the reference; prints {row: [seconds, tokens]}."""
     fast, _, sp = load(Path(directory))
+    core, backend = load_native(Path(directory))
+    threads = int(os.environ["RAYON_NUM_THREADS"])
     texts = list(corpus_texts())[::sample]
-    seconds = {"batch": 0.0, "sentencepiece": 0.0}
-    for start in range(0, len(texts), BATCH):
+    rows = {
+        "AutoTokenizer": lambda chunk: fast(chunk, add_special_tokens=False)["input_ids"],
+        "native": lambda chunk: core.encode_batch(chunk, threads),
+        "tokenizers backend": lambda chunk: backend(chunk, add_special_tokens=False)["input_ids"],
+        "sentencepiece batch": lambda chunk: sp.encode(chunk, num_threads=threads),
+        "sentencepiece": lambda chunk: [sp.encode(text) for text in chunk],
+    }
+    out = {name: [0.0, 0] for name in rows}
+    names = list(rows)
+    for b, start in enumerate(range(0, len(texts), BATCH)):
         chunk = texts[start : start + BATCH]
-        t0 = time.perf_counter()
-        fast(chunk, add_special_tokens=False)["input_ids"]
-        t1 = time.perf_counter()
-        [sp.encode(text) for text in chunk]
-        seconds["batch"] += t1 - t0
-        seconds["sentencepiece"] += time.perf_counter() - t1
-    print(json.dumps(seconds))
+        for name in names[b % len(names) :] + names[: b % len(names)]:
+            t0 = time.perf_counter()
+            ids = rows[name](chunk)
+            out[name][0] += time.perf_counter() - t0
+            out[name][1] += sum(map(len, ids))
+    print(json.dumps(out))
 
 
-def batch_rows(directory: Path, sample: int) -> dict[int, dict[str, float]]:
+def batch_rows(directory: Path, sample: int) -> dict[int, dict[str, list[float]]]:
     out = {}
     for threads in (1, 2):
         env = dict(os.environ, RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true")
@@ -137,12 +170,17 @@ def batch_rows(directory: Path, sample: int) -> dict[int, dict[str, float]]:
 
 def ratio_table(directory: Path, gguf: Path | None, sample: int) -> None:
     fast, slow, sp = load(directory)
+    core, backend = load_native(directory)
     texts = list(corpus_texts())[::sample]
     megabytes = sum(len(text.encode()) for text in texts) / 1e6
     rows = {
         "sentencepiece": sp.encode,
         "ours fast (AutoTokenizer) encode": lambda text: fast.encode(text, add_special_tokens=False),
         "ours fast (AutoTokenizer) call": lambda text: fast(text, add_special_tokens=False)["input_ids"],
+        "ours native (Tokenizer.encode)": core.encode,
+        "ours fast, tokenizers backend (before) encode": lambda text: backend.encode(
+            text, add_special_tokens=False
+        ),
         "ours slow (BaichuanTokenizer) encode": lambda text: slow.encode(text, add_special_tokens=False),
     }
     llama, why = llama_tokenizer(gguf) if gguf else (None, "no GGUF for this vocabulary")
@@ -155,12 +193,14 @@ def ratio_table(directory: Path, gguf: Path | None, sample: int) -> None:
     for name, (seconds, tokens) in timed.items():
         speed = megabytes / seconds
         print(f"| {name} | {speed:.2f} | {tokens / seconds:,.0f} | {speed / base:.2f} |")
-    for threads, seconds in batch_rows(directory, sample).items():
-        speed, reference = megabytes / seconds["batch"], megabytes / seconds["sentencepiece"]
-        print(
-            f"| ours fast, batches of {BATCH}, {threads} thread{'s' if threads > 1 else ''} | {speed:.2f} | "
-            f"| {speed / reference:.2f} (sentencepiece {reference:.2f} MB/s in that run) |"
-        )
+    for threads, timed_batches in batch_rows(directory, sample).items():
+        reference = megabytes / timed_batches.pop("sentencepiece")[0]
+        for name, (seconds, tokens) in timed_batches.items():
+            speed = megabytes / seconds
+            print(
+                f"| {name}, batches of {BATCH}, {threads} thread{'s' if threads > 1 else ''} | {speed:.2f} | "
+                f"{tokens / seconds:,.0f} | {speed / reference:.2f} (sentencepiece {reference:.2f} MB/s then) |"
+            )
     if llama is None:
         print(f"llama.cpp column skipped: {why}")
 
@@ -168,11 +208,16 @@ def ratio_table(directory: Path, gguf: Path | None, sample: int) -> None:
 def agreement(directory: Path) -> None:
     """Whole-corpus counts: ids, offsets and decoded text of ours against sentencepiece."""
     fast, slow, sp = load(directory)
+    core, backend = load_native(directory)
     texts = list(corpus_texts())
     counts = dict.fromkeys(
         [
             "fast encode == sentencepiece",
             "fast batch == sentencepiece",
+            "native encode == sentencepiece",
+            "native batch, 2 threads == sentencepiece",
+            "native offsets == sentencepiece",
+            "tokenizers backend encode == sentencepiece",
             "slow encode == sentencepiece",
             "fast offsets == sentencepiece",
             "fast decode == sentencepiece",
@@ -184,16 +229,26 @@ def agreement(directory: Path) -> None:
         fast(texts[i : i + BATCH], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for i in range(0, len(texts), BATCH)
     )
-    for text, batch_ids in zip(texts, batches, strict=True):
+    native_batches = itertools.chain.from_iterable(
+        core.encode_batch(texts[i : i + BATCH], threads=2) for i in range(0, len(texts), BATCH)
+    )
+    for text, batch_ids, native_ids in zip(texts, batches, native_batches, strict=True):
         expected = sp.encode(text)
         counts["fast encode == sentencepiece"] += (
             fast.encode(text, add_special_tokens=False, split_special_tokens=True) == expected
         )
         counts["fast batch == sentencepiece"] += batch_ids == expected
+        counts["native encode == sentencepiece"] += core.encode(text) == expected
+        counts["native batch, 2 threads == sentencepiece"] += native_ids == expected
+        sp_offsets = _sp_offsets(sp, text)
+        counts["native offsets == sentencepiece"] += core.encode_with_offsets(text) == (expected, sp_offsets)
+        counts["tokenizers backend encode == sentencepiece"] += (
+            backend.encode(text, add_special_tokens=False, split_special_tokens=True) == expected
+        )
         counts["slow encode == sentencepiece"] += (
             slow.encode(text, add_special_tokens=False, split_special_tokens=True) == expected
         )
-        counts["fast offsets == sentencepiece"] += _offsets(fast, text) == _sp_offsets(sp, text)
+        counts["fast offsets == sentencepiece"] += _offsets(fast, text) == sp_offsets
         reference = sp.decode(expected)
         counts["fast decode == sentencepiece"] += fast.decode(expected) == reference
         counts["slow decode == sentencepiece"] += slow.decode(expected) == reference
@@ -216,7 +271,7 @@ def _sp_offsets(sp, text: str) -> list[tuple[int, int]]:
             chars[position] = i
             position += 1
     chars[position] = len(text)
-    return [(chars[p.begin], chars[p.end]) for p in sp.encode(text, out_type="proto").pieces]
+    return [(chars[p.begin], chars[p.end]) for p in sp.encode(text, return_type="proto").pieces]
 
 
 def main() -> None:

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -921,6 +922,25 @@ class Model {
 struct Handle {
   Model model;
   Scratch scratch;  // for calls that hold the GIL
+  // Work spaces of batch threads, kept between batches (their word caches stay warm). A batch runs without the
+  // GIL, so `scratch` is not among them: another thread may encode with it meanwhile.
+  std::mutex pool_mutex;
+  std::vector<std::unique_ptr<Scratch>> pool;
+
+  std::vector<std::unique_ptr<Scratch>> borrow(size_t n) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    std::vector<std::unique_ptr<Scratch>> out;
+    while (out.size() < n && !pool.empty()) {
+      out.push_back(std::move(pool.back()));
+      pool.pop_back();
+    }
+    while (out.size() < n) out.push_back(std::make_unique<Scratch>());
+    return out;
+  }
+  void give_back(std::vector<std::unique_ptr<Scratch>>& scratches) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    for (auto& s : scratches) pool.push_back(std::move(s));
+  }
 };
 
 const char kCapsule[] = "baichuan.native_bpe.Model";
@@ -1075,12 +1095,12 @@ PyObject* py_encode_batch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         }
       }
     };
-    std::vector<std::unique_ptr<Scratch>> scratches;
-    for (size_t t = 1; t < workers; ++t) scratches.push_back(std::make_unique<Scratch>());
-    std::vector<std::thread> pool;
-    for (size_t t = 1; t < workers; ++t) pool.emplace_back(work, scratches[t - 1].get());
-    work(&h->scratch);
-    for (auto& t : pool) t.join();
+    auto scratches = h->borrow(workers);
+    std::vector<std::thread> threads;
+    for (size_t t = 1; t < workers; ++t) threads.emplace_back(work, scratches[t].get());
+    work(scratches[0].get());
+    for (auto& t : threads) t.join();
+    h->give_back(scratches);
   }
   Py_END_ALLOW_THREADS;
   Py_DECREF(seq);
