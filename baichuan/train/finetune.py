@@ -356,17 +356,26 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
         )
     if cfg.lora:
         check_lora_targets(None, tuple(cfg.lora_target))  # before minutes of loading
-    if cfg.deepspeed:
+    if cfg.deepspeed and cfg.lora:
         raise ConfigError(
-            "--deepspeed: the ZeRO engine is not wired into the training loop yet (configs/deepspeed/ holds the "
-            "files); use torchrun with --strategy ddp or fsdp"
+            "--deepspeed is for full fine-tuning (its checkpoints hold the whole model); a LoRA run's few trainable "
+            "weights need no ZeRO: use torchrun with --strategy ddp"
         )
+    if cfg.deepspeed:
+        from baichuan.train import zero
+
+        zero.import_deepspeed()  # not installed: one line now, before anything is loaded
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg.device, local_rank)
     speak = say if rank == 0 else (lambda _: None)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif cfg.deepspeed and not dist.is_initialized():
+        # One process without a launcher: DeepSpeed still needs a process group, and LOCAL_RANK set.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
@@ -394,9 +403,11 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
             f"{world} rank(s); {max_steps} steps ({max_steps / batches.steps_per_epoch():.2f} epochs); "
             f"{'LoRA' if cfg.lora else 'full'} fine-tuning of {c.num_params() / 1e6:,.1f} M parameters, lr "
             f"{cfg.learning_rate():g} {cfg.schedule}; device {device}"
-            + (f", {cfg.strategy.upper()}" if world > 1 else "")
+            + (f", {cfg.strategy.upper()}" if world > 1 and not cfg.deepspeed else "")
         )
-        if world > 1 and cfg.strategy == "ddp":
+        if cfg.deepspeed:
+            model = _deepspeed_engine(cfg, model, max_steps, world, device, speak)
+        elif world > 1 and cfg.strategy == "ddp":
             ids = [device.index] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         elif world > 1:
@@ -427,8 +438,28 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
             speak(f"wrote {'the adapter' if cfg.lora else 'the fine-tuned model'} to {out}")
         return result
     finally:
-        if world > 1 and dist.is_initialized():
+        if (world > 1 or cfg.deepspeed) and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _deepspeed_engine(
+    cfg: FinetuneConfig, model: nn.Module, max_steps: int, world: int, device, say
+) -> nn.Module:
+    """The model under DeepSpeed ZeRO, as `baichuan pretrain --deepspeed` does it (train/zero.py): our AdamW
+    handed over, the config's "auto" values from the flags, the config used written to OUTPUT_DIR/deepspeed.json."""
+    from baichuan.train import zero
+    from baichuan.train.loop import build_optimizer, resolve_precision
+
+    bf16 = resolve_precision(cfg.precision, device)[0] is torch.bfloat16
+    config, _ = zero.resolve_config(cfg.deepspeed, cfg.batch_size, cfg.grad_accum, world, cfg.grad_clip, bf16)
+    if dist.get_rank() == 0:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "deepspeed.json").write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        )
+    stage = config["zero_optimization"]["stage"]
+    say(f"DeepSpeed ZeRO-{stage} from {cfg.deepspeed}; the config used is in {cfg.output_dir}/deepspeed.json")
+    return zero.initialize(model, build_optimizer(model, cfg.train_config(max_steps)), config)
 
 
 def write_output(cfg: FinetuneConfig, checkpoint: Path, out: Path) -> None:

@@ -265,3 +265,20 @@ def test_accumulation_equals_a_larger_batch(tmp_path, base, data):
     whole = run(base, data, tmp_path / "a", batch_size=4, max_steps=3, lr=3e-3)
     accumulated = run(base, data, tmp_path / "b", batch_size=2, grad_accum=2, max_steps=3, lr=3e-3)
     np.testing.assert_allclose(accumulated, whole, rtol=1e-5)
+
+
+def test_deepspeed_zero2_equals_the_plain_loop(tmp_path, base, data):
+    pytest.importorskip("deepspeed")
+    plain = run(base, data, tmp_path / "plain", max_steps=3, lr=3e-3)
+    zero = run(
+        base,
+        data,
+        tmp_path / "zero",
+        max_steps=3,
+        lr=3e-3,
+        deepspeed=str(REPO / "configs/deepspeed/zero2.json"),
+    )
+    np.testing.assert_allclose(zero, plain, rtol=1e-5)
+    assert (tmp_path / "zero" / "model.safetensors").is_file()  # the official-layout output, as without it
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        run(base, data, tmp_path / "x", lora=True, deepspeed="configs/deepspeed/zero2.json")
