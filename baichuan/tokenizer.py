@@ -124,9 +124,11 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike, native: bool = True):
         self.sp = load_sentencepiece(path)
-        # The C++ encoder where it builds (native=False, or None from create: sentencepiece encodes).
+        # The C++ encoder, made on the first encode (a tokenizer that only decodes never pays its ~0.2 s); None
+        # where it cannot be built or native=False: sentencepiece encodes.
         self.native = native
-        self._encoder = Encoder.create(self.sp.serialized_model_proto()) if native else None
+        self._encoder_made = not native
+        self._built_encoder: Encoder | None = None
         self.vocab_size: int = self.sp.get_piece_size()
         self.unk_id: int = self.sp.unk_id()
         self.bos_id: int = self.sp.bos_id()
@@ -142,10 +144,18 @@ class Tokenizer:
         }
         self._text_only: dict[frozenset[int], tuple[spm.SentencePieceProcessor, Encoder | None]] = {}
 
+    @property
+    def _encoder(self) -> Encoder | None:
+        if not self._encoder_made:
+            self._built_encoder = Encoder.create(self.sp.serialized_model_proto())
+            self._encoder_made = True
+        return self._built_encoder
+
     def encode(self, text: str) -> list[int]:
         """Exactly `SentencePieceProcessor.encode`: a user-defined piece's spelling gives that piece."""
-        if self._encoder is not None:
-            return self._encoder.encode(text)
+        encoder = self._built_encoder if self._encoder_made else self._encoder
+        if encoder is not None:
+            return encoder.encode(text)
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str], threads: int | None = None) -> list[list[int]]:
