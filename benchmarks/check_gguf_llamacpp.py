@@ -18,8 +18,11 @@ also gives the difference to the original fp32 model. Greedy agreement: our gree
 the same prompt) against llama.cpp's. The prompt's ids are llama.cpp's own tokenization of the text, which is
 compared with ours too.
 
-The tolerance is on max |logit difference| / max |logit|: TOLERANCE below per type. Exit status 1 if any row
-fails.
+The tolerance is on max |logit difference| / max |logit|: TOLERANCE below per type (llama.cpp runs with an F32 KV
+cache here; its matrix products for F16/BF16/Q8_0/Q4_0 weights quantize or round the activations, hence the
+looser bounds). Greedy tokens pass when they are all equal, or when the first step where they split was a
+near-tie: our top-2 margin there at most twice the logit difference measured on that step (random tiny models
+have many). Exit status 1 if any row fails.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def main() -> int:
                 n_batch=256,
                 n_threads=args.threads,
                 n_threads_batch=args.threads,
+                type_k=0,  # GGML_TYPE_F32: llama.cpp's default F16 KV cache would add its own rounding
+                type_v=0,
                 verbose=False,
             )
             prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
@@ -128,11 +133,25 @@ def main() -> int:
             to_original = float(np.abs(llama_rows - original_rows).max())
             ours_greedy = greedy(reference, prompt, args.new_tokens)
             agree = sum(a == b for a, b in zip(ours_greedy, theirs, strict=True))
-            ok = relative <= TOLERANCE[type] and ours_greedy == theirs
+            split = next(
+                (i for i, (a, b) in enumerate(zip(ours_greedy, theirs, strict=True)) if a != b), None
+            )
+            greedy_note = ""
+            if split is not None:
+                # Where the two first choose differently, was it a near-tie? Our top-2 margin on that step (same
+                # prefix for both) against the logit difference measured there.
+                top2 = np.sort(ours_rows[split])[-2:]
+                margin, step_diff = (
+                    float(top2[1] - top2[0]),
+                    float(np.abs(llama_rows[split] - ours_rows[split]).max()),
+                )
+                tie = margin <= 2 * step_diff
+                greedy_note = f" (first split at step {split}: top-2 margin {margin:.1e}, step diff {step_diff:.1e}{', a near-tie' if tie else ''})"
+            ok = relative <= TOLERANCE[type] and (split is None or tie)
             failed |= not ok
             print(
                 f"| {variant} | {type} | {same_tokens} | {diff:.2e} ({relative:.1e}) | {TOLERANCE[type]:.0e} | "
-                f"{agree}/{args.new_tokens}{'' if ok else ' FAIL'} | {to_original:.2e} |",
+                f"{agree}/{args.new_tokens}{greedy_note}{'' if ok else ' FAIL'} | {to_original:.2e} |",
                 flush=True,
             )
             del llm

@@ -39,11 +39,11 @@ from baichuan.convert.formats import (
     TensorInfo,
     read_source_config,
     refuse_quantized,
-    staged_directory,
     stream_tensors,
     tensor_infos,
     write_checkpoint,
 )
+from baichuan.model import Baichuan
 from baichuan.tokenizer import MODEL_FILE
 
 ARCH = "baichuan"
@@ -201,22 +201,18 @@ def export_gguf(
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         _add_hparams(writer, gguf, config, type)
         _add_tokenizer(writer, gguf, proto, config, model)
-        for name, shape, qtype in plan:
-            byte_dtype = (
-                np.uint8
-                if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-                else None
-            )
-            if qtype == gguf.GGMLQuantizationType.BF16:
-                writer.add_tensor_info(name, shape, np.dtype(np.int16), _nbytes(gguf, shape, qtype), qtype)
-            elif byte_dtype is not None:
-                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+        Q = gguf.GGMLQuantizationType
+        for name, shape, qtype in plan:  # the header first: names, shapes, types and sizes of all tensors
+            nbytes = _nbytes(gguf, shape, qtype)
+            if qtype in (Q.F32, Q.F16):
                 writer.add_tensor_info(
-                    name, byte_shape, np.dtype(np.uint8), _nbytes(gguf, shape, qtype), qtype
+                    name, shape, np.dtype(np.float32 if qtype == Q.F32 else np.float16), nbytes
                 )
-            else:
-                np_dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
-                writer.add_tensor_info(name, shape, np.dtype(np_dtype), _nbytes(gguf, shape, qtype))
+            elif qtype == Q.BF16:  # written as the int16 bits of the bf16 values
+                writer.add_tensor_info(name, shape, np.dtype(np.int16), nbytes, qtype)
+            else:  # block formats: bytes, their shape in bytes
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -230,6 +226,8 @@ def export_gguf(
             if progress is not None:
                 progress(name, done, len(sources))
         writer.close()
+        with open(tmp, "rb+") as f:  # on disk before it takes the name
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -342,10 +340,14 @@ def import_gguf(
         raise ConvertError(f"{path}: no SentencePiece ('llama') vocabulary inside")
     tokenizer = _tokenizer_model(reader, reading)
     files = _tokenizer_files(reader, tokenizer)
-    if not reader.tensors:  # vocabulary only
-        with staged_directory(out, lambda: MODEL_FILE) as staging:
-            for name, content in files.items():
-                (staging / name).write_bytes(content)
+    if (
+        not reader.tensors
+    ):  # vocabulary only: the tokenizer files, each replaced atomically; a checkpoint there stays
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            tmp.write_bytes(content)
+            os.replace(tmp, out / name)
         return out
 
     config = _config(reader, path)
@@ -358,8 +360,6 @@ def import_gguf(
         kinds = {float_types.get(t.tensor_type, torch.float32) for t in reader.tensors if len(t.shape) > 1}
         dtype = kinds.pop() if len(kinds) == 1 else torch.float32
     with torch.device("meta"):
-        from baichuan.model import Baichuan
-
         names = [(n, tuple(p.shape)) for n, p in Baichuan(config).state_dict().items()]
     infos = [TensorInfo(n, s, dtype) for n, s in names]
 

@@ -171,12 +171,16 @@ def test_vocabulary_only_gguf_imports_as_the_original(reading, key, tmp_path):
     oracle's, from ../shared) on every public case, for both readings of the vocabulary."""
     source = shared_path("data", "baichuan-7b-tokenizer", "ggml-vocab-baichuan.gguf")
     cases = [json.loads(line) for line in shared_path("oracle", "tokenizer", "cases_public.jsonl").open()]
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "model.safetensors").write_bytes(b"weights already there")
     out = import_gguf(source, tmp_path / "tok", reading=reading)
     assert sorted(p.name for p in out.iterdir()) == [
+        "model.safetensors",  # a vocabulary import replaces the tokenizer files only
         "special_tokens_map.json",
         "tokenizer.model",
         "tokenizer_config.json",
     ]
+    assert (out / "model.safetensors").read_bytes() == b"weights already there"
     processor = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     assert processor.vocab_size() == 64_000
     assert [processor.encode(case["text"]) for case in cases] == [case[key] for case in cases]
