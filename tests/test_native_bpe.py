@@ -202,6 +202,7 @@ def test_batches_equal_single_texts_on_any_number_of_threads():
     assert native.encode_batch(texts, threads=1) == single
     assert native.encode_batch(texts, threads=2) == single
     assert native.encode_batch(texts, threads=7) == single  # more threads than cores
+    assert native.encode_batch(texts[:5], threads=100_000) == single[:5]  # capped
     assert native.encode_batch([], threads=2) == []
     assert native.encode_batch(("a", "b"), threads=2) == [native.encode("a"), native.encode("b")]
     with pytest.raises(TypeError):

@@ -38,6 +38,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -1026,7 +1027,11 @@ PyObject* py_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_ssize_t size;
   const char* text = PyUnicode_AsUTF8AndSize(args[1], &size);
   if (text == nullptr) return nullptr;
-  h->model.encode(text, static_cast<size_t>(size), false, h->scratch);
+  try {
+    h->model.encode(text, static_cast<size_t>(size), false, h->scratch);
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  }
   return ids_list(h->scratch.ids);
 }
 
@@ -1040,7 +1045,11 @@ PyObject* py_encode_offsets(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   Py_ssize_t size;
   const char* text = PyUnicode_AsUTF8AndSize(args[1], &size);
   if (text == nullptr) return nullptr;
-  h->model.encode(text, static_cast<size_t>(size), true, h->scratch);
+  try {
+    h->model.encode(text, static_cast<size_t>(size), true, h->scratch);
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  }
   PyObject* ids = ids_list(h->scratch.ids);
   if (ids == nullptr) return nullptr;
   PyObject* offsets = char_offsets(text, static_cast<size_t>(size), h->scratch.offsets,
@@ -1078,31 +1087,51 @@ PyObject* py_encode_batch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     texts[static_cast<size_t>(i)] = std::string_view(text, static_cast<size_t>(size));
   }
   std::vector<std::vector<int32_t>> results(static_cast<size_t>(n));
-  const size_t workers = static_cast<size_t>(std::max(1L, std::min<long>(threads_asked, std::max<Py_ssize_t>(n, 1))));
+  // At most one thread per text, and a sane cap whatever is asked.
+  const size_t workers = static_cast<size_t>(std::max(1L, std::min<long>({threads_asked, std::max<long>(n, 1), 256})));
+  bool failed = false;
   Py_BEGIN_ALLOW_THREADS;
-  {
+  try {
     // Texts are handed out in small chunks from a shared counter, so a thread that drew long texts does not
     // hold up the others.
     std::atomic<size_t> next{0};
     const size_t chunk = std::max<size_t>(1, std::min<size_t>(64, texts.size() / (workers * 8) + 1));
+    std::atomic<bool> out_of_memory{false};
     auto work = [&](Scratch* scratch) {
-      for (;;) {
-        const size_t first = next.fetch_add(chunk);
-        if (first >= texts.size()) return;
-        for (size_t i = first; i < std::min(first + chunk, texts.size()); ++i) {
-          h->model.encode(texts[i].data(), texts[i].size(), false, *scratch);
-          results[i] = scratch->ids;
+      try {
+        for (;;) {
+          const size_t first = next.fetch_add(chunk);
+          if (first >= texts.size() || out_of_memory) return;
+          for (size_t i = first; i < std::min(first + chunk, texts.size()); ++i) {
+            h->model.encode(texts[i].data(), texts[i].size(), false, *scratch);
+            results[i] = scratch->ids;
+          }
         }
+      } catch (const std::bad_alloc&) {  // an exception must not leave a thread
+        out_of_memory = true;
       }
     };
     auto scratches = h->borrow(workers);
     std::vector<std::thread> threads;
-    for (size_t t = 1; t < workers; ++t) threads.emplace_back(work, scratches[t].get());
+    for (size_t t = 1; t < workers; ++t) {
+      try {
+        threads.emplace_back(work, scratches[t].get());
+      } catch (const std::system_error&) {  // no more threads to be had: the others share the work
+        break;
+      }
+    }
     work(scratches[0].get());
     for (auto& t : threads) t.join();
     h->give_back(scratches);
+    failed = out_of_memory;
+  } catch (const std::bad_alloc&) {
+    failed = true;
   }
   Py_END_ALLOW_THREADS;
+  if (failed) {
+    Py_DECREF(seq);
+    return PyErr_NoMemory();
+  }
   Py_DECREF(seq);
   PyObject* out = PyList_New(n);
   if (out == nullptr) return nullptr;
