@@ -92,7 +92,12 @@ def finetune(
     seed: Annotated[
         int | None, typer.Option(help="Seed of the data order and LoRA init (default: 0).")
     ] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 where native), bf16 or fp32.")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (bf16 where native), bf16, fp32, or fp16 (dynamic loss scaling; prefer bf16)."
+        ),
+    ] = None,
     gradient_checkpointing: Annotated[
         bool | None, typer.Option(help="Recompute activations in the backward pass (less memory).")
     ] = None,

@@ -76,7 +76,7 @@ class FinetuneConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 | fp16 (with loss scaling, and a warning)
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5
     # checkpoints and logs
@@ -349,10 +349,9 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
         raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {cfg.schedule!r}")
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
-    if cfg.precision == "fp16":
+    if cfg.precision == "fp16" and cfg.deepspeed:
         raise ConfigError(
-            "--precision fp16 is not offered: fp16 without loss scaling underflows to zero or NaN losses (the "
-            "originals' users hit both); use bf16 where the hardware has it, else fp32"
+            "--precision fp16 is not offered with --deepspeed (its overflow skips); use bf16 or fp32"
         )
     if cfg.lora:
         check_lora_targets(None, tuple(cfg.lora_target))  # before minutes of loading

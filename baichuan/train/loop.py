@@ -125,6 +125,13 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     """(autocast dtype or None for fp32, a sentence saying which and why)."""
     if precision == "fp32":
         return None, "fp32 (asked for)"
+    if precision == "fp16":
+        # fp16's range is narrow: without loss scaling small gradients flush to zero and large ones overflow,
+        # which is how the originals' users got zero or NaN losses. Scaled, an overflow step is skipped.
+        return torch.float16, (
+            "fp16 autocast with dynamic loss scaling, fp32 weights (asked for). Warning: prefer bf16 where the "
+            "hardware has it; a step whose scaled gradients overflow is skipped and the scale lowered"
+        )
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
         where = "this GPU"
@@ -135,7 +142,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
         note = "" if native else f" ({where} only emulates bf16: expect it slower than fp32)"
         return torch.bfloat16, f"bf16 autocast (asked for){note}"
     if precision != "auto":
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
     if native:
         return torch.bfloat16, f"bf16 autocast, fp32 weights ({where} computes bf16 natively)"
     return None, f"fp32 ({where} only emulates bf16, which would be slower)"
@@ -506,6 +513,7 @@ def train(
     else:
         autocast_dtype, precision_note = resolve_precision(config.precision, device)
     compute_dtype = torch.bfloat16 if engine and model.bfloat16_enabled() else autocast_dtype or torch.float32
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype is torch.float16 and not engine else None
     speak(f"precision: {precision_note}")
     if config.activation_checkpointing:
         base.model.gradient_checkpointing = True
@@ -534,6 +542,8 @@ def train(
                 )
             load_full_state(model, optimizer, weights, state["optimizer"], strict=weights_io is None)
         _set_rng_state(state["rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_step, bad_in_row = state["step"], state["bad_in_row"]
         ema, ema_steps = state["loss_ema"], state["loss_ema_steps"]
         speak(f"resumed from {path} (step {start_step})")
@@ -589,22 +599,35 @@ def train(
                     with _no_sync(model, last_micro=i == len(micro) - 1):
                         with autocast:
                             loss = _forward_loss(model, ids, loss_fn) / len(micro)
-                        loss.backward()
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
                     total += loss.detach().float()
                 loss_value = _mean_across_ranks(total)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 clip = config.grad_clip if config.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 reason = judge(loss_value, grad_norm)
+            # An overflow of fp16's scaled gradients is routine while the scale settles: skipped, not a bad step.
+            overflow = scaler is not None and math.isfinite(loss_value) and not math.isfinite(grad_norm)
             if reason is None:
-                if not engine:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                elif not engine:
                     optimizer.step()
                 bad_in_row = 0
                 ema = loss_value if ema_steps == 0 else 0.95 * ema + 0.05 * loss_value
                 ema_steps += 1
+            elif overflow:
+                skipped.append(step + 1)
+                speak(
+                    f"step {step + 1}: skipped (fp16 overflow); loss scale lowered to {scaler.get_scale() / 2:g}"
+                )
             else:
                 bad_in_row += 1
                 skipped.append(step + 1)
                 speak(f"step {step + 1}: skipped ({reason}); {bad_in_row} bad step(s) in a row")
+            if scaler is not None:
+                scaler.update()
             if not engine:
                 optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
@@ -643,6 +666,7 @@ def train(
                     "bad_in_row": bad_in_row,
                     "loss_ema": ema,
                     "loss_ema_steps": ema_steps,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "train_config": asdict(config),
                 }
                 if engine:  # every rank writes its ZeRO partition

@@ -282,3 +282,16 @@ def test_deepspeed_zero2_equals_the_plain_loop(tmp_path, base, data):
     assert (tmp_path / "zero" / "model.safetensors").is_file()  # the official-layout output, as without it
     with pytest.raises(ConfigError, match="full fine-tuning"):
         run(base, data, tmp_path / "x", lora=True, deepspeed="configs/deepspeed/zero2.json")
+
+
+def test_fp16_trains_with_loss_scaling_and_a_warning(tmp_path, base, data):
+    said = []
+    settings = dict(
+        model=str(base), data=str(data), output_dir=str(tmp_path), batch_size=2, model_max_length=48
+    )
+    settings.update(QUIET, precision="fp16", max_steps=6, lr=3e-3)
+    result = finetune(FinetuneConfig(**settings), say=said.append)
+    assert "loss scaling" in result.precision and "Warning" in result.precision
+    finite = [x for x in result.losses if np.isfinite(x)]
+    assert finite and finite[-1] < finite[0]  # it learns; overflow steps (if any) are skipped, not fatal
+    assert all(np.isfinite(t).all() for t in load_model(tmp_path).state_dict().values())
