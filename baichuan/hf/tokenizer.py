@@ -64,8 +64,10 @@ from baichuan.tokenizer import MODEL_FILE, Tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 SPACE = "▁"
-# How the native path cuts added tokens out of a text: the regex, their ids by text, their first characters.
-_Cut = tuple[re.Pattern[str] | None, dict[str, int], frozenset[str]]
+# How the native path cuts added tokens out of a text: the regex, their ids by text, and the search for any of
+# their first characters.
+_Cut = tuple[re.Pattern[str] | None, dict[str, int], Any]
+_UNSET: Any = object()
 # sentencepiece_model.proto: ModelProto.SentencePiece.Type, and TrainerSpec.ModelType
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 BPE_MODEL = 2
@@ -635,7 +637,12 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
                 ids = {t.content: i for i, t in added.items() if not (split_special_tokens and t.special)}
                 # An alternation tries its branches in order: longest first gives the leftmost-longest match.
                 pattern = "|".join(re.escape(t) for t in sorted(ids, key=len, reverse=True))
-                cut = (re.compile(pattern) if ids else None, ids, frozenset(t[0] for t in ids if t))
+                firsts = "".join(sorted({re.escape(t[0]) for t in ids if t}))
+                cut = (
+                    re.compile(pattern) if ids else None,
+                    ids,
+                    re.compile(f"[{firsts}]").search if firsts else None,
+                )
             self._native_cuts[split_special_tokens] = cut
         return self._native_cuts[split_special_tokens]
 
@@ -645,8 +652,8 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
         cut = self._added_token_cut(split_special_tokens)
         if cut is None:
             return None
-        pattern, ids, firsts = cut
-        if pattern is None or not any(c in text for c in firsts):  # `in` is much faster than the regex
+        pattern, ids, holds_first = cut
+        if pattern is None or holds_first(text) is None:  # much faster than the whole pattern
             return [text] if text else []
         parts: list[str | tuple[int, int]] = []
         at = 0
@@ -734,9 +741,39 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
     ) -> Any:
         # One text with no option is the common call (data preparation, the server). transformers turns it into a
         # batch of one, asks the backend for offsets and token strings, and builds a BatchEncoding only to return
-        # its ids: more work than encoding a line. Here the backend encodes it without offsets, with the same
-        # settings transformers would use (no truncation or padding, special tokens split or not), so the ids
-        # are the same. Any other call, or a backend left with truncation or padding set, takes the usual path.
+        # its ids: more work than encoding a line. Here the C++ encoder (without it, the backend) encodes it
+        # without offsets, with the settings transformers would use (no truncation or padding, special tokens
+        # split or not), so the ids are the same. Any other call (or, for the backend, one left with truncation
+        # or padding set) takes the usual path.
+        native = self._native
+        if (
+            native is not None
+            and isinstance(text, str)
+            and text_pair is None
+            and padding is False
+            and truncation is None
+            and max_length is None
+            and not stride
+            and return_tensors is None
+            and kwargs.keys() <= {"split_special_tokens"}
+        ):
+            # The C++ encoder: what transformers' path gives with no truncation or padding, whatever the backend
+            # was left with by an earlier call.
+            split = bool(kwargs.get("split_special_tokens", self.split_special_tokens))
+            cut = self._native_cuts.get(split, _UNSET)
+            if cut is _UNSET:
+                cut = self._added_token_cut(split)
+            if cut is not None:
+                if cut[0] is None or cut[2](text) is None:  # no added token in the text: one C call
+                    ids = native.encode(text)
+                    if add_special_tokens and (self.add_bos_token or self.add_eos_token):
+                        bos, eos = self._special_tokens()
+                        ids = bos + ids + eos
+                else:
+                    ids = self._native_batch([text], add_special_tokens, split, offsets=False)[0][0]  # type: ignore[index]
+                if len(ids) > self.model_max_length:
+                    self._eventual_warn_about_too_long_sequence(ids, None, True)
+                return ids
         backend = self._tokenizer
         if (
             isinstance(text, str)
@@ -751,17 +788,6 @@ class BaichuanTokenizerFast(_ChatContent, _BosEosFlagsInConfig, TokenizersBacken
             and backend.padding is None
         ):
             split = bool(kwargs.get("split_special_tokens", self.split_special_tokens))
-            cut = self._added_token_cut(split) if self._native is not None else None
-            if cut is not None:
-                if cut[0] is None or not any(c in text for c in cut[2]):  # no added token: one C call
-                    ids = self._native.encode(text)  # type: ignore[union-attr]
-                    if add_special_tokens and (self.add_bos_token or self.add_eos_token):
-                        bos, eos = self._special_tokens()
-                        ids = bos + ids + eos
-                else:
-                    ids = self._native_batch([text], add_special_tokens, split, offsets=False)[0][0]  # type: ignore[index]
-                self._eventual_warn_about_too_long_sequence(ids, None, True)
-                return ids
             if backend.encode_special_tokens != split:
                 backend.encode_special_tokens = split
             ids = backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
