@@ -154,16 +154,28 @@ def _dry_run(cfg, console) -> None:
     tokenizer, examples, lengths, data = prepare_data(cfg, console.print)
     example = examples[0]
     console.print(f"[bold]{data.format}[/] records: {len(examples):,} usable, {len(data.bad):,} bad")
-    console.print("[bold]example 1[/] (input; [green]green[/]: tokens with loss, their labels):")
-    parts = []
-    for i, token in enumerate(example.input_ids.tolist()):
-        piece = escape(
-            tokenizer.decode([token])
-            if token not in (cfg.user_token_id, cfg.assistant_token_id)
-            else ("<user>" if token == cfg.user_token_id else "<assistant>")
-        )
-        # A label at i is the target of position i-1: the token at i is learnt when its label is set.
-        parts.append(f"[green]{piece}[/]" if example.labels[i] != IGNORE_INDEX else piece)
+    console.print(
+        "[bold]example 1[/] ([green]green[/]: the tokens learnt, i.e. with a label; the rest -100):"
+    )
+    roles = {cfg.user_token_id: "<user>", cfg.assistant_token_id: "<assistant>", tokenizer.eos_id: "</s>"}
+    parts, run, learnt = [], [], None
+
+    def flush() -> None:
+        if run:
+            text = escape(tokenizer.decode(run))
+            parts.append(f"[green]{text}[/]" if learnt else text)
+
+    for token, label in zip(example.input_ids.tolist(), example.labels.tolist(), strict=True):
+        is_learnt = label != IGNORE_INDEX
+        if token in roles or is_learnt != learnt:
+            flush()
+            run = []
+        learnt = is_learnt
+        if token in roles:
+            parts.append(f"[green]{roles[token]}[/]" if is_learnt else f"[bold]{roles[token]}[/]")
+        else:
+            run.append(token)
+    flush()
     console.print("".join(parts))
     labels = [int(t) for t in example.labels.tolist()]
     console.print(

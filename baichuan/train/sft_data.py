@@ -10,7 +10,7 @@ Formats (a `.json` file holds an array of records, a `.jsonl` file one record pe
   optional system message first.
 
 A record that cannot be trained on (invalid JSON, a missing or non-string field, an empty turn, an unknown role,
-turns that do not alternate user/assistant, no reply at the end) is a `BadRecord` naming its file and index:
+no reply at the end) is a `BadRecord` naming its file and index:
 skipped and counted, or with `strict=True` an `SFTDataError` listing them. None is dropped silently.
 
 Masking (`fine-tune.py`'s `SupervisedDataset.preprocessing`, baichuan-inc/Baichuan2 fine-tune/fine-tune.py):
@@ -53,7 +53,7 @@ class SFTDataError(ValueError):
 
 @dataclass
 class Conversation:
-    """One training record: turns of (HUMAN | GPT, text), alternating from HUMAN and ending with GPT."""
+    """One training record: turns of (HUMAN | GPT, text), ending with GPT."""
 
     turns: list[tuple[str, str]]
     system: str = ""
@@ -157,15 +157,10 @@ def _text(record: Mapping, key: str, where: str = "", optional: bool = False) ->
 
 
 def _checked(turns: list[tuple[str, str]], system: str, id: str) -> Conversation:
+    # Two turns of one role in a row are kept, as the original keeps them (each gets its role token): five of
+    # the first 1,000 shared conversations have them.
     if not turns:
         raise ValueError("no turns")
-    for i, (role, _) in enumerate(turns):
-        expected = HUMAN if i % 2 == 0 else GPT
-        if role != expected:
-            which = "first turn" if i == 0 else f"turn {i}"
-            raise ValueError(
-                f"{which} is from {role!r}, expected {expected!r} (turns alternate, from the user)"
-            )
     if turns[-1][0] != GPT:
         raise ValueError("the last turn is the user's: no reply to learn")
     return Conversation(turns, system, id)

@@ -145,13 +145,19 @@ def test_bad_records_are_reported_with_file_and_index(tmp_path):
     )
     with pytest.raises(SFTDataError, match=r"(?s)5 bad record\(s\).*line 2: invalid JSON"):
         read_sft(path, strict=True)
-    # A JSON array: 0-based record indices; turns must alternate.
+    # A JSON array: 0-based record indices.
     array = tmp_path / "c.json"
     array.write_text(
         json.dumps(
             [
                 {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-                {"conversations": [{"from": "gpt", "value": "a"}]},
+                {
+                    "conversations": [
+                        {"from": "human", "value": "q"},
+                        {"from": "gpt", "value": "a"},
+                        {"from": "human", "value": "b"},
+                    ]
+                },
                 {"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]},
                 {"id": "x"},
             ]
@@ -160,7 +166,7 @@ def test_bad_records_are_reported_with_file_and_index(tmp_path):
     data = read_sft(array)
     assert len(data.conversations) == 1
     assert [str(b).split(": ", 2)[1] for b in data.bad] == ["record 1", "record 2", "record 3"]
-    assert "expected 'human'" in data.bad[0].reason and "'value' is missing" in data.bad[1].reason
+    assert "no reply" in data.bad[0].reason and "'value' is missing" in data.bad[1].reason
 
 
 def _examples(n: int, seed: int = 0):
