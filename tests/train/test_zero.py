@@ -128,7 +128,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """`baichuan ARGS` in one process, or under the deepspeed launcher as the README has it:
     `deepspeed --num_gpus N $(which baichuan) ARGS` (DeepSpeed's CPU accelerator takes "gpus" as processes)."""
     if nproc == 1:
@@ -218,9 +218,8 @@ import json, os, sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from baichuan.model import causal_lm_loss
 from baichuan.train import loop, zero
-from tests.train.test_loop import QUIET, OneBatch, nan_at, tiny_model
+from tests.train.test_loop import QUIET, OneBatch, nan_at, spike_at, tiny_model
 
 os.environ.setdefault("LOCAL_RANK", "0")
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -257,17 +256,6 @@ def run(name, config, loss_fn):
             "lines": [l for l in lines if "skipped" in l]}
 
 
-def spike_at(step_number, factor=20.0):
-    calls = {"n": 0}
-
-    def loss_fn(logits, ids):
-        calls["n"] += 1
-        loss = causal_lm_loss(logits, ids)
-        return loss * factor if calls["n"] == step_number else loss
-
-    return loss_fn
-
-
 quiet = dict(QUIET, save=False)
 report = {}
 for stage in (2, 3):  # one process for both: DeepSpeed takes long to import
@@ -295,7 +283,7 @@ def test_bad_steps_are_skipped_under_zero(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.split("REPORT ", 1)[1])
