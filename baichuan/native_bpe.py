@@ -108,6 +108,7 @@ class Encoder:
     for a model it does not encode (not BPE, or broken); `create` gives None then, and where nothing is built."""
 
     def __init__(self, module: ModuleType, model_proto: bytes):
+        self.model_proto = model_proto  # what it pickles as (a tokenizer goes to worker processes)
         self.model = module.load(model_proto)
         # Bound to the model once: `encode` is then one C call.
         self.encode = functools.partial(module.encode, self.model)
@@ -125,6 +126,11 @@ class Encoder:
         except ValueError:  # a unigram model, say: sentencepiece encodes it
             return None
 
+    def __reduce__(self):
+        # The compiled model cannot be pickled; its model file can, and is encoded again on the other side (by
+        # sentencepiece there, where no encoder can be built: see `_rebuilt`).
+        return _rebuilt, (self.model_proto,)
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and, for each, the (begin, end) characters of `text` it covers, as sentencepiece's pieces give
         them: the dummy-prefix `▁` adds nothing to a span, a control piece covers nothing, and of the byte pieces
@@ -136,6 +142,10 @@ class Encoder:
         if threads is None:
             threads = available_cpus()
         return self._batch(texts, max(1, int(threads)))
+
+
+def _rebuilt(model_proto: bytes) -> Encoder | None:
+    return Encoder.create(model_proto)
 
 
 def available_cpus() -> int:

@@ -308,3 +308,17 @@ def test_a_unigram_model_is_left_to_sentencepiece():
         pytest.skip("the native tokenizer could not be built here")
     assert native_bpe.Encoder.create(proto.SerializeToString()) is None
     assert native_bpe.Encoder.create(b"\x0a\xff") is None  # not a model at all
+
+
+def test_tokenizers_pickle_with_their_encoder():
+    """A tokenizer goes to worker processes (DataLoader, datasets.map) by pickle: the encoder goes as its model."""
+    import pickle
+
+    path = shared_path("data", "baichuan-7b-tokenizer", "tokenizer.model")
+    tokenizer = Tokenizer(path)
+    texts = [*HARD_TEXTS, *ROLE_TEXTS]
+    expected = [tokenizer.encode(t) for t in texts], [tokenizer.encode_text(t, [195, 196]) for t in texts]
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    if copy._encoder is None:
+        pytest.skip("the native tokenizer could not be built here")
+    assert ([copy.encode(t) for t in texts], [copy.encode_text(t, [195, 196]) for t in texts]) == expected

@@ -128,3 +128,13 @@ def test_init_tokenizer_through_autotokenizer(tmp_path):
     texts = HARD_TEXTS + SPECIAL_TEXTS + corpus_lines(per_file=20)
     assert [fast.encode(t) for t in texts] == [backend.encode(t) for t in texts]
     assert fast(texts)["input_ids"] == backend(texts)["input_ids"]
+
+
+def test_pickled_fast_tokenizer_encodes_natively(real):
+    import pickle
+
+    fast, backend = real
+    copy = pickle.loads(pickle.dumps(fast))
+    assert copy._native is not None
+    texts = HARD_TEXTS + SPECIAL_TEXTS
+    assert [copy.encode(t) for t in texts] == [backend.encode(t) for t in texts]
