@@ -43,7 +43,6 @@ from baichuan.convert.formats import (
     tensor_infos,
     write_checkpoint,
 )
-from baichuan.model import Baichuan
 from baichuan.tokenizer import MODEL_FILE
 
 ARCH = "baichuan"
@@ -359,9 +358,7 @@ def import_gguf(
     if dtype is None:
         kinds = {float_types.get(t.tensor_type, torch.float32) for t in reader.tensors if len(t.shape) > 1}
         dtype = kinds.pop() if len(kinds) == 1 else torch.float32
-    with torch.device("meta"):
-        names = [(n, tuple(p.shape)) for n, p in Baichuan(config).state_dict().items()]
-    infos = [TensorInfo(n, s, dtype) for n, s in names]
+    infos = [TensorInfo(name, shape, dtype) for name, shape in checkpoint_shapes(config)]
 
     def read(gguf_name: str) -> torch.Tensor:
         if gguf_name not in by_name:
@@ -394,6 +391,25 @@ def import_gguf(
     )
     write_checkpoint(out, hf, infos, tensors(), files=files, progress=progress)
     return out
+
+
+def checkpoint_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of a Baichuan checkpoint, in the model's state-dict order (without building the model, which
+    costs memory of its own)."""
+    d, f, v = config.dim, config.ffn_dim, config.vocab_size
+    shapes = [("model.embed_tokens.weight", (v, d))]
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.W_pack.weight", (3 * d, d)),
+            (p + "self_attn.o_proj.weight", (d, d)),
+            (p + "mlp.gate_proj.weight", (f, d)),
+            (p + "mlp.down_proj.weight", (d, f)),
+            (p + "mlp.up_proj.weight", (f, d)),
+            (p + "input_layernorm.weight", (d,)),
+            (p + "post_attention_layernorm.weight", (d,)),
+        ]
+    return shapes + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
 
 
 def _config(reader, path: Path) -> Config:
