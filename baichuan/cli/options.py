@@ -16,12 +16,12 @@ Dtype = Annotated[
     ),
 ]
 MaxNew = Annotated[
-    int | None, typer.Option(help="Most tokens to generate [default: generation_config.json's].")
+    int | None, typer.Option(help="Most tokens to generate (default: generation_config.json's).")
 ]
-Temperature = Annotated[float | None, typer.Option(help="Sampling temperature [default: the checkpoint's].")]
-TopK = Annotated[int | None, typer.Option(help="Top-k sampling, 0 = off [default: the checkpoint's].")]
-TopP = Annotated[float | None, typer.Option(help="Nucleus sampling [default: the checkpoint's].")]
-Penalty = Annotated[float | None, typer.Option(help="Repetition penalty [default: the checkpoint's].")]
+Temperature = Annotated[float | None, typer.Option(help="Sampling temperature (default: the checkpoint's).")]
+TopK = Annotated[int | None, typer.Option(help="Top-k sampling, 0 = off (default: the checkpoint's).")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus sampling (default: the checkpoint's).")]
+Penalty = Annotated[float | None, typer.Option(help="Repetition penalty (default: the checkpoint's).")]
 Seed = Annotated[int | None, typer.Option(help="Random seed, for reproducible sampling.")]
 Greedy = Annotated[bool, typer.Option(help="Greedy decoding instead of sampling.")]
 Quantize = Annotated[
@@ -48,6 +48,6 @@ Context = Annotated[
     typer.Option(
         "--max-seq-len",
         min=2,
-        help="Context of this run in positions [default: the model's, shortened to what fits in memory].",
+        help="Context of this run in positions (default: the model's, shortened to what fits in memory).",
     ),
 ]
