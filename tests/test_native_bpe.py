@@ -184,6 +184,9 @@ SETTINGS = {
     "role pieces as control (encode_text's copy)": _typed(
         CONTROL, lambda p: p.piece.startswith("<reserved_")
     ),
+    # text spelling a control or unused single character is unknown (byte fallback), yet merges into longer pieces
+    "characters as control": _typed(CONTROL, lambda p: p.type == NORMAL and len(p.piece) == 1, share=0.1),
+    "characters as unused": _typed(UNUSED, lambda p: p.type == NORMAL and len(p.piece) == 1, share=0.1),
 }
 
 

@@ -1,5 +1,7 @@
 // SentencePiece BPE encoding, exactly as sentencepiece's own encoder (src/normalizer.cc, src/bpe_model.cc and
-// PopulateSentencePieceText in src/sentencepiece_processor.cc, release 0.2), for the Baichuan tokenizers.
+// PopulateSentencePieceText in src/sentencepiece_processor.cc of release 0.2.3, the one pyproject.toml requires;
+// the source of February 2025 still gave a control piece's id for text spelling it, see 3.), for the Baichuan
+// tokenizers.
 //
 // A CPython extension with no other dependency, built and loaded by baichuan/native_bpe.py. It reads the
 // serialized ModelProto itself (the protobuf wire format), so what it encodes with is exactly the model file.
@@ -15,9 +17,10 @@
 //    never merges) or one character. Then, repeatedly, the adjacent pair whose concatenation is the
 //    best-scoring piece (normal, user-defined or unused) is merged; equal scores go to the left-most pair.
 //    Pieces of type UNUSED that come out are split back into the two symbols they were last formed from.
-// 3. Ids. A symbol's id is its piece's (control, unknown and byte pieces first, as PieceToId looks them up),
-//    else unk. With byte_fallback an unknown symbol becomes its UTF-8 bytes' pieces; without it, a run of
-//    unknown symbols is one unk. A control piece covers no text.
+// 3. Ids. A symbol's id is its piece's where that is a normal, user-defined or unused piece, else unk: text that
+//    spells a control or byte piece is unknown (0.2.3 looks symbols up past its reserved pieces, which also
+//    never merge). An unused piece never formed from a pair is unknown too. With byte_fallback an unknown
+//    symbol becomes its UTF-8 bytes' pieces; without it, a run of unknown symbols is one unk.
 //
 // The speed comes from doing the same work with less: merges are found in a hash table keyed by the pair of
 // symbol ids (one 64-bit key, open addressing) instead of by string; the candidate pairs are a binary heap; and,
@@ -49,6 +52,7 @@ namespace {
 enum PieceType : uint8_t { NORMAL = 1, UNKNOWN = 2, CONTROL = 3, USER_DEFINED = 4, UNUSED = 5, BYTE = 6 };
 constexpr int kBpeModel = 2;
 constexpr int kMaxNormalizerResults = 32;  // Normalizer::kMaxTrieResultsSize
+constexpr int kMaxResegmentDepth = 100;     // kMaxBpeResegmentDepth
 constexpr size_t kCacheMaxWordBytes = 32;
 constexpr size_t kCacheSlots = 1 << 15;
 const char kSpace[] = "\xe2\x96\x81";  // U+2581
@@ -364,7 +368,7 @@ struct Scratch {
     bool freeze;
   };
   struct Candidate {
-    float score;
+    int32_t score;  // the float's bits
     int32_t left, right, piece;
     uint32_t size;
   };
@@ -461,6 +465,7 @@ class Model {
   std::string proto_;
   std::vector<std::string_view> pieces_;
   std::vector<float> scores_;
+  std::vector<int32_t> score_bits_;  // the scores' bit patterns, as sentencepiece compares them
   std::vector<uint8_t> types_;
   bool byte_fallback_ = false, whitespace_as_suffix_ = false;
   bool add_dummy_prefix_ = true, remove_extra_whitespaces_ = true, escape_whitespaces_ = true;
@@ -476,7 +481,7 @@ class Model {
   std::vector<int32_t> bmp_keys_;           // by code point, for characters of 1-3 bytes
   StrMap long_char_keys_;                   // 4-byte characters
   std::deque<std::string> virtual_chars_;   // text of the keys from pieces_.size() up (a deque: they stay put)
-  std::vector<int32_t> key_ids_;            // key -> output id (PieceToId of its text)
+  std::vector<int32_t> key_ids_;            // key -> output id: its piece, or unk for a character that is none
   PairMap merges_;
   std::vector<bool> left_part_, right_part_;  // whether a key is the left (right) part of any merge
   std::vector<bool> plain_;                   // by code point: see plain_char
@@ -538,6 +543,8 @@ class Model {
       }
     }
     if (unk_id_ < 0) return fail("no unk piece");
+    score_bits_.resize(n);
+    std::memcpy(score_bits_.data(), scores_.data(), n * sizeof(float));
     if (!user_.finish()) return fail("too many user-defined pieces");
     for (int b = 0; b < 256; ++b) {
       char name[8];
@@ -591,10 +598,10 @@ class Model {
         ++pairs;
       }
     }
-    key_ids_.resize(n + virtual_chars_.size());
-    for (size_t i = 0; i < n; ++i) key_ids_[i] = piece_to_id(pieces_[i].data(), pieces_[i].size());
-    for (size_t v = 0; v < virtual_chars_.size(); ++v)
-      key_ids_[n + v] = piece_to_id(virtual_chars_[v].data(), virtual_chars_[v].size());
+    // A symbol is its piece where that is normal, user-defined or unused (keys below n are); any other text,
+    // even that of a control or byte piece, is unknown (PieceToIdNoReserved, then IsReservedId).
+    key_ids_.resize(n + virtual_chars_.size(), unk_id_);
+    for (size_t i = 0; i < n; ++i) key_ids_[i] = static_cast<int32_t>(i);
     plain_.assign(0x10000, false);
     for (uint32_t cp = 0; cp < 0x10000; ++cp) {
       if (cp == ' ' || (cp >= 0xD800 && cp <= 0xDFFF)) continue;
@@ -815,14 +822,19 @@ class Model {
                                         static_cast<uint32_t>(at), static_cast<uint32_t>(len), freeze});
       at += len;
     }
-    if (symbols.size() == 1) {
-      s.pieces.push_back(Piece{symbols[0].key < 0 ? -1 : key_ids_[symbols[0].key], symbols[0].size});
+    if (symbols.size() == 1 && !has_unused_) {
+      s.pieces.push_back(Piece{symbols[0].key < 0 ? unk_id_ : key_ids_[symbols[0].key], symbols[0].size});
       return;
     }
     // Unused pieces: the pair each was last found from, by text (rev_merge).
     std::unordered_map<std::string_view, std::pair<std::string_view, std::string_view>> rev_merge;
+    // SymbolPairComparator of sentencepiece 0.2.3, which compares the scores' bit patterns as integers (the
+    // same order as the floats', -0 below +0 included), then the left-most pair first.
     auto less = [](const Scratch::Candidate& a, const Scratch::Candidate& b) {
-      return a.score < b.score || (a.score == b.score && a.left > b.left);
+      const int32_t i1 = a.score, i2 = b.score;
+      if ((i1 & i2) < 0) return i1 > i2 || (i1 == i2 && a.left > b.left);
+      const bool score_less = (i1 ^ i2) < 0 ? i1 < 0 : i1 < i2;
+      return score_less || (i1 == i2 && a.left > b.left);
     };
     auto consider = [&](int32_t left, int32_t right, bool heap) {
       if (left < 0 || right < 0) return;
@@ -832,7 +844,7 @@ class Model {
       if (!(left_part_[l.key] && right_part_[r.key])) return;  // no piece starts with l or ends with r
       const int32_t piece = merges_.find(PairMap::key(l.key, r.key));
       if (piece < 0) return;
-      agenda.push_back(Scratch::Candidate{scores_[piece], left, right, piece, l.size + r.size});
+      agenda.push_back(Scratch::Candidate{score_bits_[piece], left, right, piece, l.size + r.size});
       if (heap) std::push_heap(agenda.begin(), agenda.end(), less);
       if (has_unused_ && types_[piece] == UNUSED)
         rev_merge[std::string_view(text + l.start, l.size + r.size)] = {std::string_view(text + l.start, l.size),
@@ -858,26 +870,34 @@ class Model {
     }
     for (int32_t i = 0; i != -1; i = symbols[i].next) {
       const auto& sym = symbols[i];
-      const int32_t id = sym.key < 0 ? -1 : key_ids_[sym.key];
-      if (has_unused_ && id >= 0 && types_[id] == UNUSED) {
-        resegment(std::string_view(text + sym.start, sym.size), rev_merge, s);
+      const int32_t id = sym.key < 0 ? unk_id_ : key_ids_[sym.key];
+      if (has_unused_ && types_[id] == UNUSED) {
+        resegment(std::string_view(text + sym.start, sym.size), rev_merge, s, 0);
       } else {
         s.pieces.push_back(Piece{id, sym.size});
       }
     }
   }
 
+  // An unused piece becomes the two symbols it was last found from, each resegmented in turn; one never found
+  // from a pair (a single character) is unknown. sentencepiece stops at depth 100 and keeps the piece.
   void resegment(std::string_view w,
                  const std::unordered_map<std::string_view, std::pair<std::string_view, std::string_view>>& rev_merge,
-                 Scratch& s) const {
-    const int32_t id = piece_to_id(w.data(), w.size());
-    const auto p = rev_merge.find(w);
-    if (id < 0 || types_[id] != UNUSED || p == rev_merge.end()) {
-      s.pieces.push_back(Piece{id, static_cast<uint32_t>(w.size())});
+                 Scratch& s, int depth) const {
+    int32_t id = pieces_map_.find(w.data(), w.size());
+    if (id < 0) id = unk_id_;
+    const auto size = static_cast<uint32_t>(w.size());
+    if (depth > kMaxResegmentDepth || types_[id] != UNUSED) {
+      s.pieces.push_back(Piece{id, size});
       return;
     }
-    resegment(p->second.first, rev_merge, s);
-    resegment(p->second.second, rev_merge, s);
+    const auto p = rev_merge.find(w);
+    if (p == rev_merge.end()) {
+      s.pieces.push_back(Piece{unk_id_, size});
+      return;
+    }
+    resegment(p->second.first, rev_merge, s, depth + 1);
+    resegment(p->second.second, rev_merge, s, depth + 1);
   }
 
   // --- 3. ids (PopulateSentencePieceText)
@@ -888,12 +908,10 @@ class Model {
     size_t consumed = 0;
     bool prev_unk = false;
     for (const Piece& p : s.pieces) {
-      const int32_t id = p.id >= 0 ? p.id : piece_to_id(text.data() + consumed, p.size);
+      // BPE never gives a control piece (it gives unk for their text), so every piece covers its text.
+      const int32_t id = p.id;
       const bool unk = id == unk_id_;
-      if (types_[id] == CONTROL) {  // no text: begin == end, and nothing is consumed
-        s.ids.push_back(id);
-        if (offsets) s.offsets.insert(s.offsets.end(), 2, map[consumed]);
-      } else if (unk && byte_fallback_) {
+      if (unk && byte_fallback_) {
         const uint32_t begin = offsets ? map[consumed] : 0, end = offsets ? map[consumed + p.size] : 0;
         for (uint32_t i = 0; i < p.size; ++i) {
           s.ids.push_back(byte_ids_[static_cast<uint8_t>(text[consumed + i])]);
