@@ -146,5 +146,7 @@ def test_returning_free_memory_runs_where_the_c_library_has_malloc_trim():
 
     from baichuan.memory import return_free_memory
 
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
+    glibc = (
+        platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
+    )
     assert return_free_memory() is bool(glibc)
