@@ -11,6 +11,8 @@ import tomllib
 
 EXTRAS = ("serve",)  # runtime extras; the test tools ([test]) resolve to what is current
 UNPINNED: set[str] = set()
+# Test tools whose newest release cannot run beside a lower bound: the newest compatible one is taken instead.
+COMPANIONS = ("pyarrow<26",)  # pyarrow 26 needs numpy 2; lm-eval's `datasets` imports it (numpy's bound is 1.26)
 
 
 def lower_bounds(pyproject: Path) -> list[str]:
@@ -26,7 +28,7 @@ def lower_bounds(pyproject: Path) -> list[str]:
         name, version = match.groups()
         if name.lower() not in UNPINNED:
             pins[name.lower()] = f"{name}=={version}"
-    return sorted(pins.values())
+    return sorted(pins.values()) + list(COMPANIONS)
 
 
 if __name__ == "__main__":
