@@ -12,7 +12,8 @@ import tomllib
 EXTRAS = ("serve",)  # runtime extras; the test tools ([test]) resolve to what is current
 UNPINNED: set[str] = set()
 # Test tools whose newest release cannot run beside a lower bound: the newest compatible one is taken instead.
-COMPANIONS = ("pyarrow<26",)  # pyarrow 26 needs numpy 2; lm-eval's `datasets` imports it (numpy's bound is 1.26)
+# pyarrow 26 needs numpy 2, and lm-eval's `datasets` imports it (numpy's lower bound is 1.26).
+COMPANIONS = ("pyarrow<26",)
 
 
 def lower_bounds(pyproject: Path) -> list[str]:
