@@ -28,7 +28,10 @@ import torch
 
 from baichuan.cpu import GEMV_MAX_ROWS, bf16_gemv_max_rows, kernel_target
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_gemv.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "cpu_gemv.cpp"
+# Every source of the one extension built per target; each defines its own functions in the module.
+SOURCES = (SOURCE,)
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
 ENV_TARGET = "BAICHUAN_CPU_ISA"
@@ -103,7 +106,7 @@ def load_target(isa: str) -> ModuleType | None:
             )
         module = cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             # Without -fopenmp, at::parallel_for (a header template) silently runs on one thread.
             extra_cflags=["-O3", *TARGET_FLAGS[isa], "-fopenmp"],
             extra_ldflags=["-fopenmp"],
