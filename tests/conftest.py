@@ -28,6 +28,15 @@ def skip_platform(reason: str) -> None:
     pytest.skip(NOT_ON_THIS_PLATFORM + reason)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `cuda` is a platform skip where torch sees no CUDA GPU."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip_platform("needs a CUDA GPU (run `pytest -m cuda` on a machine with one)")
+
+
 def require_cpu_kernels() -> None:
     """Skip unless our AVX2 kernels (baichuan.cpu_gemv) are built and usable here; only a CPU without AVX2 excuses
     them in CI, not a missing compiler or a failed build."""

@@ -12,7 +12,17 @@ from torch import nn
 
 from baichuan import cpu_gemv
 from baichuan.cpu import half_is_emulated
-from baichuan.quant.kernels import KERNEL_DTYPE, ROW_CHUNK, cpu_int4_layout, tile_int4_cpu, untile_int4_cpu
+from baichuan.quant.kernels import (
+    KERNEL_DTYPE,
+    ROW_CHUNK,
+    cpu_int4_layout,
+    cuda_int4_inner_k_tiles,
+    cuda_int4_nibble_order,
+    tile_int4_cpu,
+    tile_int4_cuda,
+    untile_int4_cpu,
+    untile_int4_cuda,
+)
 from baichuan.quant.spec import DEFAULT_GROUP_SIZE, QuantizationError, check_group_size
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
@@ -85,6 +95,8 @@ class Int4Linear(nn.Module):
     CPU: the AVX2 kernel of `cpu_gemv` on the plain nibbles (`cpu_gemv.serves` says for how many rows, and past
     them: dequantise and matmul); where it cannot be built, `aten._weight_int4pack_mm_for_cpu` in bf16 on its own tiling
     when the shape allows (out % 16 == 0, group size 32..256 dividing in); otherwise dequantise and matmul.
+    CUDA: torch's tinygemm kernel (`aten._weight_int4pack_mm`) on its own tiling where the shape allows (out % 8 == 0,
+    group size 32..256, in % 32 == 0), else dequantise and matmul.
 
     `state_dict()` always gives the portable format (weight, scales, zeros) and `load_state_dict` takes it, so
     the kernel's machine-dependent tiling never reaches a file.
@@ -114,6 +126,9 @@ class Int4Linear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.tiled: tuple[int, bool] | None = None  # the CPU kernel layout `weight` is in, None when plain
+        self.cuda_tiles: int | None = (
+            None  # on CUDA: the tinygemm inner_k_tiles `weight` is tiled in, or None
+        )
         self.use_kernel = True
 
     @classmethod
@@ -197,14 +212,29 @@ class Int4Linear(nn.Module):
     def _tile(self) -> None:
         if self.tiled is None and self.weight.device.type == "cpu" and self._cpu_kernel_layout():
             self._set_codes(unpack_int4(self.weight))
+        self._tile_cuda()
+
+    def _tile_cuda(self) -> None:
+        """Plain nibbles on a CUDA device -> tinygemm's tiling, where its kernel takes this shape."""
+        device = self.weight.device
+        if self.cuda_tiles is not None or device.type != "cuda":
+            return
+        tiles = cuda_int4_inner_k_tiles(self.in_features, self.out_features, self.group_size)
+        swap = None if tiles is None else cuda_int4_nibble_order(device)
+        if swap is not None:
+            self.weight, self.cuda_tiles = tile_int4_cuda(self.weight, tiles, swap), tiles
 
     def _set_codes(self, codes: torch.Tensor) -> None:
         """Keep (out, in) codes in the kernel's tiling where it applies, else as plain nibbles."""
         self.tiled = self._cpu_kernel_layout() if codes.device.type == "cpu" else None
         self.weight = pack_int4(codes) if self.tiled is None else tile_int4_cpu(codes)
+        self.cuda_tiles = None
+        self._tile_cuda()
 
     def codes(self) -> torch.Tensor:
         """The (out, in) codes 0..15, whatever layout `weight` is kept in."""
+        if self.cuda_tiles is not None:
+            return untile_int4_cuda(self.weight, self.in_features, self.group_size)
         if self.tiled is None:
             return unpack_int4(self.weight)
         chunks = [
@@ -218,7 +248,8 @@ class Int4Linear(nn.Module):
         if self.weight.is_meta:
             weight = torch.empty_like(self.weight)
         else:
-            weight = self.weight if self.tiled is None else pack_int4(self.codes())
+            plain = self.tiled is None and self.cuda_tiles is None
+            weight = self.weight if plain else pack_int4(self.codes())
         return {
             "weight": weight,
             "scales": self.scales_and_zeros[..., 0].t().contiguous(),
@@ -263,6 +294,7 @@ class Int4Linear(nn.Module):
         max_rows = sys.maxsize if half_is_emulated(KERNEL_DTYPE) else cpu_gemv.MAX_ROWS
         if (
             self.tiled is not None
+            or self.cuda_tiles is not None
             or not self._gemv_fits()
             or not cpu_gemv.serves(x, self.in_features, max_rows)
         ):
@@ -271,6 +303,10 @@ class Int4Linear(nn.Module):
         return cpu_gemv.int4_gemv(x, buffers["weight"], buffers["scales_and_zeros"], self.group_size)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and self.cuda_tiles is not None:  # tinygemm computes in bf16, as the CPU kernel
+            rows = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm(rows, self.weight, self.group_size, self.scales_and_zeros)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         weight_t = None
         if (
             self.use_kernel
@@ -327,17 +363,21 @@ class Int4Linear(nn.Module):
                 f"{self.out_features}x{self.in_features}"
             )
             return
-        self.weight, self.scales_and_zeros, self.tiled, self.bias = (
+        self.weight, self.scales_and_zeros, self.tiled, self.cuda_tiles, self.bias = (
             loaded.weight,
             loaded.scales_and_zeros,
             loaded.tiled,
+            loaded.cuda_tiles,
             loaded.bias,
         )
 
     def _apply(self, fn, recurse=True):
-        # The kernel's tiling is for the CPU only: leaving the CPU goes back to plain nibbles first.
-        if self.tiled is not None and fn(torch.empty(0, dtype=torch.uint8)).device.type != "cpu":
+        # The kernels' tilings are for one kind of device: leaving it goes back to plain nibbles first.
+        to = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.device)).device.type
+        if self.tiled is not None and to != "cpu":
             self.weight, self.tiled = pack_int4(self.codes()), None
+        if self.cuda_tiles is not None and to != "cuda":
+            self.weight, self.cuda_tiles = pack_int4(self.codes()), None
         super()._apply(fn, recurse)
         if self.scales_and_zeros.dtype != KERNEL_DTYPE:  # a model-wide .to(dtype) keeps them in bf16
             self.scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
@@ -347,6 +387,8 @@ class Int4Linear(nn.Module):
     def _kernel_name(self) -> str:
         if self.tiled is not None:
             return "cpu"
+        if self.cuda_tiles is not None:
+            return "tinygemm"
         on_cpu = self.weight.device.type == "cpu"
         return "avx2" if on_cpu and self._gemv_fits() and cpu_gemv.load() is not None else "reference"
 

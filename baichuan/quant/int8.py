@@ -9,7 +9,7 @@ from torch import nn
 
 from baichuan import cpu_gemv
 from baichuan.cpu import half_is_emulated
-from baichuan.quant.kernels import KERNEL_DTYPE, ROW_CHUNK
+from baichuan.quant.kernels import CUDA_INT8_KERNEL_MAX_ROWS, KERNEL_DTYPE, ROW_CHUNK, has_int8_cuda_kernel
 from baichuan.quant.spec import QuantizationError
 
 # Where the CPU only emulates bf16, int8 products of this many rows (prompts) are faster as an fp32 GEMM on the
@@ -77,7 +77,8 @@ def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: the AVX2 kernel of `cpu_gemv` (where it
     `serves` those rows and could be built), else `torch._weight_int8pack_mm` in bf16 where `int8pack_mm_safe`
-    says so, else the widened weight in a float matmul."""
+    says so, else the widened weight in a float matmul. CUDA: torch's fused `_weight_int8pack_mm` for decode-sized
+    products (up to `CUDA_INT8_KERNEL_MAX_ROWS` rows), the widened weight in a cuBLAS matmul for prompts."""
 
     def __init__(
         self,
@@ -140,6 +141,16 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.use_kernel
+            and x.device.type == "cuda"
+            and x.numel() <= CUDA_INT8_KERNEL_MAX_ROWS * self.in_features
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and has_int8_cuda_kernel()
+        ):
+            rows = x.reshape(-1, self.in_features).contiguous()
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(x.dtype))
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if (
             self.use_kernel
             and x.device.type == "cpu"

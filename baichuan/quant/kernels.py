@@ -69,3 +69,93 @@ def tile_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
         chunk = codes[i : i + ROW_CHUNK].to(torch.int32)
         chunks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk, 1))
     return torch.cat(chunks)
+
+
+# --- CUDA ------------------------------------------------------------------------------------------------------
+# Not yet run on a GPU: tests/quant/test_cuda.py (`pytest -m cuda`) and benchmarks/gpu_check.sh check all of this.
+#
+# int4: torch's tinygemm kernel (aten/src/ATen/native/cuda/int4mm.cu; the one gpt-fast and torchao use) computes
+# w = (q - 8) * scale + zero from bf16 scales and zeros laid out (groups, out, 2): exactly our format, so only the
+# codes are re-laid. `_convert_weight_to_int4pack` takes (out, in/2) uint8 with two codes a byte (since torch 2.5;
+# before, int32 codes) and tiles them for the tensor cores in `inner_k_tiles` of 16 inputs.
+CUDA_INT4_GROUP_SIZES = (32, 64, 128, 256)
+CUDA_INT4_INNER_K_TILES = (8, 4, 2)  # the largest that divides in_features / 16 is taken
+
+
+def has_int4_cuda_kernel() -> bool:
+    ops = torch.ops.aten
+    return (
+        torch.version.cuda is not None
+        and hasattr(ops, "_weight_int4pack_mm")
+        and hasattr(ops, "_convert_weight_to_int4pack")
+    )
+
+
+def cuda_int4_inner_k_tiles(in_features: int, out_features: int, group_size: int) -> int | None:
+    """The tinygemm tiling for this layer shape, or None where the kernel does not take it: output columns in
+    tiles of 8, whole groups of 32..256, inputs in whole super-tiles of inner_k_tiles x 16."""
+    if out_features % 8 or group_size not in CUDA_INT4_GROUP_SIZES or in_features % group_size:
+        return None
+    return next((t for t in CUDA_INT4_INNER_K_TILES if in_features % (t * 16) == 0), None)
+
+
+def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Our packing (column 2j in the low nibble) <-> the other order (column 2j in the high nibble)."""
+    return (packed << 4) | (packed >> 4)
+
+
+def tile_int4_cuda(packed: torch.Tensor, inner_k_tiles: int, swap: bool) -> torch.Tensor:
+    """Our (out, in/2) nibbles on a CUDA device -> tinygemm's tiling (`swap`: its input order is the other one)."""
+    return torch.ops.aten._convert_weight_to_int4pack(
+        (swap_nibbles(packed) if swap else packed).contiguous(), inner_k_tiles
+    )
+
+
+def untile_int4_cuda(tiled: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """tinygemm-tiled codes -> plain (out, in) codes 0..15, exactly. There is no unpacking op, so the kernel itself
+    multiplies an identity by the weight with unit scales and zero zeros: every product is then q - 8, an integer
+    a bf16 holds exactly."""
+    out_features = tiled.shape[0] * 8
+    n_groups = in_features // group_size
+    unit = torch.zeros(n_groups, out_features, 2, dtype=torch.bfloat16, device=tiled.device)
+    unit[..., 0] = 1
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=tiled.device)
+    for i in range(0, in_features, ROW_CHUNK):
+        rows = min(ROW_CHUNK, in_features - i)
+        eye = torch.zeros(rows, in_features, dtype=torch.bfloat16, device=tiled.device)
+        r = torch.arange(rows, device=tiled.device)
+        eye[r, i + r] = 1
+        w_t = torch.ops.aten._weight_int4pack_mm(eye, tiled, group_size, unit)  # (rows, out) = (q - 8)^T
+        codes[:, i : i + rows] = (w_t.t() + 8).to(torch.uint8)
+    return codes
+
+
+@functools.cache
+def cuda_int4_nibble_order(device: torch.device) -> bool | None:
+    """Whether this torch's tinygemm wants the nibbles swapped relative to ours (True), not (False), or None when
+    it has no working kernel on `device` (then the int4 layers dequantise and matmul). Found by packing a probe and
+    reading it back, as `cpu_int4_layout` does: torch has changed this input format before."""
+    if not has_int4_cuda_kernel():
+        return None
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (64, 256), dtype=torch.uint8, generator=generator).to(device)
+    packed = probe[:, 0::2] | (probe[:, 1::2] << 4)
+    for swap in (True, False):  # torch 2.5 and later: column 2j in the high nibble
+        try:
+            back = untile_int4_cuda(tile_int4_cuda(packed, 8, swap), 256, 64)
+        except RuntimeError:  # no kernel for this GPU (tinygemm needs compute capability 8.0)
+            return None
+        if torch.equal(back, probe):
+            return swap
+    return None
+
+
+# int8: torch's CUDA `_weight_int8pack_mm` (aten/src/ATen/native/cuda/int8mm.cu) gives each output element its own
+# warp, reading the int8 row and fp32 activations: a fused GEMV, fine for a decode step, but it re-reads the weight
+# for every row of activations, so prompts are faster widened to the activations' dtype for cuBLAS. Where the two
+# cross is measured by benchmarks/gpu_report.py (its int8 layer lines); this is a first guess, not a measurement.
+CUDA_INT8_KERNEL_MAX_ROWS = 8
+
+
+def has_int8_cuda_kernel() -> bool:
+    return torch.version.cuda is not None and hasattr(torch, "_weight_int8pack_mm")
