@@ -193,6 +193,15 @@ struct Int8Tile {
   Output y;
   int64_t N, K, B, blocks;
 
+  // Weight rows per tile for MB activation rows: 2 accumulators per (weight row, activation row), plus one vector
+  // per activation row and per weight row, within the 32 (AVX-512) or 16 registers.
+  static constexpr int kPassRows = 8;
+#if defined(BAICHUAN_AVX512)
+  static constexpr int weight_rows(int mb) { return mb <= 2 ? 4 : mb <= 4 ? 2 : 1; }
+#else
+  static constexpr int weight_rows(int mb) { return mb == 1 ? 4 : mb == 2 ? 2 : 1; }
+#endif
+
   // Rows [n, n + R) against activation rows [m, m + MB): each weight vector is widened once for all MB.
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
@@ -259,6 +268,15 @@ struct Int4Tile {
   Output y;
   int64_t N, K, G, groups;
 
+  // Weight rows per tile for MB activation rows (as for int8, and four unpacked weight vectors). AVX2 has too few
+  // registers for more than 4 activation rows a pass.
+#if defined(BAICHUAN_AVX512)
+  static constexpr int kPassRows = 8;
+#else
+  static constexpr int kPassRows = 4;
+#endif
+  static constexpr int weight_rows(int mb) { return mb == 1 ? 4 : mb == 2 ? 2 : 1; }
+
 #if defined(BAICHUAN_AVX512)
   // Groups of 128 and more: each 16-bit lane of 64 bytes holds four nibbles, unpacked by masks and shifts alone.
   template <int R, int MB>
@@ -268,20 +286,18 @@ struct Int4Tile {
     for (int64_t k = k0; k < k0 + G; k += 128) {
       for (int r = 0; r < R; ++r)
         _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
-      __m512i xv[MB][4];
-      for (int j = 0; j < MB; ++j)
-        for (int t = 0; t < 4; ++t) xv[j][t] = _mm512_loadu_si512((const void*)(xq + (m + j) * K + k + 32 * t));
       for (int r = 0; r < R; ++r) {
         const __m512i v = _mm512_loadu_si512((const void*)(pn + r * row_bytes + k / 2));
         const __m512i q0 = _mm512_and_si512(v, nibble);
         const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
         const __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), nibble);
         const __m512i q3 = _mm512_srli_epi16(v, 12);
-        for (int j = 0; j < MB; ++j) {
-          __m512i acc = _mm512_dpwssd_epi32(iacc[r][j], q0, xv[j][0]);
-          acc = _mm512_dpwssd_epi32(acc, q1, xv[j][1]);
-          acc = _mm512_dpwssd_epi32(acc, q2, xv[j][2]);
-          iacc[r][j] = _mm512_dpwssd_epi32(acc, q3, xv[j][3]);
+        for (int j = 0; j < MB; ++j) {  // x read from L1 for each weight row (as memory operands)
+          const int16_t* xj = xq + (m + j) * K + k;
+          __m512i acc = _mm512_dpwssd_epi32(iacc[r][j], q0, _mm512_loadu_si512((const void*)xj));
+          acc = _mm512_dpwssd_epi32(acc, q1, _mm512_loadu_si512((const void*)(xj + 32)));
+          acc = _mm512_dpwssd_epi32(acc, q2, _mm512_loadu_si512((const void*)(xj + 64)));
+          iacc[r][j] = _mm512_dpwssd_epi32(acc, q3, _mm512_loadu_si512((const void*)(xj + 96)));
         }
       }
     }
@@ -297,9 +313,6 @@ struct Int4Tile {
       if ((k & 127) == 0)
         for (int r = 0; r < R; ++r)
           _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
-      __m256i xv[MB][4];
-      for (int j = 0; j < MB; ++j)
-        for (int t = 0; t < 4; ++t) xv[j][t] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k + 16 * t));
       for (int r = 0; r < R; ++r) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)(pn + r * row_bytes + k / 2));
         const __m256i q0 = _mm256_and_si256(v, nibble);
@@ -307,8 +320,11 @@ struct Int4Tile {
         const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nibble);
         const __m256i q3 = _mm256_srli_epi16(v, 12);
         for (int j = 0; j < MB; ++j) {
-          const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(q0, xv[j][0]), _mm256_madd_epi16(q1, xv[j][1]));
-          const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(q2, xv[j][2]), _mm256_madd_epi16(q3, xv[j][3]));
+          const __m256i* xj = (const __m256i*)(xq + (m + j) * K + k);
+          const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256(xj)),
+                                               _mm256_madd_epi16(q1, _mm256_loadu_si256(xj + 1)));
+          const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(q2, _mm256_loadu_si256(xj + 2)),
+                                               _mm256_madd_epi16(q3, _mm256_loadu_si256(xj + 3)));
           iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(s01, s23));
         }
       }
@@ -324,18 +340,15 @@ struct Int4Tile {
       if ((k & 127) == 0)
         for (int r = 0; r < R; ++r)
           _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
-      __m256i even[MB], odd[MB];
-      for (int j = 0; j < MB; ++j) {
-        even[j] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k));
-        odd[j] = _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k + 16));
-      }
       for (int r = 0; r < R; ++r) {
         const __m128i bytes = _mm_loadu_si128((const __m128i*)(pn + r * row_bytes + k / 2));
         const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
         const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
-        for (int j = 0; j < MB; ++j)
-          iacc[r][j] = _mm256_add_epi32(
-              iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(lo, even[j]), _mm256_madd_epi16(hi, odd[j])));
+        for (int j = 0; j < MB; ++j) {
+          const __m256i* xj = (const __m256i*)(xq + (m + j) * K + k);  // even values, then odd ones
+          iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xj)),
+                                                                       _mm256_madd_epi16(hi, _mm256_loadu_si256(xj + 1))));
+        }
       }
     }
   }
@@ -400,6 +413,11 @@ struct Bf16Tile {
   const uint16_t* x;
   Output y;
   int64_t N, K;
+
+  // Weight rows per tile for MB activation rows: 2 accumulators per (weight row, activation row), one vector per
+  // activation row and per weight row.
+  static constexpr int kPassRows = 8;
+  static constexpr int weight_rows(int mb) { return mb <= 2 ? 4 : mb <= 4 ? 2 : 1; }
 
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
@@ -492,13 +510,20 @@ struct Bf16Tile {
   Output y;
   int64_t N, K;
 
+  static constexpr int kPassRows = 8;
+  static constexpr int weight_rows(int mb) { return mb == 1 ? 4 : mb == 2 ? 2 : 1; }
+
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     constexpr int64_t half = kBf16Step / 2;
+    // Even and odd halves in two accumulators (two independent chains per pair of rows) where there are few pairs;
+    // one where there are enough pairs for the FMA units (and too few registers for two each).
+    constexpr int H = R * MB >= 8 ? 1 : 2;
     const uint16_t* wn = w + n * K;
-    Bf16Vec acc[R][MB][2];  // even and odd halves: two independent chains per pair of rows
+    Bf16Vec acc[R][MB][H];
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) acc[r][j][0] = acc[r][j][1] = zero_vec();
+      for (int j = 0; j < MB; ++j)
+        for (int h = 0; h < H; ++h) acc[r][j][h] = zero_vec();
     const int64_t full = K - K % kBf16Step;
     for (int64_t k = 0; k < full; k += kBf16Step) {
       if ((k & 31) == 0)
@@ -513,13 +538,13 @@ struct Bf16Tile {
         widen_pairs(wn + r * K + k, even, odd);
         for (int j = 0; j < MB; ++j) {
           acc[r][j][0] = fma_vec(even, xe[j], acc[r][j][0]);
-          acc[r][j][1] = fma_vec(odd, xo[j], acc[r][j][1]);
+          acc[r][j][H - 1] = fma_vec(odd, xo[j], acc[r][j][H - 1]);
         }
       }
     }
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) {
-        float total = sum_vec(acc[r][j][0]) + sum_vec(acc[r][j][1]);
+        float total = H == 2 ? sum_vec(acc[r][j][0]) + sum_vec(acc[r][j][H - 1]) : sum_vec(acc[r][j][0]);
         for (int64_t k = full; k < K; ++k) total += bf16_to_float(wn[r * K + k]) * x[(m + j) * K + k];
         y.set((m + j) * N + n + r, total);
       }
@@ -534,20 +559,28 @@ void run_rows(const Tile& tile, int64_t n0, int64_t n1, int64_t m) {
   for (; n < n1; ++n) tile.template run<1, MB>(n, m);
 }
 
-// Rows in parallel chunks; activation rows 4 at a time (fewer weight rows per tile as there are more activation
-// rows, so the accumulators stay in registers).
+// One pass of mb <= MB activation rows over output rows [n0, n1): each weight row is read once for all of them,
+// in tiles of the weight rows the tile type picks for mb (fewer as there are more activation rows, so the
+// accumulators stay in registers).
+template <int MB, class Tile>
+void run_pass(const Tile& tile, int64_t n0, int64_t n1, int64_t m, int64_t mb) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return run_pass<MB - 1>(tile, n0, n1, m, mb);
+  }
+  run_rows<Tile::weight_rows(MB), MB>(tile, n0, n1, m);
+}
+
+// Output rows in parallel chunks; activation rows in passes of up to Tile::kPassRows (batched decoding reads
+// each weight once per step). Where M needs more passes, the later ones find the chunk's weights in L2.
 template <class Tile>
 void run_all(const Tile& tile, int64_t N, int64_t M, int64_t row_bytes) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, kChunkRows * row_bytes * M));
   at::parallel_for(0, (N + kChunkRows - 1) / kChunkRows, grain, [&](int64_t c0, int64_t c1) {
     const int64_t n0 = c0 * kChunkRows, n1 = std::min(N, c1 * kChunkRows);
     for (int64_t m = 0; m < M;) {
-      switch (std::min<int64_t>(M - m, 4)) {
-        case 4: run_rows<1, 4>(tile, n0, n1, m); m += 4; break;
-        case 3: run_rows<1, 3>(tile, n0, n1, m); m += 3; break;
-        case 2: run_rows<2, 2>(tile, n0, n1, m); m += 2; break;
-        default: run_rows<4, 1>(tile, n0, n1, m); m += 1; break;
-      }
+      const int64_t mb = std::min<int64_t>(M - m, Tile::kPassRows);
+      run_pass<Tile::kPassRows>(tile, n0, n1, m, mb);
+      m += mb;
     }
   });
 }
