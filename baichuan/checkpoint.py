@@ -7,6 +7,7 @@ never holds two copies of the weights. `.bin` files are read with `weights_only=
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -178,6 +179,7 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 if f.readinto(memoryview(raw)) != raw.nbytes:
                     raise CheckpointError(f"{path}: cannot read weights (truncated or corrupt file?): {name}")
             yield name, tensor
+            del tensor  # not held while the next one is read
 
 
 def _safetensors_header(f: BinaryIO, path: Path) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int]]]:
@@ -439,19 +441,34 @@ def save_checkpoint(
     left). Only a crash during the final renames can leave the directory refusing to load, never loading a mix
     of old and new (see `_commit`). Files get the mode open() gives under the umask (0644 under 022), whatever
     mode the installed safetensors writes them with."""
-    directory = Path(directory)
     for name in files or {}:
         if Path(name).name != name or name.startswith(".") or _owned_names(name):
             raise ValueError(f"files= may not hold {name!r}: it is a path, hidden, or a name the save owns")
+    with staged_checkpoint(directory) as staging:
+        write_synced(staging / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        for name, content in (files or {}).items():
+            write_synced(staging / name, content)
+        mode = stat.S_IMODE((staging / "config.json").stat().st_mode)  # what open() gives under this umask
+        _write_weights(tensors, staging, max_shard_bytes, mode)
+
+
+@contextlib.contextmanager
+def staged_checkpoint(directory: str | os.PathLike) -> Iterator[Path]:
+    """Replace the checkpoint in `directory` as `save_checkpoint` does, with files the caller writes: yields an
+    empty staging directory inside `directory`, to fill with config.json, the weights and their entry point
+    (`model.safetensors` or the index), and other files, each fsynced (`write_synced`). When the block ends
+    without error the staging directory's contents replace the checkpoint there (`_commit`); when it raises,
+    the staging directory is removed and `directory` is as it was."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(directory)
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=directory))
     try:
-        _write_bytes(staging / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-        for name, content in (files or {}).items():
-            _write_bytes(staging / name, content)
-        mode = stat.S_IMODE((staging / "config.json").stat().st_mode)  # what open() gives under this umask
-        entry = _write_weights(tensors, staging, max_shard_bytes, mode)
+        yield staging
+        entry = next((name for name in WEIGHT_ENTRIES if (staging / name).is_file()), None)
+        if entry is None:
+            raise CheckpointError(f"{staging}: no weights were written (none of {', '.join(WEIGHT_ENTRIES)})")
+        _fsync(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -498,7 +515,7 @@ def _write_weights(
         path.rename(staging / filename)
         weight_map.update(dict.fromkeys(names, filename))
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    _write_bytes(staging / SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    write_synced(staging / SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode())
     return SAFETENSORS_INDEX
 
 
@@ -563,7 +580,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _write_bytes(path: Path, content: bytes) -> None:
+def write_synced(path: Path, content: bytes) -> None:
+    """Write `content` to `path` and fsync it (a file of a staged checkpoint)."""
     with open(path, "wb") as f:
         f.write(content)
         f.flush()

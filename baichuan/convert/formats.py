@@ -9,11 +9,8 @@ staging directory inside the target and moved into place at the end by the same 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +18,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-# The staging and commit of a checkpoint save, shared so that a conversion replaces a checkpoint exactly as a
-# save does (same staging name, same order of renames, same clean-up of abandoned staging directories).
 from baichuan.checkpoint import (
-    _STAGING,
     IGNORED_SUFFIXES,
     SAFETENSORS_INDEX,
-    _commit,
-    _fsync,
-    _remove_abandoned_staging,
-    _write_bytes,
     iter_tensors,
     read_json,
+    staged_checkpoint,
     weight_files,
+    write_synced,
 )
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -103,6 +95,7 @@ def stream_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Te
         for name, tensor in iter_tensors(path, mmap=False):
             if not name.endswith(IGNORED_SUFFIXES):
                 yield name, tensor
+            del tensor  # not held while the next one is read
 
 
 def read_source_config(directory: str | os.PathLike) -> dict:
@@ -162,24 +155,6 @@ def plan_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
-@contextlib.contextmanager
-def staged_directory(directory: str | os.PathLike, entry: Callable[[], str]):
-    """Yield a staging directory inside `directory`; on success its contents replace the checkpoint there as
-    `save_checkpoint`'s commit does (`entry()` names the file from which the new checkpoint loads, moved last);
-    on failure the staging directory is removed and `directory` is as it was."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(directory)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=directory))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _commit(staging, directory, entry())
-    staging.rmdir()
-
-
 def write_checkpoint(
     out: str | os.PathLike,
     config: dict,
@@ -190,15 +165,15 @@ def write_checkpoint(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
     """Write a checkpoint directory (config.json, safetensors weights in the hub's shard layout, `files`)
-    atomically, streaming `tensors`, which must come in the order and with the shapes/dtypes of `infos`."""
+    atomically, as a save does (`checkpoint.staged_checkpoint`), streaming `tensors`, which must come in the
+    order and with the shapes/dtypes of `infos`."""
     shards = plan_shards(infos, max_shard_bytes)
     total = len(infos)
     counted = _counted(iter(tensors), total, progress)
-    entry = ["model.safetensors"]
-    with staged_directory(out, lambda: entry[0]) as staging:
-        _write_bytes(staging / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    with staged_checkpoint(out) as staging:
+        write_synced(staging / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         for name, content in (files or {}).items():
-            _write_bytes(staging / name, content)
+            write_synced(staging / name, content)
         if len(shards) == 1:
             write_safetensors(staging / "model.safetensors", shards[0], counted)
         else:
@@ -208,14 +183,13 @@ def write_checkpoint(
                 write_safetensors(staging / filename, shard, counted)
                 weight_map.update(dict.fromkeys((info.name for info in shard), filename))
             index = {"metadata": {"total_size": sum(i.nbytes for i in infos)}, "weight_map": weight_map}
-            _write_bytes(staging / SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode())
-            entry[0] = SAFETENSORS_INDEX
-        _fsync(staging)
+            write_synced(staging / SAFETENSORS_INDEX, (json.dumps(index, indent=2) + "\n").encode())
 
 
 def _counted(tensors: Iterator, total: int, progress: Callable[[str, int, int], None] | None) -> Iterator:
     for done, (name, tensor) in enumerate(tensors, start=1):
         yield name, tensor
+        del tensor  # not held while the next one is made
         if progress is not None:
             progress(name, done, total)
 
@@ -260,6 +234,7 @@ def convert_checkpoint(
             if transform is not None and tensor.is_floating_point():
                 tensor = transform(name, tensor.float())
             yield name, tensor.to(info.dtype)
+            del tensor  # not held while the next one is read
 
     write_checkpoint(out, config, infos, tensors(), max_shard_bytes, companion_files(model), progress)
 
