@@ -3,6 +3,7 @@
 
     python benchmarks/bench_convert.py                                   # ~870 MB fp32 model (218M params)
     python benchmarks/bench_convert.py --dim 128 --layers 2 --vocab 4096  # a smoke run
+    python benchmarks/bench_convert.py --only GGUF                         # the GGUF rows only
 
 One random Baichuan2-shaped checkpoint (NormHead, so the head migration applies) is written once in --dir, as
 fp32 safetensors and as a single pytorch_model.bin. Each conversion then runs alone in a fresh child process,
@@ -26,7 +27,8 @@ CONVERSIONS = {
     "migrate head": "st",
     "-> GGUF f16": "st",
     "-> GGUF q8_0": "st",
-    "GGUF f16 -> ours (bf16)": "gguf",
+    "GGUF f16 -> ours (bf16)": "gguf-f16",
+    "GGUF q8_0 -> ours (fp32)": "gguf-q8_0",
 }
 
 
@@ -60,7 +62,7 @@ def child(name: str, source: str, out: str) -> None:
     elif name.startswith("-> GGUF"):
         export_gguf(source, out, name.split()[-1], exact=False)
     else:
-        import_gguf(source, out, dtype=torch.bfloat16)
+        import_gguf(source, out, dtype=torch.float32 if name.endswith("(fp32)") else torch.bfloat16)
     print(json.dumps({"baseline": baseline, "peak": _status("VmHWM")}))
 
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--only", default="", help="run only the conversions whose name contains this text")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -110,20 +113,25 @@ def main() -> None:
         torch.save(load_model(st).state_dict(), bin_dir / "pytorch_model.bin")
         for name in ("config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"):
             shutil.copy(st / name, bin_dir / name)
-    gguf_source = args.dir / "source.gguf"
     print(f"model: {config.num_params() / 1e6:.0f}M params, fp32 {_largest(st) / 1e6:.0f} MB (one shard)\n")
     print(
         "| conversion | largest shard MB | baseline RSS MB | peak RSS MB | (peak - baseline) / largest shard |"
     )
     print("| --- | --- | --- | --- | --- |")
     for name, kind in CONVERSIONS.items():
+        if args.only not in name:
+            continue
         out = args.dir / ("out.gguf" if name.startswith("-> GGUF") else "out")
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-        if kind == "gguf" and not gguf_source.is_file():
-            subprocess.run(
-                [sys.executable, __file__, "--child", "-> GGUF f16", str(st), str(gguf_source)], check=True
-            )
-        source = {"bin": bin_dir, "st": st, "gguf": gguf_source}[kind]
+        if kind.startswith("gguf"):  # a GGUF of that type, written once
+            source = args.dir / f"source-{kind.removeprefix('gguf-')}.gguf"
+            if not source.is_file():
+                export = f"-> GGUF {kind.removeprefix('gguf-')}"
+                subprocess.run(
+                    [sys.executable, __file__, "--child", export, str(st), str(source)], check=True
+                )
+        else:
+            source = {"bin": bin_dir, "st": st}[kind]
         run = subprocess.run(
             [sys.executable, __file__, "--child", name, str(source), str(out)],
             capture_output=True,

@@ -13,9 +13,9 @@ gets RoPE, 40 layers is "13B" and gets ALiBi (max bias 8, the original slopes), 
 A model whose own encoding differs from that rule would load and compute something else, so the export
 refuses it.
 
-Each tensor is read, converted and written in turn (the file's layout is planned from the headers first), so
-peak memory is near one tensor; the file appears at its path only when complete (written beside it, then
-renamed).
+Both ways, each tensor is read, converted and written in turn (the output's layout is planned from the input's
+headers first), so peak memory is near one tensor: an export's GGUF appears at its path only when complete
+(written beside it, then renamed); an import's checkpoint is staged and committed as a save is.
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
+import mmap
 import os
+import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -99,11 +104,6 @@ def check_llama_cpp(config: Config) -> None:
 def _interleave_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     # Rows of each head go from (first halves, second halves) to interleaved pairs (x0, x_half, x1, ...).
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _rotate_half_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # The inverse of _interleave_rope.
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_names(name: str) -> list[str]:
@@ -294,17 +294,126 @@ def _add_tokenizer(writer, gguf, proto: spm_proto.ModelProto, config: Config, mo
 
 # --- import ------------------------------------------------------------------------------------------------
 
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)  # as gguf's reader; version 1 had 32-bit counts
+_ALIGNMENT = 32  # general.alignment when the file does not say
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+_SCALARS = {
+    0: np.dtype("u1"),
+    1: np.dtype("i1"),
+    2: np.dtype("<u2"),
+    3: np.dtype("<i2"),
+    4: np.dtype("<u4"),
+    5: np.dtype("<i4"),
+    6: np.dtype("<f4"),
+    7: np.dtype("?"),
+    10: np.dtype("<u8"),
+    11: np.dtype("<i8"),
+    12: np.dtype("<f8"),
+}
+# An import decodes a tensor this many values at a time, so that no tensor exists whole in fp32 on the way.
+_CHUNK_VALUES = 1 << 20
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # row-major, as torch has it (a GGUF lists the dimensions the other way round)
+    type: int  # gguf.GGMLQuantizationType
+    offset: int  # of its data, from the start of the file
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    fields: dict[str, object]  # key -> str, int, float, bool or a list of them
+    tensors: dict[str, GGUFTensor]
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """The key-value fields and the tensor table of a GGUF file (little-endian, version 2 or 3), without its
+    tensor data. Values become plain Python ones, so that a vocabulary of 125,696 pieces costs its strings
+    only (gguf's GGUFReader keeps several numpy arrays per piece, on a memory map held open)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return _parse_header(view, path)
+    except (ValueError, OSError, struct.error, UnicodeDecodeError, IndexError) as e:
+        if isinstance(e, ConvertError):
+            raise
+        raise ConvertError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _parse_header(view: mmap.mmap, path: Path) -> GGUFHeader:
+    pos = 0
+
+    def take(dtype: np.dtype, count: int = 1) -> list:
+        nonlocal pos
+        if pos + dtype.itemsize * count > len(view):
+            raise ConvertError(f"{path}: not a readable GGUF file (its header is cut short)")
+        values = np.frombuffer(view, dtype, count, pos).tolist()
+        pos += dtype.itemsize * count
+        return values
+
+    def string() -> str:  # the most frequent value by far (every vocabulary piece): struct, not numpy
+        nonlocal pos
+        (n,) = _U64.unpack_from(view, pos)
+        pos += 8
+        if pos + n > len(view):
+            raise ConvertError(f"{path}: not a readable GGUF file (its header is cut short)")
+        text = view[pos : pos + n].decode("utf-8")
+        pos += n
+        return text
+
+    def value(kind: int) -> object:
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            (item,) = take(_SCALARS[4])
+            (count,) = take(_SCALARS[10])
+            if item in _SCALARS:
+                return take(_SCALARS[item], count)
+            return [value(item) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ConvertError(f"{path}: not a readable GGUF file (unknown value type {kind})")
+        return take(_SCALARS[kind])[0]
+
+    if view[:4] != _MAGIC:
+        raise ConvertError(f"{path}: not a GGUF file (no GGUF magic)")
+    pos = 4
+    (version,) = take(_SCALARS[4])
+    if version & 0xFFFF == 0:
+        raise ConvertError(f"{path}: a big-endian GGUF, which this import does not read")
+    if version not in _VERSIONS:
+        raise ConvertError(f"{path}: GGUF version {version}; this import reads versions 2 and 3")
+    n_tensors, n_fields = take(_SCALARS[10], 2)
+    fields = {}
+    for _ in range(n_fields):
+        key = string()
+        (kind,) = take(_SCALARS[4])
+        fields[key] = value(kind)
+    table = []
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = take(_SCALARS[4])
+        dims = take(_SCALARS[10], n_dims)
+        kind, offset = take(_SCALARS[4])[0], take(_SCALARS[10])[0]
+        table.append((name, tuple(reversed(dims)), kind, offset))
+    alignment = fields.get("general.alignment", _ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ConvertError(f"{path}: general.alignment {alignment!r} is not a power of two")
+    start = -(-pos // alignment) * alignment
+    tensors = {name: GGUFTensor(name, shape, kind, start + offset) for name, shape, kind, offset in table}
+    if len(tensors) != len(table):
+        raise ConvertError(f"{path}: a tensor name appears twice")
+    return GGUFHeader(fields, tensors)
 
 
 def gguf_block_count(path: str | os.PathLike) -> int:
     """The layer count a GGUF file states (0 for a vocabulary-only file, or one that cannot be read)."""
     try:
-        return int(_field(_gguf().GGUFReader(str(path)), f"{ARCH}.block_count", 0))
-    except (ValueError, OSError):
+        return int(read_gguf_header(path).fields.get(f"{ARCH}.block_count", 0))
+    except (ConvertError, TypeError):
         return 0
 
 
@@ -323,24 +432,26 @@ def import_gguf(
     `reading` chooses: "baichuan" reads the vocabulary as the original Baichuan tokenizer is built (NFKC
     normalisation, a dummy prefix, and the score-0 pieces before the byte pieces as user-defined symbols, where
     SentencePiece's trainer puts them); "llamacpp" reads it as llama.cpp does (no normalisation, pieces as
-    typed)."""
+    typed).
+
+    The weights stream: each checkpoint tensor is made alone (W_pack from its three GGUF parts), decoded from
+    plain reads of the file a chunk of rows at a time, written to its safetensors file and dropped before the
+    next, so peak memory is about the largest output tensor, whatever the file's size."""
     gguf = _gguf()
     path, out = Path(path), Path(out)
     if reading not in READINGS:
         raise ConvertError(f"unknown tokenizer reading {reading!r}; choose one of {', '.join(READINGS)}")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ConvertError(f"{path}: not a readable GGUF file ({e})") from None
-    arch = _field(reader, "general.architecture")
+    header = read_gguf_header(path)
+    fields = header.fields
+    arch = fields.get("general.architecture")
     if arch != ARCH:
         raise ConvertError(f"{path}: architecture {arch!r}, not a Baichuan GGUF ('{ARCH}')")
-    if _field(reader, "tokenizer.ggml.model") != "llama":
+    if fields.get("tokenizer.ggml.model") != "llama":
         raise ConvertError(f"{path}: no SentencePiece ('llama') vocabulary inside")
-    tokenizer = _tokenizer_model(reader, reading)
-    files = _tokenizer_files(reader, tokenizer)
+    tokenizer = _tokenizer_model(fields, reading)
+    files = _tokenizer_files(fields, tokenizer)
     if (
-        not reader.tensors
+        not header.tensors
     ):  # vocabulary only: the tokenizer files, each replaced atomically; a checkpoint there stays
         out.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
@@ -349,36 +460,31 @@ def import_gguf(
             os.replace(tmp, out / name)
         return out
 
-    config = _config(reader, path)
-    by_name = {t.name: t for t in reader.tensors}
+    config = _config(fields, path)
     float_types = {
         gguf.GGMLQuantizationType.F16: torch.float16,
         gguf.GGMLQuantizationType.BF16: torch.bfloat16,
     }
     if dtype is None:
-        kinds = {float_types.get(t.tensor_type, torch.float32) for t in reader.tensors if len(t.shape) > 1}
+        kinds = {float_types.get(t.type, torch.float32) for t in header.tensors.values() if len(t.shape) > 1}
         dtype = kinds.pop() if len(kinds) == 1 else torch.float32
     infos = [TensorInfo(name, shape, dtype) for name, shape in checkpoint_shapes(config)]
-
-    def read(gguf_name: str) -> torch.Tensor:
-        if gguf_name not in by_name:
-            raise ConvertError(f"{path}: tensor {gguf_name} is missing")
-        t = by_name[gguf_name]
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-            data = torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).float()
-        elif t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = torch.from_numpy(np.array(t.data, dtype=np.float32))
-        else:
-            data = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-        return data.reshape(shape)
+    # Every tensor is found and checked before anything is written.
+    parts = {info.name: _sources(gguf, header, info, path) for info in infos}
+    del header, fields  # the vocabulary's strings: not held while the weights are written
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for info in infos:
-            parts = [read(n) for n in gguf_names(info.name)]
-            if len(parts) == 3 and config.position == ROPE:
-                parts[0], parts[1] = (_rotate_half_rope(p, config.n_heads) for p in parts[:2])
-            yield info.name, torch.cat(parts).to(info.dtype)
+        with open(path, "rb") as f:
+            for info in infos:
+                sources = parts[info.name]
+                tensor = torch.empty(info.shape, dtype=info.dtype)
+                rows = tensor.view(len(sources), -1, info.shape[-1])  # (parts, rows, cols); a norm: (1, 1, d)
+                for i, source in enumerate(sources):
+                    rope = len(sources) == 3 and i < 2 and config.position == ROPE  # q and k of W_pack
+                    _decode_into(gguf, f, source, rows[i], config.n_heads if rope else None, path)
+                del rows
+                yield info.name, tensor
+                del tensor  # not held while the next one is made
 
     hf = config.to_hf_dict()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -391,6 +497,76 @@ def import_gguf(
     )
     write_checkpoint(out, hf, infos, tensors(), files=files, progress=progress)
     return out
+
+
+def _sources(gguf, header: GGUFHeader, info: TensorInfo, path: Path) -> list[GGUFTensor]:
+    """The GGUF tensors that make checkpoint tensor `info`, checked: present, of its shape, of a type gguf
+    decodes, their data inside the file."""
+    names = gguf_names(info.name)
+    shape = (info.shape[0] // len(names), *info.shape[1:])
+    size = path.stat().st_size
+    sources = []
+    for name in names:
+        t = header.tensors.get(name)
+        if t is None:
+            raise ConvertError(f"{path}: tensor {name} is missing")
+        if t.shape != shape:
+            raise ConvertError(
+                f"{path}: tensor {name} has shape {list(t.shape)}; the header's sizes give {list(shape)}"
+            )
+        try:
+            kind = gguf.GGMLQuantizationType(t.type)
+        except ValueError:
+            raise ConvertError(f"{path}: tensor {name} has an unknown GGML type {t.type}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[kind]
+        if shape[-1] % block:
+            raise ConvertError(f"{path}: tensor {name}: rows of {shape[-1]} do not fill {kind.name} blocks")
+        try:  # one block of zeros: does this gguf decode the type?
+            gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), kind)
+        except NotImplementedError:
+            raise ConvertError(
+                f"{path}: tensor {name} is {kind.name}, which gguf cannot dequantize"
+            ) from None
+        if t.offset + math.prod(shape) // block * type_size > size:
+            raise ConvertError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+        sources.append(t)
+    return sources
+
+
+def _decode_into(gguf, f: BinaryIO, t: GGUFTensor, rows: torch.Tensor, heads: int | None, path: Path) -> None:
+    """Decode GGUF tensor `t` into `rows` (rows, cols), a chunk of rows at a time. The file is read with plain
+    reads, not through a memory map: the pages of a map, once read, count as this process's memory until it is
+    unmapped, so a map would keep the whole file resident by the end. With `heads`, q/k rows go back from
+    llama.cpp's interleaved RoPE pairs to the checkpoints' rotate-half layout (the inverse of
+    `_interleave_rope`), which permutes rows within a head only: chunks are whole heads."""
+    n_rows, cols = rows.shape
+    kind = gguf.GGMLQuantizationType(t.type)
+    block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    row_bytes = cols // block * type_size
+    step = max(1, _CHUNK_VALUES // cols)
+    head_rows = n_rows // heads if heads else 1
+    step = max(head_rows, step // head_rows * head_rows)
+    buffer = np.empty(min(step, n_rows) * row_bytes, dtype=np.uint8)
+    for start in range(0, n_rows, step):
+        n = min(step, n_rows - start)
+        raw = buffer[: n * row_bytes]
+        f.seek(t.offset + start * row_bytes)
+        if f.readinto(memoryview(raw)) != raw.nbytes:
+            raise ConvertError(f"{path}: tensor {t.name} is cut short (truncated file?)")
+        if kind == gguf.GGMLQuantizationType.F32:
+            values = torch.from_numpy(raw.view(np.float32))
+        elif kind == gguf.GGMLQuantizationType.F16:
+            values = torch.from_numpy(raw.view(np.float16))
+        elif kind == gguf.GGMLQuantizationType.BF16:
+            values = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+        else:
+            values = torch.from_numpy(gguf.quants.dequantize(raw.reshape(n, row_bytes), kind))
+        values = values.view(n, cols)
+        target = rows[start : start + n]
+        if heads:  # (heads, pairs, 2, cols) -> (heads, 2, pairs, cols)
+            values = values.view(n // head_rows, head_rows // 2, 2, cols).transpose(1, 2)
+            target = target.view(n // head_rows, 2, head_rows // 2, cols)
+        target.copy_(values)  # the cast to the output dtype too
 
 
 def checkpoint_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
@@ -412,15 +588,15 @@ def checkpoint_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
     return shapes + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
 
 
-def _config(reader, path: Path) -> Config:
+def _config(fields: dict, path: Path) -> Config:
     def key(name, default=None):
-        value = _field(reader, f"{ARCH}.{name}", default)
+        value = fields.get(f"{ARCH}.{name}", default)
         if value is None:
             raise ConvertError(f"{path}: GGUF key {ARCH}.{name} is missing")
         return value
 
     n_layers = int(key("block_count"))
-    position = _field(reader, KEY_POSITION) or llama_cpp_position(n_layers)
+    position = fields.get(KEY_POSITION) or llama_cpp_position(n_layers)
     if position is None:
         raise ConvertError(
             f"{path}: a {n_layers}-layer Baichuan GGUF runs in llama.cpp with no position encoding, which no "
@@ -429,9 +605,9 @@ def _config(reader, path: Path) -> Config:
     n_heads = int(key("attention.head_count"))
     if int(key("attention.head_count_kv", n_heads)) != n_heads:
         raise ConvertError(f"{path}: grouped-query attention is not a Baichuan model")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = fields.get("tokenizer.ggml.tokens")
     return Config(
-        vocab_size=int(_field(reader, f"{ARCH}.vocab_size", len(tokens))),
+        vocab_size=int(fields.get(f"{ARCH}.vocab_size", len(tokens))),
         dim=int(key("embedding_length")),
         n_layers=n_layers,
         n_heads=n_heads,
@@ -440,26 +616,26 @@ def _config(reader, path: Path) -> Config:
         norm_head=False,
         max_seq_len=int(key("context_length", 4096)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_base=float(_field(reader, f"{ARCH}.rope.freq_base", 10_000.0)),
-        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
-        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+        rope_base=float(fields.get(f"{ARCH}.rope.freq_base", 10_000.0)),
+        pad_token_id=int(fields.get("tokenizer.ggml.padding_token_id", 0)),
+        bos_token_id=int(fields.get("tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(fields.get("tokenizer.ggml.eos_token_id", 2)),
     )
 
 
-def _tokenizer_model(reader, reading: str) -> bytes:
+def _tokenizer_model(fields: dict, reading: str) -> bytes:
     """A SentencePiece model file holding the GGUF's vocabulary (padding pieces past the tokenizer dropped)."""
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = _field(reader, "tokenizer.ggml.token_type") or [spm_proto.NORMAL] * len(tokens)
+    tokens = fields.get("tokenizer.ggml.tokens")
+    scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = fields.get("tokenizer.ggml.token_type") or [spm_proto.NORMAL] * len(tokens)
     pieces = [spm_proto.Piece(t, float(s), int(k)) for t, s, k in zip(tokens, scores, types, strict=True)]
     while pieces and pieces[-1].type == spm_proto.UNUSED and pieces[-1].piece.startswith("[PAD"):
         pieces.pop()
-    normalizer, trainer = _field(reader, KEY_NORMALIZER), _field(reader, KEY_TRAINER)
+    normalizer, trainer = fields.get(KEY_NORMALIZER), fields.get(KEY_TRAINER)
     if normalizer is not None and trainer is not None:  # our own export: the settings it came with
         proto = spm_proto.ModelProto(pieces, base64.b64decode(trainer), base64.b64decode(normalizer))
         return spm_proto.serialize(proto)
-    dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    dummy_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
     if reading == "baichuan":
         first_byte = next((i for i, p in enumerate(pieces) if p.type == spm_proto.BYTE), len(pieces))
         for p in pieces[:first_byte]:
@@ -469,7 +645,7 @@ def _tokenizer_model(reader, reading: str) -> bytes:
     normalizer = spm_proto.set_fields(_normalizer_spec(rule), {3: int(dummy_prefix), 4: 0, 5: 1})
 
     def special(key: str, kind: int) -> int:
-        value = _field(reader, key)
+        value = fields.get(key)
         if value is not None:
             return int(value)
         return next((i for i, p in enumerate(pieces) if p.type == kind), -1)
@@ -507,10 +683,10 @@ def _normalizer_spec(rule: str) -> bytes:
     return spm_proto.parse(model.getvalue()).normalizer_spec
 
 
-def _tokenizer_files(reader, tokenizer: bytes) -> dict[str, bytes]:
+def _tokenizer_files(fields: dict, tokenizer: bytes) -> dict[str, bytes]:
     def piece(key: str, fallback: str) -> str:
-        i = _field(reader, key)
-        tokens = _field(reader, "tokenizer.ggml.tokens")
+        i = fields.get(key)
+        tokens = fields.get("tokenizer.ggml.tokens")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else fallback
 
     special = {
@@ -521,14 +697,14 @@ def _tokenizer_files(reader, tokenizer: bytes) -> dict[str, bytes]:
     }
     config = {
         "tokenizer_class": "BaichuanTokenizer",
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
         "add_eos_token": False,
         **special,
         "clean_up_tokenization_spaces": False,
         "sp_model_kwargs": {},
-        "model_max_length": int(_field(reader, f"{ARCH}.context_length", 4096)),
+        "model_max_length": int(fields.get(f"{ARCH}.context_length", 4096)),
     }
-    template = _field(reader, "tokenizer.chat_template")
+    template = fields.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = template
     return {

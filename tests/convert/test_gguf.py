@@ -17,7 +17,7 @@ import torch
 
 from baichuan.config import ALIBI, ROPE
 from baichuan.convert.formats import ConvertError
-from baichuan.convert.gguf import _interleave_rope, export_gguf, import_gguf
+from baichuan.convert.gguf import _interleave_rope, export_gguf, import_gguf, read_gguf_header
 from baichuan.position import RoPE
 from baichuan.scaffold import init_checkpoint
 from tests.conftest import shared_path
@@ -43,6 +43,7 @@ def test_round_trip_f32_gives_equal_logits(llama_cpp_model, tmp_path):
     ours = spm.SentencePieceProcessor(model_file=str(llama_cpp_model / "tokenizer.model"))
     theirs = spm.SentencePieceProcessor(model_file=str(back / "tokenizer.model"))
     assert [theirs.encode(t) for t in TEXTS] == [ours.encode(t) for t in TEXTS]
+    assert (back / "tokenizer.model").read_bytes() == (llama_cpp_model / "tokenizer.model").read_bytes()
     config = json.loads((back / "config.json").read_text())
     source = json.loads((llama_cpp_model / "config.json").read_text())
     assert config["position_encoding"] == source["position_encoding"]
@@ -79,6 +80,40 @@ def test_file_holds_what_llama_cpp_reads(llama_cpp_model, tmp_path):
     out = np.array(tensors["output.weight"].data).reshape(config["vocab_size"], config["hidden_size"])
     if config["norm_head"]:  # NormHead folded: unit rows
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("type", ["f32", "q4_0"])
+def test_header_reads_as_gguf_reads_it(type, tmp_path, tokenizer_file):
+    """The import's own header reader against gguf's GGUFReader: every field's value, and every tensor's shape,
+    type and data offset."""
+    directory = init_checkpoint(
+        llama_cpp_config(ALIBI, True), tmp_path / "m", torch.float32, tokenizer=tokenizer_file
+    )
+    path = export_gguf(directory, tmp_path / "m.gguf", type)
+    header, reader = read_gguf_header(path), _reader(path)
+    assert header.fields == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert {t.name: (t.shape, t.type, t.offset) for t in header.tensors.values()} == {
+        t.name: (tuple(reversed(t.shape.tolist())), int(t.tensor_type), t.data_offset) for t in reader.tensors
+    }
+
+
+def test_cut_or_foreign_files_are_refused_before_writing(tmp_path, tokenizer_file):
+    directory = init_checkpoint(
+        llama_cpp_config(ROPE, False), tmp_path / "m", torch.float32, tokenizer=tokenizer_file
+    )
+    data = export_gguf(directory, tmp_path / "m.gguf", "f16").read_bytes()
+    cases = [
+        (data[:-100], "runs past the end of the file"),  # the head's last rows are missing
+        (data[:1000], "header is cut short"),  # inside the vocabulary
+        (b"GGUF" + (1).to_bytes(4, "little") + bytes(16), "GGUF version 1"),
+        (b"PK\x03\x04 not a GGUF at all", "not a GGUF file"),
+        (b"", "not a readable GGUF file"),
+    ]
+    for i, (content, says) in enumerate(cases):
+        (tmp_path / f"{i}.gguf").write_bytes(content)
+        with pytest.raises(ConvertError, match=says):
+            import_gguf(tmp_path / f"{i}.gguf", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 def test_rope_layout_is_llama_cpp_pairs(tmp_path, tokenizer_file):
