@@ -231,6 +231,34 @@ def test_bf16_every_build(build, shape):
         assert torch.equal(build.bf16_gemv(xb, weight), build.bf16_gemv(x.bfloat16(), weight))
 
 
+@pytest.mark.parametrize("rows", [2, 3, 5, 8, 9, 16, 17])
+def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
+    """Batched decoding: one pass over the weights serves up to 8 activation rows in register tiles whose shape
+    depends on the row count (and more rows take more passes). Each row's sums run in the same order whatever
+    the tile, so int8, int4 and vdpbf16ps give every row bit for bit its result alone; the widening bf16 kernels
+    may pair even and odd halves differently (fp32 rounding only). 130 outputs: whole tiles and a remainder."""
+    generator = torch.Generator().manual_seed(rows)
+    k = 1536
+    x = torch.randn(rows, k, generator=generator).bfloat16()
+    weight8 = torch.randint(-128, 128, (130, k), dtype=torch.int8, generator=generator)
+    scales = torch.rand(130, generator=generator)
+    packed = torch.randint(0, 256, (130, k // 2), dtype=torch.uint8, generator=generator)
+    scales_and_zeros = (torch.rand(k // 128, 130, 2, generator=generator) / 8).bfloat16()
+    weight16 = torch.randn(130, k, generator=generator).bfloat16()
+    products = {
+        "int8": lambda x: build.int8_gemv(x, weight8, scales),
+        "int4": lambda x: build.int4_gemv(x, packed, scales_and_zeros, 128),
+        "bf16": lambda x: build.bf16_gemv(x, weight16),
+    }
+    for name, product in products.items():
+        xf = x.float()
+        batch, alone = product(xf), torch.cat([product(xf[i : i + 1]) for i in range(rows)])
+        if name == "bf16" and build.target != "avx512bf16":
+            assert rel(batch, alone.double()) < 1e-6, name
+        else:
+            assert torch.equal(batch, alone), name
+
+
 def test_bf16_non_finite_values_propagate(build):
     weight = torch.ones(4, 40, dtype=torch.bfloat16)
     x = torch.ones(3, 40)

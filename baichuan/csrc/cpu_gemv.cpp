@@ -117,6 +117,17 @@ struct Activations {
 // x (M, K) as contiguous fp32: itself, or a widened copy of bf16 rows.
 torch::Tensor as_float(const torch::Tensor& x) { return x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat); }
 
+#if defined(BAICHUAN_AVX512)
+// Indices into two vectors of 32 int16 (64 values) for vpermt2w: positions 4i (i < 16) then 4i + 1, and 4i + 2
+// then 4i + 3.
+alignas(64) constexpr int16_t kQuarterIndex[64] = {
+    0, 4, 8,  12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60,  // i = 0-15: 4i
+    1, 5, 9,  13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61,  // 4i + 1
+    2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62,  // 4i + 2
+    3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63,  // 4i + 3
+};
+#endif
+
 // lanes > 1: within each width * lanes values, position lanes * i + r moves to width * r + i, the order in which
 // the int4 kernel unpacks nibbles (2: low/high nibble of each byte; 4: the four nibbles of each 16-bit lane;
 // width: 16-bit lanes per vector, 16 for 256-bit vectors and 32 for 512-bit ones).
@@ -156,6 +167,24 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B, int lane
       // packs works per 128-bit lane; the permute restores the order of k.
       _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
     }
+#if defined(BAICHUAN_AVX512)
+    if (lanes == 4 && width == 32) {  // the int4 kernel's groups of 128: two permutes per output vector
+      const __m512i first = _mm512_load_si512((const void*)kQuarterIndex);
+      const __m512i second = _mm512_load_si512((const void*)(kQuarterIndex + 32));
+      for (int64_t k = 0; k < B; k += 128) {
+        __m512i* v = (__m512i*)(q + k);
+        const __m512i v0 = _mm512_loadu_si512(v), v1 = _mm512_loadu_si512(v + 1), v2 = _mm512_loadu_si512(v + 2),
+                      v3 = _mm512_loadu_si512(v + 3);
+        // a: (nibble 0 of values 0-63, nibble 1 of them), b: nibbles 2 and 3; c and d likewise of values 64-127.
+        const __m512i a = _mm512_permutex2var_epi16(v0, first, v1), b = _mm512_permutex2var_epi16(v0, second, v1);
+        const __m512i c = _mm512_permutex2var_epi16(v2, first, v3), d = _mm512_permutex2var_epi16(v2, second, v3);
+        _mm512_storeu_si512(v, _mm512_shuffle_i64x2(a, c, 0x44));
+        _mm512_storeu_si512(v + 1, _mm512_shuffle_i64x2(a, c, 0xEE));
+        _mm512_storeu_si512(v + 2, _mm512_shuffle_i64x2(b, d, 0x44));
+        _mm512_storeu_si512(v + 3, _mm512_shuffle_i64x2(b, d, 0xEE));
+      }
+    } else
+#endif
     if (lanes > 1)
       for (int64_t k = 0; k < B; k += width * lanes) {
         std::memcpy(order, q + k, width * lanes * sizeof(int16_t));
