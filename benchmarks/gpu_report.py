@@ -423,15 +423,19 @@ def section_train(report: Report) -> None:
 
 
 def section_cuda_tests(report: Report) -> None:
-    files = ["tests/quant/test_cuda.py", "tests/serve/test_vllm_handoff.py"]
+    files = ["tests/quant/test_cuda.py", "tests/train/test_cuda.py"]
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *files]
     if report.rehearse:  # only collection: the tests themselves skip without CUDA
         command.append("--collect-only")
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=TIMEOUTS["cuda_tests"] - 5, cwd=REPO
     )
-    last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    report.put("tests.pytest_cuda", f"exit {done.returncode}: {last} ({' '.join(command[1:])})")
+    lines = done.stdout.strip().splitlines() or ["(no output)"]
+    summary = lines[-1]
+    if report.rehearse:  # -q --collect-only prints "file: count" per file
+        counts = [int(line.rsplit(": ", 1)[1]) for line in lines if line.rsplit(": ", 1)[-1].isdigit()]
+        summary = f"{sum(counts)} CUDA tests collected in {len(counts)} files"
+    report.put("tests.pytest_cuda", f"exit {done.returncode}: {summary} ({' '.join(command[1:])})")
 
 
 def free_port() -> int:
@@ -540,13 +544,11 @@ def section_vllm(report: Report) -> None:
             model, [tokenizer.encode(prompt)], SamplingConfig(temperature=0, max_new_tokens=16)
         )[0]
         ours = tokenizer.decode(ours_ids)
-        theirs_ids = tokenizer.encode(theirs)
-        same = next((i for i, (a, b) in enumerate(zip(theirs_ids, ours_ids, strict=False)) if a != b), None)
-        same = min(len(theirs_ids), len(ours_ids)) if same is None else same
+        same = len(os.path.commonprefix([theirs, ours]))
         report.put(
             "vllm.handoff_vs_ours",
             f"greedy completion {'identical' if theirs == ours else 'differs'}: {engine} {theirs!r}, ours "
-            f"{ours!r} (random weights: a near-tie may split them; {same} leading-position ids agree)",
+            f"{ours!r} (random weights: a near-tie may split them; the first {same} characters agree)",
         )
         steps = 8 if report.rehearse else 64
         for batch in (1, 8):
