@@ -471,6 +471,10 @@ def import_gguf(
     infos = [TensorInfo(name, shape, dtype) for name, shape in checkpoint_shapes(config)]
     # Every tensor is found and checked before anything is written.
     parts = {info.name: _sources(gguf, header, info, path) for info in infos}
+    # llama.cpp's converter (BaichuanModel in convert_hf_to_gguf.py) permutes the q and k rows of every Baichuan
+    # model, 13B's ALiBi ones too, where the permutation changes no score (q and k move alike); our export
+    # permutes them for RoPE only. Undone wherever done, the checkpoint gets the original rows back.
+    permuted = config.position == ROPE or KEY_POSITION not in fields
     del header, fields  # the vocabulary's strings: not held while the weights are written
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -480,8 +484,8 @@ def import_gguf(
                 tensor = torch.empty(info.shape, dtype=info.dtype)
                 rows = tensor.view(len(sources), -1, info.shape[-1])  # (parts, rows, cols); a norm: (1, 1, d)
                 for i, source in enumerate(sources):
-                    rope = len(sources) == 3 and i < 2 and config.position == ROPE  # q and k of W_pack
-                    _decode_into(gguf, f, source, rows[i], config.n_heads if rope else None, path)
+                    qk = len(sources) == 3 and i < 2  # q and k of W_pack
+                    _decode_into(gguf, f, source, rows[i], config.n_heads if qk and permuted else None, path)
                 del rows
                 yield info.name, tensor
                 del tensor  # not held while the next one is made
@@ -538,7 +542,7 @@ def _decode_into(gguf, f: BinaryIO, t: GGUFTensor, rows: torch.Tensor, heads: in
     reads, not through a memory map: the pages of a map, once read, count as this process's memory until it is
     unmapped, so a map would keep the whole file resident by the end. With `heads`, q/k rows go back from
     llama.cpp's interleaved RoPE pairs to the checkpoints' rotate-half layout (the inverse of
-    `_interleave_rope`), which permutes rows within a head only: chunks are whole heads."""
+    `_interleave_rope`), which moves rows within a head only: chunks are whole heads."""
     n_rows, cols = rows.shape
     kind = gguf.GGMLQuantizationType(t.type)
     block, type_size = gguf.GGML_QUANT_SIZES[kind]

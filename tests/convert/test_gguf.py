@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from safetensors import safe_open
 
 from baichuan.config import ALIBI, ROPE
 from baichuan.convert.formats import ConvertError
@@ -95,6 +96,51 @@ def test_header_reads_as_gguf_reads_it(type, tmp_path, tokenizer_file):
     assert {t.name: (t.shape, t.type, t.offset) for t in header.tensors.values()} == {
         t.name: (tuple(reversed(t.shape.tolist())), int(t.tensor_type), t.data_offset) for t in reader.tensors
     }
+
+
+def _as_llama_cpp_converts(path, out, n_heads: int):
+    """A copy of our GGUF as llama.cpp's converter writes one: the q and k rows permuted (ALiBi models' too),
+    none of our own keys."""
+    reader = _reader(path)
+    writer = gguf.GGUFWriter(str(out), "baichuan")
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "baichuan_toolkit.")) or key == "general.architecture":
+            continue
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if array else None)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            data = _interleave_rope(torch.from_numpy(data), n_heads).numpy()
+        writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_llama_cpp_alibi_gguf_imports_with_the_original_rows(tmp_path, tokenizer_file):
+    """llama.cpp's converter permutes q and k of a 13B (ALiBi) model as of a 7B: the import undoes it, so the
+    checkpoint has the original W_pack (not only the same scores)."""
+    config = llama_cpp_config(ALIBI, False)
+    directory = init_checkpoint(config, tmp_path / "m", torch.float32, tokenizer=tokenizer_file)
+    ours = export_gguf(directory, tmp_path / "m.gguf", "f32")
+    theirs = _as_llama_cpp_converts(ours, tmp_path / "llama-cpp.gguf", config.n_heads)
+    q = [
+        next(np.array(t.data) for t in _reader(f).tensors if t.name == "blk.0.attn_q.weight")
+        for f in (ours, theirs)
+    ]
+    assert not np.array_equal(*q)
+    back = import_gguf(theirs, tmp_path / "back")
+    name = "model.layers.0.self_attn.W_pack.weight"
+    with (
+        safe_open(str(directory / "model.safetensors"), "pt") as a,
+        safe_open(str(back / "model.safetensors"), "pt") as b,
+    ):
+        assert torch.equal(a.get_tensor(name), b.get_tensor(name))
+    ids = sample_ids()
+    assert torch.equal(logits(directory, ids), logits(back, ids))
 
 
 def test_cut_or_foreign_files_are_refused_before_writing(tmp_path, tokenizer_file):
