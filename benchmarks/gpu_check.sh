@@ -11,8 +11,8 @@
 #    wheels only, never a build from source; vLLM into a folder of its own, as it pins its own torch).
 # 3. benchmarks/gpu_report.py RESULTS: pytest -m cuda, bandwidth, layers, decode bf16/int8/int4 beside the HBM
 #    roofline, memory beside the published table, training MFU, the vLLM handoff; each section time-boxed
-#    (360 s in all), a section that fails or runs out of time writes "not measured: <reason>" on its lines.
-# 4. The DeepSpeed ZeRO-2/3 check (benchmarks/gpu_check_deepspeed.sh cuda), time-boxed at 170 s; its verdict is
+#    (330 s in all), a section that fails or runs out of time writes "not measured: <reason>" on its lines.
+# 4. The DeepSpeed ZeRO-2/3 check (benchmarks/gpu_check_deepspeed.sh cuda), time-boxed at 150 s; its verdict is
 #    appended to RESULTS as the line deepspeed.zero. The rehearsal leaves it out (minutes of DeepSpeed on a CPU;
 #    rehearse it alone with `bash benchmarks/gpu_check_deepspeed.sh cpu`).
 set -uo pipefail
@@ -42,7 +42,7 @@ if [ "$REHEARSE" = 0 ]; then
     if compgen -G ".whl/*.whl" >/dev/null || compgen -G ".whl/*.tar.gz" >/dev/null; then
         say "installing the carried wheels in .whl/"
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
-            && export PYTHONPATH="$WORK/site:$PYTHONPATH"
+            && export PYTHONPATH="$WORK/site:$PYTHONPATH" PATH="$WORK/site/bin:$PATH"
         for sdist in .whl/*.tar.gz; do  # deepspeed is published as source only: a pure-Python install, no ops built
             [ -e "$sdist" ] || continue
             DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$WORK/site" "$sdist" \
@@ -58,7 +58,7 @@ if [ "$REHEARSE" = 0 ]; then
         if ! "$PYTHON" -c "import vllm" 2>/dev/null; then
             say "pip install vllm (into $WORK/vllm-site)"
             timeout 150 "$PYTHON" -m pip install -q --only-binary=:all: --target "$WORK/vllm-site" vllm \
-                && export VLLM_SITE="$WORK/vllm-site" || say "could not install vllm"
+                && VLLM_SITE="$WORK/vllm-site" || say "could not install vllm"
         fi
         if ! "$PYTHON" -c "import flash_attn" 2>/dev/null; then  # a wheel or nothing: never a build
             timeout 60 "$PYTHON" -m pip install -q --only-binary=:all: flash-attn || say "no flash-attn wheel"
@@ -73,8 +73,10 @@ fi
 # --- 3. the measurements ---
 say "benchmarks/gpu_report.py"
 REPORT_FLAGS=()
+VLLM_SITE="${VLLM_SITE:-}"
+[ -n "$VLLM_SITE" ] && REPORT_FLAGS+=(--vllm-site "$VLLM_SITE")
 [ "$REHEARSE" = 1 ] && REPORT_FLAGS+=(--rehearse)
-"$PYTHON" benchmarks/gpu_report.py "$RESULTS" "${REPORT_FLAGS[@]}" --budget-s 360
+"$PYTHON" benchmarks/gpu_report.py "$RESULTS" "${REPORT_FLAGS[@]}" --budget-s 330
 if [ ! -f "$RESULTS" ]; then echo "gpu_report.py wrote no results file"; exit 1; fi
 
 # --- 4. DeepSpeed ZeRO-2/3 ---
@@ -84,11 +86,11 @@ elif ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
     echo "deepspeed.zero: not measured: deepspeed is not installed (carry it in .whl/: benchmarks/gpu_wheels.sh)" >> "$RESULTS"
 else
     say "benchmarks/gpu_check_deepspeed.sh cuda"
-    timeout 170 bash benchmarks/gpu_check_deepspeed.sh cuda "$WORK/deepspeed" > "$WORK/deepspeed.log" 2>&1
+    timeout 150 bash benchmarks/gpu_check_deepspeed.sh cuda "$WORK/deepspeed" > "$WORK/deepspeed.log" 2>&1
     status=$?
     verdict="$(grep -E '^(ALL PASSED|FAILED)' "$WORK/deepspeed.log" | tail -1)"
     checks="$(grep -cE '^ok ' "$WORK/deepspeed.log")"
-    if [ $status = 124 ]; then verdict="not measured: ran past 170 s ($checks checks passed by then)"; fi
+    if [ $status = 124 ]; then verdict="not measured: ran past 150 s ($checks checks passed by then)"; fi
     echo "deepspeed.zero: ${verdict:-not measured: exit status $status, see the log} (exit $status; ZeRO-2/3 fp32 losses and weights == no DeepSpeed, ZeRO-3 resume, bf16 runs)" >> "$RESULTS"
     tail -15 "$WORK/deepspeed.log"
 fi

@@ -1,6 +1,6 @@
 """The measurements of benchmarks/gpu_check.sh, written as one results file (issue 16).
 
-    python benchmarks/gpu_report.py RESULTS [--rehearse] [--budget-s 360] [--only SECTION,...]
+    python benchmarks/gpu_report.py RESULTS [--rehearse] [--budget-s 330] [--only SECTION,...]
 
 Each section runs in a child process of its own with a time limit (`--in-process` runs them here, for the test),
 so a hang, an out-of-memory or a missing package costs that section's lines only: they read
@@ -103,7 +103,7 @@ TIMEOUTS = {
     "decode_int4": 75,
     "decode_int8": 75,
     "memory": 90,
-    "layers": 60,
+    "layers": 75,
     "train": 110,
     "cuda_tests": 90,
     "vllm": 200,
@@ -115,8 +115,8 @@ REPO = Path(__file__).resolve().parents[1]
 class Report:
     """What one section found: `put(key, text, gpu=True)`; a GPU line of a rehearsal is marked unmeasured."""
 
-    def __init__(self, rehearse: bool, sink):
-        self.rehearse, self.sink = rehearse, sink
+    def __init__(self, rehearse: bool, sink, vllm_site: str | None = None):
+        self.rehearse, self.sink, self.vllm_site = rehearse, sink, vllm_site
 
     def put(self, key: str, text: str, gpu: bool = True, **values) -> None:
         if self.rehearse and gpu:
@@ -487,13 +487,6 @@ def section_vllm(report: Report) -> None:
     del quantized
     refusal = vllm_refusal(work / "int8")
     report.put("vllm.refusal_quantized", f"refused: {refusal}" if refusal else "NOT refused", gpu=False)
-    handoff = init_checkpoint(config, work / "handoff", dtype=torch.bfloat16)
-    refusal = vllm_refusal(handoff)
-    report.put(
-        "vllm.refusal_handoff_checkpoint",
-        f"refused: {refusal}" if refusal else "accepted (vLLM's RoPE/ALiBi and NormHead guesses fit it)",
-        gpu=False,
-    )
     report.put(
         "vllm.decode_int8_int4",
         "not measured: vLLM cannot load this toolkit's int8/int4 format (refused above), so there is no vLLM "
@@ -503,16 +496,24 @@ def section_vllm(report: Report) -> None:
 
     engine = "baichuan" if report.rehearse else "vllm"
     env = dict(os.environ)
-    if os.environ.get(
-        "VLLM_SITE"
-    ):  # gpu_check.sh installs vLLM (and the torch it pins) in a folder of its own
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [os.environ["VLLM_SITE"], os.environ.get("PYTHONPATH")])
-        )
-    elif engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    # gpu_check.sh installs vLLM, and the torch it pins, in a folder of its own.
+    if report.vllm_site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [report.vllm_site, os.environ.get("PYTHONPATH")]))
+    if report.rehearse:  # torch's CPU kernels: building ours in the server would dominate a rehearsal
+        from baichuan import cpu_gemv
+
+        env[cpu_gemv.ENV_SWITCH] = "0"
+    elif not report.vllm_site and importlib.util.find_spec("vllm") is None:
         raise RuntimeError("vllm is not installed on this machine (see env.packages)")
     if importlib.util.find_spec("openai") is None:
         raise RuntimeError("the openai client is not installed (see env.packages)")
+    handoff = init_checkpoint(config, work / "handoff", dtype=torch.bfloat16)
+    refusal = vllm_refusal(handoff)
+    report.put(
+        "vllm.refusal_handoff_checkpoint",
+        f"refused: {refusal}" if refusal else "accepted (vLLM's RoPE/ALiBi and NormHead guesses fit it)",
+        gpu=False,
+    )
     import openai
 
     port = free_port()
@@ -601,9 +602,12 @@ SECTIONS = {
 # --- the driver ------------------------------------------------------------------------------------------------
 
 
-def run_child(name: str, rehearse: bool, timeout: float) -> tuple[list[dict], str | None]:
+def run_child(
+    name: str, rehearse: bool, timeout: float, vllm_site: str | None
+) -> tuple[list[dict], str | None]:
     """Run one section in a child process; (its results, why it stopped early or None)."""
     command = [sys.executable, __file__, "--section", name] + (["--rehearse"] if rehearse else [])
+    command += ["--vllm-site", vllm_site] if vllm_site else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -665,7 +669,12 @@ def goals(found: dict[str, dict], rehearse: bool) -> dict[str, str]:
 
 
 def drive(
-    results_path: Path, rehearse: bool, budget: float, only: list[str] | None, in_process: bool
+    results_path: Path,
+    rehearse: bool,
+    budget: float,
+    only: list[str] | None,
+    in_process: bool,
+    vllm_site: str | None = None,
 ) -> None:
     start = time.monotonic()
     found: dict[str, dict] = {}
@@ -680,7 +689,7 @@ def drive(
                 reason = f"the report's time budget of {budget:.0f} s was spent"
             else:
                 results, reason = (
-                    run_here(name, rehearse) if in_process else run_child(name, rehearse, timeout)
+                    run_here(name, rehearse) if in_process else run_child(name, rehearse, timeout, vllm_site)
                 )
                 found.update({r["key"]: r for r in results})
                 print(f"{name}: {len(results)} lines in {time.monotonic() - start:.0f} s", flush=True)
@@ -706,18 +715,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rehearse", action="store_true", help="CPU, tiny shapes; GPU lines marked unmeasured"
     )
-    parser.add_argument("--budget-s", type=float, default=360.0, help="seconds for all sections together")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="seconds for all sections together")
     parser.add_argument("--only", help="comma-separated sections (the others' lines say so)")
     parser.add_argument("--in-process", action="store_true", help="no child processes (tests)")
+    parser.add_argument(
+        "--vllm-site", help="a folder holding vLLM and its own torch, for the vLLM server only"
+    )
     parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.section:  # a child: results on stdout, one JSON object a line
-        SECTIONS[args.section](Report(args.rehearse, lambda r: print(RESULT + json.dumps(r), flush=True)))
+        emit = lambda r: print(RESULT + json.dumps(r), flush=True)  # noqa: E731
+        SECTIONS[args.section](Report(args.rehearse, emit, args.vllm_site))
         return
     if args.results is None:
         parser.error("give the results file to write")
     only = args.only.split(",") if args.only else None
-    drive(args.results, args.rehearse, args.budget_s, only, args.in_process)
+    drive(args.results, args.rehearse, args.budget_s, only, args.in_process, args.vllm_site)
 
 
 if __name__ == "__main__":
