@@ -185,6 +185,26 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B, int lane
       }
     } else
 #endif
+    if (lanes == 4 && width == 16) {  // groups of 64 and more in 256-bit vectors: a 4x4 transpose of pairs
+      // Within each 128-bit lane (8 values), the pair of each nibble position t (values t and t + 4) to dword t;
+      // then dword t of the 8 lanes, in order, is output vector t.
+      const __m256i pairs = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3,
+                                             10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+      const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      for (int64_t k = 0; k < B; k += 64) {
+        __m256i* v = (__m256i*)(q + k);
+        const __m256i s0 = _mm256_shuffle_epi8(_mm256_loadu_si256(v), pairs);
+        const __m256i s1 = _mm256_shuffle_epi8(_mm256_loadu_si256(v + 1), pairs);
+        const __m256i s2 = _mm256_shuffle_epi8(_mm256_loadu_si256(v + 2), pairs);
+        const __m256i s3 = _mm256_shuffle_epi8(_mm256_loadu_si256(v + 3), pairs);
+        const __m256i lo01 = _mm256_unpacklo_epi32(s0, s1), hi01 = _mm256_unpackhi_epi32(s0, s1);
+        const __m256i lo23 = _mm256_unpacklo_epi32(s2, s3), hi23 = _mm256_unpackhi_epi32(s2, s3);
+        _mm256_storeu_si256(v, _mm256_permutevar8x32_epi32(_mm256_unpacklo_epi64(lo01, lo23), lane_order));
+        _mm256_storeu_si256(v + 1, _mm256_permutevar8x32_epi32(_mm256_unpackhi_epi64(lo01, lo23), lane_order));
+        _mm256_storeu_si256(v + 2, _mm256_permutevar8x32_epi32(_mm256_unpacklo_epi64(hi01, hi23), lane_order));
+        _mm256_storeu_si256(v + 3, _mm256_permutevar8x32_epi32(_mm256_unpackhi_epi64(hi01, hi23), lane_order));
+      }
+    } else
     if (lanes > 1)
       for (int64_t k = 0; k < B; k += width * lanes) {
         std::memcpy(order, q + k, width * lanes * sizeof(int16_t));
@@ -693,10 +713,13 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
   return y;
 }
 
+void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
+
 }  // namespace baichuan_cpu_gemv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace k = baichuan_cpu_gemv;
+  k::register_prefill(m);
   m.attr("target") = k::kTarget;
   m.def("int8_gemv", &k::int8_gemv, "(x @ weight.T) * scales, int8 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
   m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");

@@ -18,6 +18,7 @@ from baichuan.quant.kernels import (
     cpu_int4_layout,
     cuda_int4_inner_k_tiles,
     cuda_int4_nibble_order,
+    prefill_matmul,
     tile_int4_cpu,
     tile_int4_cuda,
     untile_int4_cpu,
@@ -307,6 +308,9 @@ class Int4Linear(nn.Module):
             rows = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()
             y = torch.ops.aten._weight_int4pack_mm(rows, self.weight, self.group_size, self.scales_and_zeros)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = self._prefill(x) if self.use_kernel else None
+        if y is not None:
+            return y
         weight_t = None
         if (
             self.use_kernel
@@ -330,6 +334,29 @@ class Int4Linear(nn.Module):
         # Emulated half precision is computed in fp32.
         dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Prompts (more rows than `_gemv` takes) on the plain nibbles: dequantized tile by tile by our kernel
+        module into one GEMM per tile (`prefill_matmul`), in bf16 for bf16 activations where the CPU has native
+        bf16, else in fp32; None where that does not apply."""
+        if (
+            x.device.type != "cpu"
+            or self.tiled is not None
+            or self.cuda_tiles is not None
+            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or not self._gemv_fits()
+            or (torch.is_grad_enabled() and x.requires_grad)  # out= products record no gradient
+        ):
+            return None
+        module = cpu_gemv.load()
+        if module is None:
+            return None
+        weight, scales_and_zeros, group_size = self.weight, self.scales_and_zeros, self.group_size
+        return prefill_matmul(
+            x,
+            self.out_features,
+            lambda start, tile: module.dequantize_int4(weight, scales_and_zeros, group_size, start, tile),
+        )
 
     # state_dict in the portable format, whatever the in-memory layout.
     def _save_to_state_dict(self, destination, prefix, keep_vars):

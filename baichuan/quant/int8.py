@@ -9,7 +9,13 @@ from torch import nn
 
 from baichuan import cpu_gemv
 from baichuan.cpu import half_is_emulated
-from baichuan.quant.kernels import CUDA_INT8_KERNEL_MAX_ROWS, KERNEL_DTYPE, ROW_CHUNK, has_int8_cuda_kernel
+from baichuan.quant.kernels import (
+    CUDA_INT8_KERNEL_MAX_ROWS,
+    KERNEL_DTYPE,
+    ROW_CHUNK,
+    has_int8_cuda_kernel,
+    prefill_matmul,
+)
 from baichuan.quant.spec import QuantizationError
 
 # Where the CPU only emulates bf16, int8 products of this many rows (prompts) are faster as an fp32 GEMM on the
@@ -155,6 +161,14 @@ class Int8Linear(nn.Module):
             self.use_kernel
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        ):
+            y = self._prefill(x)
+            if y is not None:
+                return y
+        if (
+            self.use_kernel
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not (x.numel() >= INT8_WIDEN_MIN_ROWS * self.in_features and half_is_emulated(KERNEL_DTYPE))
         ):
             # A bf16 view may start anywhere (a slice of a larger batch): copied, it starts aligned.
@@ -168,6 +182,18 @@ class Int8Linear(nn.Module):
         # computed in fp32.
         dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
         return (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Prompts (more rows than `_gemv` takes): the weight dequantized tile by tile by our kernel module into
+        one GEMM per tile (`prefill_matmul`), in bf16 for bf16 activations where the CPU has native bf16, else in
+        fp32; None where the module is not built, or a gradient must flow (out= products record none)."""
+        module = cpu_gemv.load()
+        if module is None or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        weight, scales = self.weight, self.scales.float().contiguous()
+        return prefill_matmul(
+            x, self.out_features, lambda start, tile: module.dequantize_int8(weight, scales, start, tile)
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -6,8 +6,11 @@ kernels are `baichuan.cpu_gemv` (the loader of `baichuan/csrc/`); the layers cal
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
+
+from baichuan.cpu import half_is_emulated
 
 # torch's CPU weight-only kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are vectorised for bf16
 # activations and much slower with fp32 or fp16 ones (benchmarks/README.md), so the CPU path always computes in
@@ -17,6 +20,46 @@ KERNEL_DTYPE = torch.bfloat16
 # Rows quantized (or tiled, or normalised) at a time: fp32 temporaries of a few MB instead of a copy of a
 # 125,696-row head. A multiple of 64, so the CPU int4 kernel's row blocks never straddle two chunks.
 ROW_CHUNK = 1024
+# Prompts (more rows than `cpu_gemv.MAX_ROWS`): the weight is dequantized up to this many bytes of output rows at
+# a time (`prefill_matmul`). One tile holds any layer but a large vocabulary's head: a GEMM of torch's per tile of
+# 1 MiB took 1.3-2.5x as long as one GEMM on the whole weight (benchmarks/README.md), whose dequantizing takes ~5%.
+PREFILL_TILE_BYTES = 64 << 20
+
+
+def prefill_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a CPU prompt product of quantized weights computes in: bf16 for bf16 activations where the CPU
+    multiplies bf16 natively (oneDNN), else fp32 (fp32 activations keep their precision)."""
+    return (
+        torch.bfloat16
+        if x.dtype == torch.bfloat16 and not half_is_emulated(torch.bfloat16)
+        else torch.float32
+    )
+
+
+def prefill_matmul(
+    x: torch.Tensor, out_features: int, dequantize_rows: Callable[[int, torch.Tensor], None]
+) -> torch.Tensor:
+    """x (..., in) @ w.T for a quantized weight w (out_features, in), as one GEMM of torch's per tile of output
+    rows: `dequantize_rows(start, tile)` writes rows [start, start + len(tile)) of w into `tile` (in the compute
+    dtype, `prefill_dtype`), a buffer reused for every tile. A prompt reuses each weight hundreds of times, so
+    dequantizing it once per product costs little beside the GEMM."""
+    in_features = x.shape[-1]
+    dtype = prefill_dtype(x)
+    rows = x.reshape(-1, in_features).to(dtype).contiguous()  # (M, in)
+    size = torch.finfo(dtype).bits // 8
+    tile_rows = max(16, PREFILL_TILE_BYTES // (in_features * size) // 16 * 16)
+    scratch = torch.empty(min(tile_rows, out_features), in_features, dtype=dtype)
+    if out_features <= tile_rows:
+        dequantize_rows(0, scratch)
+        y = torch.mm(rows, scratch.t())
+    else:
+        y = torch.empty(rows.shape[0], out_features, dtype=dtype)  # (M, out)
+        for start in range(0, out_features, tile_rows):
+            tile = scratch[: min(tile_rows, out_features - start)]
+            dequantize_rows(start, tile)
+            # A column block of y (row stride out_features): BLAS writes it in place.
+            torch.mm(rows, tile.t(), out=y[:, start : start + len(tile)])
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
 def has_int4_cpu_kernel() -> bool:

@@ -1,0 +1,90 @@
+"""Prompt-sized products of single int8/int4 layers on the CPU, the paths compared in one process, interleaved
+(A, B, C, A, B, C, ...), median milliseconds per product and the rate in prompt tokens per second.
+
+    PYTHONPATH=. python benchmarks/bench_prefill_layers.py                       # the 1.29B layer shapes, 512 rows
+    PYTHONPATH=. python benchmarks/bench_prefill_layers.py --rows 128,512 --reps 5
+    BAICHUAN_CPU_ISA=avx2 PYTHONPATH=. python benchmarks/bench_prefill_layers.py
+
+Paths (bf16 activations, as a bf16 model's prompt has):
+  bf16            F.linear on the bf16 weight (what the bf16 model runs; the bar to reach).
+  int8 ours       Int8Linear's prompt path: tiles dequantized by our module, one GEMM of torch's a tile.
+  int8 torch      torch._weight_int8pack_mm (Int8Linear's prompt path before).
+  int8 _int_mm    activations quantized to int8 per row, torch._int_mm (oneDNN, VNNI), scaled back: not used by
+                  the layers (int8 activations cost accuracy), measured to know what it would give.
+  int4 ours       Int4Linear's prompt path (as int8 ours).
+  int4 dequant    the whole weight dequantized by torch ops, then F.linear (Int4Linear's prompt path before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from baichuan import cpu_gemv
+from baichuan.quant.int4 import Int4Linear
+from baichuan.quant.int8 import Int8Linear
+
+SHAPES = ((1536, 1536), (4608, 1536), (4096, 1536), (1536, 4096))  # (out, in) of the 1.29B benchmark model
+
+
+def int_mm(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    s = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    xq = (xf / s).round_().to(torch.int8)
+    return (torch._int_mm(xq, codes_t).float() * s * scales).to(x.dtype)
+
+
+def layer_paths(x: torch.Tensor, w16: torch.Tensor, q8: Int8Linear, q4: Int4Linear) -> dict:
+    codes_t, scales32 = q8.weight.t(), q8.scales.float()  # (in, out), column-major
+    return {
+        "bf16": lambda: F.linear(x, w16),
+        "int8 ours": lambda: q8(x),
+        "int8 torch": lambda: torch._weight_int8pack_mm(x, q8.weight, q8.scales),
+        "int8 _int_mm": lambda: int_mm(x, codes_t, scales32),
+        "int4 ours": lambda: q4(x),
+        "int4 dequant": lambda: F.linear(x, q4.dequantize(torch.bfloat16)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="512", help="comma-separated activation row counts")
+    p.add_argument("--reps", type=int, default=7, help="rounds of every path")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    module = cpu_gemv.load()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {module and module.target}"
+    )
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for out_f, in_f in SHAPES:
+            linear = torch.nn.Linear(in_f, out_f, bias=False)
+            torch.nn.init.normal_(linear.weight, 0, 0.02)
+            w16 = linear.weight.bfloat16()
+            q8 = Int8Linear.from_linear(linear, torch.bfloat16)
+            q4 = Int4Linear.from_linear(linear, 128)
+            for m in (int(r) for r in args.rows.split(",")):
+                x = torch.randn(m, in_f).bfloat16()
+                paths = layer_paths(x, w16, q8, q4)
+                times = {name: [] for name in paths}
+                for _ in range(args.reps + 1):  # the first round warms up and is dropped
+                    for name, fn in paths.items():
+                        start = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - start)
+                cells = []
+                for name, t in times.items():
+                    ms = 1e3 * statistics.median(t[1:])
+                    cells.append(f"{name} {ms:.2f} ms ({m / ms * 1e3:,.0f} tok/s)")
+                print(f"{out_f}x{in_f}, {m} rows: " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The prompt path of the int8/int4 layers (more rows than `cpu_gemv.MAX_ROWS`): the weight dequantized tile by
+tile by `csrc/cpu_prefill.cpp` into one GEMM of torch's per tile, against float64 products of the same weights
+over odd shapes; the dequantizing functions in every build this CPU runs; and decode-sized inputs still taking the
+decode kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baichuan import cpu, cpu_gemv
+from baichuan.quant import int4, int8, kernels
+from baichuan.quant.int4 import Int4Linear
+from baichuan.quant.int8 import Int8Linear
+from tests.conftest import require_cpu_kernels, skip_platform
+from tests.quant.conftest import gaussian_linear
+
+PROMPT_ROWS = cpu_gemv.MAX_ROWS + 1
+
+
+@pytest.fixture(scope="module", params=cpu.KERNEL_TARGETS)
+def build(request):
+    """The compiled module of one target, where this CPU runs it."""
+    require_cpu_kernels()
+    if request.param not in cpu.kernel_targets():
+        skip_platform(f"this CPU cannot run the {request.param} kernels (it runs {cpu.kernel_targets()})")
+    module = cpu_gemv.load_target(request.param)
+    assert module is not None and module.target == request.param
+    return module
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of a few rows, so that every shape below spans several of them and ends on a partial one (the
+    default tile holds a whole layer: `test_decode_rows_take_the_decode_kernels` runs that)."""
+    require_cpu_kernels()
+    monkeypatch.setattr(kernels, "PREFILL_TILE_BYTES", 4096)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def int8_layer(out_features: int, in_features: int) -> Int8Linear:
+    return Int8Linear.from_linear(gaussian_linear(in_features, out_features, seed=out_features))
+
+
+def int4_layer(out_features: int, in_features: int, group_size: int) -> Int4Linear:
+    linear = gaussian_linear(in_features, out_features, seed=out_features)
+    with torch.no_grad():
+        linear.weight[0, :group_size] += 0.5  # a group away from zero: the zero points matter
+    return Int4Linear.from_linear(linear, group_size)
+
+
+def check_prompt(layer, x: torch.Tensor) -> None:
+    """fp32 activations: fp32 products of the dequantized weight; bf16 ones: within bf16 rounding of it."""
+    w = layer.dequantize().double()
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], layer.out_features)
+    assert rel(y, x.double() @ w.t()) < 1e-5
+    xb = x.bfloat16()
+    yb = layer(xb)
+    assert yb.dtype == torch.bfloat16 and rel(yb, xb.double() @ w.t()) < 1e-2
+
+
+# K not a multiple of 16 (int8 only: torch's int8 kernel and ours refuse those), N odd, rows just past the
+# decode kernels and a batch of prompts.
+@pytest.mark.parametrize("shape", [(67, 40), (130, 208), (33, 1536), (16, 13)], ids=str)
+@pytest.mark.parametrize("leading", [(PROMPT_ROWS,), (3, 70)], ids=str)
+def test_int8_prompt_matches_exact_product(small_tiles, shape, leading):
+    layer = int8_layer(*shape)
+    x = torch.randn(*leading, shape[1], generator=torch.Generator().manual_seed(shape[0]))
+    check_prompt(layer, x)
+
+
+@pytest.mark.parametrize("shape", [(67, 64, 32), (130, 384, 128), (33, 512, 256), (16, 192, 64)], ids=str)
+@pytest.mark.parametrize("leading", [(PROMPT_ROWS,), (3, 70)], ids=str)
+def test_int4_prompt_matches_exact_product(small_tiles, shape, leading):
+    layer = int4_layer(*shape)
+    assert layer.tiled is None  # our kernels built: plain nibbles
+    x = torch.randn(*leading, shape[1], generator=torch.Generator().manual_seed(shape[0]))
+    check_prompt(layer, x)
+
+
+def test_emulated_bf16_computes_in_fp32(small_tiles, monkeypatch):
+    """Where the CPU only emulates bf16, bf16 prompts are multiplied in fp32 and rounded once at the end."""
+    monkeypatch.setattr(kernels, "half_is_emulated", lambda dtype: True)
+    layer = int8_layer(67, 48)
+    x = torch.randn(PROMPT_ROWS, 48, generator=torch.Generator().manual_seed(0)).bfloat16()
+    exact = x.double() @ layer.dequantize().double().t()
+    assert torch.equal(layer(x), layer(x.float()).bfloat16())
+    assert rel(layer(x), exact) < 4e-3
+
+
+@pytest.mark.parametrize("module_name", ["int8", "int4"])
+def test_decode_rows_take_the_decode_kernels(module_name, monkeypatch):
+    """Up to MAX_ROWS rows go to cpu_gemv's kernels and never to the prompt path; one row more goes there."""
+    require_cpu_kernels()
+    calls = []
+    module = int8 if module_name == "int8" else int4
+    real = module.prefill_matmul
+    monkeypatch.setattr(module, "prefill_matmul", lambda x, *args: calls.append(len(x)) or real(x, *args))
+    layer = int8_layer(64, 256) if module_name == "int8" else int4_layer(64, 256, 128)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 8, cpu_gemv.MAX_ROWS):
+        layer(torch.randn(rows, 256, generator=generator).bfloat16())
+    assert calls == []
+    layer(torch.randn(PROMPT_ROWS, 256, generator=generator).bfloat16())
+    assert calls == [PROMPT_ROWS]
+
+
+def test_gradients_flow_through_the_reference_path():
+    """A prompt that records gradients (out= products record none) takes the widened-weight path (in_features
+    not a multiple of 16, where torch's int8 kernel, which has no gradient, is not used either)."""
+    require_cpu_kernels()
+    layer = int8_layer(32, 40)
+    x = torch.randn(PROMPT_ROWS, 40, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, layer.dequantize().sum(0).expand_as(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(67, 16), (13, 40), (130, 1536)], ids=str)
+def test_dequantize_int8_every_build(build, shape):
+    generator = torch.Generator().manual_seed(shape[1])
+    weight = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+    scales = torch.rand(shape[0], generator=generator)
+    exact = weight.float() * scales[:, None]
+    for start, rows in ((0, shape[0]), (5, 7)):
+        out = torch.empty(rows, shape[1])
+        build.dequantize_int8(weight, scales, start, out)
+        assert torch.equal(out, exact[start : start + rows])
+        out16 = torch.empty(rows, shape[1], dtype=torch.bfloat16)
+        build.dequantize_int8(weight, scales, start, out16)
+        assert torch.equal(out16, exact[start : start + rows].bfloat16())
+
+
+@pytest.mark.parametrize("shape", [(67, 64, 32), (9, 192, 64), (130, 1536, 128), (5, 512, 256)], ids=str)
+def test_dequantize_int4_every_build(build, shape):
+    layer = int4_layer(*shape)
+    exact = layer.dequantize()
+    for start, rows in ((0, shape[0]), (1, 3)):
+        out = torch.empty(rows, shape[1])
+        build.dequantize_int4(layer.weight, layer.scales_and_zeros, shape[2], start, out)
+        assert torch.allclose(out, exact[start : start + rows], rtol=1e-6, atol=1e-7)
+        out16 = torch.empty(rows, shape[1], dtype=torch.bfloat16)
+        build.dequantize_int4(layer.weight, layer.scales_and_zeros, shape[2], start, out16)
+        assert torch.equal(out16, out.bfloat16())
+
+
+def test_dequantize_refuses_bad_arguments(build):
+    weight = torch.zeros(8, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="rows"):
+        build.dequantize_int8(weight, torch.ones(8), 4, torch.empty(5, 32))
+    with pytest.raises(RuntimeError, match="columns"):
+        build.dequantize_int8(weight, torch.ones(8), 0, torch.empty(2, 16))
+    with pytest.raises(RuntimeError, match="group size"):
+        build.dequantize_int4(
+            torch.zeros(8, 24, dtype=torch.uint8), torch.zeros(1, 8, 2).bfloat16(), 48, 0, torch.empty(2, 48)
+        )
