@@ -1,10 +1,11 @@
 // Prompt-sized (prefill) products of the int8/int4 layers: past `cpu_gemv.MAX_ROWS` activation rows the weight is
-// dequantized a tile of output rows at a time into a small buffer in the compute dtype (bf16 where the activations
-// are bf16 and the CPU multiplies bf16 natively, fp32 otherwise), and each tile is one call of torch's (oneDNN's)
-// GEMM (`baichuan/quant/kernels.py`, `prefill_matmul`). A prompt reuses every weight hundreds of times, so the GEMM
-// runs out of arithmetic, not memory: widening once per tile costs a few percent of it, and the tile stays in
-// cache between the two. This file only dequantizes, one pass over the codes with 256-bit vectors (every build has
-// AVX2): a torch expression of the same takes several passes and cost as much as the GEMM itself on int4.
+// dequantized into a buffer in the compute dtype (bf16 where the activations are bf16 and the CPU multiplies bf16
+// natively, fp32 otherwise), up to `PREFILL_TILE_BYTES` of output rows at a time (a whole layer but a large
+// vocabulary's head), and each such tile is one call of torch's (oneDNN's) GEMM (`baichuan/quant/kernels.py`,
+// `prefill_matmul`). A prompt reuses every weight hundreds of times, so the GEMM runs out of arithmetic, not
+// memory, and dequantizing once per product costs a few percent of it. This file only dequantizes, one pass over
+// the codes with 256-bit vectors (every build has AVX2): a torch expression of the same takes several passes and
+// cost as much as the GEMM itself on int4.
 //
 //   int8: w[n, k] = q[n, k] * scales[n].
 //   int4: w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k / G; q packed two per byte, column 2j in the
