@@ -226,6 +226,12 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(B, V) logits of the last position -> (B,) next token ids."""
+    if (
+        sampling.greedy
+        and (seen is None or sampling.repetition_penalty == 1.0)
+        and (sampling.vocab_size is None or logits.shape[-1] <= sampling.vocab_size)
+    ):
+        return logits.argmax(dim=-1)  # widening to fp32 is exact and changes no comparison: skip the copy
     scores = process_logits(logits.float(), seen, sampling)
     if sampling.greedy:
         return scores.argmax(dim=-1)

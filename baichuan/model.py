@@ -16,7 +16,10 @@ from torch.utils.checkpoint import checkpoint
 from baichuan import cpu_gemv
 from baichuan.config import Config
 from baichuan.cpu import UPCAST_MIN_ROWS, half_is_emulated
+from baichuan.kv_cache import KVCache
 from baichuan.position import ALiBi, RoPE, build_position
+from baichuan.quant.int4 import Int4Linear
+from baichuan.quant.int8 import Int8Linear
 
 
 class Cache(Protocol):
@@ -30,6 +33,23 @@ class Cache(Protocol):
 def emulated_half(x: torch.Tensor) -> bool:
     """A bf16/fp16 CPU tensor on a CPU that can only emulate half-precision arithmetic."""
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and half_is_emulated(x.dtype)
+
+
+def fused_kernel(name: str):
+    """One of our fused CPU kernels (`csrc/cpu_fused.cpp`, built with `cpu_gemv`), or None where they are not
+    available here."""
+    module = cpu_gemv.load()
+    return None if module is None else getattr(module, name, None)
+
+
+def _fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a fused kernel may take x: no autograd to record, fp32/bf16 on the CPU, weight in x's dtype."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype is weight.dtype
+        and (x.dtype is torch.float32 or x.dtype is torch.bfloat16)
+    )
 
 
 class Linear(nn.Linear):
@@ -56,6 +76,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fusable(x, self.weight):
+            rms_norm = fused_kernel("rms_norm")
+            if rms_norm is not None:  # one op, the same casts
+                return rms_norm(x.contiguous(), self.weight.contiguous(), self.eps)
         # fp32 statistics, then back to the weight's precision (the originals' order of casts).
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x.float() * torch.rsqrt(variance + self.eps)
@@ -109,7 +133,11 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.dim, config.ffn_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        silu_mul = fused_kernel("silu_mul") if _fusable(gate, up) else None
+        if silu_mul is not None:
+            return self.down_proj(silu_mul(gate.contiguous(), up.contiguous()))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -125,6 +153,98 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# How `decode_layer` (csrc/cpu_fused.cpp) runs each product of a layer: the choice the layer's own forward makes.
+_TORCH_PRODUCT, _BF16_PRODUCT, _INT8_PRODUCT, _INT4_PRODUCT = 0, 1, 2, 3
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks and no forward replaced on the instance (a profiler's timer, say): skipping its forward is safe."""
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | None:
+    """(kind, tensor, tensor, group size) for `decode_layer`: how `module.forward` would multiply `rows` decode
+    rows of `dtype`; None where that is something else (LoRA, a bias, torch's int kernels, ...)."""
+    kind = type(module)
+    if not _plain(module):
+        return None
+    buffers = module._buffers
+    if kind is Linear:
+        weight = module._parameters["weight"]
+        if module._parameters["bias"] is not None or weight.dtype is not dtype:
+            return None
+        if dtype is torch.bfloat16:
+            if rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous():
+                return _BF16_PRODUCT, weight, weight, 0  # the second tensor is unused
+            if rows >= UPCAST_MIN_ROWS and half_is_emulated(dtype):
+                return None
+        return _TORCH_PRODUCT, weight, weight, 0
+    if kind is Int8Linear:
+        if (
+            not module.use_kernel
+            or module.bias is not None
+            or module.in_features % 16
+            or rows > cpu_gemv.MAX_ROWS
+        ):
+            return None
+        scales = buffers["scales"]
+        return (
+            _INT8_PRODUCT,
+            buffers["weight"],
+            scales if scales.dtype is torch.float32 else scales.float(),
+            0,
+        )
+    if kind is Int4Linear:
+        if (
+            not module.use_kernel
+            or module.bias is not None
+            or module.tiled is not None
+            or module.cuda_tiles is not None
+            or not module._gemv_fits()
+            or (rows > cpu_gemv.MAX_ROWS and not half_is_emulated(torch.bfloat16))
+        ):
+            return None
+        return _INT4_PRODUCT, buffers["weight"], buffers["scales_and_zeros"], module.group_size
+    return None
+
+
+def _fused_layer(layer: nn.Module, rows: int, dtype: torch.dtype) -> tuple | None:
+    """The arguments of `decode_layer` for one layer (norm weights, eps, products), or None where it does not
+    compute what the layer's forward would."""
+    modules = layer._modules
+    attn, mlp = modules["self_attn"], modules["mlp"]
+    norm1, norm2 = modules["input_layernorm"], modules["post_attention_layernorm"]
+    if not (
+        type(layer) is DecoderLayer
+        and type(attn) is Attention
+        and type(mlp) is MLP
+        and type(norm1) is RMSNorm
+        and type(norm2) is RMSNorm
+        and norm1.eps == norm2.eps
+        and all(map(_plain, (layer, attn, mlp, norm1, norm2)))
+    ):
+        return None
+    w1, w2 = norm1._parameters["weight"], norm2._parameters["weight"]
+    if w1.dtype is not dtype or w2.dtype is not dtype or not (w1.is_contiguous() and w2.is_contiguous()):
+        return None
+    products = []
+    for module in (attn.W_pack, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        product = _fused_product(module, rows, dtype)
+        if product is None:
+            return None
+        products.append(product)
+    weights = [t for product in products for t in product[1:3]]
+    kinds = [product[0] for product in products]
+    groups = [product[3] for product in products]
+    return w1, w2, norm1.eps, weights, kinds, groups
+
+
 class BaichuanModel(nn.Module):
     """Embeddings, decoder layers and the final norm: everything but the output head."""
 
@@ -136,6 +256,9 @@ class BaichuanModel(nn.Module):
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.position = build_position(config)  # one object shared by all layers; no parameters
         self.gradient_checkpointing = False
+        # Decode steps (one token a row, a KVCache, no autograd) run each layer as one call of our fused CPU
+        # kernel where it computes what the modules would; False keeps the modules' own forwards.
+        self.fused_decode = True
 
     def forward(
         self,
@@ -162,6 +285,17 @@ class BaichuanModel(nn.Module):
             k_len = start_pos + T
         if cache is None and k_len != T:
             raise ValueError("start_pos > 0 needs a cache holding the earlier positions")
+        if (
+            T == 1
+            and self.fused_decode
+            and attention_mask is None
+            and hidden_states is None
+            and isinstance(cache, KVCache)
+            and not torch.is_grad_enabled()
+        ):
+            x = self._fused_decode(idx, start_pos, cache)
+            if x is not None:
+                return x
         mask = self.attention_bias(positions, k_len, attention_mask, self.embed_tokens.weight.dtype)
 
         x = self.embed_tokens(idx)
@@ -178,6 +312,40 @@ class BaichuanModel(nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)
         return x
+
+    def _fused_decode(
+        self, idx: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache
+    ) -> torch.Tensor | None:
+        """A decode step (idx (B, 1)) through `decode_layer`, one call a layer; None where it does not apply
+        (ALiBi, a dtype or product it does not take, hooks), and the caller runs the modules."""
+        decode_layer = fused_kernel("decode_layer") if idx.device.type == "cpu" else None
+        if decode_layer is None or type(self.position) is not RoPE or not _plain(self.embed_tokens):
+            return None
+        B = idx.shape[0]
+        dtype = self.embed_tokens.weight.dtype
+        k, v = cache.k, cache.v
+        if not (
+            (dtype is torch.float32 or dtype is torch.bfloat16)
+            and (k.dtype is dtype or (dtype is torch.float32 and k.dtype is torch.bfloat16))
+            and v.dtype is k.dtype
+            and k.shape[1] == B
+            and k.device.type == "cpu"
+        ):
+            return None
+        layers = [_fused_layer(layer, B, dtype) for layer in self.layers]
+        if any(layer is None for layer in layers):
+            return None
+        positions = [start_pos] * B if isinstance(start_pos, int) else start_pos.tolist()
+        end = max(positions) + 1
+        cache._check(end)
+        cos, sin = self.position._cos_sin(end, idx.device)
+        x = self.embed_tokens(idx)  # (B, 1, C)
+        n_heads = self.config.n_heads
+        for i, (norm1, norm2, eps, weights, kinds, groups) in enumerate(layers):
+            x = decode_layer(
+                x, norm1, norm2, eps, weights, kinds, groups, k[i], v[i], positions, cos, sin, n_heads
+            )
+        return self.norm(x)
 
     def attention_bias(
         self, q_positions: torch.Tensor, k_len: int, attention_mask: torch.Tensor | None, dtype: torch.dtype

@@ -3,10 +3,13 @@
     python benchmarks/profile_decode.py --dir /tmp/baichuan-bench-32x1536x12x4096x125696 --quantize 8
     python benchmarks/profile_decode.py --dir DIR --quantize 4 --dtype fp32
 
-Loads a checkpoint (for example the one `bench_decode.py` made in its --dir) as `bench_decode.py` does, times
-every linear layer's forward during --tokens greedy decode steps, and prints per layer shape the milliseconds a
-call and the weights streamed per second, then the layers' share of a token. It also counts the PyTorch
-operations one decode step dispatches (a TorchDispatchMode), which is what the rest of the time is spent on.
+Loads a checkpoint (for example the one `bench_decode.py` made in its --dir) as `bench_decode.py` does and times
+--tokens greedy decode steps as the model runs them (each layer one call of the fused kernel where it applies).
+Then it times every linear layer's forward during the same steps (a timer on each layer's forward, which also
+turns the fused path off, so the products run one by one through the same kernels), and prints per layer shape
+the milliseconds a call and the weights streamed per second, then the products' share of a token and what is
+left outside them. It also counts the PyTorch operations one decode step dispatches (a TorchDispatchMode).
+--no-fused runs the modules' own forwards throughout (the path before the fused kernel).
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ def main() -> None:
     parser.add_argument("--quantize", type=int, choices=(8, 4), default=None, help="weight-only int8/int4")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="activation dtype")
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--no-fused", action="store_true", help="the modules' forwards, not the fused layer")
     args = parser.parse_args()
 
     model = fold_norm_head(load_model(args.dir, dtype=DTYPES[args.dtype], quantize=args.quantize))
+    model.model.fused_decode = not args.no_fused
     prompt = list(range(100, 116))
     seconds: dict[tuple[int, int], float] = collections.defaultdict(float)
     calls: collections.Counter = collections.Counter()
@@ -64,10 +69,6 @@ def main() -> None:
 
         return run
 
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, *QUANTIZED_TYPES)):
-            module.forward = timed(module, module.forward)
-
     def decode(n: int) -> list[float]:
         nonlocal recording
         stamps = [time.perf_counter()]
@@ -78,12 +79,25 @@ def main() -> None:
         return stamps
 
     decode(4)  # warm up (and build the CPU kernels if needed)
-    seconds.clear()
-    calls.clear()
     steps = args.tokens
     stamps = decode(steps + 1)
     per_token = (stamps[-1] - stamps[1]) / steps
-    print(f"{args.quantize or args.dtype} weights, {args.dtype} activations: {1 / per_token:.2f} tok/s")
+
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, *QUANTIZED_TYPES))]
+    for module in linears:
+        module.forward = timed(module, module.forward)
+    decode(2)
+    seconds.clear()
+    calls.clear()
+    stamps = decode(steps + 1)
+    per_token_timed = (stamps[-1] - stamps[1]) / steps
+    for module in linears:
+        del module.forward
+    path = "modules" if args.no_fused else "fused layers where they apply"
+    print(
+        f"{args.quantize or args.dtype} weights, {args.dtype} activations ({path}): {1 / per_token:.2f} tok/s"
+    )
+    print(f"with a timer on every linear layer (modules' forwards): {1 / per_token_timed:.2f} tok/s")
     print("| layer (out x in) | calls a token | ms a call | G weights/s |")
     print("|---|---|---|---|")
     for (out_features, in_features), total in sorted(seconds.items()):
@@ -94,7 +108,10 @@ def main() -> None:
             f"{out_features * in_features / a_call / 1e9:.1f} |"
         )
     layers = sum(seconds.values()) / steps
-    print(f"linear layers {layers * 1e3:.1f} ms of {per_token * 1e3:.1f} ms a token")
+    print(
+        f"linear layers {layers * 1e3:.1f} ms of {per_token * 1e3:.1f} ms a token "
+        f"({1 - layers / per_token:.1%} outside the products)"
+    )
 
     steps_left = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=3, eos_ids=()))
     next(steps_left)

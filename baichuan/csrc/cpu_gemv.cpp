@@ -713,12 +713,14 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
   return y;
 }
 
+void register_fused(pybind11::module_& m);  // cpu_fused.cpp
 void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
 
 }  // namespace baichuan_cpu_gemv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace k = baichuan_cpu_gemv;
+  k::register_fused(m);
   k::register_prefill(m);
   m.attr("target") = k::kTarget;
   m.def("int8_gemv", &k::int8_gemv, "(x @ weight.T) * scales, int8 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");

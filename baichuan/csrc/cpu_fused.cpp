@@ -1,0 +1,325 @@
+// The work of a decode step around the weight products, fused: RMSNorm, SwiGLU, and one call that runs a whole
+// decoder layer for the few rows of a decode step (RMSNorm, the qkv product, RoPE, the write into the KV cache,
+// attention of one query over the cache, the output product, the residual adds, the MLP). Built into the same
+// extension as cpu_gemv.cpp (one build per target), whose int8/int4/bf16 products it calls directly.
+//
+// Why: at 1.5k hidden a decode step dispatched ~80 PyTorch operations a layer besides the products (each a few
+// microseconds of dispatch and allocation), about 15% of the step. Here a layer is one call.
+//
+// The arithmetic follows the model's own (baichuan/model.py) step by step, with every rounding to the model's
+// dtype where the unfused path rounds: statistics and RoPE in fp32, the normalised row rounded to the weight's
+// dtype before the weight multiplies it, silu rounded before the product with `up`, each residual add rounded.
+// Attention is computed in fp32 from the cached keys/values and rounded once.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace baichuan_cpu_gemv {
+
+// cpu_gemv.cpp
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales);
+torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_and_zeros,
+                        int64_t group_size);
+torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight);
+
+namespace {
+
+// How a linear layer's product runs: the same choice the layer's own forward makes (see model.py).
+enum LinearKind : int64_t { kTorch = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3 };
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return float(v); }
+template <class T>
+inline T from_float(float v) {
+  return T(v);  // at::BFloat16(float) rounds to nearest even, as torch's casts do
+}
+// v as the dtype T would hold it, back in fp32.
+template <class T>
+inline float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// 8 values as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <class T>
+inline float dot(const float* q, const T* k, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
+  float total = hsum8(acc);
+  for (; i < n; ++i) total += q[i] * to_float(k[i]);
+  return total;
+}
+
+// y += p * v
+template <class T>
+inline void axpy(float* y, float p, const T* v, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += p * to_float(v[i]);
+}
+
+// out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)), the normalised row rounded to T first (RMSNorm.forward).
+template <class T>
+void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    T* o = out + r * n;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = load8(xr + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float sum = hsum8(acc);
+    for (; i < n; ++i) sum += to_float(xr[i]) * to_float(xr[i]);
+    const float scale = 1.0f / std::sqrt(sum / float(n) + eps);
+    for (i = 0; i < n; ++i) o[i] = from_float<T>(to_float(w[i]) * round_to<T>(to_float(xr[i]) * scale));
+  }
+}
+
+void check_rows(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              name, ": contiguous fp32 or bf16 on the CPU");
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous() && weight.dim() == 1 &&
+                  weight.size(0) == x.size(-1),
+              "weight: contiguous (", x.size(-1), ",) in x's dtype");
+  auto out = torch::empty_like(x);
+  const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
+  if (x.scalar_type() == torch::kFloat)
+    rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, n, float(eps));
+  else
+    rms_norm_rows(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows,
+                  n, float(eps));
+  return out;
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// silu(gate) * up, silu rounded to T first (F.silu(gate) * up).
+template <class T>
+void silu_mul_rows(const T* gate, const T* up, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(round_to<T>(silu(to_float(gate[i]))) * to_float(up[i]));
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
+  check_rows(gate, "gate");
+  check_rows(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), "gate and up: same shape, dtype");
+  auto out = torch::empty_like(gate);
+  if (gate.scalar_type() == torch::kFloat)
+    silu_mul_rows(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), gate.numel());
+  else
+    silu_mul_rows(gate.data_ptr<at::BFloat16>(), up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
+                  gate.numel());
+  return out;
+}
+
+torch::Tensor linear(const torch::Tensor& x, int64_t kind, const torch::Tensor& a, const torch::Tensor& b,
+                     int64_t group) {
+  switch (kind) {
+    case kBf16:
+      return bf16_gemv(x, a);
+    case kInt8:
+      return int8_gemv(x, a, b);
+    case kInt4:
+      return int4_gemv(x, a, b, group);
+    default:
+      return at::linear(x, a);
+  }
+}
+
+// The model's dtype T and the cache's C.
+template <class T, class C>
+struct LayerStep {
+  int64_t B, H, D, dim;
+  const float* cos;  // (S, D) fp32 tables
+  const float* sin;
+  C* k_cache;  // this layer's (B, H, S, D) with strides
+  C* v_cache;
+  int64_t sb, sh, ss;  // cache strides of batch, head, position (the last is 1)
+  const int64_t* pos;  // (B,) position of each row's token
+
+  // qkv (B, 3 * dim) in T -> q rotated (B, H, D) fp32 as T holds it; k rotated and v written into the cache.
+  void rope_and_store(const T* qkv, float* q) const {
+    const int64_t half = D / 2;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* c = cos + pos[b] * D;
+      const float* s = sin + pos[b] * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* qh = qkv + b * 3 * dim + h * D;
+        const T* kh = qh + dim;
+        const T* vh = kh + dim;
+        float* qo = q + (b * H + h) * D;
+        C* ko = k_cache + b * sb + h * sh + pos[b] * ss;
+        C* vo = v_cache + b * sb + h * sh + pos[b] * ss;
+        for (int64_t i = 0; i < D; ++i) {
+          // rotate_half: (-x[half:], x[:half])
+          const float qr = i < half ? -to_float(qh[i + half]) : to_float(qh[i - half]);
+          const float kr = i < half ? -to_float(kh[i + half]) : to_float(kh[i - half]);
+          const float qa = to_float(qh[i]) * c[i], qb = qr * s[i];
+          const float ka = to_float(kh[i]) * c[i], kb = kr * s[i];
+          qo[i] = round_to<T>(qa + qb);
+          ko[i] = C(round_to<T>(ka + kb));
+          vo[i] = C(to_float(vh[i]));
+        }
+      }
+    }
+  }
+
+  // y (B, dim) in T: each row's query against its cached positions 0..pos[b].
+  void attend(const float* q, T* y) const {
+    const float scale = 1.0f / std::sqrt(float(D));
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) longest = std::max(longest, pos[b] + 1);
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, longest * D));
+    at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(longest), acc(D);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H, S = pos[b] + 1;
+        const float* qi = q + i * D;
+        const C* keys = k_cache + b * sb + h * sh;
+        const C* values = v_cache + b * sb + h * sh;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          scores[j] = dot(qi, keys + j * ss, D) * scale;
+          top = std::max(top, scores[j]);
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < S; ++j) total += scores[j] = std::exp(scores[j] - top);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < S; ++j) axpy(acc.data(), scores[j] / total, values + j * ss, D);
+        T* yo = y + b * dim + h * D;
+        for (int64_t d = 0; d < D; ++d) yo[d] = from_float<T>(acc[d]);
+      }
+    });
+  }
+};
+
+template <class T>
+void add_rows(T* x, const T* y, int64_t n) {  // x += y, rounded to T
+  for (int64_t i = 0; i < n; ++i) x[i] = from_float<T>(to_float(x[i]) + to_float(y[i]));
+}
+
+template <class T, class C>
+torch::Tensor run_layer(const torch::Tensor& x_in, const torch::Tensor& norm1, const torch::Tensor& norm2, double eps,
+                        const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
+                        const std::vector<int64_t>& groups, const torch::Tensor& k_cache,
+                        const torch::Tensor& v_cache, const std::vector<int64_t>& pos, const torch::Tensor& cos,
+                        const torch::Tensor& sin, int64_t n_heads) {
+  const int64_t B = x_in.size(0), dim = x_in.size(-1), D = dim / n_heads;
+  const torch::Tensor x2 = x_in.reshape({B, dim});
+  auto lin = [&](const torch::Tensor& h, int i) {
+    torch::Tensor y = linear(h, kinds[i], weights[2 * i], weights[2 * i + 1], groups[i]);
+    return y.is_contiguous() ? y : y.contiguous();
+  };
+
+  // attention
+  torch::Tensor h = torch::empty_like(x2);
+  rms_norm_rows(x2.data_ptr<T>(), norm1.data_ptr<T>(), h.data_ptr<T>(), B, dim, float(eps));
+  const torch::Tensor qkv = lin(h, 0);  // (B, 3 * dim)
+  torch::Tensor q = torch::empty({B, n_heads, D}, x2.options().dtype(torch::kFloat));
+  const LayerStep<T, C> step{B,
+                             n_heads,
+                             D,
+                             dim,
+                             cos.data_ptr<float>(),
+                             sin.data_ptr<float>(),
+                             k_cache.data_ptr<C>(),
+                             v_cache.data_ptr<C>(),
+                             k_cache.stride(0),
+                             k_cache.stride(1),
+                             k_cache.stride(2),
+                             pos.data()};
+  step.rope_and_store(qkv.data_ptr<T>(), q.data_ptr<float>());
+  torch::Tensor y = torch::empty_like(x2);
+  step.attend(q.data_ptr<float>(), y.data_ptr<T>());
+  const torch::Tensor o = lin(y, 1);
+  torch::Tensor x = x2.clone();
+  add_rows(x.data_ptr<T>(), o.data_ptr<T>(), B * dim);
+
+  // MLP
+  rms_norm_rows(x.data_ptr<T>(), norm2.data_ptr<T>(), h.data_ptr<T>(), B, dim, float(eps));
+  const torch::Tensor gate = lin(h, 2);
+  const torch::Tensor up = lin(h, 3);
+  torch::Tensor act = torch::empty_like(gate);
+  silu_mul_rows(gate.data_ptr<T>(), up.data_ptr<T>(), act.data_ptr<T>(), gate.numel());
+  const torch::Tensor down = lin(act, 4);
+  add_rows(x.data_ptr<T>(), down.data_ptr<T>(), B * dim);
+  return x.view(x_in.sizes());
+}
+
+// One decoder layer for the B rows of a decode step (one token each). x (B, 1, dim) fp32 or bf16; norms in x's
+// dtype; weights: two tensors per product (W_pack, o_proj, gate_proj, up_proj, down_proj), the second undefined
+// where the kind needs none; k_cache/v_cache: this layer's (B, H, S, D) in x's dtype (or bf16 for fp32 x), last
+// dimension contiguous; pos: each row's position (its keys and values land there; it attends to 0..pos);
+// cos/sin: RoPE's fp32 (S', D) tables covering every pos.
+torch::Tensor decode_layer(const torch::Tensor& x, const torch::Tensor& norm1, const torch::Tensor& norm2,
+                           double eps, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
+                           const std::vector<int64_t>& groups, const torch::Tensor& k_cache,
+                           const torch::Tensor& v_cache, const std::vector<int64_t>& pos, const torch::Tensor& cos,
+                           const torch::Tensor& sin, int64_t n_heads) {
+  check_rows(x, "x");
+  const auto dtype = x.scalar_type();
+  const int64_t B = x.size(0), dim = x.size(-1);
+  TORCH_CHECK(x.numel() == B * dim, "x: (B, 1, dim)");
+  TORCH_CHECK(n_heads > 0 && dim % n_heads == 0 && (dim / n_heads) % 2 == 0, "dim / n_heads: even head size");
+  const int64_t D = dim / n_heads;
+  for (const auto& w : {norm1, norm2})
+    TORCH_CHECK(w.scalar_type() == dtype && w.is_contiguous() && w.numel() == dim, "norm weights: (dim,) in x's dtype");
+  TORCH_CHECK(weights.size() == 10 && kinds.size() == 5 && groups.size() == 5, "five products, two tensors each");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
+                  k_cache.size(0) == B && k_cache.size(1) == n_heads && k_cache.size(3) == D &&
+                  k_cache.stride(3) == 1 && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  k_cache.device().is_cpu(),
+              "k_cache, v_cache: (B, H, S, D) with contiguous rows");
+  TORCH_CHECK(int64_t(pos.size()) == B, "one position per row");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && cos.sizes() == sin.sizes(),
+              "cos, sin: contiguous fp32 (S, D)");
+  for (const int64_t p : pos)
+    TORCH_CHECK(p >= 0 && p < k_cache.size(2) && p < cos.size(0), "position ", p, " is outside the cache or tables");
+  const auto cache = k_cache.scalar_type();
+  if (dtype == torch::kFloat && cache == torch::kFloat)
+    return run_layer<float, float>(x, norm1, norm2, eps, weights, kinds, groups, k_cache, v_cache, pos, cos, sin,
+                                   n_heads);
+  if (dtype == torch::kFloat && cache == torch::kBFloat16)
+    return run_layer<float, at::BFloat16>(x, norm1, norm2, eps, weights, kinds, groups, k_cache, v_cache, pos, cos,
+                                          sin, n_heads);
+  TORCH_CHECK(cache == dtype, "the cache holds fp32 x in fp32 or bf16, bf16 x in bf16");
+  return run_layer<at::BFloat16, at::BFloat16>(x, norm1, norm2, eps, weights, kinds, groups, k_cache, v_cache, pos,
+                                               cos, sin, n_heads);
+}
+
+}  // namespace
+
+void register_fused(pybind11::module_& m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32/bf16 rows (..., n) with a weight in their dtype");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, fp32/bf16");
+  m.def("decode_layer", &decode_layer, "one decoder layer for the one-token rows of a decode step");
+}
+
+}  // namespace baichuan_cpu_gemv
