@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 PREFILL_CHUNK = 512
 # Seconds without work after which the engine hands freed memory back to the system (once per idle spell).
 IDLE_RELEASE_S = 1.0
+# A prefill chunk is padded to a multiple of this many tokens. torch's oneDNN path (bf16 products on CPU) keeps
+# state for every product shape it meets: oneDNN's primitive cache (compiled kernels, evicted only past 1,024 of
+# them by default) and more besides. Each prompt length not seen before was a new shape, so a server's memory
+# crept up for as long as new lengths came (~2 MB each on the soak's 2-layer model, some MB a soak round);
+# padded, a chunk of up to 512 tokens has at most 16 shapes. The padding follows the real tokens, which the
+# causal mask keeps from seeing it; its keys/values are overwritten by the next chunk or never copied to a row.
+PREFILL_BUCKET = 32
 
 
 class QueueFull(RuntimeError):
@@ -328,8 +335,9 @@ class Engine:
         prompt is done, the keys/values move into the next free row and the last hidden state is returned."""
         start = seq.prefilled
         chunk = seq.prompt[start : start + budget]
-        idx = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        x = self.model.model(idx, start, self.scratch)  # (1, T, D)
+        padded = min(-(-len(chunk) // PREFILL_BUCKET) * PREFILL_BUCKET, self.max_seq_len - start)
+        idx = torch.tensor([chunk + [0] * (padded - len(chunk))], dtype=torch.long, device=self.device)
+        x = self.model.model(idx, start, self.scratch)[:, : len(chunk)]  # (1, T, D)
         seq.prefilled += len(chunk)
         self.stats.prefill_tokens += len(chunk)
         if seq.prefilled < len(seq.prompt):

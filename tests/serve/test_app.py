@@ -463,6 +463,31 @@ def test_a_sampling_failure_fails_only_its_own_request(loaded, monkeypatch):
         engine.stop()
 
 
+def test_prefill_shapes_are_bucketed_and_answers_unchanged(loaded):
+    # Every new product shape costs the server memory for good (oneDNN's primitive cache): prompts of any
+    # length must reach the model as a few padded lengths, and the padding must not change an answer.
+    lengths = [1, 3, 17, 31, 32, 33, 45, 64, 70]
+    prompts = [[5 + (i * 7 + j) % 90 for j in range(n)] for i, n in enumerate(lengths)]
+    sampling = greedy(loaded, 6).replace(eos_ids=())
+    alone = ["".join(stream_text(loaded.model, loaded.tokenizer, p, sampling)) for p in prompts]
+    seen: set[int] = set()
+    hook = loaded.model.model.register_forward_pre_hook(lambda module, args: seen.add(args[0].shape[1]))
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=4, max_queue=16, prefill_chunk=48)
+    engine.start()
+    try:
+
+        async def main():
+            return await asyncio.gather(*(_run(engine, p, sampling) for p in prompts))
+
+        served = asyncio.run(main())
+    finally:
+        engine.stop()
+        hook.remove()
+    assert served == alone
+    # Decode steps are 1 token a row; prefill chunks (at most 48 tokens) are padded to 32 or 64.
+    assert seen - {1} == {engine_module.PREFILL_BUCKET, 2 * engine_module.PREFILL_BUCKET}
+
+
 def test_submit_checks_the_queue_and_the_context(loaded):
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=1, max_queue=2)  # not started: nothing drains
 
