@@ -99,7 +99,11 @@ def finetune(
         ),
     ] = None,
     gradient_checkpointing: Annotated[
-        bool | None, typer.Option(help="Recompute activations in the backward pass (less memory).")
+        bool | None,
+        typer.Option(
+            help="Recompute activations in the backward pass: less memory, more time (default: on with --lora, "
+            "off for full fine-tuning)."
+        ),
     ] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps, 0 = at the end.")] = None,
     keep_last: Annotated[

@@ -77,7 +77,10 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32 | fp16 (with loss scaling, and a warning)
-    gradient_checkpointing: bool = False
+    # None: on for LoRA, off for full fine-tuning. LoRA's frozen base has no gradients or Adam states, so the
+    # activations are most of what is left (as LLaMA-Factory, we recompute them); a full fine-tune's memory is
+    # mostly weights, gradients and Adam states, where recomputing costs a third more time for a fifth less.
+    gradient_checkpointing: bool | None = None
     max_bad_steps: int = 5
     # checkpoints and logs
     save_every: int = 0
@@ -99,9 +102,12 @@ class FinetuneConfig:
             max_steps=max_steps,
             lr=self.learning_rate(),
             min_lr_ratio=1.0 if self.schedule == "constant" else self.min_lr_ratio,
-            activation_checkpointing=self.gradient_checkpointing,
+            activation_checkpointing=self.checkpointing(),
         )
         return TrainConfig(**values)
+
+    def checkpointing(self) -> bool:
+        return self.lora if self.gradient_checkpointing is None else self.gradient_checkpointing
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (LORA_LR if self.lora else FULL_LR)
@@ -244,6 +250,40 @@ def build_model(
         f"of {total:,} parameters"
     )
     return model.train(), lora_config
+
+
+def store_frozen_base(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """Under LoRA, the frozen float linears (the base, the head) stored in the autocast dtype; returns how many.
+
+    Autocast casts every fp32 weight to its dtype in each forward and keeps the cast for the backward, so an fp32
+    base costs its fp32 copy plus a half-precision one for the whole step. Stored already cast, the products are
+    the same (the same rounding, done once) and the base costs half of its fp32 size. A NormHead is folded first
+    (its frozen rows normalised once, as inference does). Embeddings and norms stay fp32: autocast computes them
+    in fp32, and they are small: they are copied out of the checkpoint's memory map, whose pages, read once for
+    the cast, would otherwise stay resident for the whole run. `dtype` None (fp32 training): nothing changes."""
+    from baichuan.checkpoint import fold_norm_head
+
+    if dtype is None:
+        return 0
+    if not model.lm_head.weight.requires_grad:
+        fold_norm_head(model)
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(module, nn.Linear)
+            and isinstance(weight, nn.Parameter)
+            and not weight.requires_grad
+            and weight.is_floating_point()
+            and weight.dtype != dtype
+        ):
+            module.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            count += 1
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad and param.dtype != dtype:
+                param.data = param.data.clone()
+    return count
 
 
 def _quantize_nf4(model: nn.Module, device: torch.device) -> None:
@@ -393,6 +433,12 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
         max_steps = cfg.max_steps or max(1, round(cfg.epochs * batches.steps_per_epoch()))
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn when injected
         model, lora_config = build_model(cfg, device, speak)
+        if cfg.lora and not (world > 1 and cfg.strategy == "fsdp"):  # FSDP2 shards one dtype per module
+            from baichuan.train.loop import resolve_precision
+
+            dtype = resolve_precision(cfg.precision, device)[0]
+            if n := store_frozen_base(model, dtype):
+                speak(f"frozen base stored in {str(dtype)[6:]}, the autocast dtype ({n} linears)")
         c = model.config
         truncated = sum(n > cfg.model_max_length for n in lengths)
         speak(
@@ -401,8 +447,8 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
             + f"; global batch {batches.global_batch} = {cfg.batch_size} x {cfg.grad_accum} accumulation x "
             f"{world} rank(s); {max_steps} steps ({max_steps / batches.steps_per_epoch():.2f} epochs); "
             f"{'LoRA' if cfg.lora else 'full'} fine-tuning of {c.num_params() / 1e6:,.1f} M parameters, lr "
-            f"{cfg.learning_rate():g} {cfg.schedule}; device {device}"
-            + (f", {cfg.strategy.upper()}" if world > 1 and not cfg.deepspeed else "")
+            f"{cfg.learning_rate():g} {cfg.schedule}, gradient checkpointing {'on' if cfg.checkpointing() else 'off'}; "
+            f"device {device}" + (f", {cfg.strategy.upper()}" if world > 1 and not cfg.deepspeed else "")
         )
         if cfg.deepspeed:
             model = _deepspeed_engine(cfg, model, max_steps, world, device, speak)

@@ -134,10 +134,18 @@ def test_generate_with_lora_equals_the_merged_model(tmp_path, base, adapter):
     assert bad.exit_code == 1 and "no adapter_config.json" in bad.output
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_continues_the_same_loss_trajectory(tmp_path, base, data, lora):
+@pytest.mark.parametrize(
+    "lora, precision", [(False, "fp32"), (True, "fp32"), (True, "bf16")], ids=["full", "lora", "lora-bf16"]
+)
+def test_resume_continues_the_same_loss_trajectory(tmp_path, base, data, lora, precision):
     settings = dict(
-        max_steps=4, save_every=2, keep_last=0, lr=1e-2 if lora else 3e-3, lora=lora, lora_dropout=0.1
+        max_steps=4,
+        save_every=2,
+        keep_last=0,
+        lr=1e-2 if lora else 3e-3,
+        lora=lora,
+        lora_dropout=0.1,
+        precision=precision,
     )
     whole = run(base, data, tmp_path, **settings)
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")
@@ -145,6 +153,48 @@ def test_resume_continues_the_same_loss_trajectory(tmp_path, base, data, lora):
     assert len(resumed) == 2
     np.testing.assert_allclose(resumed, whole[2:], rtol=1e-6)
     np.testing.assert_allclose(losses(tmp_path), whole, rtol=1e-6)
+
+
+def test_lora_base_stored_in_the_autocast_dtype_computes_the_same(base):
+    """Under bf16 autocast a frozen fp32 weight is cast to bf16 in every product anyway: stored cast, the loss and
+    the adapter's gradients are those of the fp32 base, and the base weighs half."""
+    from baichuan.train.finetune import build_model, sft_loss, store_frozen_base
+
+    cfg = FinetuneConfig(model=str(base), lora=True, lora_target=("W_pack", "down_proj"), lora_dropout=0.0)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, torch.device("cpu"), lambda _: None)
+    with torch.no_grad():  # B starts at zero; nonzero, the adapters change the output and A gets gradients
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    ids = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sft_loss(model(ids), ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def nbytes():  # all but the embeddings, which stay fp32 (most of this tiny model)
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+
+    loss, grads = loss_and_grads()
+    before = nbytes()
+    assert store_frozen_base(model, torch.bfloat16) == 2 * 5 + 1  # every linear of the 2 layers, and the head
+    params = dict(model.named_parameters())
+    assert params["model.layers.0.self_attn.W_pack.base_layer.weight"].dtype == torch.bfloat16
+    assert params["lm_head.weight"].dtype == torch.bfloat16
+    assert params["model.layers.0.self_attn.W_pack.lora_A.default.weight"].dtype == torch.float32
+    assert params["model.embed_tokens.weight"].dtype == torch.float32
+    assert params["model.norm.weight"].dtype == torch.float32
+    assert nbytes() < 0.6 * before
+    loss2, grads2 = loss_and_grads()
+    assert grads and grads.keys() == grads2.keys()
+    torch.testing.assert_close(loss2, loss, rtol=1e-4, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=1e-3, atol=1e-6, msg=name)
+    assert store_frozen_base(model, None) == 0  # fp32 training: nothing to do
 
 
 def test_two_processes_equal_one(tmp_path, base, data):
