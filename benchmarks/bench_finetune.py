@@ -6,12 +6,18 @@ alone: it measures the whole machine.
     PYTHONPATH=. python benchmarks/bench_finetune.py --size tiny --steps 3 # smoke run
 
 Each method runs in its own process, so its peak memory is its own: on CPU the peak resident set of the process
-(ru_maxrss; it includes the ~0.3-0.5 GB of the Python/torch runtime, the same for every method), on CUDA
+(ru_maxrss; it includes the ~0.5 GB of the Python/torch runtime, ~0.2 GB more where peft and transformers are
+imported, and the final save of the weights), on CUDA
 `max_memory_allocated`. Every example is at least --seq-len tokens long (shorter ones are dropped), so every
 row of every batch is full and both stacks compute the same number of tokens a step: tokens/s = steps x batch x
 seq-len / the time of the steps after the first --warmup. Both stacks use the same precision (bf16 autocast
 where the hardware computes bf16 natively, else fp32), AdamW, LoRA r/alpha/dropout and target (W_pack).
-The goal of issue 12: LoRA peak memory <= 0.5x full.
+
+A row is METHOD or METHOD:gc / METHOD:nogc (gradient checkpointing forced on or off). Plain METHOD runs our
+defaults (checkpointing on for LoRA, off for full; a LoRA run's frozen base stored in the autocast dtype), and
+an HF row takes the checkpointing of our matching row, so each speed is compared like with like. Every row
+prints its settings. The goal of issue 12: LoRA peak memory <= 0.5x full, with the defaults; the ratios with
+the same checkpointing for both are printed too.
 """
 
 from __future__ import annotations
@@ -33,7 +39,17 @@ SIZES = {  # Baichuan2-shaped (NormHead), the vocabulary of `baichuan init`'s to
     "tiny": dict(n_layers=2, dim=64, n_heads=4, ffn_dim=128),
     "100m": dict(n_layers=12, dim=768, n_heads=12, ffn_dim=2048),  # ~91M parameters
 }
-METHODS = ("full", "lora", "lora-int4", "hf-full", "hf-lora")
+METHODS = ("full", "full:gc", "lora", "lora:nogc", "lora-int4", "hf-full", "hf-lora", "hf-lora:nogc")
+
+
+def checkpointing(spec: str) -> bool:
+    """Whether a row recomputes activations: its suffix, else our default for its method."""
+    from baichuan.train.finetune import FinetuneConfig
+
+    method, _, suffix = spec.partition(":")
+    if suffix:
+        return suffix == "gc"
+    return FinetuneConfig(lora="lora" in method).checkpointing()
 
 
 def make_inputs(directory: Path, size: str, seq_len: int, n_records: int) -> tuple[Path, Path]:
@@ -74,12 +90,13 @@ def peak_memory() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_ours(method: str, base: Path, data: Path, args) -> dict:
+def run_ours(spec: str, base: Path, data: Path, args) -> dict:
     import csv
 
     from baichuan.train.finetune import FinetuneConfig, finetune
 
-    out = Path(args.work) / method
+    method, _, suffix = spec.partition(":")
+    out = Path(args.work) / spec.replace(":", "-")
     cfg = FinetuneConfig(
         model=str(base),
         data=str(data),
@@ -89,7 +106,7 @@ def run_ours(method: str, base: Path, data: Path, args) -> dict:
         max_steps=args.steps,
         lora=method != "full",
         quantize=4 if method == "lora-int4" else None,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=checkpointing(spec) if suffix else None,  # None: the default
         progress=False,
         tensorboard=False,
         plot=False,
@@ -104,7 +121,7 @@ def run_ours(method: str, base: Path, data: Path, args) -> dict:
     return {"tokens_per_s": len(timed) * args.batch * args.seq_len / seconds, "loss": float(rows[-1]["loss"])}
 
 
-def run_hf(method: str, base: Path, data: Path, args) -> dict:
+def run_hf(spec: str, base: Path, data: Path, args) -> dict:
     """The HF Trainer + peft on our transformers face, the data tokenised by the original's preprocessing."""
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -113,9 +130,13 @@ def run_hf(method: str, base: Path, data: Path, args) -> dict:
     from baichuan.train.loop import resolve_precision
     from baichuan.train.sft_data import read_sft, tokenize_conversation
 
+    method = spec.partition(":")[0]
     tokenizer = Tokenizer(base / "tokenizer.model")
     dataset = [tokenize_conversation(tokenizer, c, args.seq_len) for c in read_sft(data).conversations]
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    # Set on the trunk, as the Trainer's gradient_checkpointing would: transformers 5.24's call passes
+    # every_n_layers, which our face's _set_gradient_checkpointing does not take. The same per-layer recompute.
+    model.model.gradient_checkpointing = checkpointing(spec)
     if method == "hf-lora":
         from peft import LoraConfig, get_peft_model
 
@@ -134,7 +155,7 @@ def run_hf(method: str, base: Path, data: Path, args) -> dict:
             times[-1] = time.perf_counter() - times[-1]
 
     training = TrainingArguments(
-        output_dir=str(Path(args.work) / method),
+        output_dir=str(Path(args.work) / spec.replace(":", "-")),
         per_device_train_batch_size=args.batch,
         max_steps=args.steps,
         learning_rate=2e-4 if method == "hf-lora" else 2e-5,
@@ -146,7 +167,6 @@ def run_hf(method: str, base: Path, data: Path, args) -> dict:
         max_grad_norm=1.0,
         bf16=bf16,
         use_cpu=device.type == "cpu",
-        gradient_checkpointing=args.gradient_checkpointing,
         save_strategy="no",
         report_to=[],
         logging_steps=10**9,
@@ -164,6 +184,16 @@ def worker(args) -> None:
     base, data = Path(args.base), Path(args.data)
     result = (run_hf if args.worker.startswith("hf-") else run_ours)(args.worker, base, data, args)
     result["peak_gib"] = peak_memory()
+    from baichuan.train.loop import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision("auto", device)[0]
+    settings = [f"GC {'on' if checkpointing(args.worker) else 'off'}", "bf16 autocast" if dtype else "fp32"]
+    if args.worker in ("lora", "lora:nogc", "lora:gc") and dtype:
+        settings.append("frozen base bf16")
+    if not args.worker.partition(":")[2] and not args.worker.startswith("hf-"):
+        settings.insert(0, "defaults")
+    result["settings"] = ", ".join(settings)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -177,7 +207,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -197,8 +226,6 @@ def main() -> None:
             command = [sys.executable, __file__, "--worker", method, "--base", str(base), "--data", str(data),
                        "--work", str(work), "--size", args.size, "--steps", str(args.steps), "--warmup",
                        str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]  # fmt: skip
-            if args.gradient_checkpointing:
-                command.append("--gradient-checkpointing")
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if done.returncode != 0 or line is None:
@@ -207,12 +234,18 @@ def main() -> None:
             results[method] = json.loads(line[7:])
             r = results[method]
             print(
-                f"{method:10} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  loss {r['loss']:.4f}"
+                f"{method:13} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  loss {r['loss']:.4f}"
+                f"  ({r['settings']})"
             )
-        if "full" in results and "lora" in results:
-            ratio = results["lora"]["peak_gib"] / results["full"]["peak_gib"]
-            print(f"LoRA / full peak memory: {ratio:.2f} (goal <= 0.5)")
-        for ours, theirs in (("full", "hf-full"), ("lora", "hf-lora")):
+        for lora, full, what in (
+            ("lora", "full", "defaults (the goal: <= 0.5)"),
+            ("lora", "full:gc", "both with GC"),
+            ("lora:nogc", "full", "both without GC"),
+        ):
+            if lora in results and full in results:
+                ratio = results[lora]["peak_gib"] / results[full]["peak_gib"]
+                print(f"LoRA / full peak memory, {what}: {ratio:.2f} ({lora} / {full})")
+        for ours, theirs in (("full", "hf-full"), ("lora", "hf-lora"), ("lora:nogc", "hf-lora:nogc")):
             if ours in results and theirs in results:
                 speed = results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"]
                 memory = results[ours]["peak_gib"] / results[theirs]["peak_gib"]
