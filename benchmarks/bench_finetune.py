@@ -8,7 +8,8 @@ alone: it measures the whole machine.
 Each method runs in its own process, so its peak memory is its own: on CPU the peak resident set of the process
 (ru_maxrss; it includes the ~0.5 GB of the Python/torch runtime, ~0.2 GB more where peft and transformers are
 imported, and the final save of the weights), on CUDA
-`max_memory_allocated`. Every example is at least --seq-len tokens long (shorter ones are dropped), so every
+`max_memory_allocated`. The LoRA/full ratios are also given above the runtime: the peak less the resident set
+once Python and torch are imported (what CUDA's figure leaves out by itself). Every example is at least --seq-len tokens long (shorter ones are dropped), so every
 row of every batch is full and both stacks compute the same number of tokens a step: tokens/s = steps x batch x
 seq-len / the time of the steps after the first --warmup. Both stacks use the same precision (bf16 autocast
 where the hardware computes bf16 natively, else fp32), AdamW, LoRA r/alpha/dropout and target (W_pack).
@@ -88,6 +89,15 @@ def peak_memory() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def runtime_memory() -> float:
+    """What the process holds before fine-tuning starts (Python + torch imported), the same for every row; 0 on
+    CUDA, where max_memory_allocated already leaves the runtime out."""
+    if torch.cuda.is_available():
+        return 0.0
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
 def run_ours(spec: str, base: Path, data: Path, args) -> dict:
@@ -181,9 +191,11 @@ def run_hf(spec: str, base: Path, data: Path, args) -> dict:
 
 def worker(args) -> None:
     torch.manual_seed(0)
+    runtime = runtime_memory()
     base, data = Path(args.base), Path(args.data)
     result = (run_hf if args.worker.startswith("hf-") else run_ours)(args.worker, base, data, args)
     result["peak_gib"] = peak_memory()
+    result["runtime_gib"] = runtime
     from baichuan.train.loop import resolve_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,7 +246,8 @@ def main() -> None:
             results[method] = json.loads(line[7:])
             r = results[method]
             print(
-                f"{method:13} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  loss {r['loss']:.4f}"
+                f"{method:13} {r['tokens_per_s']:10,.0f} tok/s  peak {r['peak_gib']:6.2f} GiB"
+                f" (runtime {r['runtime_gib']:.2f})  loss {r['loss']:.4f}"
                 f"  ({r['settings']})"
             )
         for lora, full, what in (
@@ -243,8 +256,13 @@ def main() -> None:
             ("lora:nogc", "full", "both without GC"),
         ):
             if lora in results and full in results:
-                ratio = results[lora]["peak_gib"] / results[full]["peak_gib"]
-                print(f"LoRA / full peak memory, {what}: {ratio:.2f} ({lora} / {full})")
+                a, b = results[lora], results[full]
+                ratio = a["peak_gib"] / b["peak_gib"]
+                above = (a["peak_gib"] - a["runtime_gib"]) / (b["peak_gib"] - b["runtime_gib"])
+                print(
+                    f"LoRA / full peak memory, {what}: {ratio:.2f} of the process, {above:.2f} above the "
+                    f"torch runtime ({lora} / {full})"
+                )
         for ours, theirs in (("full", "hf-full"), ("lora", "hf-lora"), ("lora:nogc", "hf-lora:nogc")):
             if ours in results and theirs in results:
                 speed = results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"]
