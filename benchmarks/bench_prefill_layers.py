@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/bench_prefill_layers.py                       # the 1.29B layer shapes, 512 rows
     PYTHONPATH=. python benchmarks/bench_prefill_layers.py --rows 128,512 --reps 5
     BAICHUAN_CPU_ISA=avx2 PYTHONPATH=. python benchmarks/bench_prefill_layers.py
+    PYTHONPATH=. python benchmarks/bench_prefill_layers.py --paths bf16,int4      # only the paths so named
 
 Paths (bf16 activations, as a bf16 model's prompt has):
   bf16            F.linear on the bf16 weight (what the bf16 model runs; the bar to reach).
@@ -11,7 +12,9 @@ Paths (bf16 activations, as a bf16 model's prompt has):
   int8 torch      torch._weight_int8pack_mm (Int8Linear's prompt path before).
   int8 _int_mm    activations quantized to int8 per row, torch._int_mm (oneDNN, VNNI), scaled back: not used by
                   the layers (int8 activations cost accuracy), measured to know what it would give.
-  int4 ours       Int4Linear's prompt path (as int8 ours).
+  int4 ours       Int4Linear's prompt path: in the AVX-512 builds activations quantized to int8 per group and
+                  multiplied by the codes with VNNI (`int4_matmul_int8`); in the avx2 build as int8 ours.
+  int4 dequant+mm Int4Linear's prompt path with kernels.INT4_INT8_ACTIVATIONS off: as int8 ours.
   int4 dequant    the whole weight dequantized by torch ops, then F.linear (Int4Linear's prompt path before).
 """
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from baichuan import cpu_gemv
+from baichuan.quant import kernels
 from baichuan.quant.int4 import Int4Linear
 from baichuan.quant.int8 import Int8Linear
 
@@ -38,6 +42,17 @@ def int_mm(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor) -> torc
     return (torch._int_mm(xq, codes_t).float() * s * scales).to(x.dtype)
 
 
+def without_int8_activations(fn):
+    def run():
+        kernels.INT4_INT8_ACTIVATIONS = False
+        try:
+            return fn()
+        finally:
+            kernels.INT4_INT8_ACTIVATIONS = True
+
+    return run
+
+
 def layer_paths(x: torch.Tensor, w16: torch.Tensor, q8: Int8Linear, q4: Int4Linear) -> dict:
     codes_t, scales32 = q8.weight.t(), q8.scales.float()  # (in, out), column-major
     return {
@@ -46,6 +61,7 @@ def layer_paths(x: torch.Tensor, w16: torch.Tensor, q8: Int8Linear, q4: Int4Line
         "int8 torch": lambda: torch._weight_int8pack_mm(x, q8.weight, q8.scales),
         "int8 _int_mm": lambda: int_mm(x, codes_t, scales32),
         "int4 ours": lambda: q4(x),
+        "int4 dequant+mm": without_int8_activations(lambda: q4(x)),
         "int4 dequant": lambda: F.linear(x, q4.dequantize(torch.bfloat16)),
     }
 
@@ -55,6 +71,9 @@ def main() -> None:
     p.add_argument("--rows", default="512", help="comma-separated activation row counts")
     p.add_argument("--reps", type=int, default=7, help="rounds of every path")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--paths", default=None, help="comma-separated name prefixes of the paths to run (default all)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,6 +92,9 @@ def main() -> None:
             for m in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(m, in_f).bfloat16()
                 paths = layer_paths(x, w16, q8, q4)
+                if args.paths:
+                    wanted = [w.strip() for w in args.paths.split(",")]
+                    paths = {n: f for n, f in paths.items() if any(n.startswith(w) for w in wanted)}
                 times = {name: [] for name in paths}
                 for _ in range(args.reps + 1):  # the first round warms up and is dropped
                     for name, fn in paths.items():

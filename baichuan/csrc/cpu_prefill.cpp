@@ -3,9 +3,10 @@
 // natively, fp32 otherwise), up to `PREFILL_TILE_BYTES` of output rows at a time (a whole layer but a large
 // vocabulary's head), and each such tile is one call of torch's (oneDNN's) GEMM (`baichuan/quant/kernels.py`,
 // `prefill_matmul`). A prompt reuses every weight hundreds of times, so the GEMM runs out of arithmetic, not
-// memory, and dequantizing once per product costs a few percent of it. This file only dequantizes, one pass over
-// the codes with 256-bit vectors (every build has AVX2): a torch expression of the same takes several passes and
-// cost as much as the GEMM itself on int4.
+// memory, and dequantizing once per product costs a few percent of it. The dequantizing is one pass over the
+// codes with 256-bit vectors (every build has AVX2): a torch expression of the same takes several passes and
+// cost as much as the GEMM itself on int4. The AVX-512 builds also have an int4 x int8 GEMM for bf16 prompts
+// (`int4_matmul_int8`, below), which multiplies the codes themselves by activations quantized to int8.
 //
 //   int8: w[n, k] = q[n, k] * scales[n].
 //   int4: w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k / G; q packed two per byte, column 2j in the
@@ -18,6 +19,7 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <vector>
 
 namespace baichuan_cpu_gemv {
 namespace {
@@ -146,6 +148,186 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scales_an
               group_size);
 }
 
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// int4 weights times int8 activations (the AVX-512 builds; the avx2 build has only the dequantizing path above).
+// Each activation row's group g of G values is quantized symmetrically, xq = round(x * 127 / amax), with scale
+// xs = amax / 127 and sum sq = sum(xq). Then, with c = zero - 8 * scale (so w = q * scale + c),
+//   y[m, n] = sum_g xs[m, g] * (scale[g, n] * dot_g(q[n], xq[m]) + c[g, n] * sq[m, g]),
+// where dot_g, of unsigned codes 0..15 and signed int8 values over one group, is exact in int32 (|dot| <= 1905 G)
+// and is what `vpdpbusd` adds up: 4 byte products a 32-bit lane, 64 a vector, twice the multiply-adds per
+// instruction of bf16's `vdpbf16ps`. Each task repacks 64 output columns' codes to one byte a code, laid
+// [K/4][64 columns][4 codes], so that one load gives 16 columns x 4 inputs, and runs every activation row past
+// them, a group at a time, 4 rows x 4 vectors of columns at a time.
+
+constexpr int64_t kBlockCols = 64;  // output columns a task repacks and works on
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+template <class T>
+void quantize_activations(const T* x, int8_t* xq, float* xs, int32_t* xsum, int64_t M, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskValues / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* p = x + m * K + g * G;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t k = 0; k < G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(p + k)));
+        const float a = _mm512_reduce_max_ps(amax);
+        const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+        xs[m * groups + g] = a / 127.0f;
+        const __m512 vinv = _mm512_set1_ps(inv);
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t k = 0; k < G; k += 16) {
+          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(p + k), vinv));  // nearest, ties to even
+          sum = _mm512_add_epi32(sum, q);
+          _mm_storeu_si128((__m128i*)(xq + m * K + g * G + k), _mm512_cvtepi32_epi8(q));
+        }
+        xsum[m * groups + g] = _mm512_reduce_add_epi32(sum);
+      }
+    }
+  });
+}
+
+// Columns [n0, n0 + width) of the plain nibbles -> wb [K/4][width][4] bytes; their scale and c = zero - 8 * scale
+// as fp32 [K/G][width].
+void repack_int4(const uint8_t* packed, const uint16_t* sz, int64_t n0, int64_t width, int64_t N, int64_t K,
+                 int64_t G, uint8_t* wb, float* ws, float* wc) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  uint32_t* words = reinterpret_cast<uint32_t*>(wb);
+  for (int64_t c = 0; c < width; ++c) {
+    const int64_t n = n0 + c;
+    const uint8_t* p = packed + n * (K / 2);
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(p + k / 2));
+      const __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+      alignas(16) uint32_t codes[8];  // 32 codes in column order, 4 a word
+      _mm_store_si128((__m128i*)codes, _mm_unpacklo_epi8(lo, hi));
+      _mm_store_si128((__m128i*)(codes + 4), _mm_unpackhi_epi8(lo, hi));
+      for (int i = 0; i < 8; ++i) words[(k / 4 + i) * width + c] = codes[i];
+    }
+    for (int64_t g = 0; g < K / G; ++g) {
+      const float scale = bf16_value(sz[(g * N + n) * 2]), zero = bf16_value(sz[(g * N + n) * 2 + 1]);
+      ws[g * width + c] = scale;
+      wc[g * width + c] = zero - 8.0f * scale;
+    }
+  }
+}
+
+// R activation rows x C vectors of 16 columns, one group g: out[r, 16 c + j] += that group's share (row stride ldo).
+// wb, ws and wc point at the group's codes, scales and offsets in the repacked block.
+template <int R, int C>
+void int4_tile(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t groups, int64_t G,
+               const uint8_t* wb, const float* ws, const float* wc, int64_t width, float* out, int64_t ldo) {
+  __m512i dot[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) dot[r][c] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < G; k += 4) {
+    const uint8_t* w = wb + k * width;  // (k / 4) * width * 4
+    __m512i wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_si512((const void*)(w + c * 64));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, xq + r * K + k, sizeof four);
+      const __m512i xv = _mm512_set1_epi32(four);
+      for (int c = 0; c < C; ++c) dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], wv[c], xv);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const __m512 s = _mm512_loadu_ps(ws + c * 16), z = _mm512_loadu_ps(wc + c * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][c]), s,
+                                       _mm512_mul_ps(z, _mm512_set1_ps(float(xsum[r * groups]))));
+      float* o = out + r * ldo + c * 16;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(t, _mm512_set1_ps(xs[r * groups]), _mm512_loadu_ps(o)));
+    }
+  }
+}
+
+using TileFn = void (*)(const int8_t*, const float*, const int32_t*, int64_t, int64_t, int64_t, const uint8_t*,
+                        const float*, const float*, int64_t, float*, int64_t);
+
+template <int R>
+TileFn tile_for(int64_t vectors) {
+  switch (vectors) {
+    case 1: return &int4_tile<R, 1>;
+    case 2: return &int4_tile<R, 2>;
+    case 3: return &int4_tile<R, 3>;
+    default: return &int4_tile<R, 4>;
+  }
+}
+
+TileFn tile_for(int64_t rows, int64_t vectors) {
+  switch (rows) {
+    case 1: return tile_for<1>(vectors);
+    case 2: return tile_for<2>(vectors);
+    case 3: return tile_for<3>(vectors);
+    default: return tile_for<4>(vectors);
+  }
+}
+
+// out (M, N) fp32 = x (M, K) (fp32 or bf16, activations quantized to int8 per group) @ int4 weight.T.
+void int4_matmul_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_and_zeros,
+                      int64_t group_size, torch::Tensor out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
+              "packed: contiguous uint8 (N, K/2)");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
+              "group size must be a multiple of 32 dividing K, got ", group_size);
+  TORCH_CHECK(N % 16 == 0, "output features must be a multiple of 16, got ", N);
+  TORCH_CHECK(scales_and_zeros.scalar_type() == torch::kBFloat16 && scales_and_zeros.is_contiguous() &&
+                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == K / group_size &&
+                  scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
+              "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.size(1) == K &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "x: contiguous fp32 or bf16 (M, K) on the CPU");
+  const int64_t M = x.size(0), groups = K / group_size;
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == torch::kFloat && out.size(0) == M &&
+                  out.size(1) == N,
+              "out: contiguous fp32 (M, N)");
+  auto xq = torch::empty({M, K}, torch::kChar);
+  auto xs = torch::empty({M, groups}, torch::kFloat);
+  auto xsum = torch::empty({M, groups}, torch::kInt);
+  if (x.scalar_type() == torch::kFloat)
+    quantize_activations(x.data_ptr<float>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>(),
+                         M, K, group_size);
+  else
+    quantize_activations(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), xq.data_ptr<int8_t>(),
+                         xs.data_ptr<float>(), xsum.data_ptr<int32_t>(), M, K, group_size);
+  const int8_t* q = xq.data_ptr<int8_t>();
+  const float* s = xs.data_ptr<float>();
+  const int32_t* sq = xsum.data_ptr<int32_t>();
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
+  float* y = out.data_ptr<float>();
+  const int64_t blocks = (N + kBlockCols - 1) / kBlockCols;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> wb(K * kBlockCols);
+    std::vector<float> ws(groups * kBlockCols), wc(groups * kBlockCols);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kBlockCols, width = std::min(kBlockCols, N - n0);
+      repack_int4(p, sz, n0, width, N, K, group_size, wb.data(), ws.data(), wc.data());
+      for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, width * sizeof(float));
+      const TileFn full = tile_for(4, width / 16);
+      // Group by group, so that a group's codes (G x 64 bytes) stay in L1 while every row passes them; the sums
+      // build up in out, which stays in L2.
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * group_size;
+        for (int64_t m = 0; m < M; m += 4) {
+          const TileFn fn = m + 4 <= M ? full : tile_for(M - m, width / 16);
+          fn(q + m * K + k0, s + m * groups + g, sq + m * groups + g, K, groups, group_size, wb.data() + k0 * width,
+             ws.data() + g * width, wc.data() + g * width, width, y + m * N + n0, N);
+        }
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 void register_prefill(pybind11::module_& m) {
@@ -153,6 +335,10 @@ void register_prefill(pybind11::module_& m) {
         "rows [start, start + out.size(0)) of int8 weight (N, K) times fp32 scales (N,) into out (fp32 or bf16)");
   m.def("dequantize_int4", &dequantize_int4,
         "rows [start, start + out.size(0)) of int4 packed (N, K/2), bf16 scales_and_zeros (K/G, N, 2) into out");
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  m.def("int4_matmul_int8", &int4_matmul_int8,
+        "out (M, N) fp32 = x (M, K) fp32/bf16, quantized to int8 per group, @ int4 packed (N, K/2) .T (VNNI)");
+#endif
 }
 
 }  // namespace baichuan_cpu_gemv

@@ -18,6 +18,7 @@ from baichuan.quant.kernels import (
     cpu_int4_layout,
     cuda_int4_inner_k_tiles,
     cuda_int4_nibble_order,
+    int4_matmul_int8,
     prefill_matmul,
     tile_int4_cpu,
     tile_int4_cuda,
@@ -338,7 +339,8 @@ class Int4Linear(nn.Module):
     def _prefill(self, x: torch.Tensor) -> torch.Tensor | None:
         """Prompts (more rows than `_gemv` takes) on the plain nibbles: dequantized tile by tile by our kernel
         module into one GEMM per tile (`prefill_matmul`), in bf16 for bf16 activations where the CPU has native
-        bf16, else in fp32; None where that does not apply."""
+        bf16, else in fp32 (bf16 activations, where the build has VNNI: quantized to int8 and multiplied in int8,
+        `int4_matmul_int8`); None where that does not apply."""
         if (
             x.device.type != "cpu"
             or self.tiled is not None
@@ -352,6 +354,9 @@ class Int4Linear(nn.Module):
         if module is None:
             return None
         weight, scales_and_zeros, group_size = self.weight, self.scales_and_zeros, self.group_size
+        y = int4_matmul_int8(module, x, weight, scales_and_zeros, group_size)
+        if y is not None:
+            return y
         return prefill_matmul(
             x,
             self.out_features,

@@ -62,6 +62,32 @@ def prefill_matmul(
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
+# int4 prompts of bf16 activations where our module has its VNNI kernel (the AVX-512 builds): the activations are
+# quantized to int8 per weight group and multiplied by the codes in int8 (`csrc/cpu_prefill.cpp`,
+# `int4_matmul_int8`), twice bf16's multiply-adds an instruction. bf16 activations have lost their low bits
+# already; fp32 ones keep their precision on the dequantizing path. False: always that path (benchmarks compare).
+INT4_INT8_ACTIVATIONS = True
+
+
+def int4_matmul_int8(
+    module, x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor | None:
+    """x (..., in) @ w.T for `Int4Linear`'s plain nibbles (out, in/2) with x quantized to int8 per group, or None
+    where this does not apply (then `prefill_matmul`)."""
+    out_features = packed.shape[0]
+    if (
+        not INT4_INT8_ACTIVATIONS
+        or x.dtype != torch.bfloat16
+        or out_features % 16
+        or not hasattr(module, "int4_matmul_int8")
+    ):
+        return None
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    module.int4_matmul_int8(rows, packed, scales_and_zeros, group_size, y)
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
 def has_int4_cpu_kernel() -> bool:
     ops = torch.ops.aten
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")

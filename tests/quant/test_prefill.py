@@ -100,13 +100,18 @@ def test_decode_rows_take_the_decode_kernels(module_name, monkeypatch):
     module = int8 if module_name == "int8" else int4
     real = module.prefill_matmul
     monkeypatch.setattr(module, "prefill_matmul", lambda x, *args: calls.append(len(x)) or real(x, *args))
+    if module_name == "int4":  # the int8-activation kernel is tried first (None where the build has none)
+        real_int8 = int4.int4_matmul_int8
+        monkeypatch.setattr(
+            int4, "int4_matmul_int8", lambda m, x, *args: calls.append(len(x)) or real_int8(m, x, *args)
+        )
     layer = int8_layer(64, 256) if module_name == "int8" else int4_layer(64, 256, 128)
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 8, cpu_gemv.MAX_ROWS):
         layer(torch.randn(rows, 256, generator=generator).bfloat16())
     assert calls == []
     layer(torch.randn(PROMPT_ROWS, 256, generator=generator).bfloat16())
-    assert calls == [PROMPT_ROWS]
+    assert calls and set(calls) == {PROMPT_ROWS}
 
 
 def test_gradients_flow_through_the_reference_path():
@@ -157,3 +162,98 @@ def test_dequantize_refuses_bad_arguments(build):
         build.dequantize_int4(
             torch.zeros(8, 24, dtype=torch.uint8), torch.zeros(1, 8, 2).bfloat16(), 48, 0, torch.empty(2, 48)
         )
+
+
+def has_int8_kernel(build) -> bool:
+    """The int4 x int8 kernel is in the AVX-512 builds (VNNI) and in no other."""
+    assert hasattr(build, "int4_matmul_int8") == (build.target != "avx2")
+    return hasattr(build, "int4_matmul_int8")
+
+
+def int8_activations(x: torch.Tensor, group_size: int):
+    """The kernel's activation quantizing, op for op in fp32: xq = round(x * (127 / amax)), scale amax / 127."""
+    xf = x.float().view(x.shape[0], -1, group_size)
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    return torch.round(xf * inv), amax / 127  # (M, K/G, G) integers, (M, K/G, 1)
+
+
+def int8_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """float64 of exactly the kernel's arithmetic: sum_g xs * (scale * dot(q, xq) + (zero - 8 scale) * sum(xq))."""
+    xq, xs = int8_activations(x, layer.group_size)
+    packed = layer.weight
+    # (N, K/G, G) codes 0..15
+    codes = torch.stack([packed & 15, packed >> 4], -1).view(packed.shape[0], -1, layer.group_size)
+    sz = layer.scales_and_zeros.float()  # (K/G, N, 2)
+    scale, c = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # fp32, as the kernel forms them
+    dot = torch.einsum("mgk,ngk->mgn", xq.double(), codes.double())
+    per_group = scale.double() * dot + c.double() * xq.double().sum(-1, keepdim=True)
+    return (xs.double() * per_group).sum(1)
+
+
+# N: one block of 64 columns, a block and a tail of 16, a tail of 48; M not a multiple of the 4-row tiles.
+@pytest.mark.parametrize("shape", [(64, 256, 128), (80, 384, 128), (112, 192, 64), (16, 1536, 32)], ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 66])
+def test_int4_matmul_int8_every_build(build, shape, rows):
+    if not has_int8_kernel(build):
+        return
+    layer = int4_layer(*shape)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, shape[1], generator=generator)
+    x[0, : shape[2]] *= 50  # one group's scale far from the others
+    if rows > 1:
+        x[1] = 0  # a row of zeros: scale 0, no division by it
+    for xin in (x, x.bfloat16()):
+        out = torch.full((rows, shape[0]), float("nan"))
+        build.int4_matmul_int8(xin, layer.weight, layer.scales_and_zeros, shape[2], out)
+        # Its own arithmetic: exact integer dots, then fp32 rounding only.
+        assert rel(out, int8_reference(xin, layer)) < 2e-6
+        # The exact product: each input is off by at most half its group's step, so each output is off by at most
+        # sum_g step_g / 2 * sum_(k in g) |w[n, k]| (plus fp32 rounding).
+        w = layer.dequantize().double()
+        exact = xin.double() @ w.t()
+        _, xs = int8_activations(xin, shape[2])
+        abs_w = w.abs().view(shape[0], -1, shape[2]).sum(-1)  # (N, K/G)
+        bound = (xs.double().squeeze(-1) / 2) @ abs_w.t()
+        assert ((out.double() - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs().max()).all()
+        if rows > 2:  # plain Gaussian rows (row 0 has a scaled-up group, row 1 is zero): 1-2%
+            assert rel(out[2:], exact[2:]) < 2.5e-2
+        if rows > 1:
+            assert torch.equal(out[1], torch.zeros(shape[0]))
+
+
+def test_int4_matmul_int8_refuses_bad_arguments(build):
+    if not has_int8_kernel(build):
+        return
+    layer = int4_layer(24, 64, 32)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        build.int4_matmul_int8(
+            torch.zeros(2, 64), layer.weight, layer.scales_and_zeros, 32, torch.empty(2, 24)
+        )
+    layer = int4_layer(16, 64, 32)
+    with pytest.raises(RuntimeError, match="out"):
+        build.int4_matmul_int8(
+            torch.zeros(2, 64), layer.weight, layer.scales_and_zeros, 32, torch.empty(2, 32)
+        )
+
+
+def test_int4_bf16_prompts_take_the_int8_kernel(monkeypatch):
+    """bf16 prompts of a layer whose outputs are a multiple of 16 go to the int8 kernel where the build has it (and
+    fp32 ones stay exact); with INT4_INT8_ACTIVATIONS off they take the dequantizing path."""
+    require_cpu_kernels()
+    module = cpu_gemv.load()
+    layer = int4_layer(96, 512, 128)
+    x = torch.randn(3, 70, 512, generator=torch.Generator().manual_seed(0))
+    xb = x.bfloat16()
+    exact = xb.double() @ layer.dequantize().double().t()
+    y = layer(xb)
+    if hasattr(module, "int4_matmul_int8"):
+        direct = torch.empty(210, 96)
+        module.int4_matmul_int8(xb.view(210, 512), layer.weight, layer.scales_and_zeros, 128, direct)
+        assert torch.equal(y, direct.view(3, 70, 96).bfloat16())
+    assert y.dtype == torch.bfloat16 and rel(y, exact) < 1e-2
+    assert rel(layer(x), x.double() @ layer.dequantize().double().t()) < 1e-5  # fp32: the exact path
+    monkeypatch.setattr(kernels, "INT4_INT8_ACTIVATIONS", False)
+    y_dequantized = layer(xb)  # products of the dequantized weight
+    assert rel(y_dequantized, exact) < 1e-2
+    assert torch.equal(y_dequantized, y) != hasattr(module, "int4_matmul_int8")
