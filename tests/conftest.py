@@ -52,6 +52,19 @@ def require_cpu_kernels() -> None:
     )
 
 
+def kernel_build(target: str):
+    """The compiled kernel module of one target (`cpu.KERNEL_TARGETS`), where this CPU runs it; a platform skip
+    where it cannot."""
+    from baichuan import cpu, cpu_gemv
+
+    require_cpu_kernels()
+    if target not in cpu.kernel_targets():
+        skip_platform(f"this CPU cannot run the {target} kernels (it runs {cpu.kernel_targets()})")
+    module = cpu_gemv.load_target(target)
+    assert module is not None and module.target == target
+    return module
+
+
 def _ci_skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str | None:
     """The reason of a skip that CI must not accept, or None."""
     if not (IN_CI and report.skipped) or hasattr(report, "wasxfail"):

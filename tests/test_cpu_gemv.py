@@ -19,7 +19,7 @@ import torch
 from baichuan import cpu, cpu_gemv
 from baichuan.model import Linear
 from baichuan.quant.int4 import Int4Linear, unpack_int4
-from tests.conftest import require_cpu_kernels, skip_platform
+from tests.conftest import kernel_build, require_cpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,7 @@ def kernels():
 @pytest.fixture(scope="module", params=cpu.KERNEL_TARGETS)
 def build(request):
     """The compiled module of one target, where this CPU runs it."""
-    require_cpu_kernels()
-    if request.param not in cpu.kernel_targets():
-        skip_platform(f"this CPU cannot run the {request.param} kernels (it runs {cpu.kernel_targets()})")
-    module = cpu_gemv.load_target(request.param)
-    assert module is not None and module.target == request.param
-    return module
+    return kernel_build(request.param)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

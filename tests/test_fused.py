@@ -19,17 +19,13 @@ from baichuan.generate import SamplingConfig, generate, generate_tokens
 from baichuan.kv_cache import KVCache
 from baichuan.model import Baichuan
 from baichuan.quant.swap import quantize_model
-from tests.conftest import require_cpu_kernels, skip_platform, tiny_config
+from tests.conftest import kernel_build, tiny_config
 
 
 @pytest.fixture(params=cpu.KERNEL_TARGETS)
 def build(request, monkeypatch):
     """The compiled module of one target, where this CPU runs it, used by the model's layers and fused path."""
-    require_cpu_kernels()
-    if request.param not in cpu.kernel_targets():
-        skip_platform(f"this CPU cannot run the {request.param} kernels (it runs {cpu.kernel_targets()})")
-    module = cpu_gemv.load_target(request.param)
-    assert module is not None and module.target == request.param
+    module = kernel_build(request.param)
     monkeypatch.setattr(cpu_gemv, "load", lambda: module)
     return module
 

@@ -12,7 +12,7 @@ from baichuan import cpu, cpu_gemv
 from baichuan.quant import int4, int8, kernels
 from baichuan.quant.int4 import Int4Linear
 from baichuan.quant.int8 import Int8Linear
-from tests.conftest import require_cpu_kernels, skip_platform
+from tests.conftest import kernel_build, require_cpu_kernels
 from tests.quant.conftest import gaussian_linear
 
 PROMPT_ROWS = cpu_gemv.MAX_ROWS + 1
@@ -21,12 +21,7 @@ PROMPT_ROWS = cpu_gemv.MAX_ROWS + 1
 @pytest.fixture(scope="module", params=cpu.KERNEL_TARGETS)
 def build(request):
     """The compiled module of one target, where this CPU runs it."""
-    require_cpu_kernels()
-    if request.param not in cpu.kernel_targets():
-        skip_platform(f"this CPU cannot run the {request.param} kernels (it runs {cpu.kernel_targets()})")
-    module = cpu_gemv.load_target(request.param)
-    assert module is not None and module.target == request.param
-    return module
+    return kernel_build(request.param)
 
 
 @pytest.fixture
