@@ -144,8 +144,8 @@ def run_hf(spec: str, base: Path, data: Path, args) -> dict:
     tokenizer = Tokenizer(base / "tokenizer.model")
     dataset = [tokenize_conversation(tokenizer, c, args.seq_len) for c in read_sft(data).conversations]
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    # Set on the trunk, as the Trainer's gradient_checkpointing would: transformers 5.24's call passes
-    # every_n_layers, which our face's _set_gradient_checkpointing does not take. The same per-layer recompute.
+    # Set on the trunk: the same per-layer recompute as the Trainer's gradient_checkpointing=True, which our
+    # face took only once its _set_gradient_checkpointing accepted transformers 5's every_n_layers.
     model.model.gradient_checkpointing = checkpointing(spec)
     if method == "hf-lora":
         from peft import LoraConfig, get_peft_model

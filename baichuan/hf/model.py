@@ -84,7 +84,15 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1
+    ) -> None:
+        # The trunk recomputes every layer with its own checkpointing (as the plain-PyTorch core trains), so a
+        # custom checkpoint function has nothing to replace; a sparser recompute is not offered.
+        if enable and every_n_layers != 1:
+            raise ValueError(
+                f"Baichuan recomputes every decoder layer; every_n_layers={every_n_layers} is not supported"
+            )
         self.model.gradient_checkpointing = enable
 
     def forward(

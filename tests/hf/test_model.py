@@ -139,6 +139,30 @@ def test_save_pretrained_round_trip(tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
 
 
+def test_gradient_checkpointing_enable_as_the_trainer_calls_it():
+    """transformers 5's Trainer calls gradient_checkpointing_enable, which passes every_n_layers: the recompute
+    must switch on and give the same gradients."""
+    config = BaichuanConfig.from_preset(
+        "baichuan2-7b",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=128,
+    )
+    torch.manual_seed(0)
+    model = BaichuanForCausalLM(config).train()
+    ids = torch.randint(0, 128, (2, 9))
+    model(ids, labels=ids).loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.model.gradient_checkpointing and model.is_gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    for a, b in zip(plain, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("variant", ["baichuan1_13b", "baichuan2_7b", "baichuan2_13b"])
 def test_model_chat_matches_original_greedy_chat(variant):
     from transformers import AutoTokenizer
