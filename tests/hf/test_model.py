@@ -119,17 +119,22 @@ def test_left_padded_batch_generate_matches_original(variant):
     assert out.tolist() == ref["padded_generate_sequences"].tolist()
 
 
-def test_save_pretrained_round_trip(tmp_path):
+def tiny_hf_model(preset: str, hidden: int, heads: int, ffn: int, vocab: int) -> BaichuanForCausalLM:
+    """A 2-layer model of a preset's kind (position encoding, head), seeded."""
     config = BaichuanConfig.from_preset(
-        "baichuan2-13b",
-        hidden_size=80,
+        preset,
+        hidden_size=hidden,
         num_hidden_layers=2,
-        num_attention_heads=10,
-        intermediate_size=96,
-        vocab_size=128,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        vocab_size=vocab,
     )
     torch.manual_seed(0)
-    model = BaichuanForCausalLM(config).eval()
+    return BaichuanForCausalLM(config)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = tiny_hf_model("baichuan2-13b", hidden=80, heads=10, ffn=96, vocab=128).eval()
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["position_encoding"] == "alibi" and saved["norm_head"] is True
@@ -142,16 +147,7 @@ def test_save_pretrained_round_trip(tmp_path):
 def test_gradient_checkpointing_enable_as_the_trainer_calls_it():
     """transformers 5's Trainer calls gradient_checkpointing_enable, which passes every_n_layers: the recompute
     must switch on and give the same gradients."""
-    config = BaichuanConfig.from_preset(
-        "baichuan2-7b",
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        vocab_size=128,
-    )
-    torch.manual_seed(0)
-    model = BaichuanForCausalLM(config).train()
+    model = tiny_hf_model("baichuan2-7b", hidden=64, heads=4, ffn=96, vocab=128).train()
     ids = torch.randint(0, 128, (2, 9))
     model(ids, labels=ids).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
@@ -186,16 +182,7 @@ def test_model_chat_matches_original_greedy_chat(variant):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_save_and_reload_on_the_transformers_face(tmp_path, bits):
-    config = BaichuanConfig.from_preset(
-        "baichuan2-7b",
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=256,
-    )
-    torch.manual_seed(0)
-    model = BaichuanForCausalLM(config).eval()
+    model = tiny_hf_model("baichuan2-7b", hidden=64, heads=4, ffn=128, vocab=256).eval()
     ids = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         reference = model(ids).logits
