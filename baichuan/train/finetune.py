@@ -31,6 +31,7 @@ from torch import nn
 from baichuan.checkpoint import config_dict, load_model, read_json, save_checkpoint
 from baichuan.config import ConfigError
 from baichuan.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, make_quantized_trainable
+from baichuan.train.distributed import launcher_ranks, process_group, shard_fsdp2, training_device
 from baichuan.train.loop import TrainConfig, TrainResult, WeightsIO, load_training_checkpoint, train
 from baichuan.train.sft_data import IGNORE_INDEX, SFTBatches, read_sft, tokenize_all
 
@@ -379,8 +380,6 @@ def prepare_data(cfg: FinetuneConfig, say: Callable[[str], None] = print):
 
 def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainResult:
     """Run a fine-tuning job as configured. Under torchrun (WORLD_SIZE > 1) each rank calls this."""
-    from baichuan.train.pretrain import _device, _fully_shard, _public_fsdp2
-
     if not cfg.model:
         raise ConfigError("--model is required: the base checkpoint directory")
     if not Path(cfg.model).is_dir():
@@ -404,20 +403,10 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
         from baichuan.train import zero
 
         zero.import_deepspeed()  # not installed: one line now, before anything is loaded
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(cfg.device, local_rank)
+    world, rank, local_rank = dataclasses.astuple(launcher_ranks())
+    device = training_device(cfg.device, local_rank)
     speak = say if rank == 0 else (lambda _: None)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    elif cfg.deepspeed and not dist.is_initialized():
-        # One process without a launcher: DeepSpeed still needs a process group, and LOCAL_RANK set.
-        os.environ.setdefault("LOCAL_RANK", "0")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
+    with process_group(device, world, bool(cfg.deepspeed)):
         tokenizer, examples, lengths, data = prepare_data(cfg, speak)
         batches = SFTBatches(
             examples,
@@ -456,14 +445,7 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
             ids = [device.index] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         elif world > 1:
-            if device.type == "cpu" and not _public_fsdp2():
-                raise ConfigError(
-                    f"--strategy fsdp: this torch ({torch.__version__}) cannot run FSDP2 on CPU"
-                )
-            fully_shard = _fully_shard()
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+            shard_fsdp2(model, device)
         out = Path(cfg.output_dir)
         z = c.z_loss_weight
         result = train(
@@ -482,9 +464,6 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None] = print) -> TrainRe
             write_output(cfg, result.last_checkpoint, out)
             speak(f"wrote {'the adapter' if cfg.lora else 'the fine-tuned model'} to {out}")
         return result
-    finally:
-        if (world > 1 or cfg.deepspeed) and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _deepspeed_engine(

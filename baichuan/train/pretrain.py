@@ -20,6 +20,7 @@ import torch.distributed as dist
 from baichuan.config import Config, ConfigError, preset
 from baichuan.model import Baichuan
 from baichuan.train.data import PackedBatches, TokenFile
+from baichuan.train.distributed import launcher_ranks, process_group, shard_fsdp2, training_device
 from baichuan.train.loop import TrainConfig, TrainResult, train
 from baichuan.train.tokenizer import CHAT_GENERATION_CONFIG, TOKENIZER_FILES
 
@@ -179,31 +180,6 @@ def checkpoint_files(cfg: PretrainConfig) -> dict[str, bytes]:
     return files
 
 
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def _fully_shard():
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import fully_shard
-    return fully_shard
-
-
-def _public_fsdp2() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _deepspeed_engine(cfg: PretrainConfig, model: Baichuan, world: int, device: torch.device, say):
     """The model under DeepSpeed ZeRO (see train/zero.py): our AdamW handed over, the config's "auto" values
     filled from the flags; the config used is written to OUT/deepspeed.json."""
@@ -227,23 +203,13 @@ def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
         raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
     if not cfg.data:
         raise ConfigError("--data is required: a directory written by `baichuan prepare-data`")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(cfg.device, local_rank)
+    world, rank, local_rank = dataclasses.astuple(launcher_ranks())
+    device = training_device(cfg.device, local_rank)
     if cfg.deepspeed:
         from baichuan.train import zero
 
         zero.import_deepspeed()  # not installed: one line now, before anything is loaded
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    elif cfg.deepspeed and not dist.is_initialized():
-        # One process without a launcher: DeepSpeed still needs a process group, and LOCAL_RANK set.
-        os.environ.setdefault("LOCAL_RANK", "0")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
+    with process_group(device, world, bool(cfg.deepspeed)):
         tokens = TokenFile.open(cfg.data)
         batches = PackedBatches(
             tokens.tokens, cfg.seq_len, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed
@@ -269,17 +235,7 @@ def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
             ids = [device.index] if device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         elif world > 1:
-            fully_shard = _fully_shard()
-            if device.type == "cpu" and not _public_fsdp2():
-                # torch 2.4's FSDP2 creates CUDA streams even for CPU modules (tested: it fails on CPU); 2.14
-                # runs it on CPU (tested). The public torch.distributed.fsdp.fully_shard is the cut used here.
-                raise ConfigError(
-                    f"--strategy fsdp: this torch ({torch.__version__}) cannot run FSDP2 on CPU (it needs CUDA "
-                    "there); use --strategy ddp, or a newer torch"
-                )
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+            shard_fsdp2(model, device)
         return train(
             model,
             batches,
@@ -290,6 +246,3 @@ def pretrain(cfg: PretrainConfig, say=print) -> TrainResult:
             device=device,
             say=say,
         )
-    finally:
-        if (world > 1 or cfg.deepspeed) and dist.is_initialized():
-            dist.destroy_process_group()
