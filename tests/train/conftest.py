@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,31 @@ def repo_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"  # as torchrun sets it for several processes; see one_thread below
     return env
+
+
+def run_processes(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`command` (a launcher and its workers, or one process) with this checkout first on the path, in a session
+    of its own. Past `timeout` the whole session is killed, not just the launcher (whose orphaned workers would
+    otherwise run on beside the rest of the suite), and the test fails with what was still alive and where it
+    waited, and the end of its output."""
+    with subprocess.Popen(
+        command, env=repo_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            alive = subprocess.run(
+                ["ps", "-o", "pid,ppid,stat,etime,wchan:24,args", "-g", str(process.pid)],
+                capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(
+                f"still running after {timeout:g} s: {' '.join(command)}\nprocesses:\n{alive}\n"
+                f"stderr (end):\n{stderr[-3000:]}\nstdout (end):\n{stdout[-1000:]}"
+            )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

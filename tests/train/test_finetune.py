@@ -20,7 +20,7 @@ from baichuan.cli import app
 from baichuan.config import ConfigError, preset
 from baichuan.lora import apply_adapter, read_adapter
 from baichuan.train.finetune import FinetuneConfig, check_lora_targets, finetune
-from tests.train.conftest import REPO, repo_env
+from tests.train.conftest import REPO, repo_env, run_processes
 
 QUIET = dict(progress=False, tensorboard=False, plot=False, precision="fp32", log_every=100)
 
@@ -208,10 +208,10 @@ def test_two_processes_equal_one(tmp_path, base, data):
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    two = subprocess.run(
+    two = run_processes(
         [*prefix, "-m", "baichuan.cli", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")],
-        env=repo_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "x 2 rank(s)" in two.stdout + two.stderr
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)

@@ -15,7 +15,7 @@ from baichuan.checkpoint import load_model
 from baichuan.config import ConfigError
 from baichuan.train.pretrain import PretrainConfig, load_config_file, pretrain
 from tests.conftest import skip_platform
-from tests.train.conftest import REPO, repo_env
+from tests.train.conftest import run_processes
 
 TINY = dict(layers=2, hidden=64, heads=4, ffn=128, seq_len=32, lr=3e-3, log_every=100)
 QUIET = dict(progress=False, tensorboard=False, plot=False, precision="fp32")
@@ -85,7 +85,7 @@ def run_cli(args: list[str], nproc: int, timeout: int = 120) -> subprocess.Compl
         command = [*prefix, "-m", "baichuan.cli", *args]
     else:
         command = [sys.executable, "-m", "baichuan.cli", *args]
-    return subprocess.run(command, env=repo_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return run_processes(command, timeout)
 
 
 COMMON = [

@@ -20,7 +20,7 @@ import pytest
 from baichuan.checkpoint import load_model
 from baichuan.train.pretrain import PretrainConfig, pretrain
 from baichuan.train.zero import DeepSpeedConfigError, resolve_config
-from tests.train.conftest import REPO, repo_env
+from tests.train.conftest import REPO, repo_env, run_processes
 
 CONFIGS = REPO / "configs" / "deepspeed"
 TINY = ["--preset", "baichuan2-7b", "--layers", "2", "--hidden", "64", "--heads", "4", "--ffn", "128",
@@ -139,7 +139,7 @@ def run(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.Compl
             pytest.fail(f"{script} is missing: install the project (pip install -e .)")
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
         command = [*launcher, "--master_port", str(free_port()), str(script), *args]
-    return subprocess.run(command, env=repo_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return run_processes(command, timeout)
 
 
 @pytest.fixture(scope="module")
