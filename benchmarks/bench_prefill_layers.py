@@ -12,9 +12,10 @@ Paths (bf16 activations, as a bf16 model's prompt has):
   int8 torch      torch._weight_int8pack_mm (Int8Linear's prompt path before).
   int8 _int_mm    activations quantized to int8 per row, torch._int_mm (oneDNN, VNNI), scaled back: not used by
                   the layers (int8 activations cost accuracy), measured to know what it would give.
-  int4 ours       Int4Linear's prompt path: in the AVX-512 builds activations quantized to int8 per group and
-                  multiplied by the codes with VNNI (`int4_matmul_int8`); in the avx2 build as int8 ours.
-  int4 dequant+mm Int4Linear's prompt path with kernels.INT4_INT8_ACTIVATIONS off: as int8 ours.
+  int4 ours       Int4Linear's prompt path: activations quantized to int8 per group and multiplied by the codes
+                  (`int4_matmul_int8`: VNNI in the AVX-512 builds, `vpmaddubsw` in the avx2 one).
+  int4 dequant+mm Int4Linear's prompt path with kernels.INT4_INT8_ACTIVATIONS off: as int8 ours (where bf16 is
+                  emulated and the avx2 build runs, as on a Zen 3: the decode kernel `int4_gemv` instead).
   int4 dequant    the whole weight dequantized by torch ops, then F.linear (Int4Linear's prompt path before).
 """
 

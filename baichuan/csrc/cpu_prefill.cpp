@@ -5,8 +5,10 @@
 // `prefill_matmul`). A prompt reuses every weight hundreds of times, so the GEMM runs out of arithmetic, not
 // memory, and dequantizing once per product costs a few percent of it. The dequantizing is one pass over the
 // codes with 256-bit vectors (every build has AVX2): a torch expression of the same takes several passes and
-// cost as much as the GEMM itself on int4. The AVX-512 builds also have an int4 x int8 GEMM for bf16 prompts
-// (`int4_matmul_int8`, below), which multiplies the codes themselves by activations quantized to int8.
+// cost as much as the GEMM itself on int4. Every build also has an int4 x int8 GEMM for bf16 prompts
+// (`int4_matmul_int8`, below), which multiplies the codes themselves by activations quantized to int8: with VNNI
+// `vpdpbusd` in the AVX-512 builds, with `vpmaddubsw` in the avx2 one (which takes the bf16 int4 prompts that ran
+// on the decode kernel where bf16 is emulated, as on a Zen 3, and on a dequantized bf16 GEMM elsewhere).
 //
 //   int8: w[n, k] = q[n, k] * scales[n].
 //   int4: w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k / G; q packed two per byte, column 2j in the
@@ -148,19 +150,30 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scales_an
               group_size);
 }
 
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-// int4 weights times int8 activations (the AVX-512 builds; the avx2 build has only the dequantizing path above).
-// Each activation row's group g of G values is quantized symmetrically, xq = round(x * 127 / amax), with scale
-// xs = amax / 127 and sum sq = sum(xq). Then, with c = zero - 8 * scale (so w = q * scale + c),
+// int4 weights times int8 activations, for bf16 prompts (every build). Each activation row's group g of G values
+// is quantized symmetrically, xq = round(x * 127 / amax), with scale xs = amax / 127 and sum sq = sum(xq). Then,
+// with c = zero - 8 * scale (so w = q * scale + c),
 //   y[m, n] = sum_g xs[m, g] * (scale[g, n] * dot_g(q[n], xq[m]) + c[g, n] * sq[m, g]),
-// where dot_g, of unsigned codes 0..15 and signed int8 values over one group, is exact in int32 (|dot| <= 1905 G)
-// and is what `vpdpbusd` adds up: 4 byte products a 32-bit lane, 64 a vector, twice the multiply-adds per
-// instruction of bf16's `vdpbf16ps`. Each task repacks 64 output columns' codes to one byte a code, laid
-// [K/4][64 columns][4 codes], so that one load gives 16 columns x 4 inputs, and runs every activation row past
-// them, a group at a time, 4 rows x 4 vectors of columns at a time.
+// where dot_g, of unsigned codes 0..15 and signed int8 values over one group, is exact in int32 (|dot| <= 1905 G).
+// Each task repacks 64 output columns' codes to one byte a code, laid [K/4][64 columns][4 codes], so that one
+// load gives a vector of columns x 4 inputs against a broadcast of 4 inputs of one row, and runs every activation
+// row past them, a group at a time, in tiles of a few rows x a few vectors of columns.
+//   AVX-512 (VNNI): `vpdpbusd` adds the 4 byte products of each 32-bit lane into it: 64 a vector, twice the
+//     multiply-adds per instruction of bf16's `vdpbf16ps`. Tiles of 4 rows x 4 vectors of 16 columns.
+//   AVX2: `vpmaddubsw` (u8 x s8 -> pairs summed in s16) gives 32 products an instruction, and its pair sums,
+//     |.| <= 2 * 15 * 127 = 3810, are added up in s16 over 32 inputs (8 of them, |.| <= 30480 < 32767, exact)
+//     before one `vpmaddwd` by ones widens them to int32: 2 instructions (maddubs + add) per 32 products where
+//     widening after every product takes 3. Tiles of 4 rows x 2 vectors of 8 columns: 8 s16 sums, 2 weight
+//     vectors, the broadcast and a product in 12 of the 16 registers.
+// Both builds quantize alike and do the same fp32 arithmetic on the same int32 dots, group by group, so they give
+// the same outputs.
 
 constexpr int64_t kBlockCols = 64;  // output columns a task repacks and works on
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kVectorCols = 16;  // columns of one vector of int32 sums
+constexpr int64_t kTileCols = 64;    // columns of one tile (at most: the block's tail may be narrower)
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
@@ -190,31 +203,6 @@ void quantize_activations(const T* x, int8_t* xq, float* xs, int32_t* xsum, int6
       }
     }
   });
-}
-
-// Columns [n0, n0 + width) of the plain nibbles -> wb [K/4][width][4] bytes; their scale and c = zero - 8 * scale
-// as fp32 [K/G][width].
-void repack_int4(const uint8_t* packed, const uint16_t* sz, int64_t n0, int64_t width, int64_t N, int64_t K,
-                 int64_t G, uint8_t* wb, float* ws, float* wc) {
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  uint32_t* words = reinterpret_cast<uint32_t*>(wb);
-  for (int64_t c = 0; c < width; ++c) {
-    const int64_t n = n0 + c;
-    const uint8_t* p = packed + n * (K / 2);
-    for (int64_t k = 0; k < K; k += 32) {
-      const __m128i b = _mm_loadu_si128((const __m128i*)(p + k / 2));
-      const __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
-      alignas(16) uint32_t codes[8];  // 32 codes in column order, 4 a word
-      _mm_store_si128((__m128i*)codes, _mm_unpacklo_epi8(lo, hi));
-      _mm_store_si128((__m128i*)(codes + 4), _mm_unpackhi_epi8(lo, hi));
-      for (int i = 0; i < 8; ++i) words[(k / 4 + i) * width + c] = codes[i];
-    }
-    for (int64_t g = 0; g < K / G; ++g) {
-      const float scale = bf16_value(sz[(g * N + n) * 2]), zero = bf16_value(sz[(g * N + n) * 2 + 1]);
-      ws[g * width + c] = scale;
-      wc[g * width + c] = zero - 8.0f * scale;
-    }
-  }
 }
 
 // R activation rows x C vectors of 16 columns, one group g: out[r, 16 c + j] += that group's share (row stride ldo).
@@ -260,12 +248,148 @@ TileFn tile_for(int64_t vectors) {
   }
 }
 
+#else  // AVX2
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kVectorCols = 8;
+constexpr int64_t kTileCols = 16;  // every tile is whole: N and so every block's width are multiples of 16
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+inline float reduce_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t reduce_add(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+}
+
+// As the AVX-512 one, 32 values at a time (G is a multiple of 32).
+template <class T>
+void quantize_activations(const T* x, int8_t* xq, float* xs, int32_t* xsum, int64_t M, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskValues / K), [&](int64_t m0, int64_t m1) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    // packs of 4 vectors leave 4-byte pieces in the order 0a 1a 2a 3a | 0b 1b 2b 3b (a, b the 128-bit halves)
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* p = x + m * K + g * G;
+        __m256 amax = _mm256_setzero_ps();
+        for (int64_t k = 0; k < G; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(load8(p + k), magnitude));
+        const float a = reduce_max(amax);
+        const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+        xs[m * groups + g] = a / 127.0f;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        __m256i sum = _mm256_setzero_si256();
+        for (int64_t k = 0; k < G; k += 32) {
+          __m256i q[4];
+          for (int i = 0; i < 4; ++i) {
+            q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(p + k + 8 * i), vinv));  // nearest, ties to even
+            sum = _mm256_add_epi32(sum, q[i]);
+          }
+          // |q| <= 127: the saturating packs change nothing.
+          const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+          _mm256_storeu_si256((__m256i*)(xq + m * K + g * G + k), _mm256_permutevar8x32_epi32(bytes, order));
+        }
+        xsum[m * groups + g] = reduce_add(sum);
+      }
+    }
+  });
+}
+
+// R activation rows x C vectors of 8 columns, one group g: out[r, 8 c + j] += that group's share (row stride ldo).
+// wb, ws and wc point at the group's codes, scales and offsets in the repacked block.
+template <int R, int C>
+void int4_tile(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t groups, int64_t G,
+               const uint8_t* wb, const float* ws, const float* wc, int64_t width, float* out, int64_t ldo) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i dot[R][C];
+  for (int64_t k0 = 0; k0 < G; k0 += 32) {
+    __m256i pairs[R][C];  // s16 sums of 32 inputs' products, exact (see above)
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) pairs[r][c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int64_t k = k0 + 4 * i;
+      const uint8_t* w = wb + k * width;  // (k / 4) * width * 4
+      __m256i wv[C];
+      for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_si256((const __m256i*)(w + c * 32));
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, xq + r * K + k, sizeof four);
+        const __m256i xv = _mm256_set1_epi32(four);
+        for (int c = 0; c < C; ++c) {
+          pairs[r][c] = _mm256_add_epi16(pairs[r][c], _mm256_maddubs_epi16(wv[c], xv));
+          // Each sum in a register of its own, added to in turn: without this the compiler re-associates the 8
+          // adds of the unrolled loop into a tree that keeps every product live and spills most of them.
+          asm("" : "+x"(pairs[r][c]));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) {
+        const __m256i d = _mm256_madd_epi16(pairs[r][c], ones);
+        dot[r][c] = k0 == 0 ? d : _mm256_add_epi32(dot[r][c], d);
+      }
+  }
+  for (int c = 0; c < C; ++c) {
+    const __m256 s = _mm256_loadu_ps(ws + c * 8), z = _mm256_loadu_ps(wc + c * 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][c]), s,
+                                       _mm256_mul_ps(z, _mm256_set1_ps(float(xsum[r * groups]))));
+      float* o = out + r * ldo + c * 8;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(t, _mm256_set1_ps(xs[r * groups]), _mm256_loadu_ps(o)));
+    }
+  }
+}
+
+using TileFn = void (*)(const int8_t*, const float*, const int32_t*, int64_t, int64_t, int64_t, const uint8_t*,
+                        const float*, const float*, int64_t, float*, int64_t);
+
+template <int R>
+TileFn tile_for(int64_t /* vectors: always 2 */) {
+  return &int4_tile<R, 2>;
+}
+#endif
+
 TileFn tile_for(int64_t rows, int64_t vectors) {
   switch (rows) {
     case 1: return tile_for<1>(vectors);
     case 2: return tile_for<2>(vectors);
     case 3: return tile_for<3>(vectors);
     default: return tile_for<4>(vectors);
+  }
+}
+
+// Columns [n0, n0 + width) of the plain nibbles -> wb [K/4][width][4] bytes; their scale and c = zero - 8 * scale
+// as fp32 [K/G][width].
+void repack_int4(const uint8_t* packed, const uint16_t* sz, int64_t n0, int64_t width, int64_t N, int64_t K,
+                 int64_t G, uint8_t* wb, float* ws, float* wc) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  uint32_t* words = reinterpret_cast<uint32_t*>(wb);
+  for (int64_t c = 0; c < width; ++c) {
+    const int64_t n = n0 + c;
+    const uint8_t* p = packed + n * (K / 2);
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(p + k / 2));
+      const __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+      alignas(16) uint32_t codes[8];  // 32 codes in column order, 4 a word
+      _mm_store_si128((__m128i*)codes, _mm_unpacklo_epi8(lo, hi));
+      _mm_store_si128((__m128i*)(codes + 4), _mm_unpackhi_epi8(lo, hi));
+      for (int i = 0; i < 8; ++i) words[(k / 4 + i) * width + c] = codes[i];
+    }
+    for (int64_t g = 0; g < K / G; ++g) {
+      const float scale = bf16_value(sz[(g * N + n) * 2]), zero = bf16_value(sz[(g * N + n) * 2 + 1]);
+      ws[g * width + c] = scale;
+      wc[g * width + c] = zero - 8.0f * scale;
+    }
   }
 }
 
@@ -312,21 +436,24 @@ void int4_matmul_int8(const torch::Tensor& x, const torch::Tensor& packed, const
       const int64_t n0 = b * kBlockCols, width = std::min(kBlockCols, N - n0);
       repack_int4(p, sz, n0, width, N, K, group_size, wb.data(), ws.data(), wc.data());
       for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, width * sizeof(float));
-      const TileFn full = tile_for(4, width / 16);
       // Group by group, so that a group's codes (G x 64 bytes) stay in L1 while every row passes them; the sums
       // build up in out, which stays in L2.
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k0 = g * group_size;
-        for (int64_t m = 0; m < M; m += 4) {
-          const TileFn fn = m + 4 <= M ? full : tile_for(M - m, width / 16);
-          fn(q + m * K + k0, s + m * groups + g, sq + m * groups + g, K, groups, group_size, wb.data() + k0 * width,
-             ws.data() + g * width, wc.data() + g * width, width, y + m * N + n0, N);
+        for (int64_t m = 0; m < M; m += kTileRows) {
+          const int64_t rows = std::min(kTileRows, M - m);
+          for (int64_t c0 = 0; c0 < width; c0 += kTileCols) {
+            const int64_t cols = std::min(kTileCols, width - c0);
+            tile_for(rows, cols / kVectorCols)(q + m * K + k0, s + m * groups + g, sq + m * groups + g, K, groups,
+                                               group_size, wb.data() + k0 * width + c0 * 4,
+                                               ws.data() + g * width + c0, wc.data() + g * width + c0, width,
+                                               y + m * N + n0 + c0, N);
+          }
         }
       }
     }
   });
 }
-#endif
 
 }  // namespace
 
@@ -335,10 +462,8 @@ void register_prefill(pybind11::module_& m) {
         "rows [start, start + out.size(0)) of int8 weight (N, K) times fp32 scales (N,) into out (fp32 or bf16)");
   m.def("dequantize_int4", &dequantize_int4,
         "rows [start, start + out.size(0)) of int4 packed (N, K/2), bf16 scales_and_zeros (K/G, N, 2) into out");
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   m.def("int4_matmul_int8", &int4_matmul_int8,
-        "out (M, N) fp32 = x (M, K) fp32/bf16, quantized to int8 per group, @ int4 packed (N, K/2) .T (VNNI)");
-#endif
+        "out (M, N) fp32 = x (M, K) fp32/bf16, quantized to int8 per group, @ int4 packed (N, K/2) .T");
 }
 
 }  // namespace baichuan_cpu_gemv

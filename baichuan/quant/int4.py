@@ -20,6 +20,7 @@ from baichuan.quant.kernels import (
     cuda_int4_nibble_order,
     int4_matmul_int8,
     prefill_matmul,
+    takes_int4_int8,
     tile_int4_cpu,
     tile_int4_cuda,
     untile_int4_cpu,
@@ -292,8 +293,9 @@ class Int4Linear(nn.Module):
     def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
         # Prompts too where bf16 is emulated: faster there than torch's kernel and than widening
-        # (benchmarks/README.md).
-        max_rows = sys.maxsize if half_is_emulated(KERNEL_DTYPE) else cpu_gemv.MAX_ROWS
+        # (benchmarks/README.md), except bf16 ones that the avx2 build's int4 x int8 product takes (`_prefill`).
+        long_prompts = half_is_emulated(KERNEL_DTYPE) and not self._avx2_int8_prompt(x)
+        max_rows = sys.maxsize if long_prompts else cpu_gemv.MAX_ROWS
         if (
             self.tiled is not None
             or self.cuda_tiles is not None
@@ -303,6 +305,16 @@ class Int4Linear(nn.Module):
             return None
         buffers = self._buffers
         return cpu_gemv.int4_gemv(x, buffers["weight"], buffers["scales_and_zeros"], self.group_size)
+
+    def _avx2_int8_prompt(self, x: torch.Tensor) -> bool:
+        """Whether x is a prompt (more rows than `cpu_gemv.MAX_ROWS`) that the avx2 build's `int4_matmul_int8`
+        takes. The AVX-512 builds' prompts keep their routes where bf16 is emulated (decode kernel), as before."""
+        if x.numel() <= cpu_gemv.MAX_ROWS * self.in_features:
+            return False
+        module = cpu_gemv.load()
+        return (
+            module is not None and module.target == "avx2" and takes_int4_int8(module, x, self.out_features)
+        )
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and self.cuda_tiles is not None:  # tinygemm computes in bf16, as the CPU kernel
@@ -337,10 +349,11 @@ class Int4Linear(nn.Module):
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Prompts (more rows than `_gemv` takes) on the plain nibbles: dequantized tile by tile by our kernel
-        module into one GEMM per tile (`prefill_matmul`), in bf16 for bf16 activations where the CPU has native
-        bf16, else in fp32 (bf16 activations, where the build has VNNI: quantized to int8 and multiplied in int8,
-        `int4_matmul_int8`); None where that does not apply."""
+        """Prompts (more rows than `_gemv` takes) on the plain nibbles: bf16 activations (outputs a multiple of 16)
+        quantized to int8 and multiplied in int8 by our kernel module (`int4_matmul_int8`: VNNI in the AVX-512
+        builds, `vpmaddubsw` in the avx2 one); others dequantized tile by tile into one GEMM per tile
+        (`prefill_matmul`), in bf16 for bf16 activations where the CPU has native bf16, else in fp32; None where
+        neither applies."""
         if (
             x.device.type != "cpu"
             or self.tiled is not None

@@ -62,11 +62,22 @@ def prefill_matmul(
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
-# int4 prompts of bf16 activations where our module has its VNNI kernel (the AVX-512 builds): the activations are
-# quantized to int8 per weight group and multiplied by the codes in int8 (`csrc/cpu_prefill.cpp`,
-# `int4_matmul_int8`), twice bf16's multiply-adds an instruction. bf16 activations have lost their low bits
-# already; fp32 ones keep their precision on the dequantizing path. False: always that path (benchmarks compare).
+# int4 prompts of bf16 activations: quantized to int8 per weight group and multiplied by the codes in int8
+# (`csrc/cpu_prefill.cpp`, `int4_matmul_int8`, in every build: VNNI `vpdpbusd` in the AVX-512 ones, twice bf16's
+# multiply-adds an instruction; `vpmaddubsw` in the avx2 one, 32 products an instruction against an fp32 FMA's 8).
+# bf16 activations have lost their low bits already; fp32 ones keep their precision on the dequantizing path.
+# False: always that path (benchmarks compare).
 INT4_INT8_ACTIVATIONS = True
+
+
+def takes_int4_int8(module, x: torch.Tensor, out_features: int) -> bool:
+    """Whether `int4_matmul_int8` takes x (bf16, the layer's outputs a multiple of 16) with this kernel module."""
+    return (
+        INT4_INT8_ACTIVATIONS
+        and x.dtype == torch.bfloat16
+        and out_features % 16 == 0
+        and hasattr(module, "int4_matmul_int8")
+    )
 
 
 def int4_matmul_int8(
@@ -75,12 +86,7 @@ def int4_matmul_int8(
     """x (..., in) @ w.T for `Int4Linear`'s plain nibbles (out, in/2) with x quantized to int8 per group, or None
     where this does not apply (then `prefill_matmul`)."""
     out_features = packed.shape[0]
-    if (
-        not INT4_INT8_ACTIVATIONS
-        or x.dtype != torch.bfloat16
-        or out_features % 16
-        or not hasattr(module, "int4_matmul_int8")
-    ):
+    if not takes_int4_int8(module, x, out_features):
         return None
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(rows.shape[0], out_features)

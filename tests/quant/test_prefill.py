@@ -172,12 +172,6 @@ def test_dequantize_refuses_bad_arguments(build):
         )
 
 
-def has_int8_kernel(build) -> bool:
-    """The int4 x int8 kernel is in the AVX-512 builds (VNNI) and in no other."""
-    assert hasattr(build, "int4_matmul_int8") == (build.target != "avx2")
-    return hasattr(build, "int4_matmul_int8")
-
-
 def int8_activations(x: torch.Tensor, group_size: int):
     """The kernel's activation quantizing, op for op in fp32: xq = round(x * (127 / amax)), scale amax / 127."""
     xf = x.float().view(x.shape[0], -1, group_size)
@@ -203,8 +197,6 @@ def int8_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(64, 256, 128), (80, 384, 128), (112, 192, 64), (16, 1536, 32)], ids=str)
 @pytest.mark.parametrize("rows", [1, 7, 66])
 def test_int4_matmul_int8_every_build(build, shape, rows):
-    if not has_int8_kernel(build):
-        return
     layer = int4_layer(*shape)
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, shape[1], generator=generator)
@@ -231,8 +223,6 @@ def test_int4_matmul_int8_every_build(build, shape, rows):
 
 
 def test_int4_matmul_int8_refuses_bad_arguments(build):
-    if not has_int8_kernel(build):
-        return
     layer = int4_layer(24, 64, 32)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         build.int4_matmul_int8(
@@ -266,3 +256,145 @@ def test_int4_bf16_prompts_take_the_int8_kernel(monkeypatch):
     y_dequantized = layer(xb)  # products of the dequantized weight
     assert rel(y_dequantized, exact) < 1e-2
     assert torch.equal(y_dequantized, y) != hasattr(module, "int4_matmul_int8")
+
+
+# --- the avx2 build's int4 x int8 product (`vpmaddubsw`) -------------------------------------------------------
+
+
+def int8_dequantized_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """float64 product of the activations as the kernel quantizes them (xq * xs) and the dequantized weight."""
+    xq, xs = int8_activations(x, layer.group_size)
+    return (xq.double() * xs.double()).view(x.shape[0], -1) @ layer.dequantize().double().t()
+
+
+# Rows past the decode kernels and across the 4-row tiles (129, 200, 513); outputs a multiple of 16 but not of the
+# 64-column blocks; every group size the prompt path meets.
+@pytest.mark.parametrize("shape", [(48, 96, 32), (208, 192, 64), (80, 384, 128), (64, 512, 32)], ids=str)
+@pytest.mark.parametrize("rows", [129, 200, 513])
+def test_avx2_int4_matmul_int8_matches_the_references(shape, rows):
+    """The avx2 kernel against the dequantized weight times the int8-quantized activations (float64), and against
+    the AVX-512 kernel (same quantizing, same fp32 arithmetic on the same int32 dots: equal) where this CPU runs it."""
+    avx2 = kernel_build("avx2")
+    layer = int4_layer(*shape)
+    generator = torch.Generator().manual_seed(rows + shape[0])
+    x = torch.randn(rows, shape[1], generator=generator)
+    x[3, : shape[2]] *= 50  # one group's scale far from the others
+    x[5] = 0  # a row of zeros
+    for xin in (x.bfloat16(), x):
+        out = torch.full((rows, shape[0]), float("nan"))
+        avx2.int4_matmul_int8(xin, layer.weight, layer.scales_and_zeros, shape[2], out)
+        assert rel(out, int8_dequantized_reference(xin, layer)) < 2e-6
+        assert rel(out, int8_reference(xin, layer)) < 2e-6
+        assert torch.equal(out[5], torch.zeros(shape[0]))
+        if "avx512" in cpu.kernel_targets():
+            out512 = torch.empty(rows, shape[0])
+            kernel_build("avx512").int4_matmul_int8(
+                xin, layer.weight, layer.scales_and_zeros, shape[2], out512
+            )
+            assert torch.equal(out, out512)
+
+
+def test_avx2_int4_matmul_int8_sums_the_extremes_exactly():
+    """Codes 15 against activations +-127 over whole groups: the s16 sums of 32 products reach +-30480, the most
+    they can, and must not wrap (the dot of a group of 128 is then 127 * 15 * 128 in int32)."""
+    avx2 = kernel_build("avx2")
+    n, k, g = 32, 256, 128
+    codes = torch.full((n, k), 15, dtype=torch.uint8)
+    codes[1::2, 64:] = 0  # some columns of code 0: the other extreme
+    scales = torch.full((n, k // g), 0.5)
+    zeros = torch.zeros(n, k // g)
+    layer = Int4Linear.from_quantized_tensors(codes, scales, zeros, g, packed=False)
+    x = torch.ones(2, k)
+    x[1] = -1
+    out = torch.empty(2, n)
+    avx2.int4_matmul_int8(x.bfloat16(), layer.weight, layer.scales_and_zeros, g, out)
+    exact = x.double() @ layer.dequantize().double().t()  # +-1 quantize to +-127 exactly
+    assert torch.equal(out.double(), exact)
+
+
+class CountingBuild:
+    """A kernel module that records the rows of each product it runs (`int4_gemv`, `int4_matmul_int8`, ...)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if not callable(attr):
+            return attr
+
+        def counted(x, *args):
+            self.calls.append((name, x.shape[0]))
+            return attr(x, *args)
+
+        return counted
+
+
+@pytest.mark.parametrize("emulated", [True, False], ids=["bf16-emulated", "bf16-native"])
+def test_avx2_build_sends_int4_bf16_prompts_to_the_int8_kernel(monkeypatch, emulated):
+    """Under the avx2 build, bf16 prompts of an int4 layer go to `int4_matmul_int8` (where bf16 is emulated, as on
+    a Zen 3, instead of the decode kernel); decode rows, fp32 prompts and outputs not a multiple of 16 keep their
+    paths."""
+    build = CountingBuild(kernel_build("avx2"))
+    monkeypatch.setattr(cpu_gemv, "load", lambda: build)
+    monkeypatch.setattr(int4, "half_is_emulated", lambda dtype: emulated)
+    monkeypatch.setattr(kernels, "half_is_emulated", lambda dtype: emulated)
+    layer = int4_layer(96, 512, 128)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, 512, generator=generator).bfloat16()
+    y = layer(x)
+    assert build.calls == [("int4_matmul_int8", 210)]
+    direct = torch.empty(210, 96)
+    build.module.int4_matmul_int8(x.view(210, 512), layer.weight, layer.scales_and_zeros, 128, direct)
+    assert torch.equal(y, direct.view(3, 70, 96).bfloat16())
+    build.calls.clear()
+    layer(torch.randn(cpu_gemv.MAX_ROWS, 512, generator=generator).bfloat16())
+    assert build.calls == [("int4_gemv", cpu_gemv.MAX_ROWS)]
+    build.calls.clear()
+    layer(x.float())  # fp32 prompts keep their precision: never quantized to int8
+    assert [name for name, _ in build.calls] == (["int4_gemv"] if emulated else ["dequantize_int4"])
+    build.calls.clear()
+    odd = int4_layer(40, 512, 128)
+    odd(x)
+    assert [name for name, _ in build.calls] == (["int4_gemv"] if emulated else ["dequantize_int4"])
+
+
+def test_avx512_build_keeps_its_emulated_bf16_route(monkeypatch):
+    """Only the avx2 build's routing changed: an AVX-512 build where bf16 is emulated still sends int4 prompts to
+    the decode kernel."""
+    if "avx512" not in cpu.kernel_targets():
+        skip_platform("this CPU cannot run the avx512 kernels")
+    build = CountingBuild(kernel_build("avx512"))
+    monkeypatch.setattr(cpu_gemv, "load", lambda: build)
+    monkeypatch.setattr(int4, "half_is_emulated", lambda dtype: True)
+    layer = int4_layer(96, 512, 128)
+    layer(torch.randn(PROMPT_ROWS, 512, generator=torch.Generator().manual_seed(0)).bfloat16())
+    assert build.calls == [("int4_gemv", PROMPT_ROWS)]
+
+
+def test_avx2_build_int4_model_prompt_takes_the_int8_kernel(monkeypatch):
+    """A bf16 int4 model's prompt under the avx2 build, bf16 emulated (a Zen 3): every int4 layer runs the int8
+    kernel, none the decode kernel, and the logits stay those of the dequantized model."""
+    from baichuan.config import ROPE
+    from baichuan.model import Baichuan
+    from baichuan.quant.swap import quantize_model
+    from tests.conftest import tiny_config
+
+    build = CountingBuild(kernel_build("avx2"))
+    monkeypatch.setattr(cpu_gemv, "load", lambda: build)
+    monkeypatch.setattr(int4, "half_is_emulated", lambda dtype: True)
+    model = Baichuan(tiny_config(ROPE, ffn_dim=128))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    quantize_model(model, 4, group_size=32)
+    model = model.to(torch.bfloat16).eval()
+    n_int4 = sum(isinstance(m, Int4Linear) for m in model.modules())
+    ids = torch.randint(3, 512, (1, PROMPT_ROWS), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = model(ids)
+        names = [name for name, rows in build.calls if rows == PROMPT_ROWS]
+        assert names.count("int4_matmul_int8") == n_int4 > 0 and "int4_gemv" not in names
+        for m in model.modules():
+            if isinstance(m, Int4Linear):
+                m.use_kernel = False  # the dequantized weight, in fp32 (`_matmul`'s reference path)
+        reference = model(ids)
+    assert rel(logits.float(), reference.double()) < 3e-2
