@@ -164,16 +164,23 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scales_an
 //     |.| <= 2 * 15 * 127 = 3810, are added up in s16 over 32 inputs (8 of them, |.| <= 30480 < 32767, exact)
 //     before one `vpmaddwd` by ones widens them to int32: 2 instructions (maddubs + add) per 32 products where
 //     widening after every product takes 3. Tiles of 4 rows x 2 vectors of 8 columns: 8 s16 sums, 2 weight
-//     vectors, the broadcast and a product in 12 of the 16 registers.
+//     vectors, the broadcast and a product in 12 of the 16 registers. A tile covers whole groups, up to 256
+//     inputs, and adds their shares up in registers before it writes out (in L2) once.
 // Both builds quantize alike and do the same fp32 arithmetic on the same int32 dots, group by group, so they give
 // the same outputs.
 
 constexpr int64_t kBlockCols = 64;  // output columns a task repacks and works on
 
+// A tile function: rows of xq x columns of the repacked block, `count` groups (see each build's int4_tile).
+using TileFn = void (*)(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t groups, int64_t G,
+                        int64_t count, const uint8_t* wb, const float* ws, const float* wc, int64_t width,
+                        float* out, int64_t ldo);
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kVectorCols = 16;  // columns of one vector of int32 sums
 constexpr int64_t kTileCols = 64;    // columns of one tile (at most: the block's tail may be narrower)
+constexpr int64_t kTileInputs = 1;   // inputs a tile call covers, at least: one group
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
@@ -209,7 +216,8 @@ void quantize_activations(const T* x, int8_t* xq, float* xs, int32_t* xsum, int6
 // wb, ws and wc point at the group's codes, scales and offsets in the repacked block.
 template <int R, int C>
 void int4_tile(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t groups, int64_t G,
-               const uint8_t* wb, const float* ws, const float* wc, int64_t width, float* out, int64_t ldo) {
+               int64_t /* count: always 1 (kTileInputs) */, const uint8_t* wb, const float* ws, const float* wc,
+               int64_t width, float* out, int64_t ldo) {
   __m512i dot[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) dot[r][c] = _mm512_setzero_si512();
@@ -235,8 +243,6 @@ void int4_tile(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K
   }
 }
 
-using TileFn = void (*)(const int8_t*, const float*, const int32_t*, int64_t, int64_t, int64_t, const uint8_t*,
-                        const float*, const float*, int64_t, float*, int64_t);
 
 template <int R>
 TileFn tile_for(int64_t vectors) {
@@ -252,6 +258,9 @@ TileFn tile_for(int64_t vectors) {
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kVectorCols = 8;
 constexpr int64_t kTileCols = 16;  // every tile is whole: N and so every block's width are multiples of 16
+// Inputs a tile call covers (whole groups, at least one): the sums stay in registers across its groups, and its
+// codes (256 x 64 bytes of the block) in L1.
+constexpr int64_t kTileInputs = 256;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
@@ -304,54 +313,62 @@ void quantize_activations(const T* x, int8_t* xq, float* xs, int32_t* xsum, int6
   });
 }
 
-// R activation rows x C vectors of 8 columns, one group g: out[r, 8 c + j] += that group's share (row stride ldo).
-// wb, ws and wc point at the group's codes, scales and offsets in the repacked block.
+// R activation rows x C vectors of 8 columns, `count` groups from g on: out[r, 8 c + j] += those groups' shares
+// (row stride ldo), added group after group as the AVX-512 tile adds them, but in registers (or L1) rather than
+// in out (L2) between groups. wb, ws and wc point at group g's codes, scales and offsets in the repacked block.
 template <int R, int C>
 void int4_tile(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t groups, int64_t G,
-               const uint8_t* wb, const float* ws, const float* wc, int64_t width, float* out, int64_t ldo) {
+               int64_t count, const uint8_t* wb, const float* ws, const float* wc, int64_t width, float* out,
+               int64_t ldo) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i dot[R][C];
-  for (int64_t k0 = 0; k0 < G; k0 += 32) {
-    __m256i pairs[R][C];  // s16 sums of 32 inputs' products, exact (see above)
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) pairs[r][c] = _mm256_setzero_si256();
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_loadu_ps(out + r * ldo + c * 8);
+  for (int64_t j = 0; j < count; ++j) {
+    const int8_t* xg = xq + j * G;
+    const uint8_t* wg = wb + j * G * width;
+    __m256i dot[R][C];
+    for (int64_t k0 = 0; k0 < G; k0 += 32) {
+      __m256i pairs[R][C];  // s16 sums of 32 inputs' products, exact (see above)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) pairs[r][c] = _mm256_setzero_si256();
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) {
-      const int64_t k = k0 + 4 * i;
-      const uint8_t* w = wb + k * width;  // (k / 4) * width * 4
-      __m256i wv[C];
-      for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_si256((const __m256i*)(w + c * 32));
-      for (int r = 0; r < R; ++r) {
-        int32_t four;
-        std::memcpy(&four, xq + r * K + k, sizeof four);
-        const __m256i xv = _mm256_set1_epi32(four);
-        for (int c = 0; c < C; ++c) {
-          pairs[r][c] = _mm256_add_epi16(pairs[r][c], _mm256_maddubs_epi16(wv[c], xv));
-          // Each sum in a register of its own, added to in turn: without this the compiler re-associates the 8
-          // adds of the unrolled loop into a tree that keeps every product live and spills most of them.
-          asm("" : "+x"(pairs[r][c]));
+      for (int i = 0; i < 8; ++i) {
+        const int64_t k = k0 + 4 * i;
+        const uint8_t* w = wg + k * width;  // (k / 4) * width * 4
+        __m256i wv[C];
+        for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_si256((const __m256i*)(w + c * 32));
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, xg + r * K + k, sizeof four);
+          const __m256i xv = _mm256_set1_epi32(four);
+          for (int c = 0; c < C; ++c) {
+            pairs[r][c] = _mm256_add_epi16(pairs[r][c], _mm256_maddubs_epi16(wv[c], xv));
+            // Each sum in a register of its own, added to in turn: without this the compiler re-associates the 8
+            // adds of the unrolled loop into a tree that keeps every product live and spills most of them.
+            asm("" : "+x"(pairs[r][c]));
+          }
         }
       }
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) {
+          const __m256i d = _mm256_madd_epi16(pairs[r][c], ones);
+          dot[r][c] = k0 == 0 ? d : _mm256_add_epi32(dot[r][c], d);
+        }
     }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) {
-        const __m256i d = _mm256_madd_epi16(pairs[r][c], ones);
-        dot[r][c] = k0 == 0 ? d : _mm256_add_epi32(dot[r][c], d);
+    for (int c = 0; c < C; ++c) {
+      const __m256 s = _mm256_loadu_ps(ws + j * width + c * 8), z = _mm256_loadu_ps(wc + j * width + c * 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][c]), s,
+                                         _mm256_mul_ps(z, _mm256_set1_ps(float(xsum[r * groups + j]))));
+        acc[r][c] = _mm256_fmadd_ps(t, _mm256_set1_ps(xs[r * groups + j]), acc[r][c]);
       }
-  }
-  for (int c = 0; c < C; ++c) {
-    const __m256 s = _mm256_loadu_ps(ws + c * 8), z = _mm256_loadu_ps(wc + c * 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][c]), s,
-                                       _mm256_mul_ps(z, _mm256_set1_ps(float(xsum[r * groups]))));
-      float* o = out + r * ldo + c * 8;
-      _mm256_storeu_ps(o, _mm256_fmadd_ps(t, _mm256_set1_ps(xs[r * groups]), _mm256_loadu_ps(o)));
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + r * ldo + c * 8, acc[r][c]);
 }
 
-using TileFn = void (*)(const int8_t*, const float*, const int32_t*, int64_t, int64_t, int64_t, const uint8_t*,
-                        const float*, const float*, int64_t, float*, int64_t);
 
 template <int R>
 TileFn tile_for(int64_t /* vectors: always 2 */) {
@@ -436,16 +453,17 @@ void int4_matmul_int8(const torch::Tensor& x, const torch::Tensor& packed, const
       const int64_t n0 = b * kBlockCols, width = std::min(kBlockCols, N - n0);
       repack_int4(p, sz, n0, width, N, K, group_size, wb.data(), ws.data(), wc.data());
       for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, width * sizeof(float));
-      // Group by group, so that a group's codes (G x 64 bytes) stay in L1 while every row passes them; the sums
-      // build up in out, which stays in L2.
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t k0 = g * group_size;
+      // A few groups at a time (one with AVX-512), so that their codes (up to 256 x 64 bytes) stay in L1 while
+      // every row passes them; the sums build up in out, which stays in L2.
+      const int64_t step = std::max<int64_t>(1, kTileInputs / group_size);
+      for (int64_t g = 0; g < groups; g += step) {
+        const int64_t k0 = g * group_size, count = std::min(step, groups - g);
         for (int64_t m = 0; m < M; m += kTileRows) {
           const int64_t rows = std::min(kTileRows, M - m);
           for (int64_t c0 = 0; c0 < width; c0 += kTileCols) {
             const int64_t cols = std::min(kTileCols, width - c0);
             tile_for(rows, cols / kVectorCols)(q + m * K + k0, s + m * groups + g, sq + m * groups + g, K, groups,
-                                               group_size, wb.data() + k0 * width + c0 * 4,
+                                               group_size, count, wb.data() + k0 * width + c0 * 4,
                                                ws.data() + g * width + c0, wc.data() + g * width + c0, width,
                                                y + m * N + n0 + c0, N);
           }
