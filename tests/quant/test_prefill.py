@@ -61,7 +61,8 @@ def check_prompt(layer, x: torch.Tensor) -> None:
 def require_int4_prompt_path() -> None:
     """int4 prompts take the prompt path only where bf16 is native; where it is emulated (this CPU, or a torch
     that cannot tell, such as 2.4) they stay on the decode kernels for every row, as `Int4Linear._gemv` says,
-    and tests/test_cpu_gemv.py covers those."""
+    and tests/test_cpu_gemv.py covers those; but for bf16 prompts under the avx2 build, which the
+    `test_avx2_build_*` tests below cover on any CPU."""
     if cpu.half_is_emulated(torch.bfloat16):
         skip_platform(
             "bf16 is emulated here, so int4 prompts stay on the decode kernels (not the prompt path)"
