@@ -12,8 +12,8 @@ with the real Baichuan-7B vocabulary (64,000 pieces):
 
 Each model's NormHead is folded into a plain Linear (`checkpoint.fold_norm_head`, as inference does) and this fp32
 model is the reference. Variants, each built from a deep copy of it: bf16 (every weight rounded to bf16), int8
-(every linear, per output channel), int4 group 128 with lm_head int8 (`quantize_model`'s default), int4 group 32,
-and int4 group 128 with lm_head int4 too. FFN 768 keeps every in_features a multiple of both group sizes and every
+(every linear, per output channel), int8 with lm_head kept in float (as the original `quantize(8)` does), int4
+group 128 with lm_head int8 (`quantize_model`'s default), int4 group 32, and int4 group 128 with lm_head int4 too. FFN 768 keeps every in_features a multiple of both group sizes and every
 out_features a multiple of 16, as the CPU int4 kernel needs.
 
 The tables evaluate every variant with fp32 activations, so that only its stored weights differ from the
@@ -191,7 +191,12 @@ def quantized(
 # key -> (table label, builder of the variant as stored, from the folded fp32 reference)
 VARIANTS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "bf16": ("bf16 weights", lambda reference: copy.deepcopy(reference).to(torch.bfloat16)),
-    "int8": ("int8 (every linear)", quantized(8)),
+    "int8": ("int8 (every linear; the default)", quantized(8)),
+    # The original quantize(8) (Baichuan-13B's QLinear, Baichuan2's bnb path) leaves lm_head in float.
+    "int8-headfloat": (
+        "int8, lm_head float (the original's choice)",
+        quantized(8, overrides={"lm_head": None}),
+    ),
     "int4": ("int4 g128, lm_head int8 (default)", quantized(4)),
     "int4-g32": ("int4 g32, lm_head int8", quantized(4, 32)),
     "int4-head4": ("int4 g128, lm_head int4", quantized(4, overrides={})),
