@@ -13,8 +13,9 @@ with the real Baichuan-7B vocabulary (64,000 pieces):
 Each model's NormHead is folded into a plain Linear (`checkpoint.fold_norm_head`, as inference does) and this fp32
 model is the reference. Variants, each built from a deep copy of it: bf16 (every weight rounded to bf16), int8
 (every linear, per output channel), int8 with lm_head kept in float (as the original `quantize(8)` does), int4
-group 128 with lm_head int8 (`quantize_model`'s default), int4 group 32, and int4 group 128 with lm_head int4 too. FFN 768 keeps every in_features a multiple of both group sizes and every
-out_features a multiple of 16, as the CPU int4 kernel needs.
+group 128 with lm_head int8 (`quantize_model`'s default), int4 group 32, and int4 group 128 with lm_head int4 too.
+FFN 768 keeps every in_features a multiple of both group sizes and every out_features a multiple of 16, as the CPU
+int4 kernel needs.
 
 The tables evaluate every variant with fp32 activations, so that only its stored weights differ from the
 reference: bf16 weights are widened back to fp32 and each quantized linear becomes an fp32 Linear holding its
