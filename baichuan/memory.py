@@ -72,7 +72,7 @@ def weight_bytes(
     """The weights as loaded: embeddings and norms always in the float dtype; the decoder's linear layers in it
     too, or weight-only int8 (one byte a weight + one float scale a row) or int4 (half a byte a weight + a bf16
     scale and zero a group of `group_size` inputs a row). `head_bits`: the output head's, None for float
-    (4-bit models keep it at 8 by default, see quant.spec.DEFAULT_INT4_OVERRIDES)."""
+    (by default 8-bit models keep it in float and 4-bit ones at 8 bits, see quant.spec.DEFAULT_HEAD_BITS)."""
     d, f, V = config.dim, config.ffn_dim, config.vocab_size
     floats = V * d + (2 * config.n_layers + 1) * d  # embeddings, norms
     layer = [(3 * d, d), (d, d), (f, d), (f, d), (d, f)]  # (out, in): W_pack, o_proj, gate, up, down

@@ -26,7 +26,7 @@ from baichuan.config import Config
 from baichuan.cpu import half_is_emulated
 from baichuan.generate import SamplingConfig, read_generation_config
 from baichuan.model import Baichuan
-from baichuan.quant.spec import QUANT_METHOD, QuantizationError, read_quantization
+from baichuan.quant.spec import QUANT_METHOD, QuantizationError, default_overrides, read_quantization
 from baichuan.tokenizer import Tokenizer
 
 DTYPE_NAMES = {
@@ -136,8 +136,9 @@ class Prepared:
         """Memory of a run with `rows` KV cache rows of `seq_len` positions and a `prefill`-token forward."""
         record = self.quantization or {}
         bits = self.quantize or record.get("bits")
-        # 4-bit models keep the head at 8 bits unless the record says otherwise (quant.spec.DEFAULT_INT4_OVERRIDES)
-        head_bits = record.get("overrides", {}).get("lm_head", 8 if bits == 4 else bits)
+        # The record names the head's bits; a model quantized as it loads gets the default policy.
+        overrides = record.get("overrides", default_overrides(bits) if bits else {})
+        head_bits = overrides.get("lm_head", bits)
         emulated = self.dtype.itemsize == 2 and half_is_emulated(self.dtype)
         return memory.estimate(
             config or self.config,

@@ -192,12 +192,9 @@ def quantized(
 # key -> (table label, builder of the variant as stored, from the folded fp32 reference)
 VARIANTS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "bf16": ("bf16 weights", lambda reference: copy.deepcopy(reference).to(torch.bfloat16)),
-    "int8": ("int8 (every linear; the default)", quantized(8)),
-    # The original quantize(8) (Baichuan-13B's QLinear, Baichuan2's bnb path) leaves lm_head in float.
-    "int8-headfloat": (
-        "int8, lm_head float (the original's choice)",
-        quantized(8, overrides={"lm_head": None}),
-    ),
+    # As the original quantize(8) (Baichuan-13B's QLinear, Baichuan2's bnb path): lm_head left in float.
+    "int8": ("int8, lm_head float (default, as the original)", quantized(8)),
+    "int8-head8": ("int8 every linear, lm_head too", quantized(8, overrides={})),
     "int4": ("int4 g128, lm_head int8 (default)", quantized(4)),
     "int4-g32": ("int4 g32, lm_head int8", quantized(4, 32)),
     "int4-head4": ("int4 g128, lm_head int4", quantized(4, overrides={})),

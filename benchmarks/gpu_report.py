@@ -325,13 +325,13 @@ def section_decode(report: Report, precision: str) -> None:
 def section_memory(report: Report) -> None:
     from baichuan.config import preset
     from baichuan.memory import weight_bytes
-    from baichuan.quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_INT4_OVERRIDES
+    from baichuan.quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_HEAD_BITS
 
     device = device_for(report.rehearse)
     for name in MODELS:
         config = preset(name)
         for precision, bits in PRECISIONS.items():
-            head_bits = DEFAULT_INT4_OVERRIDES["lm_head"] if bits == 4 else bits
+            head_bits = DEFAULT_HEAD_BITS[bits] if bits else None
             need = weight_bytes(config, 2, bits, DEFAULT_GROUP_SIZE, head_bits)
             tiny = dict(n_layers=1, dim=128, n_heads=4, ffn_dim=256, vocab_size=1024)
             build = config.replace(**tiny) if report.rehearse else config

@@ -55,8 +55,8 @@ def quantize_model(
     """Swap every `nn.Linear` of `module` in place for its quantized version; returns the config.json record.
 
     `skip`: fnmatch patterns of qualified names kept in floating point. `overrides`: pattern -> bits (or None to
-    keep float); by default a 4-bit model keeps `lm_head` at 8 bits (spec.DEFAULT_INT4_OVERRIDES), an 8-bit model
-    quantizes everything. On the meta device this builds empty quantized modules with the right shapes, which
+    keep float); by default an 8-bit model keeps `lm_head` in float and a 4-bit one keeps it at 8 bits
+    (spec.DEFAULT_HEAD_BITS); `overrides={}` quantizes every Linear. On the meta device this builds empty quantized modules with the right shapes, which
     is how a saved quantized checkpoint is prepared for loading (`prepare_quantized`).
     """
     record = make_record(bits, group_size, symmetric, skip, overrides)

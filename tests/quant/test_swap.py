@@ -99,11 +99,18 @@ def test_int4_head_policy():
     )
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_state_dict_round_trips_through_safetensors(bits, tmp_path):
+@pytest.mark.parametrize(
+    "bits, overrides, head_dtype",
+    [
+        (8, None, torch.float32),  # the default: an 8-bit model keeps its head in float, as the original
+        (8, {}, torch.int8),  # every linear, as 8-bit checkpoints written before that default were
+        (4, None, torch.int8),  # the 8-bit head of a 4-bit model
+    ],
+)
+def test_quantized_state_dict_round_trips_through_safetensors(bits, overrides, head_dtype, tmp_path):
     model = tiny_model("rope", norm_head=True)
     fold_norm_head(model)
-    record = quantize_model(model, bits, group_size=32)
+    record = quantize_model(model, bits, group_size=32, overrides=overrides)
     ids = input_ids()
     with torch.no_grad():
         expected = model(ids)
@@ -123,7 +130,7 @@ def test_quantized_state_dict_round_trips_through_safetensors(bits, tmp_path):
         assert state[f"{layer}.weight"].dtype == torch.int8 and state[f"{layer}.scales"].shape == (192,)
     else:
         assert state[f"{layer}.weight"].shape == (192, 32) and state[f"{layer}.zeros"].shape == (192, 2)
-    assert state["lm_head.weight"].dtype == torch.int8  # the 8-bit head of a 4-bit model
+    assert state["lm_head.weight"].dtype == head_dtype
 
 
 def place(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
