@@ -564,7 +564,7 @@ struct Bf16Tile {
   static constexpr int weight_rows(int mb) { return mb == 1 ? 4 : mb == 2 ? 2 : 1; }
   static constexpr int kSweepRows = 8;
 #else
-  // 16 registers: two weight rows against up to 4 activation rows (12 vector loads per 16 FMAs, where one weight
+  // 16 registers: two weight rows against up to 4 activation rows (10 vector loads per 16 FMAs, where one weight
   // row against 4 loads 9 per 8); 8 rows are two sweeps of 4 over the same two weight rows, the second finding
   // them in L1. bench_kernels, avx2 build on an Emerald Rapids: 4 rows at 3.1-3.3x the rows/s of one row (was
   // 1.9-2.7x); 8 rows unchanged at ~3.5x, bound by the FMAs (8 rows of fp32 FMA per weight).
