@@ -23,11 +23,9 @@ KERNEL_TARGETS = ("avx2", "avx512", "avx512bf16")
 # int8/int4: our kernels (cpu_gemv) up to this many rows, past it torch's kernels or a widened GEMM (the quantized
 # layers may lift it where bf16 is emulated).
 GEMV_MAX_ROWS = 128
-# bf16: our mat-vec (cpu_gemv.bf16_gemv) up to this many rows, past it torch's GEMM (`bf16_gemv_max_rows`): up to
-# batch-8 decoding where torch's bf16 product is emulated or ours has vdpbf16ps, but only up to 2 rows where ours
-# widens to fp32 against oneDNN's native bf16 (a lower target forced on an AVX512-BF16 CPU).
+# bf16: our mat-vec (cpu_gemv.bf16_gemv) up to this many rows, past it torch's GEMM: batch-8 decoding, in every
+# build (even the widening ones against oneDNN's native bf16, where a lower target is forced on an AVX512-BF16 CPU).
 BF16_GEMV_MAX_ROWS = 8
-BF16_WIDENING_MAX_ROWS = 2
 # bf16/fp16 weights where half precision is emulated: an fp32 GEMM on the widened weight from this many rows on.
 UPCAST_MIN_ROWS = 16
 
@@ -107,8 +105,4 @@ def kernel_target(requested: str | None = None, supported: tuple[str, ...] | Non
 
 def bf16_gemv_max_rows(target: str | None) -> int:
     """Activation rows up to which our bf16 mat-vec (the build for `target`) beats torch's bf16 product here."""
-    if target is None:
-        return 0
-    if target == "avx512bf16" or half_is_emulated(torch.bfloat16):
-        return BF16_GEMV_MAX_ROWS
-    return BF16_WIDENING_MAX_ROWS
+    return 0 if target is None else BF16_GEMV_MAX_ROWS
