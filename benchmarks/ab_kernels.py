@@ -1,0 +1,119 @@
+"""A/B of variants of our CPU kernel source, timed interleaved in one process.
+
+Tuning a kernel (a prefetch distance, a tile shape) moves decode speed by a few percent, less than this kind of
+machine drifts between two runs of `bench_kernels.py`. Here each variant is a directory holding its own copy of
+`cpu_gemv.cpp` (the other sources are the package's); every variant is built for one target under its own
+extension name, checked to agree with the first, then timed in alternating rounds over the same pool of weights,
+so a drift of the machine slows all of them alike:
+
+    mkdir -p /tmp/ab/base /tmp/ab/try
+    cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/base/ && cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/try/   # edit try/
+    python benchmarks/ab_kernels.py /tmp/ab/base /tmp/ab/try --dtype int4 --target avx2 --rows 1
+
+Each line gives the median time per call of each variant and its ratio to the first (below 1: faster). Run it
+alone: the variants share the machine only with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from baichuan.cpu import kernel_targets  # noqa: E402
+from baichuan.cpu_gemv import CSRC, SOURCE, TARGET_FLAGS  # noqa: E402
+
+SHAPES = ("1536x1536", "4608x1536", "4096x1536", "1536x4096", "125696x1536")  # the 1.29B benchmark model's
+
+
+def build(directory: Path, target: str):
+    from torch.utils import cpp_extension
+
+    source = directory / SOURCE.name
+    if not source.is_file():
+        raise SystemExit(f"{directory} has no {SOURCE.name}")
+    others = [str(CSRC / "cpu_fused.cpp"), str(CSRC / "cpu_prefill.cpp")]
+    return cpp_extension.load(
+        name=f"baichuan_ab_{directory.name}_{target}",
+        sources=[str(source), *others],
+        extra_cflags=["-O3", *TARGET_FLAGS[target], "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+def weights(dtype: str, N: int, K: int, group_size: int, generator: torch.Generator):
+    if dtype == "int4":
+        packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=generator)
+        return packed, torch.randn(K // group_size, N, 2, generator=generator).bfloat16()
+    if dtype == "int8":
+        return torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=generator), torch.rand(
+            N, generator=generator
+        )
+    return (torch.randn(N, K, generator=generator).bfloat16(),)
+
+
+def product(module, dtype: str, x: torch.Tensor, w: tuple, group_size: int) -> torch.Tensor:
+    if dtype == "int4":
+        return module.int4_gemv(x, *w, group_size)
+    if dtype == "int8":
+        return module.int8_gemv(x, *w)
+    return module.bf16_gemv(x, *w)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("variants", nargs="+", type=Path, help="directories, each with its own cpu_gemv.cpp")
+    parser.add_argument("--dtype", choices=("bf16", "int8", "int4"), default="int4", help="weight format")
+    parser.add_argument("--target", choices=sorted(TARGET_FLAGS), default="avx2", help="build target")
+    parser.add_argument("--rows", type=int, default=1, help="activation rows")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="NxK products, comma-separated")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    parser.add_argument("--pool-mb", type=int, default=768, help="weight copies per shape (past the caches)")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating timed rounds (median)")
+    args = parser.parse_args()
+    if len(args.variants) < 2:
+        parser.error("give at least two variant directories")
+    if args.target not in kernel_targets():
+        parser.error(
+            f"this CPU cannot run the {args.target} build (it runs: {', '.join(kernel_targets()) or 'none'})"
+        )
+
+    modules = [build(directory, args.target) for directory in args.variants]
+    generator = torch.Generator().manual_seed(0)
+    for shape in args.shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        one = weights(args.dtype, N, K, args.group_size, generator)
+        copies = max(1, (args.pool_mb << 20) // sum(t.numel() * t.element_size() for t in one))
+        pool = [one] + [weights(args.dtype, N, K, args.group_size, generator) for _ in range(copies - 1)]
+        x = torch.randn(args.rows, K, generator=generator).bfloat16()
+        expected = product(modules[0], args.dtype, x, one, args.group_size).float()
+        for directory, module in zip(args.variants[1:], modules[1:], strict=True):
+            got = product(module, args.dtype, x, one, args.group_size).float()
+            if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2):
+                raise SystemExit(f"{directory} disagrees with {args.variants[0]} on {shape}")
+        seconds: list[list[float]] = [[] for _ in modules]
+        for _ in range(args.rounds):
+            for i, module in enumerate(modules):
+                start = time.perf_counter()
+                for w in pool:
+                    product(module, args.dtype, x, w, args.group_size)
+                seconds[i].append((time.perf_counter() - start) / len(pool))
+        medians = [statistics.median(s) * 1e6 for s in seconds]
+        timings = "  ".join(f"{d.name} {m:.0f} µs" for d, m in zip(args.variants, medians, strict=True))
+        ratios = " ".join(f"{m / medians[0]:.3f}" for m in medians[1:])
+        print(
+            f"{args.dtype} {shape}, {args.rows} row(s), {args.target}: {timings}; ÷ first {ratios}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
