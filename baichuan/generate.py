@@ -192,12 +192,24 @@ def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering as transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p,
-    always keeping the most likely token."""
-    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+    always keeping the most likely token.
+
+    After top_k (the Baichuan chat default keeps 5) nearly every logit is -inf already, with no mass: then only
+    the finite ones are sorted. Sorting a whole 125,696 vocabulary cost ~6 ms a step on a 2-core CPU, a fifth of
+    an int4 decode step of the 1.29B benchmark model."""
+    vocab = logits.shape[-1]
+    kept = int((logits > float("-inf")).sum(-1).max())
+    if 8 * kept <= vocab:
+        # The kept largest of each row, ascending: the tail of the full ascending sort, -inf in the rows with
+        # fewer (weightless, as in the full sort's head).
+        top_logits, top_indices = torch.topk(logits, max(kept, 1), dim=-1, sorted=True)
+        sorted_logits, sorted_indices = top_logits.flip(-1), top_indices.flip(-1)
+    else:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - top_p)
     remove_sorted[..., -1:] = False
-    remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)
+    remove = logits.new_zeros(logits.shape, dtype=torch.bool).scatter_(-1, sorted_indices, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
 
 

@@ -118,6 +118,38 @@ def test_sampling_math_matches_transformers():
     torch.testing.assert_close(process_logits(logits, seen, SamplingConfig(repetition_penalty=1.3)), greedy)
 
 
+@pytest.mark.parametrize("top_k", [5, 50, 0])
+def test_top_p_after_top_k_sorts_only_the_kept_and_still_matches_transformers(top_k):
+    """After top_k only the finite logits are sorted (a full 125,696 sort cost milliseconds a step); the result is
+    transformers' to the bit (ties: the next test)."""
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        logits = torch.randn(3, 125_696, generator=gen) * (1 + trial % 4)
+        warpers = [lp.TemperatureLogitsWarper(0.3)] + ([lp.TopKLogitsWarper(top_k)] if top_k else [])
+        expected = logits.clone()
+        for processor in (*warpers, lp.TopPLogitsWarper(0.85)):
+            expected = processor(None, expected)
+        sampling = SamplingConfig(do_sample=True, temperature=0.3, top_k=top_k, top_p=0.85)
+        torch.testing.assert_close(process_logits(logits, None, sampling), expected, rtol=0, atol=0)
+
+
+def test_top_p_cuts_as_many_tied_logits_as_transformers():
+    """Where equal logits straddle the top-p cut, which of them go depends on the sort's order of ties, and
+    transformers' (torch.sort, unstable) is no more defined than ours: the same number go."""
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.randn(1, 125_696, generator=torch.Generator().manual_seed(0)) - 30
+    logits[0, 100] = 2.0
+    logits[0, [7, 500, 9000, 70_000]] = 1.0  # ties at the top-k boundary, kept together: 5 logits
+    # Softmax mass: 0.40 for 2.0, 0.15 for each 1.0; ascending, the ties' cumulative 0.15, 0.30, 0.45, 0.60:
+    # top_p 0.5 cuts the first three of the four.
+    sampling = SamplingConfig(do_sample=True, top_k=4, top_p=0.5)
+    expected = lp.TopPLogitsWarper(0.5)(None, lp.TopKLogitsWarper(4)(None, logits.clone()))
+    got = process_logits(logits, None, sampling)
+    assert torch.isfinite(got).sum() == torch.isfinite(expected).sum() == 2
+    assert torch.isfinite(got[0, 100]) and torch.isfinite(expected[0, 100])
+
+
 def test_top_p_keeps_at_least_one_token_and_penalty_signs():
     logits = torch.tensor([[10.0, 0.0, -1.0, -2.0]])
     assert torch.isfinite(process_logits(logits, None, SamplingConfig(do_sample=True, top_p=1e-6))).sum() == 1
