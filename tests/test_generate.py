@@ -150,6 +150,20 @@ def test_top_p_cuts_as_many_tied_logits_as_transformers():
     assert torch.isfinite(got[0, 100]) and torch.isfinite(expected[0, 100])
 
 
+def test_sampling_among_the_kept_draws_from_the_same_distribution():
+    """With few logits kept (top_k), the draw is made among them alone: every draw is a kept id, and the
+    frequencies follow the probabilities of the full softmax."""
+    logits = torch.randn(2, 4000, generator=torch.Generator().manual_seed(2)) * 2
+    sampling = SamplingConfig(do_sample=True, temperature=0.7, top_k=6, top_p=0.95)
+    expected = process_logits(logits, None, sampling).softmax(-1)
+    generator = torch.Generator().manual_seed(5)
+    draws = torch.stack([sample_next(logits, None, sampling, generator) for _ in range(4000)])  # (4000, 2)
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=4000).double() / len(draws)
+        assert set(draws[:, row].tolist()) <= set(expected[row].nonzero().flatten().tolist())
+        assert (counts - expected[row].double()).abs().max() < 0.03  # ~4 standard errors at 4000 draws
+
+
 def test_top_p_keeps_at_least_one_token_and_penalty_signs():
     logits = torch.tensor([[10.0, 0.0, -1.0, -2.0]])
     assert torch.isfinite(process_logits(logits, None, SamplingConfig(do_sample=True, top_p=1e-6))).sum() == 1
