@@ -195,8 +195,9 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     always keeping the most likely token.
 
     After top_k (the Baichuan chat default keeps 5) nearly every logit is -inf already, with no mass: then only
-    the finite ones are sorted (with the draw among them, `sample_next`, a chat step's sampling went from 6.9 to
-    2.6 ms on a 2-core Emerald Rapids: a fifth of an int4 decode step of the 1.29B benchmark model, before)."""
+    the finite ones are sorted. With the draw among them too (`sample_next`), a chat step's sampling went from
+    6.9-8.2 to 2.6-2.7 ms on a 2-core Emerald Rapids, run alone: it had been a fifth of an int4 decode step of
+    the 1.29B benchmark model."""
     vocab = logits.shape[-1]
     kept = int((logits > float("-inf")).sum(-1).max())
     if 8 * kept <= vocab:
