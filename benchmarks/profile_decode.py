@@ -8,7 +8,10 @@ Loads a checkpoint (for example the one `bench_decode.py` made in its --dir) as 
 Then it times every linear layer's forward during the same steps (a timer on each layer's forward, which also
 turns the fused path off, so the products run one by one through the same kernels), and prints per layer shape
 the milliseconds a call and the weights streamed per second, then the products' share of a token and what is
-left outside them. It also counts the PyTorch operations one decode step dispatches (a TorchDispatchMode).
+left outside them. Those products ran unfused, so it also times the same products alone, one after another on a
+random row (each layer's own forward, one pass over all of them a token), against the fused step: what the fused
+step spends outside its products. It also counts the PyTorch operations one decode step dispatches (a
+TorchDispatchMode).
 --no-fused runs the modules' own forwards throughout (the path before the fused kernel).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import time
 
 import torch
@@ -82,6 +86,8 @@ def main() -> None:
     steps = args.tokens
     stamps = decode(steps + 1)
     per_token = (stamps[-1] - stamps[1]) / steps
+    # A step of this VM is now and then several ms late: the median step, for the comparison with the products.
+    median_step = statistics.median(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))
 
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, *QUANTIZED_TYPES))]
     for module in linears:
@@ -111,6 +117,21 @@ def main() -> None:
     print(
         f"linear layers {layers * 1e3:.1f} ms of {per_token * 1e3:.1f} ms a token "
         f"({1 - layers / per_token:.1%} outside the products)"
+    )
+
+    # The products alone, in the model's order, as many passes as timed tokens (the median pass).
+    rows = {m: torch.randn(1, 1, m.in_features).to(DTYPES[args.dtype]) for m in linears}
+    passes = []
+    with torch.inference_mode():
+        for _ in range(steps + 2):
+            start = time.perf_counter()
+            for module in linears:
+                module(rows[module])
+            passes.append(time.perf_counter() - start)
+    alone = statistics.median(passes[2:])
+    print(
+        f"the same products alone: {alone * 1e3:.1f} ms a token (median pass); median fused step "
+        f"{median_step * 1e3:.1f} ms ({1 - alone / median_step:.1%} outside the products)"
     )
 
     steps_left = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=3, eos_ids=()))
