@@ -26,7 +26,13 @@ from baichuan.config import Config
 from baichuan.cpu import half_is_emulated
 from baichuan.generate import SamplingConfig, read_generation_config
 from baichuan.model import Baichuan
-from baichuan.quant.spec import QUANT_METHOD, QuantizationError, default_overrides, read_quantization
+from baichuan.quant.spec import (
+    QUANT_METHOD,
+    QuantizationError,
+    bits_for,
+    default_overrides,
+    read_quantization,
+)
 from baichuan.tokenizer import Tokenizer
 
 DTYPE_NAMES = {
@@ -136,9 +142,9 @@ class Prepared:
         """Memory of a run with `rows` KV cache rows of `seq_len` positions and a `prefill`-token forward."""
         record = self.quantization or {}
         bits = self.quantize or record.get("bits")
-        # The record names the head's bits; a model quantized as it loads gets the default policy.
+        # The record's patterns decide the head's bits; a model quantized as it loads gets the default policy.
         overrides = record.get("overrides", default_overrides(bits) if bits else {})
-        head_bits = overrides.get("lm_head", bits)
+        head_bits = bits_for("lm_head", bits, record.get("skip", ()), overrides) if bits else None
         emulated = self.dtype.itemsize == 2 and half_is_emulated(self.dtype)
         return memory.estimate(
             config or self.config,

@@ -52,9 +52,10 @@ constexpr const char* kTarget = "avx2";
 #endif
 
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
-// Weight rows ahead that each tile prefetches. 16 before; 8 measured 2-8% faster at one activation row for int4 and
-// int8 and ~1% for bf16 (interleaved A/B of the two builds on the 1.29B shapes, Emerald Rapids, avx512bf16 and
-// avx2 builds), and no slower at 8 rows.
+// Weight rows ahead that each tile prefetches. 16 before; 8 (with the int4 scales prefetched) measured faster at
+// one activation row on the 1.29B shapes (benchmarks/ab_kernels.py, Emerald Rapids): int4 2-8% (avx512bf16) and
+// 4-12% (avx2), int8 3-5% and bf16 ~1% (avx512bf16), bf16 7-19% (avx2) but 4% slower on 1536x4096; at 8 rows
+// within 3%.
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kChunkRows = 64;  // rows per parallel work item: whole tiles for every R
 // Least work (weight bytes x activation rows) per thread: smaller products run on the calling thread alone, where

@@ -56,8 +56,9 @@ def quantize_model(
 
     `skip`: fnmatch patterns of qualified names kept in floating point. `overrides`: pattern -> bits (or None to
     keep float); by default an 8-bit model keeps `lm_head` in float and a 4-bit one keeps it at 8 bits
-    (spec.DEFAULT_HEAD_BITS); `overrides={}` quantizes every Linear. On the meta device this builds empty quantized modules with the right shapes, which
-    is how a saved quantized checkpoint is prepared for loading (`prepare_quantized`).
+    (spec.DEFAULT_HEAD_BITS); `overrides={}` quantizes every Linear. On the meta device this builds empty
+    quantized modules with the right shapes, which is how a saved quantized checkpoint is prepared for loading
+    (`prepare_quantized`).
     """
     record = make_record(bits, group_size, symmetric, skip, overrides)
     head = getattr(module, "lm_head", None)
