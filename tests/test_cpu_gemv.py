@@ -254,19 +254,25 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
             assert torch.equal(batch, alone), name
 
 
-@pytest.mark.parametrize("rows", [2, 3, 8])
-def test_int8_non_finite_rows_leave_the_others_alone(build, rows):
+@pytest.mark.parametrize("rows", [2, 3, 4, 8])
+def test_non_finite_rows_leave_the_others_alone(build, rows):
     """A batch's rows share a register tile (AVX2: one vector of every row's sums): a NaN or inf in one row makes
     that row NaN and leaves every other row what it gets alone."""
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 512, generator=generator)
     x[0, 3], x[-1, 300] = float("nan"), float("inf")
-    weight = torch.randint(-127, 128, (70, 512), dtype=torch.int8, generator=generator)
+    weight8 = torch.randint(-127, 128, (70, 512), dtype=torch.int8, generator=generator)
     scales = torch.rand(70, generator=generator)
-    y = build.int8_gemv(x, weight, scales)
-    assert y[0].isnan().all() and y[-1].isnan().all()
-    for i in range(1, rows - 1):
-        assert torch.equal(y[i], build.int8_gemv(x[i : i + 1], weight, scales)[0])
+    packed = torch.randint(0, 256, (70, 256), dtype=torch.uint8, generator=generator)
+    scales_and_zeros = (torch.rand(4, 70, 2, generator=generator) / 8).bfloat16()
+    for product in (
+        lambda x: build.int8_gemv(x, weight8, scales),
+        lambda x: build.int4_gemv(x, packed, scales_and_zeros, 128),
+    ):
+        y = product(x)
+        assert y[0].isnan().all() and y[-1].isnan().all()
+        for i in range(1, rows - 1):
+            assert torch.equal(y[i], product(x[i : i + 1])[0])
 
 
 def test_bf16_non_finite_values_propagate(build):

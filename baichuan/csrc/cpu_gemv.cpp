@@ -83,7 +83,8 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// The float accumulators of int8/int4 tiles: one vector of int32 block sums is scaled and added per block.
+// AVX-512: the float accumulators of int8/int4 tiles, one vector of int32 block sums scaled and added per block.
+// AVX2 (16 registers): each block's int32 sums of a tile reduced into the lanes of one vector.
 #if defined(BAICHUAN_AVX512)
 using FloatAcc = __m512;
 using IntAcc = __m512i;
@@ -95,15 +96,20 @@ inline FloatAcc scale_add(IntAcc sums, float s, FloatAcc acc) {
 }
 inline float acc_sum(FloatAcc v) { return _mm512_reduce_add_ps(v); }
 #else
-using FloatAcc = __m256;
-using IntAcc = __m256i;
-inline FloatAcc acc_zero() { return _mm256_setzero_ps(); }
-inline IntAcc int_zero() { return _mm256_setzero_si256(); }
-inline IntAcc widen_acc(__m256i v) { return v; }
-inline FloatAcc scale_add(IntAcc sums, float s, FloatAcc acc) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(s), acc);
+// Lane j: the sum of the lanes of v[j] (zero for j >= MB).
+template <int MB>
+inline __m256i lane_sums(const __m256i (&v)[MB]) {
+  const auto at = [&](int j) { return j < MB ? v[j] : _mm256_setzero_si256(); };
+  const __m256i h01 = _mm256_hadd_epi32(at(0), at(1)), h23 = _mm256_hadd_epi32(at(2), at(3));
+  if constexpr (MB <= 4) {
+    const __m256i a = _mm256_hadd_epi32(h01, h23);
+    return _mm256_zextsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)));
+  }
+  const __m256i h45 = _mm256_hadd_epi32(at(4), at(5)), h67 = _mm256_hadd_epi32(at(6), at(7));
+  // a: (sums of lanes 0-3 of v0..v3 | of lanes 4-7 of v0..v3), b likewise of v4..v7
+  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
-inline float acc_sum(FloatAcc v) { return hsum(v); }
 #endif
 
 int64_t int8_block(int64_t K) {
@@ -238,23 +244,6 @@ Output output_of(torch::Tensor& y) {
   return {nullptr, y.data_ptr<at::BFloat16>()};
 }
 
-#if !defined(BAICHUAN_AVX512)
-// Lane j: the sum of the lanes of v[j] (zero for j >= MB).
-template <int MB>
-inline __m256i lane_sums(const __m256i (&v)[MB]) {
-  const auto at = [&](int j) { return j < MB ? v[j] : _mm256_setzero_si256(); };
-  const __m256i h01 = _mm256_hadd_epi32(at(0), at(1)), h23 = _mm256_hadd_epi32(at(2), at(3));
-  if constexpr (MB <= 4) {
-    const __m256i a = _mm256_hadd_epi32(h01, h23);
-    return _mm256_zextsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)));
-  }
-  const __m256i h45 = _mm256_hadd_epi32(at(4), at(5)), h67 = _mm256_hadd_epi32(at(6), at(7));
-  // a: (sums of lanes 0-3 of v0..v3 | of lanes 4-7 of v0..v3), b likewise of v4..v7
-  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-#endif
-
 struct Int8Tile {
   const int8_t* w;
   const float* scales;
@@ -367,8 +356,10 @@ struct Int4Tile {
   const int16_t* xq;
   const float* xs;
   const float* xsums;
+  const float* xs_by_block;     // (groups, M + 8): xs transposed, for the AVX2 tiles of several rows
+  const float* xsums_by_block;  // xsums likewise
   Output y;
-  int64_t N, K, G, groups;
+  int64_t N, K, G, groups, M;
 
   // Weight rows per tile for MB activation rows (as for int8, and four unpacked weight vectors). AVX2 has too few
   // registers for more than 4 activation rows a pass.
@@ -455,6 +446,66 @@ struct Int4Tile {
     }
   }
 
+#if !defined(BAICHUAN_AVX512)
+  // Lane r * MB + j of a 4-lane vector: row r's value of a pair (v[r] of R), activation row j's (a[j] of MB).
+  template <int R, int MB>
+  static __m128 by_row(const __m128i rows) {
+    if constexpr (R == 4 || MB == 1) return _mm_castsi128_ps(rows);
+    else if constexpr (R == 2) return _mm_castsi128_ps(_mm_unpacklo_epi32(rows, rows));
+    else return _mm_castsi128_ps(_mm_shuffle_epi32(rows, 0));
+  }
+  template <int R, int MB>
+  static __m128 by_activation(const float* row_major, const float* by_block, int64_t at) {
+    if constexpr (MB == 1) return _mm_set1_ps(*row_major);
+    else if constexpr (MB == 2) return _mm_castpd_ps(_mm_load1_pd((const double*)(by_block + at)));
+    else return _mm_loadu_ps(by_block + at);
+  }
+
+  // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 4. At the end of each group the R * MB int32
+  // sums go into the lanes of one vector, and the group's scales, zero points and activation scales into others,
+  // so a group's fp32 work is a few vector instructions where it was ~16 scalar and vector ones per pair
+  // (benchmarks/ab_kernels.py, avx2 on an Emerald Rapids, groups of 128: one row 1-6% and 4 rows 11-13% faster).
+  // The fp32 operations are the same in every tile shape, so each activation row gets the same bits in a batch as
+  // alone.
+  template <int R, int MB>
+  void run(int64_t n, int64_t m) const {
+    static_assert(R * MB <= 4);
+    const uint8_t* pn = packed + n * (K / 2);
+    __m128 total = _mm_setzero_ps(), zero_total = _mm_setzero_ps();
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
+      const uint16_t* sz = scales_and_zeros + (g * N + n) * 2;
+      _mm_prefetch((const char*)(sz + 2 * kPrefetchRows), _MM_HINT_T0);
+      __m256i narrow[R][MB];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_setzero_si256();
+      if (G % 64 == 0)
+        dot_group64<R, MB>(narrow, pn, k0, m);
+      else
+        dot_group32<R, MB>(narrow, pn, k0, m);
+      __m256i flat[R * MB];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < MB; ++j) flat[r * MB + j] = narrow[r][j];
+      const __m128i sums = _mm256_castsi256_si128(lane_sums<R * MB>(flat));
+      // each 32-bit lane of sz: a row's bf16 scale (low half) and zero point (high half)
+      __m128i rows;
+      if constexpr (R == 4) rows = _mm_loadu_si128((const __m128i*)sz);
+      else if constexpr (R == 2) rows = _mm_loadl_epi64((const __m128i*)sz);
+      else rows = _mm_cvtsi32_si128(*(const int32_t*)sz);
+      const __m128i pairs = _mm_castps_si128(by_row<R, MB>(rows));
+      const __m128 scale = _mm_castsi128_ps(_mm_slli_epi32(pairs, 16));
+      const __m128 zero = _mm_castsi128_ps(_mm_and_si128(pairs, _mm_set1_epi32(int32_t(0xFFFF0000u))));
+      const int64_t at = g * (M + 8) + m;
+      const __m128 x_scale = by_activation<R, MB>(xs + m * groups + g, xs_by_block, at);
+      const __m128 x_sum = by_activation<R, MB>(xsums + m * groups + g, xsums_by_block, at);
+      total = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(scale, x_scale), total);
+      zero_total = _mm_fmadd_ps(_mm_fmadd_ps(scale, _mm_set1_ps(-8.0f), zero), x_sum, zero_total);
+    }
+    alignas(16) float out[4];
+    _mm_store_ps(out, _mm_add_ps(total, zero_total));
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, out[r * MB + j]);
+  }
+#else
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     const uint8_t* pn = packed + n * (K / 2);
@@ -500,6 +551,7 @@ struct Int4Tile {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, acc_sum(facc[r][j]) + zero_terms[r][j]);
   }
+#endif
 };
 
 // --- bf16 -------------------------------------------------------------------------------------------------------
@@ -726,18 +778,19 @@ void check_activations(const torch::Tensor& x) {
               "x: contiguous fp32 or bf16 (M, K) on the CPU");
 }
 
-// The activation scales as (blocks, M + 8), zero past row M, where the AVX2 Int8Tile loads those of several rows
-// at once; an empty tensor where no tile reads them.
-torch::Tensor transposed_scales(const Activations& a, int64_t M) {
+// Per-block values of the activation rows (M, blocks) as (blocks, M + 8), zero past row M, where the AVX2 tiles
+// load those of several rows at once; an empty tensor where no tile reads them.
+torch::Tensor by_block(const torch::Tensor& values) {
 #if defined(BAICHUAN_AVX512)
-  return torch::empty({0}, a.scales.options());
+  return torch::empty({0}, values.options());
 #else
-  if (M == 1) return torch::empty({0}, a.scales.options());
-  torch::Tensor out = torch::zeros({a.blocks, M + 8}, a.scales.options());
-  const float* S = a.scales.data_ptr<float>();
+  const int64_t M = values.size(0), blocks = values.size(1);
+  if (M == 1) return torch::empty({0}, values.options());
+  torch::Tensor out = torch::zeros({blocks, M + 8}, values.options());
+  const float* S = values.data_ptr<float>();
   float* O = out.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < a.blocks; ++b) O[b * (M + 8) + m] = S[m * a.blocks + b];
+    for (int64_t b = 0; b < blocks; ++b) O[b * (M + 8) + m] = S[m * blocks + b];
   return out;
 #endif
 }
@@ -754,7 +807,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
   const Activations a = quantize_activations(x, B, 1);
   auto y = torch::empty({M, N}, x.options());
-  const torch::Tensor xs_by_block = transposed_scales(a, M);
+  const torch::Tensor xs_by_block = by_block(a.scales);
   const Int8Tile tile{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), a.codes.data_ptr<int16_t>(),
                       a.scales.data_ptr<float>(), xs_by_block.data_ptr<float>(), output_of(y), N, K, B, a.blocks, M};
   run_all(tile, N, M, K);
@@ -783,16 +836,20 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
   const Activations a =
       quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2, wide ? 32 : 16);
   auto y = torch::empty({M, N}, x.options());
+  const torch::Tensor xs_by_block = by_block(a.scales), xsums_by_block = by_block(a.sums);
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
                       a.codes.data_ptr<int16_t>(),
                       a.scales.data_ptr<float>(),
                       a.sums.data_ptr<float>(),
+                      xs_by_block.data_ptr<float>(),
+                      xsums_by_block.data_ptr<float>(),
                       output_of(y),
                       N,
                       K,
                       group_size,
-                      groups};
+                      groups,
+                      M};
   run_all(tile, N, M, K / 2);
   return y;
 }
