@@ -52,11 +52,9 @@ constexpr const char* kTarget = "avx2";
 #endif
 
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
-// Weight rows ahead that each tile prefetches. 16 before; 8 (with the int4 scales prefetched) measured faster at
-// one activation row on the 1.29B shapes (benchmarks/ab_kernels.py, Emerald Rapids): int4 2-8% (avx512bf16) and
-// 4-12% (avx2), int8 3-5% and bf16 ~1% (avx512bf16), bf16 7-19% (avx2) but 4% slower on 1536x4096; at 8 rows
-// within 3%.
-constexpr int64_t kPrefetchRows = 8;
+// Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
+// 1.29B shapes (benchmarks/ab_kernels.py; benchmarks/README.md has the figures).
+constexpr int64_t kPrefetchRows = 6;
 constexpr int64_t kChunkRows = 64;  // rows per parallel work item: whole tiles for every R
 // Least work (weight bytes x activation rows) per thread: smaller products run on the calling thread alone, where
 // waking the pool would cost more than it saves (a tiny model's layers; any layer on a machine short of cores).
@@ -585,7 +583,11 @@ struct Bf16Tile {
     const int64_t full = K - K % kBf16Step;
     int64_t k = 0;
     for (; k + 2 * kBf16Step <= full; k += 2 * kBf16Step) {
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+      // both lines of the 128 bytes a row takes this step (one of them only: 6-8% slower at 1536 columns)
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k + kBf16Step), _MM_HINT_T0);
+      }
       for (int h = 0; h < 2; ++h) {
         __m512bh xv[MB];
         for (int j = 0; j < MB; ++j) xv[j] = (__m512bh)_mm512_loadu_si512((const void*)(x + (m + j) * K + k + 32 * h));
