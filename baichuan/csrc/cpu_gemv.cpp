@@ -781,13 +781,13 @@ void check_activations(const torch::Tensor& x) {
 }
 
 // Per-block values of the activation rows (M, blocks) as (blocks, M + 8), zero past row M, where the AVX2 tiles
-// load those of several rows at once; an empty tensor where no tile reads them.
+// load those of several rows at once; an undefined tensor (no operation dispatched) where no tile reads them.
 torch::Tensor by_block(const torch::Tensor& values) {
 #if defined(BAICHUAN_AVX512)
-  return torch::empty({0}, values.options());
+  return {};
 #else
   const int64_t M = values.size(0), blocks = values.size(1);
-  if (M == 1) return torch::empty({0}, values.options());
+  if (M == 1) return {};
   torch::Tensor out = torch::zeros({blocks, M + 8}, values.options());
   const float* S = values.data_ptr<float>();
   float* O = out.data_ptr<float>();
@@ -796,6 +796,8 @@ torch::Tensor by_block(const torch::Tensor& values) {
   return out;
 #endif
 }
+
+const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales) {
   check_activations(x);
@@ -811,7 +813,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor xs_by_block = by_block(a.scales);
   const Int8Tile tile{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), a.codes.data_ptr<int16_t>(),
-                      a.scales.data_ptr<float>(), xs_by_block.data_ptr<float>(), output_of(y), N, K, B, a.blocks, M};
+                      a.scales.data_ptr<float>(), data_or_null(xs_by_block), output_of(y), N, K, B, a.blocks, M};
   run_all(tile, N, M, K);
   return y;
 }
@@ -844,8 +846,8 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
                       a.codes.data_ptr<int16_t>(),
                       a.scales.data_ptr<float>(),
                       a.sums.data_ptr<float>(),
-                      xs_by_block.data_ptr<float>(),
-                      xsums_by_block.data_ptr<float>(),
+                      data_or_null(xs_by_block),
+                      data_or_null(xsums_by_block),
                       output_of(y),
                       N,
                       K,
