@@ -444,6 +444,17 @@ struct Int4Tile {
     }
   }
 
+  // One group's int32 sums in 256-bit vectors, by the layout of its nibbles.
+  template <int R, int MB>
+  void dot_group_narrow(__m256i (&narrow)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_setzero_si256();
+    if (G % 64 == 0)
+      dot_group64<R, MB>(narrow, pn, k0, m);
+    else
+      dot_group32<R, MB>(narrow, pn, k0, m);
+  }
+
 #if !defined(BAICHUAN_AVX512)
   // Lane r * MB + j of a 4-lane vector: row r's value of a pair (v[r] of R), activation row j's (a[j] of MB).
   template <int R, int MB>
@@ -474,12 +485,7 @@ struct Int4Tile {
       const uint16_t* sz = scales_and_zeros + (g * N + n) * 2;
       _mm_prefetch((const char*)(sz + 2 * kPrefetchRows), _MM_HINT_T0);
       __m256i narrow[R][MB];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_setzero_si256();
-      if (G % 64 == 0)
-        dot_group64<R, MB>(narrow, pn, k0, m);
-      else
-        dot_group32<R, MB>(narrow, pn, k0, m);
+      dot_group_narrow<R, MB>(narrow, pn, k0, m);
       __m256i flat[R * MB];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < MB; ++j) flat[r * MB + j] = narrow[r][j];
@@ -519,21 +525,13 @@ struct Int4Tile {
       // Each group's scales are a stream of their own (stride N rows), K / G of them beside the weights'.
       _mm_prefetch((const char*)(sz + 2 * kPrefetchRows), _MM_HINT_T0);
       IntAcc iacc[R][MB];
-#if defined(BAICHUAN_AVX512)
       if (G % 128 == 0) {
         for (int r = 0; r < R; ++r)
           for (int j = 0; j < MB; ++j) iacc[r][j] = int_zero();
         dot_group128<R, MB>(iacc, pn, k0, m);
-      } else
-#endif
-      {
+      } else {
         __m256i narrow[R][MB];
-        for (int r = 0; r < R; ++r)
-          for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_setzero_si256();
-        if (G % 64 == 0)
-          dot_group64<R, MB>(narrow, pn, k0, m);
-        else
-          dot_group32<R, MB>(narrow, pn, k0, m);
+        dot_group_narrow<R, MB>(narrow, pn, k0, m);
         for (int r = 0; r < R; ++r)
           for (int j = 0; j < MB; ++j) iacc[r][j] = widen_acc(narrow[r][j]);
       }
@@ -782,7 +780,7 @@ void check_activations(const torch::Tensor& x) {
 
 // Per-block values of the activation rows (M, blocks) as (blocks, M + 8), zero past row M, where the AVX2 tiles
 // load those of several rows at once; an undefined tensor (no operation dispatched) where no tile reads them.
-torch::Tensor by_block(const torch::Tensor& values) {
+torch::Tensor by_block([[maybe_unused]] const torch::Tensor& values) {
 #if defined(BAICHUAN_AVX512)
   return {};
 #else
