@@ -247,7 +247,7 @@ struct Int8Tile {
   const float* scales;
   const int16_t* xq;
   const float* xs;
-  const float* xs_by_block;  // (blocks, M + 8): xs transposed, for the one-row tiles of AVX2
+  const float* xs_by_block;  // (blocks, M + 8): xs transposed, for the AVX2 tiles of several activation rows
   Output y;
   int64_t N, K, B, blocks, M;
 
@@ -264,7 +264,8 @@ struct Int8Tile {
   // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 8: each weight vector is widened once for all MB.
   // At the end of each block the R * MB int32 sums are reduced into the lanes of one vector (lane r * MB + j), which
   // gathers the fp32 sums across blocks in one register where one per pair spilled at 8 rows
-  // (benchmarks/ab_kernels.py, avx2 on an Emerald Rapids: 4 rows 15-19% and 8 rows 5-9% faster, 3 rows unchanged).
+  // (benchmarks/ab_kernels.py, avx2 on an Emerald Rapids: 4 rows 15-19% and 8 rows 0-9% faster, 2-3 rows unchanged,
+  // 1 row 0-5% slower).
   // A block sum is exact in int32 (at most 256 products of 127 * 32767) and so the same in every tile shape, so each
   // activation row gets the same bits in a batch as alone.
   template <int R, int MB>
