@@ -15,7 +15,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from baichuan import cpu_gemv
 from baichuan.config import Config, ConfigError
 from baichuan.model import Baichuan, Linear, NormHead
 from baichuan.quant.nf4 import dequantize_bnb_stream
@@ -256,9 +257,11 @@ def load_weights(
     bnb4: bool = False,
     mmap: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    keep_bf16: Collection[str] = (),
 ) -> None:
     """Stream a directory's weights into `model` (which may live on the meta device): each tensor's name and
-    shape are checked against the model, float tensors cast to `dtype`, and each is put in place.
+    shape are checked against the model, float tensors cast to `dtype` (but those named in `keep_bf16` that are
+    stored in bf16 stay so), and each is put in place.
 
     `transform(name, tensor)` stands between the check and the placing (quantize-on-load and folding the head
     give one, see `load_into`): it returns the tensor to put in place, changed or not, or None where it has used
@@ -286,6 +289,8 @@ def load_weights(
             )
         # Integer tensors are quantized codes: never cast them.
         target_dtype = (dtype or tensor.dtype) if tensor.is_floating_point() else param.dtype
+        if tensor.dtype is torch.bfloat16 and name in keep_bf16:
+            target_dtype = torch.bfloat16
         tensor = tensor.to(device=device, dtype=target_dtype)
         if transform is not None:
             tensor = transform(name, tensor)
@@ -357,6 +362,7 @@ def load_into(
         quantized = quantize is not None or ours
         bnb4 = stored is not None and stored["quant_method"] == "bitsandbytes"
         transform = loader = None
+        keep_bf16: tuple[str, ...] = ()
         if quantized:
             # The head is folded on meta (a Linear) and its float rows normalised as they arrive: quantizing
             # needs the normalised rows, and no whole float head is ever held next to the quantized one.
@@ -365,6 +371,8 @@ def load_into(
                 prepare_quantized(model, stored)
             loader = QuantizingLoader(model, quantize, group_size)
             fold = config.norm_head and not ours
+            if loader.keeps_float("lm_head") and bf16_head_beside(dtype, device):
+                keep_bf16 = ("lm_head.weight",)
 
             def transform(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
                 if fold and name == "lm_head.weight":
@@ -382,12 +390,21 @@ def load_into(
             bnb4=bnb4,
             mmap=not (quantized or bnb4),
             progress=progress,
+            keep_bf16=keep_bf16,
         )
         if loader is not None:
             loader.finish()
     except QuantizationError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     model.quantization = stored if ours else (loader.record() if loader is not None else None)
+
+
+def bf16_head_beside(dtype: torch.dtype | None, device: torch.device | str) -> bool:
+    """Whether a quantized model in `dtype` on `device` keeps a float head stored in bf16 as it is stored. The
+    head is the largest weight a decoded token reads, and where our bf16 mat-vec widens each weight to fp32
+    (`cpu_gemv.widens_fp32_rows`) a bf16 head gives fp32 activations the products of its fp32 copy at half the
+    bytes (benchmarks/README.md: the int8 decode of a Zen 3)."""
+    return dtype is torch.float32 and torch.device(device).type == "cpu" and cpu_gemv.widens_fp32_rows()
 
 
 # Rows normalised at a time: fp32 temporaries of a few MB, never a copy of a whole 125,696-row head.

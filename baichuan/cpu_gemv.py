@@ -168,15 +168,24 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return _apply("bf16_gemv", x, weight)
 
 
+@functools.cache
+def widens_fp32_rows() -> bool:
+    """Whether our bf16 mat-vec here multiplies fp32 activation rows as they are, each bf16 weight widened to
+    fp32 (the avx2 and avx512 builds): the products of an fp32 weight holding the same values, at half the bytes
+    read. The avx512bf16 build rounds the rows to bf16 for `vdpbf16ps`."""
+    return target() in ("avx2", "avx512")
+
+
 def bf16_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """F.linear(x, weight, bias) through `bf16_gemv` where it is the faster product: bf16 x and weight on the
-    CPU, at most `cpu.bf16_gemv_max_rows` rows (decoding), and no gradient to record. None elsewhere, and the
-    caller runs torch's. Runs once per layer per token, so the cheap checks come first."""
+    """F.linear(x, weight, bias) through `bf16_gemv` where it is the faster product: a bf16 weight and bf16 x
+    (or fp32 x where `widens_fp32_rows`) on the CPU, at most `cpu.bf16_gemv_max_rows` rows (decoding), and no
+    gradient to record. None elsewhere, and the caller runs torch's. Runs once per layer per token, so the cheap
+    checks come first."""
     if (
-        x.dtype is not torch.bfloat16
-        or weight.dtype is not torch.bfloat16
+        weight.dtype is not torch.bfloat16
+        or (x.dtype is not torch.bfloat16 and not (x.dtype is torch.float32 and widens_fp32_rows()))
         or x.device.type != "cpu"
         or x.numel() > _bf16_max_rows() * x.shape[-1]
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))

@@ -57,12 +57,16 @@ class Linear(nn.Linear):
     the CPU only emulates half precision. There torch's bf16 GEMM runs at ~10 GFLOP/s per core whatever the number
     of rows, while upcasting the weight for the fp32 GEMM makes a 512-row product ~6x faster (2-core Zen 3).
     Mat-vecs (decoding) stay in bf16: they are bound by memory, and an fp32 copy would only add traffic; on the CPU
-    they go through our bf16 kernel (`cpu_gemv.bf16_linear`) where it applies."""
+    they go through our bf16 kernel (`cpu_gemv.bf16_linear`) where it applies. A bf16 weight may also serve fp32
+    activations (the float head of a quantized fp32 model, `checkpoint.load_into`): the output is then fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu_gemv.bf16_linear(x, self.weight, self.bias)
         if y is not None:
             return y
+        if x.dtype is not self.weight.dtype and x.dtype is torch.float32:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x, self.weight.float(), bias)
         if x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] and emulated_half(x):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)

@@ -16,6 +16,7 @@ from baichuan import memory
 from baichuan.chat_format import ChatFormat, chat_format_for
 from baichuan.checkpoint import (
     CheckpointError,
+    bf16_head_beside,
     fold_norm_head,
     load_into,
     read_config,
@@ -146,6 +147,7 @@ class Prepared:
         overrides = record.get("overrides", default_overrides(bits) if bits else {})
         head_bits = bits_for("lm_head", bits, record.get("skip", ()), overrides) if bits else None
         emulated = self.dtype.itemsize == 2 and half_is_emulated(self.dtype)
+        bf16_head = bits and self.stored_dtype is torch.bfloat16 and bf16_head_beside(self.dtype, self.device)
         return memory.estimate(
             config or self.config,
             dtype_bytes=self.dtype.itemsize,
@@ -156,6 +158,7 @@ class Prepared:
             bits=bits,
             group_size=record.get("group_size", 128),
             head_bits=head_bits,
+            head_bytes=2 if bf16_head else None,
             upcast=self.device.type == "cpu" and (bits is not None or emulated),
             stored_bytes=None if self.stored_dtype is None else self.stored_dtype.itemsize,
             quantized_on_load=self.quantize is not None,

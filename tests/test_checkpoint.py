@@ -15,7 +15,7 @@ import torch
 
 from baichuan.checkpoint import CheckpointError, load_model, load_weights, read_config, save_model
 from baichuan.model import Baichuan
-from tests.conftest import shared_path, tiny_config
+from tests.conftest import require_cpu_kernels, shared_path, tiny_config
 
 
 def tiny_model(position="alibi", norm_head=True):
@@ -175,6 +175,61 @@ def test_quantize_on_load_equals_quantize_after_load_and_round_trips(tmp_path, b
         assert torch.equal(reloaded(ids), expected)
     with pytest.raises(CheckpointError, match="already quantized"):
         load_model(tmp_path / "quantized", quantize=8)
+
+
+@pytest.mark.parametrize("norm_head", [False, True])
+def test_quantized_fp32_model_keeps_its_bf16_head_where_the_kernel_widens_it(tmp_path, norm_head):
+    """With the avx2 build (forced; it widens each bf16 weight to fp32), an int8 model loaded in fp32 keeps its
+    float head in the checkpoint's bf16: the logits of the fp32 head's values, half its bytes, and the memory
+    estimate counts them. A Baichuan2 head is normalised in fp32 and rounded to bf16."""
+    require_cpu_kernels()
+    save_model(tiny_model(norm_head=norm_head).bfloat16(), tmp_path)
+    code = f"""
+import torch
+from baichuan import checkpoint, cpu_gemv, runtime
+from baichuan.kv_cache import KVCache
+directory = {str(tmp_path)!r}
+kept = checkpoint.load_model(directory, torch.float32, quantize=8)
+prepared = runtime.Prepared(
+    directory, kept.config, torch.device("cpu"), torch.float32, torch.float32, 8, None, torch.bfloat16,
+    None, None, None, False, "",
+)  # what runtime.prepare gives, without the tokenizer it reads
+estimate = prepared.estimate(1, 16, 16).weights
+checkpoint.bf16_head_beside = lambda *a: False
+fp32 = checkpoint.load_model(directory, torch.float32, quantize=8)
+raw = checkpoint.load_model(directory, torch.float32).lm_head.weight.detach()
+rows = torch.nn.functional.normalize(raw, dim=-1) if {norm_head} else raw
+measured = sum(t.nbytes for t in kept.state_dict().values())
+assert estimate == measured, (estimate, measured)
+assert measured + kept.lm_head.weight.numel() * 2 == sum(t.nbytes for t in fp32.state_dict().values())
+assert kept.lm_head.weight.dtype == torch.bfloat16 and torch.equal(kept.lm_head.weight, rows.bfloat16())
+assert fp32.lm_head.weight.dtype == torch.float32 and torch.equal(fp32.lm_head.weight, rows)
+calls = []
+gemv = cpu_gemv.bf16_gemv
+cpu_gemv.bf16_gemv = lambda *a: calls.append(a[0].shape) or gemv(*a)
+ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+worst = 0.0
+with torch.inference_mode():
+    for model in (kept, fp32):
+        model.lm_head.weight.data = rows.to(model.lm_head.weight.dtype)
+    worst = max(worst, rel(kept(ids), fp32(ids)))  # a prompt: torch's product of the widened head
+    caches = [KVCache.for_model(m.config, 1, 16, torch.float32) for m in (kept, fp32)]
+    prefix = [m(ids, 0, c, last_only=True) for m, c in zip((kept, fp32), caches)]
+    step = [m(ids[:, :1], 9, c) for m, c in zip((kept, fp32), caches)]  # a decoded token: the kernel
+    worst = max(worst, rel(prefix[0], prefix[1]), rel(step[0], step[1]))
+    assert step[0].dtype == torch.float32
+print(cpu_gemv.target(), len(calls) > 0, worst < 1e-5 if not {norm_head} else worst < 1e-2)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BAICHUAN_CPU_ISA": "avx2"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["avx2", "True", "True"]
 
 
 def test_unsupported_bits_is_a_clear_error(saved):

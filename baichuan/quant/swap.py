@@ -132,6 +132,14 @@ class QuantizingLoader:
         """The config.json record of the quantization done while loading (None when `bits` was not given)."""
         return self._record
 
+    def keeps_float(self, module_name: str) -> bool:
+        """Whether the linear `module_name` stays in floating point: not prepared quantized, nor to be quantized
+        on arrival."""
+        if isinstance(self.model.get_submodule(module_name), QUANTIZED_TYPES):
+            return False
+        record = self._record
+        return record is None or bits_for(module_name, self.bits, record["skip"], record["overrides"]) is None
+
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
         module_name, _, attr = name.rpartition(".")
         module = self.model.get_submodule(module_name)
