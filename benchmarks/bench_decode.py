@@ -21,7 +21,8 @@ picks on this machine); llama.cpp runs them as Q8_0 / Q4_0, made from the bf16 G
 Decode tok/s counts the steps after the first new token (prefill excluded), from a short prompt; prefill tok/s
 is the prompt length over the time to the first new token; batch-8 decode is 8·(N−1) / (time(N) − time(1))
 with N = --batch-tokens.
-Every number is the median of --runs runs. The table also shows how far llama.cpp's greedy tokens agree with
+Every number is the median of --runs runs (and with --rounds R, the median of R such figures, the
+implementations run in turn R times). The table also shows how far llama.cpp's greedy tokens agree with
 ours (a check that the export is right before it is timed).
 """
 
@@ -343,6 +344,19 @@ def llama_cpp_quantize(source: Path, target: Path, dtype: str, threads: int) -> 
     partial.replace(target)
 
 
+def median_of_rounds(runs: list[dict]) -> dict:
+    """One worker's results over the rounds: each number the median of the rounds that gave it, the rest (token
+    lists, paths, names) from the first round that did not fail."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    merged = dict(good[0])
+    for key, value in merged.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(r[key] for r in good if isinstance(r.get(key), (int, float)))
+    return merged
+
+
 WORKERS = {
     "roofline": worker_roofline,
     "ours": worker_ours,
@@ -443,6 +457,13 @@ def main() -> None:
         "--compare", default=",".join(COMPARISONS), help=f"comma-separated subset of {', '.join(COMPARISONS)}"
     )
     parser.add_argument("--runs", type=int, default=3, help="median of this many runs")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every implementation this many times in turn (A, B, A, B, ...) and take each figure's median "
+        "over the rounds: on a machine whose speed drifts, the drift then reaches every ratio alike",
+    )
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode run")
     parser.add_argument("--decode-prompt", type=int, default=16, help="prompt length of the decode runs")
     parser.add_argument(
@@ -506,12 +527,18 @@ def main() -> None:
     args.out_dir = scratch.name
     load_before = os.getloadavg()[0]
 
-    results: dict[tuple[str, str], dict] = {}
-    roofline = run_worker("roofline", args, "fp32") if "roofline" in compare else {}
-    for dtype in dtypes:
-        for name in ("ours", "transformers", "llamacpp"):
-            if name in compare:
-                results[name, dtype] = run_worker(name, args, dtype)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    rounds: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        if "roofline" in compare:
+            rounds.setdefault(("roofline", "fp32"), []).append(run_worker("roofline", args, "fp32"))
+        for dtype in dtypes:
+            for name in ("ours", "transformers", "llamacpp"):
+                if name in compare:
+                    rounds.setdefault((name, dtype), []).append(run_worker(name, args, dtype))
+    results = {key: median_of_rounds(runs) for key, runs in rounds.items()}
+    roofline = results.pop(("roofline", "fp32"), {})
 
     bandwidth = max(roofline.get("fp32_matvec_gbps", 0), roofline.get("stream_gbps", 0)) or None
     print(
@@ -521,7 +548,8 @@ def main() -> None:
         f"model {config.n_layers} layers × {config.dim} hidden, {config.n_heads} heads, FFN {config.ffn_dim}, "
         f"vocab {config.vocab_size:,}"
         f" = {config.num_params():,} parameters; decode: {args.decode_prompt}-token prompt + {args.new_tokens} "
-        f"new tokens; prefill: {args.prefill} tokens; median of {args.runs}."
+        f"new tokens; prefill: {args.prefill} tokens; median of {args.runs}"
+        + (f", then of {args.rounds} rounds taken in turn." if args.rounds > 1 else ".")
     )
     if roofline:
         print(
