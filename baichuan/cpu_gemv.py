@@ -179,20 +179,29 @@ def widens_fp32_rows() -> bool:
 def bf16_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """F.linear(x, weight, bias) through `bf16_gemv` where it is the faster product: a bf16 weight and bf16 x
-    (or fp32 x where `widens_fp32_rows`) on the CPU, at most `cpu.bf16_gemv_max_rows` rows (decoding), and no
-    gradient to record. None elsewhere, and the caller runs torch's. Runs once per layer per token, so the cheap
-    checks come first."""
+    """F.linear(x, weight, bias) through `bf16_gemv` where it is the faster product: a bf16 weight on the CPU, no
+    gradient to record, and either bf16 x of at most `cpu.bf16_gemv_max_rows` rows (decoding) or fp32 x of any
+    rows where `widens_fp32_rows`, in chunks of that many: an fp32 weight's products without an fp32 copy of the
+    weight (a quantized fp32 model's head, checkpoint.bf16_head_beside). None elsewhere, and the caller runs
+    torch's. Runs once per layer per token, so the cheap checks come first."""
     if (
         weight.dtype is not torch.bfloat16
-        or (x.dtype is not torch.bfloat16 and not (x.dtype is torch.float32 and widens_fp32_rows()))
         or x.device.type != "cpu"
-        or x.numel() > _bf16_max_rows() * x.shape[-1]
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         or not weight.is_contiguous()
     ):
         return None
-    y = bf16_gemv(x, weight)
+    limit = _bf16_max_rows()
+    if x.dtype is torch.bfloat16 and x.numel() <= limit * x.shape[-1]:
+        y = bf16_gemv(x, weight)
+    elif x.dtype is torch.float32 and x.numel() and widens_fp32_rows():
+        chunks = [bf16_gemv(rows, weight) for rows in x.reshape(-1, x.shape[-1]).split(limit)]
+        if chunks[0] is None:
+            return None
+        y = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        y = y.view(*x.shape[:-1], weight.shape[0])
+    else:
+        return None
     if y is None or bias is None:
         return y
     return y + bias.to(y.dtype)

@@ -219,7 +219,7 @@ with torch.inference_mode():
     step = [m(ids[:, :1], 9, c) for m, c in zip((kept, fp32), caches)]  # a decoded token: the kernel
     worst = max(worst, rel(prefix[0], prefix[1]), rel(step[0], step[1]))
     assert step[0].dtype == torch.float32
-print(cpu_gemv.target(), len(calls) > 0, worst < 1e-5 if not {norm_head} else worst < 1e-2)
+print(cpu_gemv.target(), max(c[0] for c in calls) <= 8 and sum(c[0] for c in calls) == 9 + 1 + 1, worst < 1e-5 if not {norm_head} else worst < 1e-2)
 """
     result = subprocess.run(
         [sys.executable, "-c", code],

@@ -5,10 +5,11 @@
 // `prefill_matmul`). A prompt reuses every weight hundreds of times, so the GEMM runs out of arithmetic, not
 // memory, and dequantizing once per product costs a few percent of it. The dequantizing is one pass over the
 // codes with 256-bit vectors (every build has AVX2): a torch expression of the same takes several passes and
-// cost as much as the GEMM itself on int4. Every build also has an int4 x int8 GEMM for bf16 prompts
+// cost as much as the GEMM itself on int4. Every build also has an int4 x int8 GEMM for bf16 and fp32 prompts
 // (`int4_matmul_int8`, below), which multiplies the codes themselves by activations quantized to int8: with VNNI
 // `vpdpbusd` in the AVX-512 builds, with `vpmaddubsw` in the avx2 one (which takes the bf16 int4 prompts that ran
-// on the decode kernel where bf16 is emulated, as on a Zen 3, and on a dequantized bf16 GEMM elsewhere).
+// on the decode kernel where bf16 is emulated, as on a Zen 3, and on a dequantized bf16 GEMM elsewhere; fp32
+// prompts ran on the dequantized fp32 GEMM or, on a Zen 3, on the decode kernel).
 //
 //   int8: w[n, k] = q[n, k] * scales[n].
 //   int4: w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k / G; q packed two per byte, column 2j in the
@@ -150,7 +151,7 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scales_an
               group_size);
 }
 
-// int4 weights times int8 activations, for bf16 prompts (every build). Each activation row's group g of G values
+// int4 weights times int8 activations, for bf16 and fp32 prompts (every build). Each activation row's group g of G values
 // is quantized symmetrically, xq = round(x * 127 / amax), with scale xs = amax / 127 and sum sq = sum(xq). Then,
 // with c = zero - 8 * scale (so w = q * scale + c),
 //   y[m, n] = sum_g xs[m, g] * (scale[g, n] * dot_g(q[n], xq[m]) + c[g, n] * sq[m, g]),

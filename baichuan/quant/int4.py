@@ -293,7 +293,7 @@ class Int4Linear(nn.Module):
     def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
         # Prompts too where bf16 is emulated: faster there than torch's kernel and than widening
-        # (benchmarks/README.md), except bf16 ones that the avx2 build's int4 x int8 product takes (`_prefill`).
+        # (benchmarks/README.md), except those the avx2 build's int4 x int8 product takes (`_prefill`).
         long_prompts = half_is_emulated(KERNEL_DTYPE) and not self._avx2_int8_prompt(x)
         max_rows = sys.maxsize if long_prompts else cpu_gemv.MAX_ROWS
         if (
@@ -349,8 +349,8 @@ class Int4Linear(nn.Module):
         return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Prompts (more rows than `_gemv` takes) on the plain nibbles: bf16 activations (outputs a multiple of 16)
-        quantized to int8 and multiplied in int8 by our kernel module (`int4_matmul_int8`: VNNI in the AVX-512
+        """Prompts (more rows than `_gemv` takes) on the plain nibbles: bf16 or fp32 activations (outputs a multiple
+        of 16) quantized to int8 and multiplied in int8 by our kernel module (`int4_matmul_int8`: VNNI in the AVX-512
         builds, `vpmaddubsw` in the avx2 one); others dequantized tile by tile into one GEMM per tile
         (`prefill_matmul`), in bf16 for bf16 activations where the CPU has native bf16, else in fp32; None where
         neither applies."""

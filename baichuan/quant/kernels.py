@@ -62,19 +62,21 @@ def prefill_matmul(
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
-# int4 prompts of bf16 activations: quantized to int8 per weight group and multiplied by the codes in int8
+# int4 prompts of bf16 or fp32 activations: quantized to int8 per weight group and multiplied by the codes in int8
 # (`csrc/cpu_prefill.cpp`, `int4_matmul_int8`, in every build: VNNI `vpdpbusd` in the AVX-512 ones, twice bf16's
 # multiply-adds an instruction; `vpmaddubsw` in the avx2 one, 32 products an instruction against an fp32 FMA's 8).
-# bf16 activations have lost their low bits already; fp32 ones keep their precision on the dequantizing path.
-# False: always that path (benchmarks compare).
+# The int8 rounding (~0.7% of a product of Gaussian rows) is small beside the int4 weights' own error, which the
+# dequantizing path keeps as well; fp32 prompts took that path until the fp32 int4 prompts of a Zen 3 were measured
+# twice as fast this way (benchmarks/README.md). False: always the dequantizing path (benchmarks compare).
 INT4_INT8_ACTIVATIONS = True
 
 
 def takes_int4_int8(module, x: torch.Tensor, out_features: int) -> bool:
-    """Whether `int4_matmul_int8` takes x (bf16, the layer's outputs a multiple of 16) with this kernel module."""
+    """Whether `int4_matmul_int8` takes x (bf16 or fp32, the layer's outputs a multiple of 16) with this kernel
+    module."""
     return (
         INT4_INT8_ACTIVATIONS
-        and x.dtype == torch.bfloat16
+        and (x.dtype is torch.bfloat16 or x.dtype is torch.float32)
         and out_features % 16 == 0
         and hasattr(module, "int4_matmul_int8")
     )

@@ -58,7 +58,8 @@ def test_kernels_equal_reference_path(shape, dtype, kernels):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prompt_sized_products(bits, kernels):
-    """Prompts on a CPU without native bf16: our int4 kernel takes any number of rows (int16 activation error).
+    """Prompts on a CPU without native bf16: our int4 kernels take any number of rows (the avx2 build's prompt
+    product with activations rounded to int8 per group, the AVX-512 builds' decode kernel with int16 ones).
     int8 from INT8_WIDEN_MIN_ROWS rows on, and torch's int4 from INT4_WIDEN_MIN_ROWS, become one fp32 GEMM on the
     dequantised weight (faster than the bf16 kernel there), which is exact. With native bf16 the kernels keep
     them (bf16 error). 128 output rows: whole int4 tiles, of 64 or 32 rows."""
@@ -73,5 +74,5 @@ def test_prompt_sized_products(bits, kernels):
     if not half_is_emulated(torch.bfloat16):
         tol = 1e-2
     else:
-        tol = 1e-4 if kernels == "avx2" and bits == 4 else 1e-6
+        tol = 1e-2 if kernels == "avx2" and bits == 4 else 1e-6
     assert rel(got, reference) < tol

@@ -236,9 +236,9 @@ def test_int4_matmul_int8_refuses_bad_arguments(build):
         )
 
 
-def test_int4_bf16_prompts_take_the_int8_kernel(monkeypatch):
-    """bf16 prompts of a layer whose outputs are a multiple of 16 go to the int8 kernel where the build has it (and
-    fp32 ones stay exact); with INT4_INT8_ACTIVATIONS off they take the dequantizing path."""
+def test_int4_prompts_take_the_int8_kernel(monkeypatch):
+    """bf16 and fp32 prompts of a layer whose outputs are a multiple of 16 go to the int8 kernel where the build has
+    it; with INT4_INT8_ACTIVATIONS off they take the dequantizing path (fp32 ones exact there)."""
     require_cpu_kernels()
     require_int4_prompt_path()
     module = cpu_gemv.load()
@@ -251,12 +251,17 @@ def test_int4_bf16_prompts_take_the_int8_kernel(monkeypatch):
         direct = torch.empty(210, 96)
         module.int4_matmul_int8(xb.view(210, 512), layer.weight, layer.scales_and_zeros, 128, direct)
         assert torch.equal(y, direct.view(3, 70, 96).bfloat16())
+        direct32 = torch.empty(210, 96)
+        module.int4_matmul_int8(x.view(210, 512), layer.weight, layer.scales_and_zeros, 128, direct32)
+        assert torch.equal(layer(x), direct32.view(3, 70, 96))
     assert y.dtype == torch.bfloat16 and rel(y, exact) < 1e-2
-    assert rel(layer(x), x.double() @ layer.dequantize().double().t()) < 1e-5  # fp32: the exact path
+    exact32 = x.double() @ layer.dequantize().double().t()
+    assert layer(x).dtype == torch.float32 and rel(layer(x), exact32) < 1e-2
     monkeypatch.setattr(kernels, "INT4_INT8_ACTIVATIONS", False)
     y_dequantized = layer(xb)  # products of the dequantized weight
     assert rel(y_dequantized, exact) < 1e-2
     assert torch.equal(y_dequantized, y) != hasattr(module, "int4_matmul_int8")
+    assert rel(layer(x), exact32) < 1e-5  # fp32 on the dequantizing path: exact
 
 
 # --- the avx2 build's int4 x int8 product (`vpmaddubsw`) -------------------------------------------------------
@@ -333,8 +338,8 @@ class CountingBuild:
 
 @pytest.mark.parametrize("emulated", [True, False], ids=["bf16-emulated", "bf16-native"])
 def test_avx2_build_sends_int4_bf16_prompts_to_the_int8_kernel(monkeypatch, emulated):
-    """Under the avx2 build, bf16 prompts of an int4 layer go to `int4_matmul_int8` (where bf16 is emulated, as on
-    a Zen 3, instead of the decode kernel); decode rows, fp32 prompts and outputs not a multiple of 16 keep their
+    """Under the avx2 build, bf16 and fp32 prompts of an int4 layer go to `int4_matmul_int8` (where bf16 is
+    emulated, as on a Zen 3, instead of the decode kernel); decode rows and outputs not a multiple of 16 keep their
     paths."""
     build = CountingBuild(kernel_build("avx2"))
     monkeypatch.setattr(cpu_gemv, "load", lambda: build)
@@ -352,8 +357,8 @@ def test_avx2_build_sends_int4_bf16_prompts_to_the_int8_kernel(monkeypatch, emul
     layer(torch.randn(cpu_gemv.MAX_ROWS, 512, generator=generator).bfloat16())
     assert build.calls == [("int4_gemv", cpu_gemv.MAX_ROWS)]
     build.calls.clear()
-    layer(x.float())  # fp32 prompts keep their precision: never quantized to int8
-    assert [name for name, _ in build.calls] == (["int4_gemv"] if emulated else ["dequantize_int4"])
+    layer(x.float())
+    assert build.calls == [("int4_matmul_int8", 210)]
     build.calls.clear()
     odd = int4_layer(40, 512, 128)
     odd(x)
