@@ -519,6 +519,8 @@ def main() -> None:
     for name in dtypes:
         if name not in DTYPES:
             parser.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if not (args.dir / "config.json").is_file():
         t = time.perf_counter()
         init_checkpoint(config, args.dir, torch.bfloat16)
@@ -527,8 +529,6 @@ def main() -> None:
     args.out_dir = scratch.name
     load_before = os.getloadavg()[0]
 
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     rounds: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
         if "roofline" in compare:
