@@ -176,13 +176,13 @@ def widens_fp32_rows() -> bool:
     return target() in ("avx2", "avx512")
 
 
-def _cpu_autocast() -> bool:
-    """Whether CPU autocast is on: it rounds fp32 rows to its dtype before a product, which the caller's torch
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for the device: it rounds fp32 rows to its dtype before a product, which torch's
     product then does (a frozen bf16 LoRA base under bf16 autocast, train.finetune.store_frozen_base)."""
     try:
-        return torch.is_autocast_enabled("cpu")
+        return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch before the device argument
-        return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def bf16_linear(
@@ -190,9 +190,9 @@ def bf16_linear(
 ) -> torch.Tensor | None:
     """F.linear(x, weight, bias) through `bf16_gemv` where it is the faster product: a bf16 weight on the CPU, no
     gradient to record, and either bf16 x of at most `cpu.bf16_gemv_max_rows` rows (decoding) or fp32 x of any
-    rows where `widens_fp32_rows` and autocast is off, in chunks of that many: an fp32 weight's products without an
-    fp32 copy of the weight (a quantized fp32 model's head, checkpoint.bf16_head_beside). None elsewhere, and the caller runs
-    torch's. Runs once per layer per token, so the cheap checks come first."""
+    rows where `widens_fp32_rows` and autocast is off, in chunks of that many: an fp32 weight's products without
+    an fp32 copy of the weight (a quantized fp32 model's head, checkpoint.bf16_head_beside). None elsewhere, and
+    the caller runs torch's. Runs once per layer per token, so the cheap checks come first."""
     if (
         weight.dtype is not torch.bfloat16
         or x.device.type != "cpu"
@@ -203,7 +203,7 @@ def bf16_linear(
     limit = _bf16_max_rows()
     if x.dtype is torch.bfloat16 and x.numel() <= limit * x.shape[-1]:
         y = bf16_gemv(x, weight)
-    elif x.dtype is torch.float32 and x.numel() and widens_fp32_rows() and not _cpu_autocast():
+    elif x.dtype is torch.float32 and x.numel() and widens_fp32_rows() and not autocast_enabled("cpu"):
         chunks = [bf16_gemv(rows, weight) for rows in x.reshape(-1, x.shape[-1]).split(limit)]
         if chunks[0] is None:
             return None

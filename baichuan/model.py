@@ -64,7 +64,12 @@ class Linear(nn.Linear):
         y = cpu_gemv.bf16_linear(x, self.weight, self.bias)
         if y is not None:
             return y
-        if x.dtype is not self.weight.dtype and x.dtype is torch.float32:
+        # Under autocast torch's product casts both itself: an fp32 copy of the weight would be cast straight back.
+        if (
+            x.dtype is torch.float32
+            and self.weight.dtype is not torch.float32
+            and not cpu_gemv.autocast_enabled(x.device.type)
+        ):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x, self.weight.float(), bias)
         if x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] and emulated_half(x):
