@@ -137,8 +137,14 @@ class QuantizingLoader:
         on arrival."""
         if isinstance(self.model.get_submodule(module_name), QUANTIZED_TYPES):
             return False
+        return self._bits_on_arrival(module_name) is None
+
+    def _bits_on_arrival(self, module_name: str) -> int | None:
+        """The bits a float linear is quantized to as its weight arrives (None: kept float)."""
         record = self._record
-        return record is None or bits_for(module_name, self.bits, record["skip"], record["overrides"]) is None
+        return (
+            None if record is None else bits_for(module_name, self.bits, record["skip"], record["overrides"])
+        )
 
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
         module_name, _, attr = name.rpartition(".")
@@ -147,8 +153,8 @@ class QuantizingLoader:
             self._gather(module_name, module, attr, value)
             return None
         layer_bits = None
-        if isinstance(module, nn.Linear) and attr == "weight" and self._record is not None:
-            layer_bits = bits_for(module_name, self.bits, self._record["skip"], self._record["overrides"])
+        if isinstance(module, nn.Linear) and attr == "weight":
+            layer_bits = self._bits_on_arrival(module_name)
         if layer_bits is None:
             return value
         quantized = (
