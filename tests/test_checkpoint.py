@@ -209,11 +209,8 @@ gemv = cpu_gemv.bf16_gemv
 cpu_gemv.bf16_gemv = lambda *a: calls.append(a[0].shape) or gemv(*a)
 ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-worst = 0.0
 with torch.inference_mode():
-    for model in (kept, fp32):
-        model.lm_head.weight.data = rows.to(model.lm_head.weight.dtype)
-    worst = max(worst, rel(kept(ids), fp32(ids)))  # a prompt: torch's product of the widened head
+    worst = rel(kept(ids), fp32(ids))  # every position: the kernel in chunks of 8 rows
     caches = [KVCache.for_model(m.config, 1, 16, torch.float32) for m in (kept, fp32)]
     prefix = [m(ids, 0, c, last_only=True) for m, c in zip((kept, fp32), caches)]
     step = [m(ids[:, :1], 9, c) for m, c in zip((kept, fp32), caches)]  # a decoded token: the kernel
