@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from baichuan.config import ALIBI, ROPE, Config
+from baichuan.quant.int4 import Int4Linear
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ORACLE = SHARED / "oracle"
@@ -155,3 +157,27 @@ def real_vocabulary_checkpoint(directory: Path, preset_name: str = "baichuan2-7b
         n_layers=1, dim=64, n_heads=4, ffn_dim=128, vocab_size=64_000, max_seq_len=256
     )
     return init_checkpoint(config, directory, dtype=torch.float32, tokenizer=tokenizer)
+
+
+# --- int4 products of int8-quantized activations (the avx2 kernels' and the prompt kernel's arithmetic) ---
+
+
+def int8_activations(x: torch.Tensor, group_size: int):
+    """The kernel's activation quantizing, op for op in fp32: xq = round(x * (127 / amax)), scale amax / 127."""
+    xf = x.float().view(x.shape[0], -1, group_size)
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    return torch.round(xf * inv), amax / 127  # (M, K/G, G) integers, (M, K/G, 1)
+
+
+def int8_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """float64 of exactly the kernel's arithmetic: sum_g xs * (scale * dot(q, xq) + (zero - 8 scale) * sum(xq))."""
+    xq, xs = int8_activations(x, layer.group_size)
+    packed = layer.weight
+    # (N, K/G, G) codes 0..15
+    codes = torch.stack([packed & 15, packed >> 4], -1).view(packed.shape[0], -1, layer.group_size)
+    sz = layer.scales_and_zeros.float()  # (K/G, N, 2)
+    scale, c = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # fp32, as the kernel forms them
+    dot = torch.einsum("mgk,ngk->mgn", xq.double(), codes.double())
+    per_group = scale.double() * dot + c.double() * xq.double().sum(-1, keepdim=True)
+    return (xs.double() * per_group).sum(1)

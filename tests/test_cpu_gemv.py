@@ -2,8 +2,10 @@
 every build this CPU runs (avx2, avx512, avx512bf16), and how the build is chosen and what happens where it cannot
 be built.
 
-int8/int4 activations are quantized to int16 per block (relative error ~1.5e-5 per value), so outputs agree with
-the exact product to ~3e-5 (bound 1e-4). bf16 sums exact products in fp32 (bound 1e-5); with AVX512-BF16, fp32
+int8 activations are quantized to int16 per block (relative error ~1.5e-5 per value), so outputs agree with the
+exact product to ~3e-5 (bound 1e-4); so are int4 ones in the AVX-512 builds. The avx2 build quantizes int4
+activations to int8 per group, as the prompt kernel `int4_matmul_int8` does, and is checked against the float64
+product of those quantized activations (bound 1e-5: fp32 rounding over up to 428 groups). bf16 sums exact products in fp32 (bound 1e-5); with AVX512-BF16, fp32
 activations are first rounded to bf16, so there the reference takes them rounded. bf16 activations give bf16
 outputs: the fp32 result rounded once, which the tests check bit for bit."""
 
@@ -19,7 +21,7 @@ import torch
 from baichuan import cpu, cpu_gemv
 from baichuan.model import Linear
 from baichuan.quant.int4 import Int4Linear, unpack_int4
-from tests.conftest import kernel_build, require_cpu_kernels
+from tests.conftest import int8_reference, kernel_build, require_cpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,14 @@ def build(request):
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
+
+
+def int4_reference(target: str, x: torch.Tensor, module: Int4Linear) -> tuple[torch.Tensor, float]:
+    """What one build's int4 kernel computes, in float64, and the relative bound its output keeps to it: the avx2
+    build's product of int8-quantized activations, the AVX-512 builds' exact product (int16 activations)."""
+    if target == "avx2":
+        return int8_reference(x, module), 1e-5
+    return x.double() @ module.dequantize().double().t(), 1e-4
 
 
 # Row counts around the kernel's tiles (4 weight rows, 4 activation rows) and chunks (64 rows); K not a multiple
@@ -63,9 +73,11 @@ def test_int4_matches_exact_product(kernels, shape, rows):
         linear.weight[0, :group_size] += 0.5  # a group away from zero: the zero points matter
     module = Int4Linear.from_linear(linear, group_size)
     x = torch.randn(rows, in_features, generator=generator)
-    exact = x.double() @ module.dequantize().double().t()
     got = kernels.int4_gemv(x, module.weight, module.scales_and_zeros, group_size)
-    assert rel(got, exact) < 1e-4
+    reference, bound = int4_reference(kernels.target(), x, module)
+    assert rel(got, reference) < bound
+    # int8 activations: each off by up to half its group's step (1/254 of the group's largest), ~0.5-1% in all
+    assert rel(got, x.double() @ module.dequantize().double().t()) < 2.5e-2
     assert torch.equal(unpack_int4(module.weight), module.codes())  # the kernel read the plain nibbles
 
 
@@ -190,7 +202,7 @@ def test_int8_every_build(build, shape):
 
 
 @pytest.mark.parametrize(
-    "shape", [(67, 64, 32), (9, 192, 64), (64, 256, 128), (130, 1536, 256), (5, 13696, 128)]
+    "shape", [(67, 64, 32), (9, 192, 64), (16, 288, 96), (64, 256, 128), (130, 1536, 256), (5, 13696, 128)]
 )
 def test_int4_every_build(build, shape):
     out_features, in_features, group_size = shape
@@ -200,12 +212,38 @@ def test_int4_every_build(build, shape):
         linear.weight.normal_(0, 0.02, generator=generator)
         linear.weight[0, :group_size] += 0.5  # a group away from zero: the zero points matter
     module = Int4Linear.from_linear(linear, group_size)
-    w = module.dequantize().double()
     packed = _misaligned(module.weight, 1)
+    _, bound = int4_reference(build.target, torch.zeros(1, in_features), module)
     for rows in ROWS:
         x = torch.randn(rows, in_features, generator=generator)
         args = (packed, module.scales_and_zeros, group_size)
-        _check_rows(build.int4_gemv, x, args, lambda x: x.double() @ w.t(), 1e-4)
+        _check_rows(build.int4_gemv, x, args, lambda x: int4_reference(build.target, x, module)[0], bound)
+
+
+@pytest.mark.parametrize("group_size", [96, 256])
+def test_avx2_int4_sums_the_extremes_exactly(group_size):
+    """Codes 15 against activations +-127 over whole groups: a group of 256 adds 8 `vpmaddubsw` pair sums of 3810
+    per s16 lane (30480, the most there can be), which must not wrap; rows of code 0 beside them. One to four
+    activation rows (every tile shape); fp32 rounding of the scales only."""
+    avx2 = kernel_build("avx2")
+    n, k = 20, 2 * 288 if group_size == 96 else 512
+    codes = torch.full((n, k), 15, dtype=torch.uint8)
+    codes[1::2, group_size:] = 0
+    layer = Int4Linear.from_quantized_tensors(
+        codes,
+        torch.full((n, k // group_size), 0.5),
+        torch.zeros(n, k // group_size),
+        group_size,
+        packed=False,
+    )
+    exact = torch.ones(4, k).double() @ layer.dequantize().double().t()  # +-1 quantize to +-127 exactly
+    for rows in range(1, 5):
+        x = torch.ones(rows, k)
+        x[1::2] = -1
+        sign = torch.ones(rows, 1).double()
+        sign[1::2] = -1
+        y = avx2.int4_gemv(x, layer.weight, layer.scales_and_zeros, group_size)
+        assert rel(y, exact[:rows] * sign) < 1e-6  # a wrapped s16 sum would be off by 65536 steps
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 15), (67, 16), (33, 100), (64, 48), (130, 1536), (5, 13696)])

@@ -1,7 +1,8 @@
 // Weight-only int8/int4 and bf16 matrix products for the few activation rows of decoding (and up to a short
 // prompt). Built on first use by baichuan/cpu_gemv.py, once per instruction set: the same source compiles to
 //
-//   avx2        AVX2 + FMA: 256-bit vectors, `vpmaddwd` for int8/int4, bf16 widened to fp32 for FMA;
+//   avx2        AVX2 + FMA: 256-bit vectors, `vpmaddwd` for int8, `vpmaddubsw` for int4, bf16 widened to fp32 for
+//               FMA;
 //   avx512      AVX-512 F/BW/VL/DQ + VNNI: 512-bit vectors, `vpdpwssd` (multiply pairs of int16 and accumulate
 //               in int32, one instruction where AVX2 needs two);
 //   avx512bf16  the above + AVX512-BF16: `vdpbf16ps` for the bf16 product.
@@ -21,6 +22,12 @@
 // Activations are not quantized to int8 for `vpdpbusd`: that would add a per-row rounding error of ~4e-3, far
 // above the int16 codes' and close to the int8 weights' own. For int4 the block is the group, and the zero
 // points come in through the block sums of x.
+//
+// The avx2 build's int4 kernel is the exception: it quantizes activations to int8 per group, as the prompt kernel
+// `int4_matmul_int8` (cpu_prefill.cpp) and llama.cpp's Q4_0 x Q8_0 do, so that one `vpmaddubsw` makes 32 products
+// where `vpmaddwd` makes 16. Without VNNI the int16 kernel ran out of arithmetic before memory (on a Zen 3: 25-28 G
+// weights/s from cache, ~55% of the streamed rate at decode). The ~5e-3 relative rounding this adds per output is
+// small beside int4 weights' own error (~8e-2 at groups of 32).
 //
 // bf16: without AVX512-BF16 each 32-bit lane of loaded weights holds two bf16, so the even one becomes an fp32 by
 // a shift and the odd one by a mask, with no shuffle; x is reordered once per call to match (evens, then odds).
@@ -225,6 +232,73 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B, int lane
   return a;
 }
 
+#if !defined(BAICHUAN_AVX512)
+// Activation rows quantized to int8 for the avx2 int4 kernel, per group of G values as `int4_matmul_int8`
+// (cpu_prefill.cpp) quantizes prompts: codes round(x * 127 / amax) (nearest, ties to even), scale amax / 127 and
+// scale * sum(codes). Within each chunk of 64 values (32 where G is an odd multiple of 32), the codes of the even
+// columns come first, then the odd ones': the order in which the kernel unpacks the low and high nibbles.
+Activations quantize_activations_int8(const torch::Tensor& input, int64_t G) {
+  const torch::Tensor x = as_float(input);
+  const int64_t M = x.size(0), K = x.size(1), groups = K / G;
+  Activations a{torch::empty({M, K}, x.options().dtype(torch::kChar)), torch::empty({M, groups}, x.options()),
+                torch::empty({M, groups}, x.options()), groups};
+  const float* X = x.data_ptr<float>();
+  int8_t* Q = a.codes.data_ptr<int8_t>();
+  float* S = a.scales.data_ptr<float>();
+  float* T = a.sums.data_ptr<float>();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // packs of 4 vectors leave 4-byte pieces in the order 0a 1a 2a 3a | 0b 1b 2b 3b (a, b the 128-bit halves)
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // within each 128-bit lane: its 8 even bytes, then its 8 odd ones
+  const __m256i evens_first = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8,
+                                               10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t i = 0; i < M * groups; ++i) {
+    const float* p = X + i * G;  // rows are contiguous, so group i of the whole tensor is row i / groups's
+    int8_t* q = Q + i * G;
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < G; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + k)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float mx = _mm_cvtss_f32(h);
+    for (int64_t k = 0; k < G; ++k)  // max_ps drops NaN; the output must not
+      if (std::isnan(p[k])) mx = NAN;
+    if (!std::isfinite(mx)) {  // inf or NaN in the group: NaN out (a float matmul gives inf or NaN)
+      std::memset(q, 0, G);
+      S[i] = T[i] = NAN;
+      continue;
+    }
+    const __m256 inv = _mm256_set1_ps(mx > 0 ? 127.0f / mx : 0.0f);
+    __m256i total = _mm256_setzero_si256();
+    // 32 values from p + k as codes: the 16 even columns', then the 16 odd ones'.
+    const auto split32 = [&](int64_t k) {
+      __m256i v[4];
+      for (int t = 0; t < 4; ++t) {
+        v[t] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + k + 8 * t), inv));
+        total = _mm256_add_epi32(total, v[t]);
+      }
+      // |v| <= 127: the saturating packs change nothing.
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])), order);
+      // 8-byte pieces even0 odd0 | even1 odd1 -> even0 even1 odd0 odd1
+      return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, evens_first), 0xD8);
+    };
+    if (G % 64 == 0) {
+      for (int64_t k = 0; k < G; k += 64) {
+        const __m256i first = split32(k), second = split32(k + 32);
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute2x128_si256(first, second, 0x20));
+        _mm256_storeu_si256((__m256i*)(q + k + 32), _mm256_permute2x128_si256(first, second, 0x31));
+      }
+    } else {
+      for (int64_t k = 0; k < G; k += 32) _mm256_storeu_si256((__m256i*)(q + k), split32(k));
+    }
+    S[i] = mx / 127.0f;
+    T[i] = S[i] * float(hsum(total));
+  }
+  return a;
+}
+#endif
+
 // Output rows (M, N) in fp32 or bf16: y[m * N + n] = v.
 struct Output {
   float* f32;
@@ -352,7 +426,8 @@ struct Int8Tile {
 struct Int4Tile {
   const uint8_t* packed;
   const uint16_t* scales_and_zeros;
-  const int16_t* xq;
+  const int16_t* xq;  // AVX-512: int16 codes
+  const int8_t* xb;   // AVX2: int8 codes
   const float* xs;
   const float* xsums;
   const float* xs_by_block;     // (groups, M + 8): xs transposed, for the AVX2 tiles of several rows
@@ -394,7 +469,6 @@ struct Int4Tile {
       }
     }
   }
-#endif
 
   // Groups of 64 and more: each 16-bit lane of 32 bytes holds four nibbles, unpacked by masks and shifts alone.
   template <int R, int MB>
@@ -455,6 +529,57 @@ struct Int4Tile {
     else
       dot_group32<R, MB>(narrow, pn, k0, m);
   }
+#else
+  // One group's int32 sums against int8 activations. `vpmaddubsw` multiplies 32 unsigned codes by 32 signed
+  // activation bytes and adds pairs in s16 (|.| <= 2 * 15 * 127 = 3810); a group adds G / 32 <= 8 such sums per lane
+  // (|.| <= 30480, exact) before one `vpmaddwd` by ones widens them to int32: about 8 instructions per 64 weights
+  // where int16 activations take 14. Groups of 64 and more: 32 bytes at a time, low nibbles (even columns) against
+  // the chunk's first 32 activations, high nibbles against the next 32. Odd multiples of 32: 16 bytes at a time,
+  // broadcast to both halves, the upper one shifted to its high nibbles.
+  template <int R, int MB>
+  void dot_group_bytes(__m256i (&narrow)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
+    const int64_t row_bytes = K / 2;
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i pairs[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) pairs[r][j] = _mm256_setzero_si256();
+    if (G % 64 == 0) {
+      for (int64_t k = k0; k < k0 + G; k += 64) {
+        if ((k & 127) == 0)
+          for (int r = 0; r < R; ++r)
+            _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(pn + r * row_bytes + k / 2));
+          const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          for (int j = 0; j < MB; ++j) {
+            const __m256i* xj = (const __m256i*)(xb + (m + j) * K + k);
+            const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xj)),
+                                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xj + 1)));
+            pairs[r][j] = _mm256_add_epi16(pairs[r][j], s);
+          }
+        }
+      }
+    } else {
+      const __m256i high_half = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+      for (int64_t k = k0; k < k0 + G; k += 32) {
+        if ((k & 127) == 0)
+          for (int r = 0; r < R; ++r)
+            _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) {
+          const __m128i bytes = _mm_loadu_si128((const __m128i*)(pn + r * row_bytes + k / 2));
+          const __m256i both = _mm256_broadcastsi128_si256(bytes);
+          const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(both, high_half), nibble);
+          for (int j = 0; j < MB; ++j)
+            pairs[r][j] = _mm256_add_epi16(
+                pairs[r][j], _mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i*)(xb + (m + j) * K + k))));
+        }
+      }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_madd_epi16(pairs[r][j], ones);
+  }
+#endif
 
 #if !defined(BAICHUAN_AVX512)
   // Lane r * MB + j of a 4-lane vector: row r's value of a pair (v[r] of R), activation row j's (a[j] of MB).
@@ -486,7 +611,7 @@ struct Int4Tile {
       const uint16_t* sz = scales_and_zeros + (g * N + n) * 2;
       _mm_prefetch((const char*)(sz + 2 * kPrefetchRows), _MM_HINT_T0);
       __m256i narrow[R][MB];
-      dot_group_narrow<R, MB>(narrow, pn, k0, m);
+      dot_group_bytes<R, MB>(narrow, pn, k0, m);
       __m256i flat[R * MB];
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < MB; ++j) flat[r * MB + j] = narrow[r][j];
@@ -833,16 +958,20 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
 #if defined(BAICHUAN_AVX512)
   const bool wide = group_size % 128 == 0;
+  const Activations a = quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2, wide ? 32 : 16);
+  const int16_t* codes16 = a.codes.data_ptr<int16_t>();
+  const int8_t* codes8 = nullptr;
 #else
-  const bool wide = false;
+  const Activations a = quantize_activations_int8(x, group_size);
+  const int16_t* codes16 = nullptr;
+  const int8_t* codes8 = a.codes.data_ptr<int8_t>();
 #endif
-  const Activations a =
-      quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2, wide ? 32 : 16);
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor xs_by_block = by_block(a.scales), xsums_by_block = by_block(a.sums);
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
-                      a.codes.data_ptr<int16_t>(),
+                      codes16,
+                      codes8,
                       a.scales.data_ptr<float>(),
                       a.sums.data_ptr<float>(),
                       data_or_null(xs_by_block),

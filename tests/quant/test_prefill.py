@@ -12,7 +12,7 @@ from baichuan import cpu, cpu_gemv
 from baichuan.quant import int4, int8, kernels
 from baichuan.quant.int4 import Int4Linear
 from baichuan.quant.int8 import Int8Linear
-from tests.conftest import kernel_build, require_cpu_kernels, skip_platform
+from tests.conftest import int8_activations, int8_reference, kernel_build, require_cpu_kernels, skip_platform
 from tests.quant.conftest import gaussian_linear
 
 PROMPT_ROWS = cpu_gemv.MAX_ROWS + 1
@@ -173,27 +173,6 @@ def test_dequantize_refuses_bad_arguments(build):
         )
 
 
-def int8_activations(x: torch.Tensor, group_size: int):
-    """The kernel's activation quantizing, op for op in fp32: xq = round(x * (127 / amax)), scale amax / 127."""
-    xf = x.float().view(x.shape[0], -1, group_size)
-    amax = xf.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
-    return torch.round(xf * inv), amax / 127  # (M, K/G, G) integers, (M, K/G, 1)
-
-
-def int8_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
-    """float64 of exactly the kernel's arithmetic: sum_g xs * (scale * dot(q, xq) + (zero - 8 scale) * sum(xq))."""
-    xq, xs = int8_activations(x, layer.group_size)
-    packed = layer.weight
-    # (N, K/G, G) codes 0..15
-    codes = torch.stack([packed & 15, packed >> 4], -1).view(packed.shape[0], -1, layer.group_size)
-    sz = layer.scales_and_zeros.float()  # (K/G, N, 2)
-    scale, c = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # fp32, as the kernel forms them
-    dot = torch.einsum("mgk,ngk->mgn", xq.double(), codes.double())
-    per_group = scale.double() * dot + c.double() * xq.double().sum(-1, keepdim=True)
-    return (xs.double() * per_group).sum(1)
-
-
 # N: one block of 64 columns, a block and a tail of 16, a tail of 48; M not a multiple of the 4-row tiles.
 @pytest.mark.parametrize("shape", [(64, 256, 128), (80, 384, 128), (112, 192, 64), (16, 1536, 32)], ids=str)
 @pytest.mark.parametrize("rows", [1, 7, 66])
@@ -298,6 +277,22 @@ def test_avx2_int4_matmul_int8_matches_the_references(shape, rows):
                 xin, layer.weight, layer.scales_and_zeros, shape[2], out512
             )
             assert torch.equal(out, out512)
+
+
+@pytest.mark.parametrize("shape", [(48, 96, 32), (208, 192, 64), (80, 384, 128), (32, 480, 160)], ids=str)
+def test_avx2_int4_decode_and_prompt_kernels_agree(shape):
+    """The avx2 build rounds int4 activations to int8 alike for decoding (`int4_gemv`) and for prompts
+    (`int4_matmul_int8`), so a row gets the same product from either to fp32 rounding: a prompt's last position
+    and the decode steps after it see one quantization. Groups of 160: odd multiples of 32 past one chunk."""
+    avx2 = kernel_build("avx2")
+    layer = int4_layer(*shape)
+    x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(shape[0]))
+    x[2, : shape[2]] *= 50  # one group's scale far from the others
+    for xin in (x, x.bfloat16()):
+        prompt = torch.empty(5, shape[0])
+        avx2.int4_matmul_int8(xin, layer.weight, layer.scales_and_zeros, shape[2], prompt)
+        decode = avx2.int4_gemv(xin.float(), layer.weight, layer.scales_and_zeros, shape[2])
+        assert rel(decode, prompt.double()) < 2e-6
 
 
 def test_avx2_int4_matmul_int8_sums_the_extremes_exactly():
