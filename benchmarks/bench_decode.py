@@ -132,15 +132,18 @@ def worker_ours(args) -> dict:
     decode_prompt = _prompt(args.decode_prompt, vocab, 1)[0]
     from baichuan import cpu_gemv
 
+    # Which build of our CPU kernels ran (BAICHUAN_CPU_ISA=avx2 forces the AVX2 one), or torch's alone.
+    build = cpu_gemv.load()
+    if build is None:
+        kernels = "torch"
+    elif bits:
+        kernels = f"{build.target} {cpu_gemv.activation_codes(bits, build.target)}-activation"
+    else:
+        kernels = f"{build.target} bf16 mat-vec"
     result: dict = {
         "read_bytes": _read_per_token(model),
         "activations": str(dtype).removeprefix("torch."),
-        # Which build of our CPU kernels ran (BAICHUAN_CPU_ISA=avx2 forces the AVX2 one), or torch's alone.
-        "kernels": (
-            "torch"
-            if cpu_gemv.load() is None
-            else f"{cpu_gemv.load().target} {'int16-activation' if bits else 'bf16 mat-vec'}"
-        ),
+        "kernels": kernels,
     }
 
     def timed(prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
