@@ -196,7 +196,9 @@ def section_bandwidth(report: Report) -> None:
     report.put("bandwidth.hbm", f"{bandwidth / 1e9:,.1f} GB/s (copy, read + write)", bytes_per_s=bandwidth)
     n = 256 if report.rehearse else 8192
     peak = matmul_peak(torch.bfloat16, device, seconds=0.2 if report.rehearse else 2.0, n=n)
-    report.put("bandwidth.matmul_bf16", f"{peak / 1e12:,.1f} TFLOP/s (best {n}^3)", flops=peak)
+    report.put(
+        "bandwidth.matmul_bf16", f"{peak / 1e12:,.1f} TFLOP/s (best square product up to {n})", flops=peak
+    )
 
 
 def section_layers(report: Report) -> None:

@@ -351,3 +351,26 @@ def test_mfu_is_logged_against_a_measured_peak(tmp_path):
     rows = (tmp_path / "loss.csv").read_text().splitlines()[1:]
     mfu = [float(row.split(",")[6]) for row in rows]
     assert all(0 < m < 1 for m in mfu), mfu  # a tiny model on one thread: well below the peak, never above
+
+
+@pytest.mark.parametrize("per_256", [1e-5, 0.05], ids=["fast", "emulated"])
+def test_matmul_peak_sizes_its_products_to_the_time_it_has(monkeypatch, per_256):
+    """The peak measurement grows its products from 256 while three of the next size fit in half its budget: up to
+    n where products are fast, and no further than 256 where one of 256 already takes 1/20 of it (bf16 on a CPU
+    that emulates it, where a single 2048^3 product took 78 s). A stand-in for torch.mm that takes per_256 * (size
+    / 256)^3 seconds records the sizes it is given."""
+    from baichuan.train import loop
+
+    sizes = []
+    clock = [0.0]
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> None:
+        sizes.append(a.shape[0])
+        clock[0] += per_256 * (a.shape[0] / 256) ** 3
+
+    monkeypatch.setattr(loop.torch, "mm", mm)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    peak = loop.matmul_peak(torch.float32, torch.device("cpu"), seconds=1.0, n=2048)
+    assert max(sizes) == (2048 if per_256 == 1e-5 else 256)
+    assert peak == pytest.approx(2 * 256**3 / per_256)  # every size runs at the same rate here
+    assert clock[0] < 2.0  # the budget, give or take the last product
