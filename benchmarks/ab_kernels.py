@@ -3,8 +3,8 @@
 Tuning a kernel (a prefetch distance, a tile shape) moves decode speed by a few percent, less than this kind of
 machine drifts between two runs of `bench_kernels.py`. Here each variant is a directory holding its own copy of
 `cpu_gemv.cpp` (the other sources are the package's); every variant is built for one target under its own
-extension name, checked to agree with the first, then timed in alternating rounds over the same pool of weights,
-so a drift of the machine slows all of them alike:
+extension name, checked to agree with the first (to 2% of the output's norm), then timed in alternating rounds
+over the same pool of weights, so a drift of the machine slows all of them alike:
 
     mkdir -p /tmp/ab/base /tmp/ab/try
     cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/base/ && cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/try/   # edit try/
@@ -97,8 +97,13 @@ def main() -> None:
         expected = product(modules[0], args.dtype, x, one, args.group_size).float()
         for directory, module in zip(args.variants[1:], modules[1:], strict=True):
             got = product(module, args.dtype, x, one, args.group_size).float()
-            if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2):
-                raise SystemExit(f"{directory} disagrees with {args.variants[0]} on {shape}")
+            # Relative to the whole output, not per value: a variant that rounds activations differently (int8
+            # against int16 codes) moves each output by ~1% of the output's scale, not of its own size.
+            error = ((got - expected).norm() / expected.norm()).item()
+            if not error < 2e-2:
+                raise SystemExit(
+                    f"{directory} disagrees with {args.variants[0]} on {shape}: relative error {error:.1e}"
+                )
         seconds: list[list[float]] = [[] for _ in modules]
         for _ in range(args.rounds):
             for i, module in enumerate(modules):
