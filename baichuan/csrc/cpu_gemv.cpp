@@ -25,9 +25,10 @@
 //
 // The avx2 build's int4 kernel is the exception: it quantizes activations to int8 per group, as the prompt kernel
 // `int4_matmul_int8` (cpu_prefill.cpp) and llama.cpp's Q4_0 x Q8_0 do, so that one `vpmaddubsw` makes 32 products
-// where `vpmaddwd` makes 16. Without VNNI the int16 kernel ran out of arithmetic before memory (on a Zen 3: 25-28 G
-// weights/s from cache, ~55% of the streamed rate at decode). The ~5e-3 relative rounding this adds per output is
-// small beside int4 weights' own error (~8e-2 at groups of 32).
+// where `vpmaddwd` makes 16: on a Zen 3 (ab_kernels, 1.29B shapes) 21-26% faster at 4 activation rows, 2-4% at one,
+// where the memory stream bounds it. The ~5e-3 relative rounding this adds per output is small beside int4 weights'
+// own error (~8e-2 at groups of 32); bench_accuracy's own forward through it (128-row windows): KL 1.19e-4 against
+// 1.23e-4 with int16 activations (int4 g128, briefly trained model).
 //
 // bf16: without AVX512-BF16 each 32-bit lane of loaded weights holds two bf16, so the even one becomes an fp32 by
 // a shift and the odd one by a mask, with no shuffle; x is reordered once per call to match (evens, then odds).
@@ -331,9 +332,9 @@ struct Int8Tile {
 #if defined(BAICHUAN_AVX512)
   static constexpr int weight_rows(int mb) { return mb <= 2 ? 4 : mb <= 4 ? 2 : 1; }
 #else
-  // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) four rows side by
-  // side ran 18-34% slower on four of five shapes and the same on 1536x4096: four streams at once per core read
-  // memory worse than one (and the prefetch kPrefetchRows ahead), however few instructions each takes.
+  // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) that took 17-34%
+  // less time than four rows side by side on four of five shapes, 1-4% less on 1536x4096: four streams at once per
+  // core read memory worse than one (and the prefetch kPrefetchRows ahead), however few instructions each takes.
   static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : 1; }
 #endif
 
@@ -445,8 +446,8 @@ struct Int4Tile {
   static constexpr int weight_rows(int mb) { return mb == 1 ? 4 : mb == 2 ? 2 : 1; }
 #else
   static constexpr int kPassRows = 4;
-  // One weight row at a time for one activation row, as the int8 tile (there the reason): 19-27% faster on a Zen 3
-  // on four of the five 1.29B shapes, 4% on 1536x4096.
+  // One weight row at a time for one activation row, as the int8 tile (there the reason): on a Zen 3 19-27% less
+  // time than four on four of the five 1.29B shapes, 4% less on 1536x4096.
   static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : 1; }
 #endif
 
