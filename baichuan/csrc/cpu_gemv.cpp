@@ -130,8 +130,29 @@ struct Activations {
   int64_t blocks;  // per row
 };
 
+// Codes (M, K) of `type`, and scales and sums per block of B, for fp32 rows x (M, K); to be filled.
+Activations empty_activations(const torch::Tensor& x, int64_t B, torch::ScalarType type) {
+  const int64_t M = x.size(0), K = x.size(1);
+  return {torch::empty({M, K}, x.options().dtype(type)), torch::empty({M, K / B}, x.options()),
+          torch::empty({M, K / B}, x.options()), K / B};
+}
+
 // x (M, K) as contiguous fp32: itself, or a widened copy of bf16 rows.
 torch::Tensor as_float(const torch::Tensor& x) { return x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat); }
+
+// The largest |x| of n values (a multiple of 8), NaN where any is NaN (max_ps drops NaN; the output must not).
+inline float block_absmax(const float* p, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + k)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float mx = _mm_cvtss_f32(h);
+  for (int64_t k = 0; k < n; ++k)
+    if (std::isnan(p[k])) mx = NAN;
+  return mx;
+}
 
 #if defined(BAICHUAN_AVX512)
 // Indices into two vectors of 32 int16 (64 values) for vpermt2w: positions 4i (i < 16) then 4i + 1, and 4i + 2
@@ -149,26 +170,17 @@ alignas(64) constexpr int16_t kQuarterIndex[64] = {
 // width: 16-bit lanes per vector, 16 for 256-bit vectors and 32 for 512-bit ones).
 Activations quantize_activations(const torch::Tensor& input, int64_t B, int lanes, int width = 16) {
   const torch::Tensor x = as_float(input);
-  const int64_t M = x.size(0), K = x.size(1), nb = K / B;
-  Activations a{torch::empty({M, K}, x.options().dtype(torch::kShort)), torch::empty({M, nb}, x.options()),
-                torch::empty({M, nb}, x.options()), nb};
+  const int64_t M = x.size(0), nb = x.size(1) / B;
+  Activations a = empty_activations(x, B, torch::kShort);
   const float* X = x.data_ptr<float>();
   int16_t* Q = a.codes.data_ptr<int16_t>();
   float* S = a.scales.data_ptr<float>();
   float* T = a.sums.data_ptr<float>();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   int16_t order[128];
   for (int64_t i = 0; i < M * nb; ++i) {
     const float* p = X + i * B;  // rows are contiguous, so block i of the whole tensor is row i / nb's
     int16_t* q = Q + i * B;
-    __m256 amax = _mm256_setzero_ps();
-    for (int64_t k = 0; k < B; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + k)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    float mx = _mm_cvtss_f32(h);
-    for (int64_t k = 0; k < B; ++k)  // max_ps drops NaN; the output must not
-      if (std::isnan(p[k])) mx = NAN;
+    const float mx = block_absmax(p, B);
     if (!std::isfinite(mx)) {  // inf or NaN in the block: NaN out (a float matmul gives inf or NaN)
       std::memset(q, 0, B * sizeof(int16_t));
       S[i] = T[i] = NAN;
@@ -240,14 +252,12 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B, int lane
 // columns come first, then the odd ones': the order in which the kernel unpacks the low and high nibbles.
 Activations quantize_activations_int8(const torch::Tensor& input, int64_t G) {
   const torch::Tensor x = as_float(input);
-  const int64_t M = x.size(0), K = x.size(1), groups = K / G;
-  Activations a{torch::empty({M, K}, x.options().dtype(torch::kChar)), torch::empty({M, groups}, x.options()),
-                torch::empty({M, groups}, x.options()), groups};
+  const int64_t M = x.size(0), groups = x.size(1) / G;
+  Activations a = empty_activations(x, G, torch::kChar);
   const float* X = x.data_ptr<float>();
   int8_t* Q = a.codes.data_ptr<int8_t>();
   float* S = a.scales.data_ptr<float>();
   float* T = a.sums.data_ptr<float>();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   // packs of 4 vectors leave 4-byte pieces in the order 0a 1a 2a 3a | 0b 1b 2b 3b (a, b the 128-bit halves)
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   // within each 128-bit lane: its 8 even bytes, then its 8 odd ones
@@ -256,14 +266,7 @@ Activations quantize_activations_int8(const torch::Tensor& input, int64_t G) {
   for (int64_t i = 0; i < M * groups; ++i) {
     const float* p = X + i * G;  // rows are contiguous, so group i of the whole tensor is row i / groups's
     int8_t* q = Q + i * G;
-    __m256 amax = _mm256_setzero_ps();
-    for (int64_t k = 0; k < G; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + k)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    float mx = _mm_cvtss_f32(h);
-    for (int64_t k = 0; k < G; ++k)  // max_ps drops NaN; the output must not
-      if (std::isnan(p[k])) mx = NAN;
+    const float mx = block_absmax(p, G);
     if (!std::isfinite(mx)) {  // inf or NaN in the group: NaN out (a float matmul gives inf or NaN)
       std::memset(q, 0, G);
       S[i] = T[i] = NAN;
