@@ -5,9 +5,10 @@ be built.
 int8 activations are quantized to int16 per block (relative error ~1.5e-5 per value), so outputs agree with the
 exact product to ~3e-5 (bound 1e-4); so are int4 ones in the AVX-512 builds. The avx2 build quantizes int4
 activations to int8 per group, as the prompt kernel `int4_matmul_int8` does, and is checked against the float64
-product of those quantized activations (bound 1e-5: fp32 rounding over up to 428 groups). bf16 sums exact products in fp32 (bound 1e-5); with AVX512-BF16, fp32
-activations are first rounded to bf16, so there the reference takes them rounded. bf16 activations give bf16
-outputs: the fp32 result rounded once, which the tests check bit for bit."""
+product of those quantized activations (bound 1e-5: fp32 rounding over up to 428 groups). bf16 sums exact
+products in fp32 (bound 1e-5); with AVX512-BF16, fp32 activations are first rounded to bf16, so there the
+reference takes them rounded. bf16 activations give bf16 outputs: the fp32 result rounded once, which the tests
+check bit for bit."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def int4_reference(target: str, x: torch.Tensor, module: Int4Linear) -> tuple[to
     return x.double() @ module.dequantize().double().t(), 1e-4
 
 
-# Row counts around the kernel's tiles (4 weight rows, 4 activation rows) and chunks (64 rows); K not a multiple
+# Row counts around the kernel's tiles (1-4 weight rows, up to 4 activation rows) and chunks (64 rows); K not a multiple
 # of the 256-value activation block (48, 13696 = 107 * 128).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
 @pytest.mark.parametrize("shape", [(67, 16), (64, 48), (130, 1536), (5, 13696)], ids=str)
@@ -221,12 +222,12 @@ def test_int4_every_build(build, shape):
 
 
 @pytest.mark.parametrize("group_size", [96, 256])
-def test_avx2_int4_sums_the_extremes_exactly(group_size):
+def test_avx2_int4_sums_the_extremes_without_wrapping(group_size):
     """Codes 15 against activations +-127 over whole groups: a group of 256 adds 8 `vpmaddubsw` pair sums of 3810
     per s16 lane (30480, the most there can be), which must not wrap; rows of code 0 beside them. One to four
     activation rows (every tile shape); fp32 rounding of the scales only."""
     avx2 = kernel_build("avx2")
-    n, k = 20, 2 * 288 if group_size == 96 else 512
+    n, k = 20, 576 if group_size == 96 else 512
     codes = torch.full((n, k), 15, dtype=torch.uint8)
     codes[1::2, group_size:] = 0
     layer = Int4Linear.from_quantized_tensors(
