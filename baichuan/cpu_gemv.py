@@ -162,12 +162,6 @@ def int4_gemv(
     return _apply("int4_gemv", x, packed, scales_and_zeros, group_size)
 
 
-def activation_codes(bits: int, isa: str) -> str:
-    """The integer type one build rounds activations to for `bits`-bit weights: int8 (per group) in the avx2
-    build's int4 kernel, whose `vpmaddubsw` multiplies bytes; int16 (per block of up to 256) everywhere else."""
-    return "int8" if bits == 4 and isa == "avx2" else "int16"
-
-
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x @ weight.T for x (..., K) and a contiguous bf16 weight (N, K), in x's dtype (fp32 x is rounded to bf16
     where the CPU has AVX512-BF16); None where the kernels are not available."""

@@ -137,7 +137,7 @@ def worker_ours(args) -> dict:
     if build is None:
         kernels = "torch"
     elif bits:
-        kernels = f"{build.target} {cpu_gemv.activation_codes(bits, build.target)}-activation"
+        kernels = f"{build.target} {getattr(build, f'int{bits}_activations')}-activation"
     else:
         kernels = f"{build.target} bf16 mat-vec"
     result: dict = {

@@ -41,10 +41,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def int4_reference(target: str, x: torch.Tensor, module: Int4Linear) -> tuple[torch.Tensor, float]:
+def int4_reference(build, x: torch.Tensor, module: Int4Linear) -> tuple[torch.Tensor, float]:
     """What one build's int4 kernel computes, in float64, and the relative bound its output keeps to it: the avx2
     build's product of int8-quantized activations, the AVX-512 builds' exact product (int16 activations)."""
-    if cpu_gemv.activation_codes(4, target) == "int8":
+    if build.int4_activations == "int8":
         return int8_reference(x, module), 1e-5
     return x.double() @ module.dequantize().double().t(), 1e-4
 
@@ -75,7 +75,7 @@ def test_int4_matches_exact_product(kernels, shape, rows):
     module = Int4Linear.from_linear(linear, group_size)
     x = torch.randn(rows, in_features, generator=generator)
     got = kernels.int4_gemv(x, module.weight, module.scales_and_zeros, group_size)
-    reference, bound = int4_reference(kernels.target(), x, module)
+    reference, bound = int4_reference(kernels.load(), x, module)
     assert rel(got, reference) < bound
     # int8 activations: each off by up to half its group's step (1/254 of the group's largest), ~0.5-1% in all
     assert rel(got, x.double() @ module.dequantize().double().t()) < 2.5e-2
@@ -214,11 +214,11 @@ def test_int4_every_build(build, shape):
         linear.weight[0, :group_size] += 0.5  # a group away from zero: the zero points matter
     module = Int4Linear.from_linear(linear, group_size)
     packed = _misaligned(module.weight, 1)
-    _, bound = int4_reference(build.target, torch.zeros(1, in_features), module)
+    _, bound = int4_reference(build, torch.zeros(1, in_features), module)
     for rows in ROWS:
         x = torch.randn(rows, in_features, generator=generator)
         args = (packed, module.scales_and_zeros, group_size)
-        _check_rows(build.int4_gemv, x, args, lambda x: int4_reference(build.target, x, module)[0], bound)
+        _check_rows(build.int4_gemv, x, args, lambda x: int4_reference(build, x, module)[0], bound)
 
 
 @pytest.mark.parametrize("group_size", [96, 256])

@@ -58,6 +58,12 @@ constexpr const char* kTarget = "avx512";
 #else
 constexpr const char* kTarget = "avx2";
 #endif
+// The integer type activations are rounded to for int4 weights (int8 weights always take int16 codes).
+#if defined(BAICHUAN_AVX512)
+constexpr const char* kInt4Activations = "int16";
+#else
+constexpr const char* kInt4Activations = "int8";
+#endif
 
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
@@ -1025,6 +1031,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   k::register_fused(m);
   k::register_prefill(m);
   m.attr("target") = k::kTarget;
+  m.attr("int8_activations") = "int16";
+  m.attr("int4_activations") = k::kInt4Activations;
   m.def("int8_gemv", &k::int8_gemv, "(x @ weight.T) * scales, int8 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
   m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");
   m.def("bf16_gemv", &k::bf16_gemv, "x @ weight.T, bf16 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
