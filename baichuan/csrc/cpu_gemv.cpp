@@ -439,8 +439,12 @@ struct Int8Tile {
 struct Int4Tile {
   const uint8_t* packed;
   const uint16_t* scales_and_zeros;
-  const int16_t* xq;  // AVX-512: int16 codes
-  const int8_t* xb;   // AVX2: int8 codes
+#if defined(BAICHUAN_AVX512)
+  using Code = int16_t;
+#else
+  using Code = int8_t;  // kInt4Activations
+#endif
+  const Code* xq;
   const float* xs;
   const float* xsums;
   const float* xs_by_block;     // (groups, M + 8): xs transposed, for the AVX2 tiles of several rows
@@ -568,7 +572,7 @@ struct Int4Tile {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(pn + r * row_bytes + k / 2));
           const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
           for (int j = 0; j < MB; ++j) {
-            const __m256i* xj = (const __m256i*)(xb + (m + j) * K + k);
+            const __m256i* xj = (const __m256i*)(xq + (m + j) * K + k);
             const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xj)),
                                                _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xj + 1)));
             pairs[r][j] = _mm256_add_epi16(pairs[r][j], s);
@@ -587,7 +591,7 @@ struct Int4Tile {
           const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(both, high_half), nibble);
           for (int j = 0; j < MB; ++j)
             pairs[r][j] = _mm256_add_epi16(
-                pairs[r][j], _mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i*)(xb + (m + j) * K + k))));
+                pairs[r][j], _mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k))));
         }
       }
     }
@@ -975,19 +979,14 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
 #if defined(BAICHUAN_AVX512)
   const bool wide = group_size % 128 == 0;
   const Activations a = quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2, wide ? 32 : 16);
-  const int16_t* codes16 = a.codes.data_ptr<int16_t>();
-  const int8_t* codes8 = nullptr;
 #else
   const Activations a = quantize_activations_int8(x, group_size);
-  const int16_t* codes16 = nullptr;
-  const int8_t* codes8 = a.codes.data_ptr<int8_t>();
 #endif
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor xs_by_block = by_block(a.scales), xsums_by_block = by_block(a.sums);
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
-                      codes16,
-                      codes8,
+                      a.codes.data_ptr<Int4Tile::Code>(),
                       a.scales.data_ptr<float>(),
                       a.sums.data_ptr<float>(),
                       data_or_null(xs_by_block),
