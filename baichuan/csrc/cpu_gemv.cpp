@@ -447,8 +447,6 @@ struct Int4Tile {
   const Code* xq;
   const float* xs;
   const float* xsums;
-  const float* xs_by_block;     // (groups, M + 8): xs transposed, for the AVX2 tiles of several rows
-  const float* xsums_by_block;  // xsums likewise
   Output y;
   int64_t N, K, G, groups, M;
 
@@ -556,16 +554,20 @@ struct Int4Tile {
   // where int16 activations take 14. Groups of 64 and more: 32 bytes at a time, low nibbles (even columns) against
   // the chunk's first 32 activations, high nibbles against the next 32. Odd multiples of 32: 16 bytes at a time,
   // broadcast to both halves, the upper one shifted to its high nibbles.
-  template <int R, int MB>
+  template <int R, int MB, int GC>
   void dot_group_bytes(__m256i (&narrow)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
     const int64_t row_bytes = K / 2;
+    const int64_t G = GC ? GC : this->G;
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     __m256i pairs[R][MB];
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) pairs[r][j] = _mm256_setzero_si256();
     if (G % 64 == 0) {
-      for (int64_t k = k0; k < k0 + G; k += 64) {
-        if ((k & 127) == 0)
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < G; c += 64) {
+        const int64_t k = k0 + c;
+        // a prefetch per 64 bytes of codes (every other chunk), decided at compile time where G is known
+        if ((GC != 0 && GC % 128 == 0) ? (c & 127) == 0 : (k & 127) == 0)
           for (int r = 0; r < R; ++r)
             _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
         for (int r = 0; r < R; ++r) {
@@ -602,58 +604,52 @@ struct Int4Tile {
 #endif
 
 #if !defined(BAICHUAN_AVX512)
-  // Lane r * MB + j of a 4-lane vector: row r's value of a pair (v[r] of R), activation row j's (a[j] of MB).
-  template <int R, int MB>
-  static __m128 by_row(const __m128i rows) {
-    if constexpr (R == 4 || MB == 1) return _mm_castsi128_ps(rows);
-    else if constexpr (R == 2) return _mm_castsi128_ps(_mm_unpacklo_epi32(rows, rows));
-    else return _mm_castsi128_ps(_mm_shuffle_epi32(rows, 0));
-  }
-  template <int R, int MB>
-  static __m128 by_activation(const float* row_major, const float* by_block, int64_t at) {
-    if constexpr (MB == 1) return _mm_set1_ps(*row_major);
-    else if constexpr (MB == 2) return _mm_castpd_ps(_mm_load1_pd((const double*)(by_block + at)));
-    else return _mm_loadu_ps(by_block + at);
-  }
-
-  // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 4. At the end of each group the R * MB int32
-  // sums go into the lanes of one vector, and the group's scales, zero points and activation scales into others,
-  // so a group's fp32 work is a few vector instructions where it was ~16 scalar and vector ones per pair
-  // (benchmarks/ab_kernels.py, avx2 on an Emerald Rapids, groups of 128: one row 1-6% and 4 rows 11-13% faster).
+  // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 4. Each pair keeps its group sums in an 8-lane
+  // fp32 vector (converted, scaled by weight scale x activation scale, added) and its zero-point term in a float,
+  // reduced once at the end: ~7 instructions a group where reducing each group's int32 sums across lanes first took
+  // ~15, half a group's products. The group size is a compile-time constant for 32, 64 and 128, so a group's
+  // chunks and prefetches unroll with no branches. Both measured on a Zen 3 (ab_kernels, one activation row, 1.29B
+  // shapes): the 8-lane sums 5-10% less time, then the unrolling 18-25% less (benchmarks/README.md); at 4 and 8 rows
+  // 1-7% more time than the lane-reduced sums, which this accepts for batch 1's sake.
   // The fp32 operations are the same in every tile shape, so each activation row gets the same bits in a batch as
   // alone.
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
+    if (G == 128) return run_groups<R, MB, 128>(n, m);
+    if (G == 64) return run_groups<R, MB, 64>(n, m);
+    if (G == 32) return run_groups<R, MB, 32>(n, m);
+    run_groups<R, MB, 0>(n, m);
+  }
+  template <int R, int MB, int GC>
+  void run_groups(int64_t n, int64_t m) const {
     static_assert(R * MB <= 4);
     const uint8_t* pn = packed + n * (K / 2);
-    __m128 total = _mm_setzero_ps(), zero_total = _mm_setzero_ps();
+    __m256 acc[R][MB];
+    float zero_total[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) {
+        acc[r][j] = _mm256_setzero_ps();
+        zero_total[r][j] = 0.0f;
+      }
     for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, ++g) {
       const uint16_t* sz = scales_and_zeros + (g * N + n) * 2;
-      _mm_prefetch((const char*)(sz + 2 * kPrefetchRows), _MM_HINT_T0);
+      // 16 rows ahead: the next 64-byte line of this group's scales (a stream of stride N, 4 bytes a row), where
+      // kPrefetchRows ahead mostly fell in the line being read (ab_kernels, Zen 3: the lm_head 3% less time)
+      _mm_prefetch((const char*)(sz + 2 * 16), _MM_HINT_T0);
       __m256i narrow[R][MB];
-      dot_group_bytes<R, MB>(narrow, pn, k0, m);
-      __m256i flat[R * MB];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < MB; ++j) flat[r * MB + j] = narrow[r][j];
-      const __m128i sums = _mm256_castsi256_si128(lane_sums<R * MB>(flat));
-      // each 32-bit lane of sz: a row's bf16 scale (low half) and zero point (high half)
-      __m128i rows;
-      if constexpr (R == 4) rows = _mm_loadu_si128((const __m128i*)sz);
-      else if constexpr (R == 2) rows = _mm_loadl_epi64((const __m128i*)sz);
-      else rows = _mm_cvtsi32_si128(*(const int32_t*)sz);
-      const __m128i pairs = _mm_castps_si128(by_row<R, MB>(rows));
-      const __m128 scale = _mm_castsi128_ps(_mm_slli_epi32(pairs, 16));
-      const __m128 zero = _mm_castsi128_ps(_mm_and_si128(pairs, _mm_set1_epi32(int32_t(0xFFFF0000u))));
-      const int64_t at = g * (M + 8) + m;
-      const __m128 x_scale = by_activation<R, MB>(xs + m * groups + g, xs_by_block, at);
-      const __m128 x_sum = by_activation<R, MB>(xsums + m * groups + g, xsums_by_block, at);
-      total = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(scale, x_scale), total);
-      zero_total = _mm_fmadd_ps(_mm_fmadd_ps(scale, _mm_set1_ps(-8.0f), zero), x_sum, zero_total);
+      dot_group_bytes<R, MB, GC>(narrow, pn, k0, m);
+      for (int r = 0; r < R; ++r) {
+        const float scale = bf16_to_float(sz[2 * r]), zero = bf16_to_float(sz[2 * r + 1]);
+        for (int j = 0; j < MB; ++j) {
+          const int64_t block = (m + j) * groups + g;
+          acc[r][j] =
+              _mm256_fmadd_ps(_mm256_cvtepi32_ps(narrow[r][j]), _mm256_set1_ps(scale * xs[block]), acc[r][j]);
+          zero_total[r][j] = std::fma(zero - 8.0f * scale, xsums[block], zero_total[r][j]);
+        }
+      }
     }
-    alignas(16) float out[4];
-    _mm_store_ps(out, _mm_add_ps(total, zero_total));
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, out[r * MB + j]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, hsum(acc[r][j]) + zero_total[r][j]);
   }
 #else
   template <int R, int MB>
@@ -983,14 +979,11 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
   const Activations a = quantize_activations_int8(x, group_size);
 #endif
   auto y = torch::empty({M, N}, x.options());
-  const torch::Tensor xs_by_block = by_block(a.scales), xsums_by_block = by_block(a.sums);
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
                       a.codes.data_ptr<Int4Tile::Code>(),
                       a.scales.data_ptr<float>(),
                       a.sums.data_ptr<float>(),
-                      data_or_null(xs_by_block),
-                      data_or_null(xsums_by_block),
                       output_of(y),
                       N,
                       K,
