@@ -606,11 +606,13 @@ struct Int4Tile {
 #if !defined(BAICHUAN_AVX512)
   // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 4. Each pair keeps its group sums in an 8-lane
   // fp32 vector (converted, scaled by weight scale x activation scale, added) and its zero-point term in a float,
-  // reduced once at the end: ~7 instructions a group where reducing each group's int32 sums across lanes first took
-  // ~15, half a group's products. The group size is a compile-time constant for 32, 64 and 128, so a group's
-  // chunks and prefetches unroll with no branches. Both measured on a Zen 3 (ab_kernels, one activation row, 1.29B
-  // shapes): the 8-lane sums 5-10% less time, then the unrolling 18-25% less (benchmarks/README.md); at 4 and 8 rows
-  // 1-7% more time than the lane-reduced sums, which this accepts for batch 1's sake.
+  // reduced once at the end: a conversion, a broadcast and an FMA a group beside a few scalar operations on its
+  // scales, where reducing each group's int32 sums across lanes first (`vphaddd`s, an extract) and the 4-lane fp32
+  // work after took about as many instructions as the group's products. The group size is a compile-time constant
+  // for 32, 64 and 128, so a group's chunks and prefetches unroll with no branches. Both measured on a Zen 3
+  // (ab_kernels, one activation row, 1.29B shapes): the 8-lane sums 5-10% less time, then the unrolling 18-25% less
+  // on four shapes (benchmarks/README.md); at 4 and 8 rows 1-7% more time than the lane-reduced sums, which this
+  // accepts for batch 1's sake.
   // The fp32 operations are the same in every tile shape, so each activation row gets the same bits in a batch as
   // alone.
   template <int R, int MB>
