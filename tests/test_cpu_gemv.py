@@ -49,8 +49,8 @@ def int4_reference(build, x: torch.Tensor, module: Int4Linear) -> tuple[torch.Te
     return x.double() @ module.dequantize().double().t(), 1e-4
 
 
-# Row counts around the kernel's tiles (1-4 weight rows, up to 4 activation rows) and chunks (64 rows); K not a multiple
-# of the 256-value activation block (48, 13696 = 107 * 128).
+# Row counts around the kernel's tiles (1-4 weight rows, up to 4 activation rows) and chunks (64 rows); K not
+# a multiple of the 256-value activation block (48, 13696 = 107 * 128).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
 @pytest.mark.parametrize("shape", [(67, 16), (64, 48), (130, 1536), (5, 13696)], ids=str)
 def test_int8_matches_exact_product(kernels, shape, rows):
