@@ -36,6 +36,7 @@ NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
 ENV_TARGET = "BAICHUAN_CPU_ISA"
 MAX_ROWS = GEMV_MAX_ROWS  # the name the quantized layers use
+INT8_MAX_GROUP = 256  # int8 group scales: the kernel's activation block is the group, at most kMaxBlock
 # What each target compiles with. Never -march=native: a build must run on every CPU of its target.
 TARGET_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -148,8 +149,9 @@ def _apply(kernel: str, x: torch.Tensor, *args) -> torch.Tensor | None:
 
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """(x @ weight.T) * scales for x (..., K), int8 weight (N, K) with K % 16 == 0, fp32 scales (N,); None where
-    the kernels are not available."""
+    """(x @ weight.T) * scales for x (..., K), int8 weight (N, K) with K % 16 == 0, fp32 scales (N,); or with bf16
+    scales (N, K/G), one per group of G columns (G a multiple of 16 up to `INT8_MAX_GROUP`). None where the
+    kernels are not available."""
     return _apply("int8_gemv", x, weight, scales)
 
 

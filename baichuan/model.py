@@ -198,6 +198,7 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
         if (
             not module.use_kernel
             or module.bias is not None
+            or module.group_size is not None
             or module.in_features % 16
             or rows > cpu_gemv.MAX_ROWS
         ):

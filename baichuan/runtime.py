@@ -31,7 +31,9 @@ from baichuan.quant.spec import (
     QUANT_METHOD,
     QuantizationError,
     bits_for,
+    default_int8_groups,
     default_overrides,
+    int8_group_for,
     read_quantization,
 )
 from baichuan.tokenizer import Tokenizer
@@ -146,6 +148,8 @@ class Prepared:
         # The record's patterns decide the head's bits; a model quantized as it loads gets the default policy.
         overrides = record.get("overrides", default_overrides(bits) if bits else {})
         head_bits = bits_for("lm_head", bits, record.get("skip", ()), overrides) if bits else None
+        # A stored record without int8_groups (format 1) has none; one made while loading, the default's.
+        int8_groups = record.get("int8_groups", {} if self.quantization else default_int8_groups(bits or 8))
         emulated = self.dtype.itemsize == 2 and half_is_emulated(self.dtype)
         bf16_head = bits and self.stored_dtype is torch.bfloat16 and bf16_head_beside(self.dtype, self.device)
         return memory.estimate(
@@ -159,6 +163,9 @@ class Prepared:
             group_size=record.get("group_size", 128),
             head_bits=head_bits,
             head_bytes=2 if bf16_head else None,
+            head_int8_group=int8_group_for("lm_head", int8_groups, self.config.dim)
+            if head_bits == 8
+            else None,
             upcast=self.device.type == "cpu" and (bits is not None or emulated),
             stored_bytes=None if self.stored_dtype is None else self.stored_dtype.itemsize,
             quantized_on_load=self.quantize is not None,

@@ -179,11 +179,11 @@ def train(
 
 
 def quantized(
-    bits: int, group_size: int = 128, overrides: dict | None = None
+    bits: int, group_size: int = 128, overrides: dict | None = None, int8_groups: dict | None = None
 ) -> Callable[[nn.Module], nn.Module]:
     def build(reference: nn.Module) -> nn.Module:
         model = copy.deepcopy(reference)
-        quantize_model(model, bits, group_size, overrides=overrides)
+        quantize_model(model, bits, group_size, overrides=overrides, int8_groups=int8_groups)
         return model
 
     return build
@@ -192,9 +192,10 @@ def quantized(
 # key -> (table label, builder of the variant as stored, from the folded fp32 reference)
 VARIANTS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "bf16": ("bf16 weights", lambda reference: copy.deepcopy(reference).to(torch.bfloat16)),
+    "int8": ("int8, lm_head int8 g32 (default)", quantized(8)),
     # As the original quantize(8) (Baichuan-13B's QLinear, Baichuan2's bnb path): lm_head left in float.
-    "int8": ("int8, lm_head float (default, as the original)", quantized(8)),
-    "int8-head8": ("int8 every linear, lm_head too", quantized(8, overrides={})),
+    "int8-headf": ("int8, lm_head float (as the original)", quantized(8, overrides={"lm_head": None})),
+    "int8-head-row": ("int8, lm_head one scale a row", quantized(8, int8_groups={})),
     "int4": ("int4 g128, lm_head int8 (default)", quantized(4)),
     "int4-g32": ("int4 g32, lm_head int8", quantized(4, 32)),
     "int4-head4": ("int4 g128, lm_head int4", quantized(4, overrides={})),

@@ -202,6 +202,23 @@ def test_int8_every_build(build, shape):
     )
 
 
+# Group scales (an output head's, as Q8_0): the activation block is the group, 16 (the AVX-512 tail of 16) to 256.
+@pytest.mark.parametrize("shape", [(67, 64, 32), (9, 48, 16), (13, 208, 16), (130, 1536, 32), (5, 1536, 256)])
+def test_int8_group_scales_every_build(build, shape):
+    out_features, in_features, group_size = shape
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randint(-127, 128, shape[:2], dtype=torch.int8, generator=generator)
+    scales = torch.rand(out_features, in_features // group_size, generator=generator).bfloat16()
+    widened = weight.double() * scales.double().repeat_interleave(group_size, 1)
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=generator)
+        _check_rows(build.int8_gemv, x, (weight, scales), lambda x: x.double() @ widened.t(), 1e-4)
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 16"):
+        build.int8_gemv(torch.randn(1, 96), torch.zeros(4, 96, dtype=torch.int8), torch.ones(4, 4).bfloat16())
+    with pytest.raises(RuntimeError, match="group scales: contiguous bf16"):
+        build.int8_gemv(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2))
+
+
 @pytest.mark.parametrize(
     "shape", [(67, 64, 32), (9, 192, 64), (16, 288, 96), (64, 256, 128), (130, 1536, 256), (5, 13696, 128)]
 )

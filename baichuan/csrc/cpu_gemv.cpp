@@ -10,7 +10,9 @@
 // The loader picks the build from the CPU's features and names each after its target, so a build never runs on
 // a CPU without its instructions.
 //
-//   int8: y[m, n] = scales[n] * sum_k w[n, k] x[m, k]; w int8 (N, K) row-major.
+//   int8: y[m, n] = scales[n] * sum_k w[n, k] x[m, k]; w int8 (N, K) row-major. Or with a scale per group of G
+//         columns (an output head, as llama.cpp's Q8_0): y[m, n] = sum_g scales[n, g] sum_{k in g} w[n, k] x[m, k],
+//         scales bf16 (N, K/G), and the activations' block is G.
 //   int4: w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k / G; q packed two per byte, column 2j in the
 //         low nibble and 2j+1 in the high one (N, K/2); scale and zero bf16 side by side in (K/G, N, 2).
 //   bf16: y[m, n] = sum_k w[n, k] x[m, k]; w bf16 (N, K).
@@ -326,9 +328,12 @@ Output output_of(torch::Tensor& y) {
   return {nullptr, y.data_ptr<at::BFloat16>()};
 }
 
+// kGroupScales: a compile-time choice, as a test per block cost the per-row kernel 6-15% on a Zen 3 (ab_kernels).
+template <bool kGroupScales>
 struct Int8Tile {
   const int8_t* w;
-  const float* scales;
+  const float* scales;           // per row (N,), where !kGroupScales
+  const uint16_t* group_scales;  // bf16 (N, blocks), one per activation block, where kGroupScales
   const int16_t* xq;
   const float* xs;
   const float* xs_by_block;  // (blocks, M + 8): xs transposed, for the AVX2 tiles of several activation rows
@@ -383,12 +388,23 @@ struct Int8Tile {
         block_scales = _mm256_loadu_ps(xs_by_block + b * (M + 8) + m);
       else
         block_scales = _mm256_castpd_ps(_mm256_broadcast_sd((const double*)(xs_by_block + b * (M + 8) + m)));
+      if constexpr (kGroupScales) block_scales = _mm256_mul_ps(block_scales, weight_scales<R, MB>(n, b));
       total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums<R * MB>(iacc)), block_scales, total);
     }
     alignas(32) float sums[8];
     _mm256_store_ps(sums, total);
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[r * MB + j] * scales[n + r]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[r * MB + j] * row_scale(n + r));
+  }
+
+  // lane r * MB + j: the group scale of weight row n + r in block b
+  template <int R, int MB>
+  __m256 weight_scales(int64_t n, int64_t b) const {
+    if constexpr (R == 1) return _mm256_set1_ps(bf16_to_float(group_scales[n * blocks + b]));
+    alignas(32) float lanes[8] = {};
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) lanes[r * MB + j] = bf16_to_float(group_scales[(n + r) * blocks + b]);
+    return _mm256_load_ps(lanes);
   }
 #else
   // Rows [n, n + R) against activation rows [m, m + MB): each weight vector is widened once for all MB.
@@ -425,15 +441,22 @@ struct Int8Tile {
           for (int j = 0; j < MB; ++j) iacc[r][j] = _mm512_dpwssd_epi32(iacc[r][j], wv, xv[j]);
         }
       }
+      float ws[R];
+      for (int r = 0; r < R; ++r) ws[r] = kGroupScales ? bf16_to_float(group_scales[(n + r) * blocks + b]) : 1.f;
       for (int j = 0; j < MB; ++j) {
         const float s = xs[(m + j) * blocks + b];
-        for (int r = 0; r < R; ++r) facc[r][j] = scale_add(iacc[r][j], s, facc[r][j]);
+        for (int r = 0; r < R; ++r) facc[r][j] = scale_add(iacc[r][j], s * ws[r], facc[r][j]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, acc_sum(facc[r][j]) * scales[n + r]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, acc_sum(facc[r][j]) * row_scale(n + r));
   }
 #endif
+
+  float row_scale(int64_t n) const {
+    if constexpr (kGroupScales) return 1.f;
+    return scales[n];
+  }
 };
 
 struct Int4Tile {
@@ -947,16 +970,35 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
               "weight: contiguous int8 (N, K)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " columns, x has ", K);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N && scales.is_contiguous(),
-              "scales: contiguous fp32 (N,)");
-  const int64_t B = int8_block(K);
-  TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
+  const bool grouped = scales.dim() == 2;
+  int64_t B;
+  if (grouped) {
+    TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == N && scales.size(1) > 0 &&
+                    K % scales.size(1) == 0 && scales.is_contiguous(),
+                "group scales: contiguous bf16 (N, K/G)");
+    B = K / scales.size(1);
+    TORCH_CHECK(B % 16 == 0 && B <= kMaxBlock, "group size must be a multiple of 16 up to ", kMaxBlock, ", got ", B);
+  } else {
+    TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N && scales.is_contiguous(),
+                "scales: contiguous fp32 (N,) or bf16 (N, K/G)");
+    B = int8_block(K);
+    TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
+  }
   const Activations a = quantize_activations(x, B, 1);
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor xs_by_block = by_block(a.scales);
-  const Int8Tile tile{weight.data_ptr<int8_t>(), scales.data_ptr<float>(), a.codes.data_ptr<int16_t>(),
-                      a.scales.data_ptr<float>(), data_or_null(xs_by_block), output_of(y), N, K, B, a.blocks, M};
-  run_all(tile, N, M, K);
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const int16_t* xq = a.codes.data_ptr<int16_t>();
+  const float *xs = a.scales.data_ptr<float>(), *xs_by_block_data = data_or_null(xs_by_block);
+  if (grouped) {
+    const auto* group_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+    run_all(Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, output_of(y), N, K, B, a.blocks, M},
+            N, M, K);
+  } else {
+    run_all(Int8Tile<false>{w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, output_of(y), N, K, B,
+                            a.blocks, M},
+            N, M, K);
+  }
   return y;
 }
 
@@ -1027,7 +1069,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("target") = k::kTarget;
   m.attr("int8_activations") = "int16";
   m.attr("int4_activations") = k::kInt4Activations;
-  m.def("int8_gemv", &k::int8_gemv, "(x @ weight.T) * scales, int8 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
+  m.def("int8_gemv", &k::int8_gemv,
+        "(x @ weight.T) * scales, int8 weight (N, K), fp32 scales (N,) or bf16 group scales (N, K/G), "
+        "fp32/bf16 x (M, K), y in x's dtype");
   m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");
   m.def("bf16_gemv", &k::bf16_gemv, "x @ weight.T, bf16 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
 }

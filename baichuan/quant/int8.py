@@ -1,5 +1,6 @@
-"""int8 weight-only linears: symmetric per output channel, w = weight * scales[:, None] (see `spec` for what a
-checkpoint holds)."""
+"""int8 weight-only linears: symmetric per output channel, w = weight * scales[:, None], or per group of G input
+columns with bf16 scales (out, in/G), as llama.cpp's Q8_0, for the output head (see `spec` for what a checkpoint
+holds)."""
 
 from __future__ import annotations
 
@@ -23,26 +24,51 @@ from baichuan.quant.spec import QuantizationError
 INT8_WIDEN_MIN_ROWS = 128
 
 
+# The group scales' dtype: what the kernel reads (half the bytes of fp32, 1/16 of a byte a weight at G = 32).
+GROUP_SCALE_DTYPE = torch.bfloat16
+
+
+def check_int8_group(in_features: int, group_size: int | None) -> int | None:
+    """A group size for int8 scales (None: one scale a row); one-line errors for the rest."""
+    if group_size is None:
+        return None
+    if (
+        not isinstance(group_size, int)
+        or isinstance(group_size, bool)
+        or group_size < 1
+        or in_features % group_size
+    ):
+        raise QuantizationError(
+            f"int8 group size must be a positive integer dividing in_features {in_features}, got {group_size!r}"
+        )
+    return group_size
+
+
 def quantize_int8(
-    weight: torch.Tensor, scale_dtype: torch.dtype | None = None
+    weight: torch.Tensor, scale_dtype: torch.dtype | None = None, group_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float -> int8 codes (out, in) and scales (out,), symmetric per output channel.
+    """(out, in) float -> int8 codes (out, in) and scales, symmetric: (out,) per output channel, or with
+    `group_size` bf16 (out, in / group_size) per group of that many input columns.
 
     The codes are rounded against the scale as stored (in `scale_dtype`), so a bf16 scale adds no second error.
-    With fp32 scales this is exactly Baichuan-13B's QLinear: round(w / (absmax/127)).
+    With fp32 scales and no groups this is exactly Baichuan-13B's QLinear: round(w / (absmax/127)).
     """
-    scale_dtype = scale_dtype or weight.dtype
+    out_features, in_features = weight.shape
+    group = check_int8_group(in_features, group_size) or in_features
+    scale_dtype = GROUP_SCALE_DTYPE if group_size else (scale_dtype or weight.dtype)
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
-    for i in range(0, weight.shape[0], ROW_CHUNK):
+    scales = torch.empty(out_features, in_features // group, dtype=scale_dtype, device=weight.device)
+    for i in range(0, out_features, ROW_CHUNK):
         # A copy of its own, worked on in place: one fp32 temporary per chunk (quantizing on load is CPU-bound).
         w = weight[i : i + ROW_CHUNK].to(torch.float32, copy=True)
-        lo, hi = torch.aminmax(w, dim=1)
+        groups = w.view(len(w), -1, group)
+        lo, hi = torch.aminmax(groups, dim=2)
         # tiny keeps all-zero rows finite; it never changes the scale of a non-zero row.
         s = (torch.maximum(-lo, hi) / 127).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
-        codes[i : i + ROW_CHUNK] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        groups.div_(s.float()[:, :, None]).round_().clamp_(-127, 127)
+        codes[i : i + ROW_CHUNK] = w.to(torch.int8)
         scales[i : i + ROW_CHUNK] = s
-    return codes, scales
+    return codes, scales if group_size else scales.view(out_features)
 
 
 # torch's CPU int8 kernel (aten/src/ATen/native/cpu/int8mm_kernel.cpp, tinygemm_kernel) walks each row of bf16
@@ -81,10 +107,11 @@ def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (weight * scales[:, None]).T, weight int8 (out, in). CPU: the AVX2 kernel of `cpu_gemv` (where it
-    `serves` those rows and could be built), else `torch._weight_int8pack_mm` in bf16 where `int8pack_mm_safe`
-    says so, else the widened weight in a float matmul. CUDA: torch's fused `_weight_int8pack_mm` for decode-sized
-    products (up to `CUDA_INT8_KERNEL_MAX_ROWS` rows), the widened weight in a cuBLAS matmul for prompts."""
+    """y = x @ (weight * scales[:, None]).T, weight int8 (out, in); with `group_size`, bf16 scales (out, in/G), one
+    per group of G input columns. CPU: the kernel of `cpu_gemv` (where it `serves` those rows and could be built),
+    else `torch._weight_int8pack_mm` in bf16 where `int8pack_mm_safe` says so (per-row scales), else the widened
+    weight in a float matmul. CUDA: torch's fused `_weight_int8pack_mm` for decode-sized products (up to
+    `CUDA_INT8_KERNEL_MAX_ROWS` rows, per-row scales), the widened weight in a cuBLAS matmul otherwise."""
 
     def __init__(
         self,
@@ -93,30 +120,45 @@ class Int8Linear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        group_size: int | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.group_size = check_int8_group(in_features, group_size)
         self.register_buffer(
             "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         )
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        scales_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        scales_dtype = dtype if group_size is None else GROUP_SCALE_DTYPE
+        self.register_buffer("scales", torch.empty(scales_shape, dtype=scales_dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.use_kernel = True  # False forces the reference path (tests compare the two)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scale_dtype: torch.dtype | None = None) -> Int8Linear:
-        return cls.from_weight(linear.weight, linear.bias, scale_dtype)
+    def from_linear(
+        cls, linear: nn.Linear, scale_dtype: torch.dtype | None = None, group_size: int | None = None
+    ) -> Int8Linear:
+        return cls.from_weight(linear.weight, linear.bias, scale_dtype, group_size)
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        scale_dtype: torch.dtype | None = None,
+        group_size: int | None = None,
     ) -> Int8Linear:
         weight = weight.detach()
         if weight.is_meta:  # an empty module with the right shapes, to be filled from a checkpoint
             return cls(
-                weight.shape[1], weight.shape[0], bias is not None, scale_dtype or weight.dtype, "meta"
+                weight.shape[1],
+                weight.shape[0],
+                bias is not None,
+                scale_dtype or weight.dtype,
+                "meta",
+                group_size,
             )
-        codes, scales = quantize_int8(weight, scale_dtype)
+        codes, scales = quantize_int8(weight, scale_dtype, group_size)
         return cls.from_quantized_tensors(codes, scales, bias)
 
     @classmethod
@@ -127,18 +169,34 @@ class Int8Linear(nn.Module):
             raise QuantizationError(
                 f"int8 weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}"
             )
-        if tuple(scales.shape) != (weight.shape[0],):
+        out_features, in_features = weight.shape
+        group_size = None
+        if scales.dim() == 2 and scales.shape[0] == out_features and 0 < scales.shape[1]:
+            group_size = in_features // scales.shape[1]
+        if not (
+            tuple(scales.shape) == (out_features,)
+            or (group_size and scales.shape[1] * group_size == in_features)
+        ):
             raise QuantizationError(
-                f"int8 scales must have shape ({weight.shape[0]},), got {tuple(scales.shape)}"
+                f"int8 scales must have shape ({out_features},) or ({out_features}, in_features / group size), "
+                f"got {tuple(scales.shape)}"
             )
-        module = cls(weight.shape[1], weight.shape[0], bias is not None, scales.dtype, "meta")
+        module = cls(in_features, out_features, bias is not None, scales.dtype, "meta", group_size)
         module.weight, module.scales = _aligned(weight.contiguous()), scales.contiguous()
         if bias is not None:
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return module
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
+        return self.dequantize_rows(0, self.out_features).to(dtype)
+
+    def dequantize_rows(self, start: int, count: int) -> torch.Tensor:
+        """Rows [start, start + count) of the weight in fp32."""
+        codes = self.weight[start : start + count].float()
+        scales = self.scales[start : start + count].float()
+        if self.group_size is None:
+            return codes.mul_(scales[:, None])
+        return codes.view(count, -1, self.group_size).mul_(scales[:, :, None]).view(count, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._gemv(x) if self.use_kernel else None
@@ -147,6 +205,10 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:  # no torch kernel takes group scales
+            dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
+            y = self._prefill(x) if self.use_kernel and x.device.type == "cpu" else None
+            return y if y is not None else F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
         if (
             self.use_kernel
             and x.device.type == "cuda"
@@ -190,6 +252,12 @@ class Int8Linear(nn.Module):
         module = cpu_gemv.load()
         if module is None or (torch.is_grad_enabled() and x.requires_grad):
             return None
+        if self.group_size is not None:
+            return prefill_matmul(
+                x,
+                self.out_features,
+                lambda start, tile: tile.copy_(self.dequantize_rows(start, len(tile))),
+            )
         weight, scales = self.weight, self.scales.float().contiguous()
         return prefill_matmul(
             x, self.out_features, lambda start, tile: module.dequantize_int8(weight, scales, start, tile)
@@ -206,9 +274,25 @@ class Int8Linear(nn.Module):
             return None
         # _buffers: this runs once per layer per token, and Module.__getattr__ costs a microsecond a lookup.
         scales = self._buffers["scales"]
-        if scales.dtype != torch.float32:
+        if self.group_size is not None:
+            if self.group_size % 16 or self.group_size > cpu_gemv.INT8_MAX_GROUP:
+                return None
+            scales = self._kernel_group_scales(scales)
+        elif scales.dtype != torch.float32:
             scales = scales.float()
         return cpu_gemv.int8_gemv(x, self._buffers["weight"], scales)
 
+    def _kernel_group_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """The group scales in bf16, as the kernel reads them: the buffer itself, or (after `model.float()` or
+        the like widened it) a bf16 copy made once per buffer, exact since the values came from bf16."""
+        if scales.dtype is GROUP_SCALE_DTYPE:
+            return scales
+        cached = self.__dict__.get("_bf16_scales")
+        if cached is None or cached[0] is not scales:
+            cached = (scales, scales.to(GROUP_SCALE_DTYPE).contiguous())
+            self.__dict__["_bf16_scales"] = cached
+        return cached[1]
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
+        groups = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8{groups}"

@@ -1,12 +1,15 @@
 """The config.json record of a quantized checkpoint, and the checks of what is asked or found.
 
-What a saved checkpoint holds for a quantized linear `X` (`format_version` 1 of the record):
+What a saved checkpoint holds for a quantized linear `X` (`format_version` 2 of the record):
   int8  X.weight int8 (out, in) and X.scales (out,): w = weight * scales[:, None]. Symmetric per output channel,
         scale = absmax/127, rounded as Baichuan-13B's `QLinear` does, so its int8 values are reproduced exactly.
+        Layers the record's `int8_groups` names have a scale per group of G input columns instead (where G divides
+        their inputs), X.scales bf16 (out, in/G): w[:, k] = weight[:, k] * scales[:, k // G] (llama.cpp's Q8_0 at
+        G = 32).
   int4  X.weight uint8 (out, in/2), column 2j in the low nibble and 2j+1 in the high one, codes q in 0..15, and
         X.scales, X.zeros bf16 (out, ceil(in/group_size)): w = (q - 8) * scale + zero. This is the convention of
         PyTorch's tinygemm int4 kernels, so loading only re-tiles the codes for the CPU kernel.
-The record (`make_record`) says which layers hold which format.
+The record (`make_record`) says which layers hold which format. Version 1 records (no `int8_groups`) still load.
 """
 
 from __future__ import annotations
@@ -16,22 +19,32 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 QUANT_METHOD = "baichuan_weight_only"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # 2 added `int8_groups`
 SUPPORTED_BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 128
-# The output head's default bits for each model bits (None: kept in the float dtype). Its error goes straight into
-# the logits with nothing after it to average it out:
-# - an 8-bit model keeps it in float, as the original quantize(8) does: on the briefly trained 1.29B-shape model
-#   of benchmarks/bench_accuracy.py the int8 head is ~95% of the int8 model's KL to the float one (2.7e-5 with it,
-#   6.6e-7 without), for 17% more bytes read per decoded token at that shape (1.29 against 1.10 GB);
-# - a 4-bit model keeps it at 8 bits (llama.cpp's Q4_0 likewise keeps output.weight at higher precision), see
-#   tests/quant/test_swap.py::test_int4_head_policy.
-DEFAULT_HEAD_BITS: dict[int, int | None] = {8: None, 4: 8}
+# The output head's default bits for each model bits (None: kept in the float dtype), and its int8 scales' group
+# size (None: one scale a row). Its error goes straight into the logits with nothing after it to average it out:
+# - an 8-bit model quantizes it to int8 with a scale per 32 columns, as llama.cpp's Q8_0: on the briefly trained
+#   model of benchmarks/bench_accuracy.py one scale a row made the head ~95% of the int8 model's KL to the float
+#   one (2.5e-5 with it, 6.9e-7 with a float head), groups of 32 1.3e-5 (64: 1.8e-5, 128: 2.0e-5). The original
+#   quantize(8) keeps the head in float (`overrides={"lm_head": None}` does too), which at the 1.29B shape reads
+#   17% more bytes per decoded token (1.29 against 1.11 GB);
+# - a 4-bit model keeps it at 8 bits, one scale a row (llama.cpp's Q4_0 likewise keeps output.weight at higher
+#   precision), see tests/quant/test_swap.py::test_int4_head_policy.
+DEFAULT_HEAD_BITS: dict[int, int | None] = {8: 8, 4: 8}
+DEFAULT_HEAD_INT8_GROUP: dict[int, int | None] = {8: 32, 4: None}
 
 
 def default_overrides(bits: int) -> dict[str, int | None]:
     """The `overrides` a record gets when none are asked for: the head's default bits (DEFAULT_HEAD_BITS)."""
     return {"lm_head": DEFAULT_HEAD_BITS[check_bits(bits)]}
+
+
+def default_int8_groups(bits: int) -> dict[str, int]:
+    """The `int8_groups` a record gets when none are asked for: the head's (DEFAULT_HEAD_INT8_GROUP)."""
+    group = DEFAULT_HEAD_INT8_GROUP[check_bits(bits)]
+    return {} if group is None else {"lm_head": group}
 
 
 class QuantizationError(ValueError):
@@ -50,16 +63,31 @@ def check_group_size(group_size: Any) -> int:
     return group_size
 
 
+def check_int8_groups(int8_groups: Any) -> dict[str, int]:
+    if not isinstance(int8_groups, Mapping) or not all(
+        isinstance(pattern, str) and isinstance(g, int) and not isinstance(g, bool) and g > 0
+        for pattern, g in int8_groups.items()
+    ):
+        raise QuantizationError(
+            f"int8_groups must map name patterns to positive group sizes, got {int8_groups!r}"
+        )
+    return dict(int8_groups)
+
+
 def make_record(
     bits: int,
     group_size: int = DEFAULT_GROUP_SIZE,
     symmetric: bool = False,
     skip: Iterable[str] = (),
     overrides: Mapping[str, int | None] | None = None,
+    int8_groups: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The config.json `quantization` record; `overrides=None` means the default policy for `bits`."""
+    """The config.json `quantization` record; `overrides=None` and `int8_groups=None` mean the default policy for
+    `bits`."""
     if overrides is None:
         overrides = default_overrides(bits)
+    if int8_groups is None:
+        int8_groups = default_int8_groups(bits)
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -68,6 +96,7 @@ def make_record(
         "symmetric": bool(symmetric),
         "skip": list(skip),
         "overrides": {pattern: None if b is None else check_bits(b) for pattern, b in overrides.items()},
+        "int8_groups": check_int8_groups(int8_groups),
     }
 
 
@@ -80,10 +109,10 @@ def check_record(record: Mapping[str, Any]) -> dict[str, Any]:
         raise QuantizationError(
             f"unknown quantization method {record.get('quant_method')!r} (expected {QUANT_METHOD!r})"
         )
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise QuantizationError(
             f"quantized checkpoint format {record.get('format_version')!r} is not supported "
-            f"(this version reads {FORMAT_VERSION})"
+            f"(this version reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))})"
         )
     return {
         "bits": check_bits(record.get("bits")),
@@ -91,6 +120,7 @@ def check_record(record: Mapping[str, Any]) -> dict[str, Any]:
         "symmetric": bool(record.get("symmetric", False)),
         "skip": tuple(record.get("skip", ())),
         "overrides": dict(record.get("overrides", {})),
+        "int8_groups": check_int8_groups(record.get("int8_groups", {})),
     }
 
 
@@ -103,6 +133,15 @@ def bits_for(name: str, bits: int, skip: Iterable[str], overrides: Mapping[str, 
         if fnmatch.fnmatchcase(name, pattern):
             return None if override is None else check_bits(override)
     return bits
+
+
+def int8_group_for(name: str, int8_groups: Mapping[str, int], in_features: int) -> int | None:
+    """The group size of the int8 scales of the linear called `name` with `in_features` inputs (None: one scale a
+    row, also where the group asked for does not divide the inputs, as in tiny test models)."""
+    for pattern, group in int8_groups.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return group if in_features % group == 0 else None
+    return None
 
 
 def read_quantization(hf_config: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from baichuan.quant.spec import (
     check_bits,
     check_group_size,
     check_record,
+    int8_group_for,
     make_record,
 )
 
@@ -36,11 +37,13 @@ def quantized_linear(
     group_size: int = DEFAULT_GROUP_SIZE,
     symmetric: bool = False,
     scale_dtype: torch.dtype | None = None,
+    int8_group: int | None = None,
 ) -> nn.Module:
     """One Linear -> Int8Linear or Int4Linear (an empty one on the meta device when the Linear is on meta).
-    `scale_dtype`: of the int8 scales (default: the weight's); int4 scales are always bf16."""
+    `scale_dtype`: of the int8 per-row scales (default: the weight's); int8 group scales (`int8_group` columns
+    each) and int4 scales are always bf16."""
     if check_bits(bits) == 8:
-        return Int8Linear.from_linear(linear, scale_dtype)
+        return Int8Linear.from_linear(linear, scale_dtype, int8_group)
     return Int4Linear.from_linear(linear, group_size, symmetric)
 
 
@@ -51,16 +54,19 @@ def quantize_model(
     symmetric: bool = False,
     skip: Iterable[str] = (),
     overrides: Mapping[str, int | None] | None = None,
+    int8_groups: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Swap every `nn.Linear` of `module` in place for its quantized version; returns the config.json record.
 
     `skip`: fnmatch patterns of qualified names kept in floating point. `overrides`: pattern -> bits (or None to
-    keep float); by default an 8-bit model keeps `lm_head` in float and a 4-bit one keeps it at 8 bits
-    (spec.DEFAULT_HEAD_BITS); `overrides={}` quantizes every Linear. On the meta device this builds empty
-    quantized modules with the right shapes, which is how a saved quantized checkpoint is prepared for loading
-    (`prepare_quantized`).
+    keep float); by default `lm_head` is int8 in 8-bit and 4-bit models alike (spec.DEFAULT_HEAD_BITS);
+    `overrides={}` quantizes every Linear at `bits`, `{"lm_head": None}` keeps the head float as the original
+    quantize(8). `int8_groups`: pattern -> group size of the int8 scales of those layers (others: one a row); by
+    default an 8-bit model's head has groups of 32 and a 4-bit one's one scale a row
+    (spec.DEFAULT_HEAD_INT8_GROUP). On the meta device this builds empty quantized modules with the right shapes,
+    which is how a saved quantized checkpoint is prepared for loading (`prepare_quantized`).
     """
-    record = make_record(bits, group_size, symmetric, skip, overrides)
+    record = make_record(bits, group_size, symmetric, skip, overrides, int8_groups)
     head = getattr(module, "lm_head", None)
     if head is not None and not isinstance(head, (nn.Linear, *QUANTIZED_TYPES)):
         raise QuantizationError(
@@ -73,8 +79,11 @@ def quantize_model(
             continue
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        # Nothing else holds the float Linear, so its weight is freed as soon as the quantized one replaces it.
-        setattr(parent, child, quantized_linear(getattr(parent, child), layer_bits, group_size, symmetric))
+        linear = getattr(parent, child)
+        int8_group = int8_group_for(name, record["int8_groups"], linear.in_features)
+        # Nothing else holds the float Linear, so its weight is freed once the quantized one replaces it (and the
+        # next iteration drops `linear`).
+        setattr(parent, child, quantized_linear(linear, layer_bits, group_size, symmetric, None, int8_group))
     return record
 
 
@@ -120,12 +129,15 @@ class QuantizingLoader:
         symmetric: bool = False,
         skip: Iterable[str] = (),
         overrides: Mapping[str, int | None] | None = None,
+        int8_groups: Mapping[str, int] | None = None,
     ):
         self.model = model
         self.bits = None if bits is None else check_bits(bits)
         self.group_size = check_group_size(group_size)
         self.symmetric = symmetric
-        self._record = None if bits is None else make_record(bits, group_size, symmetric, skip, overrides)
+        self._record = (
+            None if bits is None else make_record(bits, group_size, symmetric, skip, overrides, int8_groups)
+        )
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def record(self) -> dict[str, Any] | None:
@@ -158,7 +170,9 @@ class QuantizingLoader:
         if layer_bits is None:
             return value
         quantized = (
-            Int8Linear.from_weight(value)
+            Int8Linear.from_weight(
+                value, None, None, int8_group_for(module_name, self._record["int8_groups"], value.shape[1])
+            )
             if layer_bits == 8
             else Int4Linear.from_weight(value, None, self.group_size, self.symmetric)
         )
@@ -183,6 +197,11 @@ class QuantizingLoader:
                 raise QuantizationError(
                     f"{module_name}: quantized shape {built.out_features}x{built.in_features} "
                     f"does not match the model's {module.out_features}x{module.in_features}"
+                )
+            if isinstance(module, Int8Linear) and built.group_size != module.group_size:
+                raise QuantizationError(
+                    f"{module_name}: int8 scales for groups of {built.group_size or 'a whole row'}, where the "
+                    f"checkpoint's record says {module.group_size or 'one a row'}"
                 )
             built.bias = module.bias
             self._swap(module_name, built)

@@ -100,17 +100,20 @@ def test_int4_head_policy():
 
 
 @pytest.mark.parametrize(
-    "bits, overrides, head_dtype",
+    "bits, overrides, int8_groups, head_dtype, head_scales",
     [
-        (8, None, torch.float32),  # the default: an 8-bit model keeps its head in float, as the original
-        (8, {}, torch.int8),  # every linear, as 8-bit checkpoints written before that default were
-        (4, None, torch.int8),  # the 8-bit head of a 4-bit model
+        (8, None, None, torch.int8, (512, 2)),  # the default: an int8 head with a scale per 32 columns
+        (8, {"lm_head": None}, None, torch.float32, None),  # the head in float, as the original quantize(8)
+        (8, {}, {}, torch.int8, (512,)),  # every linear one scale a row, as 8-bit checkpoints of format 1
+        (4, None, None, torch.int8, (512,)),  # the 8-bit head of a 4-bit model
     ],
 )
-def test_quantized_state_dict_round_trips_through_safetensors(bits, overrides, head_dtype, tmp_path):
+def test_quantized_state_dict_round_trips_through_safetensors(
+    bits, overrides, int8_groups, head_dtype, head_scales, tmp_path
+):
     model = tiny_model("rope", norm_head=True)
     fold_norm_head(model)
-    record = quantize_model(model, bits, group_size=32, overrides=overrides)
+    record = quantize_model(model, bits, group_size=32, overrides=overrides, int8_groups=int8_groups)
     ids = input_ids()
     with torch.no_grad():
         expected = model(ids)
@@ -131,6 +134,39 @@ def test_quantized_state_dict_round_trips_through_safetensors(bits, overrides, h
     else:
         assert state[f"{layer}.weight"].shape == (192, 32) and state[f"{layer}.zeros"].shape == (192, 2)
     assert state["lm_head.weight"].dtype == head_dtype
+    if head_scales is not None:
+        assert state["lm_head.scales"].shape == head_scales
+
+
+def test_format_1_records_load_and_group_mismatches_are_one_line(tmp_path):
+    """A record written before `int8_groups` existed (format 1) means one scale a row everywhere; a checkpoint
+    whose scales disagree with its record is a one-line error, not a silent misload."""
+    model = tiny_model("rope", norm_head=True)
+    fold_norm_head(model)
+    record = quantize_model(model, 8, overrides={}, int8_groups={})
+    old = {k: v for k, v in record.items() if k != "int8_groups"} | {"format_version": 1}
+    state = quantized_state_dict(model)
+    ids = input_ids()
+    with torch.device("meta"):
+        fresh = Baichuan(tiny_config("rope", True))
+    fold_norm_head(fresh)
+    load_quantized_state_dict(fresh, state, read_quantization({"quantization": old}))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+    with torch.device("meta"):
+        grouped = Baichuan(tiny_config("rope", True))
+    fold_norm_head(grouped)
+    prepare_quantized(grouped, quantize_model(copy.deepcopy(model), 8) | {"format_version": 2})
+    assert grouped.lm_head.group_size == 32
+    loader = QuantizingLoader(grouped)
+    loader("lm_head.weight", state["lm_head.weight"])
+    with pytest.raises(QuantizationError, match="lm_head: int8 scales for groups of a whole row, where the"):
+        loader("lm_head.scales", state["lm_head.scales"])
+    with pytest.raises(QuantizationError, match="format 3 is not supported"):
+        read_quantization({"quantization": record | {"format_version": 3}})
+    with pytest.raises(QuantizationError, match="int8_groups must map name patterns"):
+        read_quantization({"quantization": record | {"int8_groups": {"lm_head": 0}}})
 
 
 def place(model: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
