@@ -24,6 +24,9 @@ from baichuan.quant.spec import QuantizationError
 INT8_WIDEN_MIN_ROWS = 128
 
 
+# Rows of a group-scaled weight dequantized at a time off the CPU kernels' paths (CUDA, no kernel module): fp32
+# temporaries of 64 MiB at 4,096 inputs.
+GROUPED_TILE_ROWS = 4096
 # The group scales' dtype: what the kernel reads (half the bytes of fp32, 1/16 of a byte a weight at G = 32).
 GROUP_SCALE_DTYPE = torch.bfloat16
 
@@ -206,9 +209,8 @@ class Int8Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None:  # no torch kernel takes group scales
-            dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
             y = self._prefill(x) if self.use_kernel and x.device.type == "cpu" else None
-            return y if y is not None else F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+            return y if y is not None else self._grouped_matmul(x)
         if (
             self.use_kernel
             and x.device.type == "cuda"
@@ -244,6 +246,20 @@ class Int8Linear(nn.Module):
         # computed in fp32.
         dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
         return (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
+
+    def _grouped_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ w.T for group scales on any device: the weight dequantized `GROUPED_TILE_ROWS` rows at a time into
+        one product each, so a large vocabulary's head never has a whole float copy (where a gradient must flow
+        to x, which out= products do not record, the whole weight at once)."""
+        dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+        rows = x.reshape(-1, self.in_features).to(dtype)
+        y = torch.empty(rows.shape[0], self.out_features, dtype=dtype, device=x.device)
+        for start in range(0, self.out_features, GROUPED_TILE_ROWS):
+            tile = self.dequantize_rows(start, min(GROUPED_TILE_ROWS, self.out_features - start)).to(dtype)
+            torch.mm(rows, tile.t(), out=y[:, start : start + len(tile)])
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor | None:
         """Prompts (more rows than `_gemv` takes): the weight dequantized tile by tile by our kernel module into

@@ -129,3 +129,21 @@ def test_bad_int8_group_is_one_clear_line():
         quantize_int8(torch.zeros(4, 48), group_size=32)
     with pytest.raises(QuantizationError, match=r"int8 scales must have shape \(4,\) or"):
         Int8Linear.from_quantized_tensors(torch.zeros(4, 48, dtype=torch.int8), torch.ones(4, 5))
+
+
+def test_group_scales_off_the_kernels_tile_the_weight_and_keep_gradients(monkeypatch):
+    """Without our kernels (CUDA, or none built) a group-scaled weight is dequantized a tile of rows at a time;
+    a gradient to the activations (LoRA over a quantized base) takes the whole weight at once."""
+    import baichuan.quant.int8 as int8
+
+    monkeypatch.setattr(int8, "GROUPED_TILE_ROWS", 48)
+    generator = torch.Generator().manual_seed(3)
+    module = Int8Linear.from_weight(torch.randn(200, 64, generator=generator), group_size=32)
+    module.use_kernel = False
+    x = torch.randn(3, 5, 64, generator=generator)
+    expected = x @ module.dequantize().t()
+    with torch.no_grad():
+        assert torch.allclose(module(x), expected, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    module(x).sum().backward()
+    assert torch.allclose(x.grad, module.dequantize().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
