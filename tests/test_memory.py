@@ -28,14 +28,18 @@ def test_float_weights_are_the_parameter_count_times_the_dtype(name):
     assert weight_bytes(config, 4) == 4 * config.num_params()
 
 
-@pytest.mark.parametrize("bits, head_bits", [(8, 8), (4, 8), (4, None)])
-def test_quantized_weights_match_the_modules(bits, head_bits):
+@pytest.mark.parametrize(
+    "bits, head_bits, head_group", [(8, 8, 32), (8, 8, None), (8, None, None), (4, 8, None), (4, None, None)]
+)
+def test_quantized_weights_match_the_modules(bits, head_bits, head_group):
     config = tiny_config(dim=256, n_heads=4, ffn_dim=512, vocab_size=1024)
     model = Baichuan(config)
     overrides = {"lm_head": head_bits}
-    quantize_model(model, bits, group_size=64, overrides=overrides)
+    int8_groups = {} if head_group is None else {"lm_head": head_group}
+    quantize_model(model, bits, group_size=64, overrides=overrides, int8_groups=int8_groups)
     measured = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    assert weight_bytes(config, 4, bits, group_size=64, head_bits=head_bits) == measured
+    estimate = weight_bytes(config, 4, bits, group_size=64, head_bits=head_bits, head_int8_group=head_group)
+    assert estimate == measured
 
 
 def test_kv_cache_bytes_are_the_buffers():
