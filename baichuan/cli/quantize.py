@@ -16,7 +16,12 @@ from baichuan.cli.options import ModelDir
 @friendly
 def quantize(
     model: ModelDir,
-    bits: Annotated[int, typer.Option(help="8 (per-channel int8) or 4 (group-wise int4).")],
+    bits: Annotated[
+        int,
+        typer.Option(
+            help="8 (per-channel int8, lm_head with a scale per 32 columns) or 4 (group-wise int4, lm_head int8)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Where to write the quantized checkpoint directory.")],
     group_size: Annotated[
         int, typer.Option(help="int4 group size (32, 64, 128 or 256 use the fast CPU kernel).")

@@ -299,8 +299,8 @@ class Int8Linear(nn.Module):
         return cpu_gemv.int8_gemv(x, self._buffers["weight"], scales)
 
     def _kernel_group_scales(self, scales: torch.Tensor) -> torch.Tensor:
-        """The group scales in bf16, as the kernel reads them: the buffer itself, or (after `model.float()` or
-        the like widened it) a bf16 copy made once per buffer, exact since the values came from bf16."""
+        """The group scales in bf16, as the kernel reads them: the buffer itself, or where `model.float()` (or the
+        like) converted it, a bf16 copy made once per buffer (exact after fp32, which holds every bf16 value)."""
         if scales.dtype is GROUP_SCALE_DTYPE:
             return scales
         cached = self.__dict__.get("_bf16_scales")

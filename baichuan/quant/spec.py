@@ -26,8 +26,8 @@ DEFAULT_GROUP_SIZE = 128
 # The output head's default bits for each model bits (None: kept in the float dtype), and its int8 scales' group
 # size (None: one scale a row). Its error goes straight into the logits with nothing after it to average it out:
 # - an 8-bit model quantizes it to int8 with a bf16 scale per 32 columns, as llama.cpp's Q8_0: on the briefly
-#   trained model of benchmarks/bench_accuracy.py the int8 model's KL to the float one is 1.44e-5 so, 2.54e-5 with
-#   one scale a row (the head ~95% of it), 6.9e-7 with a float head (benchmarks/README.md). The original
+#   trained model of benchmarks/bench_accuracy.py the int8 model's KL to the float one is 1.44e-5 with it, 2.54e-5
+#   with one scale a row (the head ~95% of it), 6.9e-7 with a float head (benchmarks/README.md). The original
 #   quantize(8) keeps the head in float (`overrides={"lm_head": None}` does too), which at the 1.29B shape reads
 #   17% more bytes per decoded token (1.29 against 1.11 GB);
 # - a 4-bit model keeps it at 8 bits, one scale a row (llama.cpp's Q4_0 likewise keeps output.weight at higher
