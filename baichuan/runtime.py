@@ -148,8 +148,6 @@ class Prepared:
         # The record's patterns decide the head's bits; a model quantized as it loads gets the default policy.
         overrides = record.get("overrides", default_overrides(bits) if bits else {})
         head_bits = bits_for("lm_head", bits, record.get("skip", ()), overrides) if bits else None
-        # A stored record without int8_groups (format 1) has none; one made while loading, the default's.
-        int8_groups = record.get("int8_groups", {} if self.quantization else default_int8_groups(bits or 8))
         emulated = self.dtype.itemsize == 2 and half_is_emulated(self.dtype)
         bf16_head = bits and self.stored_dtype is torch.bfloat16 and bf16_head_beside(self.dtype, self.device)
         return memory.estimate(
@@ -163,14 +161,19 @@ class Prepared:
             group_size=record.get("group_size", 128),
             head_bits=head_bits,
             head_bytes=2 if bf16_head else None,
-            head_int8_group=int8_group_for("lm_head", int8_groups, self.config.dim)
-            if head_bits == 8
-            else None,
+            head_int8_group=self._head_int8_group(bits) if head_bits == 8 else None,
             upcast=self.device.type == "cpu" and (bits is not None or emulated),
             stored_bytes=None if self.stored_dtype is None else self.stored_dtype.itemsize,
             quantized_on_load=self.quantize is not None,
             runtime=memory.RUNTIME_BYTES if self.device.type == "cpu" else 0,
         )
+
+    def _head_int8_group(self, bits: int) -> int | None:
+        """The group size of an int8 head's scales: a stored record's (none in format 1), or the default's for a
+        model quantized as it loads."""
+        record = self.quantization or {}
+        groups = record.get("int8_groups", {} if self.quantization else default_int8_groups(bits))
+        return int8_group_for("lm_head", groups, self.config.dim)
 
     def available_memory(self) -> tuple[int, str] | None:
         """Free memory where the weights and caches will live: the GPU's, or this process's share of RAM."""

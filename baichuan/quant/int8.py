@@ -209,8 +209,7 @@ class Int8Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None:  # no torch kernel takes group scales
-            y = self._prefill(x) if self.use_kernel and x.device.type == "cpu" else None
-            return y if y is not None else self._grouped_matmul(x)
+            return self._grouped_matmul(x)
         if (
             self.use_kernel
             and x.device.type == "cuda"
@@ -248,9 +247,9 @@ class Int8Linear(nn.Module):
         return (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
 
     def _grouped_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ w.T for group scales on any device: the weight dequantized `GROUPED_TILE_ROWS` rows at a time into
-        one product each, so a large vocabulary's head never has a whole float copy (where a gradient must flow
-        to x, which out= products do not record, the whole weight at once)."""
+        """x @ w.T for group scales on any device, prompts included: the weight dequantized `GROUPED_TILE_ROWS`
+        rows at a time into one product each, so a large vocabulary's head never has a whole float copy (where a
+        gradient must flow to x, which out= products do not record, the whole weight at once)."""
         dtype = torch.float32 if x.device.type == "cpu" and half_is_emulated(x.dtype) else x.dtype
         if torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
@@ -268,12 +267,6 @@ class Int8Linear(nn.Module):
         module = cpu_gemv.load()
         if module is None or (torch.is_grad_enabled() and x.requires_grad):
             return None
-        if self.group_size is not None:
-            return prefill_matmul(
-                x,
-                self.out_features,
-                lambda start, tile: tile.copy_(self.dequantize_rows(start, len(tile))),
-            )
         weight, scales = self.weight, self.scales.float().contiguous()
         return prefill_matmul(
             x, self.out_features, lambda start, tile: module.dequantize_int8(weight, scales, start, tile)
