@@ -31,7 +31,7 @@ from baichuan.cpu import GEMV_MAX_ROWS, bf16_gemv_max_rows, kernel_target
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_gemv.cpp"
 # Every source of the one extension built per target; each defines its own functions in the module.
-SOURCES = (SOURCE, CSRC / "cpu_fused.cpp", CSRC / "cpu_prefill.cpp")
+SOURCES = (SOURCE, CSRC / "cpu_fused.cpp", CSRC / "cpu_prefill.cpp", CSRC / "cpu_prompt_int8.cpp")
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
 ENV_TARGET = "BAICHUAN_CPU_ISA"

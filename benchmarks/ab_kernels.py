@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baichuan.cpu import kernel_targets  # noqa: E402
-from baichuan.cpu_gemv import CSRC, SOURCE, TARGET_FLAGS  # noqa: E402
+from baichuan.cpu_gemv import SOURCE, SOURCES, TARGET_FLAGS  # noqa: E402
 
 SHAPES = ("1536x1536", "4608x1536", "4096x1536", "1536x4096", "125696x1536")  # the 1.29B benchmark model's
 
@@ -38,7 +38,7 @@ def build(directory: Path, target: str):
     source = directory / SOURCE.name
     if not source.is_file():
         raise SystemExit(f"{directory} has no {SOURCE.name}")
-    others = [str(CSRC / "cpu_fused.cpp"), str(CSRC / "cpu_prefill.cpp")]
+    others = [str(source) for source in SOURCES if source.name != SOURCE.name]
     return cpp_extension.load(
         name=f"baichuan_ab_{directory.name}_{target}",
         sources=[str(source), *others],

@@ -8,7 +8,13 @@
 
 Paths (bf16 activations, as a bf16 model's prompt has):
   bf16            F.linear on the bf16 weight (what the bf16 model runs; the bar to reach).
-  int8 ours       Int8Linear's prompt path: tiles dequantized by our module, one GEMM of torch's a tile.
+  int8 ours       Int8Linear's prompt path: with the avx2 build, `int8_matmul_int16` (the decode kernel's int16
+                  activations and integer sums in GEMM blocking); with the AVX-512 ones as int8 dequant+mm.
+  int8 dequant+mm Int8Linear's prompt path with kernels.INT8_INT16_PROMPTS off: tiles dequantized by our module,
+                  one GEMM of torch's a tile.
+  int8 decode kernel / int8 prompt kernel
+                  our module's `int8_gemv` and `int8_matmul_int16` called directly, at any row count (where
+                  `INT8_PROMPT_MIN_ROWS` should lie; the prompt kernel only where the build has it).
   int8 torch      torch._weight_int8pack_mm (Int8Linear's prompt path before).
   int8 _int_mm    activations quantized to int8 per row, torch._int_mm (oneDNN, VNNI), scaled back: not used by
                   the layers (int8 activations cost accuracy), measured to know what it would give.
@@ -43,26 +49,41 @@ def int_mm(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor) -> torc
     return (torch._int_mm(xq, codes_t).float() * s * scales).to(x.dtype)
 
 
-def without_int8_activations(fn):
+def switched_off(switch: str, fn):
+    """fn with the boolean kernels.<switch> off while it runs."""
+
     def run():
-        kernels.INT4_INT8_ACTIVATIONS = False
+        setattr(kernels, switch, False)
         try:
             return fn()
         finally:
-            kernels.INT4_INT8_ACTIVATIONS = True
+            setattr(kernels, switch, True)
 
     return run
 
 
+def prompt_kernel(module, x: torch.Tensor, q8: Int8Linear, scales32: torch.Tensor):
+    out = torch.empty(x.shape[0], q8.out_features)
+    return lambda: module.int8_matmul_int16(x, q8.weight, scales32, out)
+
+
 def layer_paths(x: torch.Tensor, w16: torch.Tensor, q8: Int8Linear, q4: Int4Linear) -> dict:
     codes_t, scales32 = q8.weight.t(), q8.scales.float()  # (in, out), column-major
+    module = cpu_gemv.load()
+    ours = {}
+    if module is not None:
+        ours["int8 decode kernel"] = lambda: module.int8_gemv(x, q8.weight, scales32)
+        if hasattr(module, "int8_matmul_int16"):
+            ours["int8 prompt kernel"] = prompt_kernel(module, x, q8, scales32)
     return {
         "bf16": lambda: F.linear(x, w16),
         "int8 ours": lambda: q8(x),
+        "int8 dequant+mm": switched_off("INT8_INT16_PROMPTS", lambda: q8(x)),
+        **ours,
         "int8 torch": lambda: torch._weight_int8pack_mm(x, q8.weight, q8.scales),
         "int8 _int_mm": lambda: int_mm(x, codes_t, scales32),
         "int4 ours": lambda: q4(x),
-        "int4 dequant+mm": without_int8_activations(lambda: q4(x)),
+        "int4 dequant+mm": switched_off("INT4_INT8_ACTIVATIONS", lambda: q4(x)),
         "int4 dequant": lambda: F.linear(x, q4.dequantize(torch.bfloat16)),
     }
 

@@ -42,6 +42,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__AVX512VNNI__)
@@ -254,6 +255,12 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B, int lane
 }
 
 #if !defined(BAICHUAN_AVX512)
+// The int16 codes (M, K) and block scales (M, K/B) of x, for the int8 prompt kernel (cpu_prompt_int8.cpp).
+std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B) {
+  const Activations a = quantize_activations(x, B, 1);
+  return {a.codes, a.scales};
+}
+
 // Activation rows quantized to int8 for the avx2 int4 kernel, per group of G values as `int4_matmul_int8`
 // (cpu_prefill.cpp) quantizes prompts: codes round(x * 127 / amax) (nearest, ties to even), scale amax / 127 and
 // scale * sum(codes). Within each chunk of 64 values (32 where G is an odd multiple of 32), the codes of the even
@@ -1118,6 +1125,7 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
 
 void register_fused(pybind11::module_& m);  // cpu_fused.cpp
 void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
+void register_prompt_int8(pybind11::module_& m);  // cpu_prompt_int8.cpp
 
 }  // namespace baichuan_cpu_gemv
 
@@ -1125,6 +1133,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace k = baichuan_cpu_gemv;
   k::register_fused(m);
   k::register_prefill(m);
+  k::register_prompt_int8(m);
   m.attr("target") = k::kTarget;
   m.attr("int8_activations") = "int16";
   m.attr("int4_activations") = k::kInt4Activations;

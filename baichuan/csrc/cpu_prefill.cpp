@@ -2,8 +2,9 @@
 // dequantized into a buffer in the compute dtype (bf16 where the activations are bf16 and the CPU multiplies bf16
 // natively, fp32 otherwise), up to `PREFILL_TILE_BYTES` of output rows at a time (a whole layer but a large
 // vocabulary's head), and each such tile is one call of torch's (oneDNN's) GEMM (`baichuan/quant/kernels.py`,
-// `prefill_matmul`). A prompt reuses every weight hundreds of times, so the GEMM runs out of arithmetic, not
-// memory, and dequantizing once per product costs a few percent of it. The dequantizing is one pass over the
+// `prefill_matmul`; the avx2 build's int8 prompts take cpu_prompt_int8.cpp instead). A prompt reuses every weight
+// hundreds of times, so the GEMM runs out of arithmetic, not memory, and dequantizing once per product costs a few
+// percent of it. The dequantizing is one pass over the
 // codes with 256-bit vectors (every build has AVX2): a torch expression of the same takes several passes and
 // cost as much as the GEMM itself on int4. Every build also has an int4 x int8 GEMM for bf16 and fp32 prompts
 // (`int4_matmul_int8`, below), which multiplies the codes themselves by activations quantized to int8: with VNNI

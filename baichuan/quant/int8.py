@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from baichuan import cpu_gemv
-from baichuan.cpu import half_is_emulated
+from baichuan.cpu import INT8_PROMPT_MIN_ROWS, half_is_emulated
 from baichuan.quant.kernels import (
     CUDA_INT8_KERNEL_MAX_ROWS,
     KERNEL_DTYPE,
     ROW_CHUNK,
     has_int8_cuda_kernel,
+    int8_matmul_int16,
     prefill_matmul,
 )
 from baichuan.quant.spec import QuantizationError
@@ -202,7 +203,11 @@ class Int8Linear(nn.Module):
         return codes.view(count, -1, self.group_size).mul_(scales[:, :, None]).view(count, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._gemv(x) if self.use_kernel else None
+        y = None
+        if self.use_kernel:
+            y = self._prompt(x)
+            if y is None:
+                y = self._gemv(x)
         if y is None:
             y = self._matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -277,19 +282,39 @@ class Int8Linear(nn.Module):
         # load_state_dict(assign=True) puts a file's tensor here as it is; aligned, it keeps torch's kernel.
         self.weight = _aligned(self.weight)
 
+    def _prompt(self, x: torch.Tensor) -> torch.Tensor | None:
+        """CPU prompts of `INT8_PROMPT_MIN_ROWS` rows or more through the avx2 build's prompt kernel
+        (`kernels.int8_matmul_int16`: the decode kernel's arithmetic, faster from there on); None where it does not
+        apply (decode rows return at the first test), or a gradient must flow."""
+        if (
+            x.numel() < INT8_PROMPT_MIN_ROWS * self.in_features
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return None
+        scales = self._kernel_scales()
+        if scales is None:
+            return None
+        return int8_matmul_int16(cpu_gemv.load(), x, self._buffers["weight"], scales)
+
     def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""
         if self.in_features % 16 or not cpu_gemv.serves(x, self.in_features):
             return None
+        scales = self._kernel_scales()
+        if scales is None:
+            return None
+        return cpu_gemv.int8_gemv(x, self._buffers["weight"], scales)
+
+    def _kernel_scales(self) -> torch.Tensor | None:
+        """The scales as our CPU kernels read them (fp32 per row, or bf16 per group of a size they take), or None."""
         # _buffers: this runs once per layer per token, and Module.__getattr__ costs a microsecond a lookup.
         scales = self._buffers["scales"]
         if self.group_size is not None:
             if self.group_size % 16 or self.group_size > cpu_gemv.INT8_MAX_GROUP:
                 return None
-            scales = self._kernel_group_scales(scales)
-        elif scales.dtype != torch.float32:
-            scales = scales.float()
-        return cpu_gemv.int8_gemv(x, self._buffers["weight"], scales)
+            return self._kernel_group_scales(scales)
+        return scales if scales.dtype is torch.float32 else scales.float()
 
     def _kernel_group_scales(self, scales: torch.Tensor) -> torch.Tensor:
         """The group scales in bf16, as the kernel reads them: the buffer itself, or where `model.float()` (or the

@@ -96,6 +96,37 @@ def int4_matmul_int8(
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
+# int8 prompts on the avx2 target (from `cpu.INT8_PROMPT_MIN_ROWS` rows): `csrc/cpu_prompt_int8.cpp`, the decode
+# kernel's int16 activations and exact integer sums in GEMM blocking, so that a prompt row gets the bits the decode
+# kernel gives it, at 1.4-1.8x the speed of the dequantized fp32 GEMM it replaces on a Zen 3 (benchmarks/README.md).
+# The AVX-512 builds keep the dequantizing path (oneDNN's bf16 and AMX GEMMs; not measured against this). False:
+# always that path (benchmarks compare).
+INT8_INT16_PROMPTS = True
+
+
+def int8_matmul_int16(
+    module, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor | None:
+    """x (..., in) @ w.T for an int8 weight (out, in) with fp32 scales (out,) or bf16 group scales (out, in/G) as
+    the decode kernel takes them, or None where the prompt kernel does not apply."""
+    out_features, in_features = weight.shape
+    if not (
+        INT8_INT16_PROMPTS
+        and module is not None
+        and module.target == "avx2"
+        and hasattr(module, "int8_matmul_int16")
+        and out_features % 16 == 0
+        and in_features % 16 == 0
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    ):
+        return None
+    rows = x.reshape(-1, in_features)
+    rows = (rows.float() if rows.dtype is torch.float16 else rows).contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    module.int8_matmul_int16(rows, weight, scales, y)
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
 def has_int4_cpu_kernel() -> bool:
     ops = torch.ops.aten
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")

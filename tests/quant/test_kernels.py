@@ -68,8 +68,9 @@ def test_prompt_sized_products(bits, kernels):
     """Prompts on a CPU without native bf16: our int4 kernels take any number of rows (the avx2 build's prompt
     product with activations rounded to int8 per group, the AVX-512 builds' decode kernel with int16 ones).
     int8 from INT8_WIDEN_MIN_ROWS rows on, and torch's int4 from INT4_WIDEN_MIN_ROWS, become one fp32 GEMM on the
-    dequantised weight (faster than the bf16 kernel there), which is exact. With native bf16 the kernels keep
-    them (bf16 error). 128 output rows: whole int4 tiles, of 64 or 32 rows."""
+    dequantised weight (faster than the bf16 kernel there), which is exact; but the avx2 build's int8 prompts,
+    which its prompt kernel takes with int16 activations (~3e-5). With native bf16 the kernels keep them (bf16
+    error). 128 output rows: whole int4 tiles, of 64 or 32 rows."""
     linear = gaussian_linear(256, 128)
     module = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, 64)
     min_rows = INT8_WIDEN_MIN_ROWS if bits == 8 else INT4_WIDEN_MIN_ROWS
@@ -80,6 +81,10 @@ def test_prompt_sized_products(bits, kernels):
     assert got.shape == (3, min_rows // 3 + 1, 128)
     if not half_is_emulated(torch.bfloat16):
         tol = 1e-2
+    elif kernels == "avx2" and bits == 4:
+        tol = 1e-2
+    elif kernels == "avx2" and cpu_gemv.load().target == "avx2":
+        tol = 1e-4  # the avx2 build's int8 prompt kernel: int16 activations
     else:
-        tol = 1e-2 if kernels == "avx2" and bits == 4 else 1e-6
+        tol = 1e-6
     assert rel(got, reference) < tol

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from baichuan import cpu, cpu_gemv
+from baichuan.cpu import INT8_PROMPT_MIN_ROWS
 from baichuan.quant import int4, int8, kernels
 from baichuan.quant.int4 import Int4Linear
 from baichuan.quant.int8 import Int8Linear
@@ -107,6 +108,8 @@ def test_decode_rows_take_the_decode_kernels(module_name, monkeypatch):
         require_int4_prompt_path()
     calls = []
     module = int8 if module_name == "int8" else int4
+    # The avx2 build's int8 prompt kernel takes prompts before the prompt path (the test below follows it).
+    monkeypatch.setattr(kernels, "INT8_INT16_PROMPTS", False)
     real = module.prefill_matmul
     monkeypatch.setattr(module, "prefill_matmul", lambda x, *args: calls.append(len(x)) or real(x, *args))
     if module_name == "int4":  # the int8-activation kernel is tried first (None where the build has none)
@@ -399,3 +402,113 @@ def test_avx2_build_int4_model_prompt_takes_the_int8_kernel(monkeypatch):
                 m.use_kernel = False  # the dequantized weight, in fp32 (`_matmul`'s reference path)
         reference = model(ids)
     assert rel(logits.float(), reference.double()) < 3e-2
+
+
+# int8 prompts on the avx2 target: `int8_matmul_int16` (csrc/cpu_prompt_int8.cpp), the decode kernel's arithmetic in
+# GEMM blocking. N: a block of 64 columns, blocks with tails of 16 and 48; K: one activation block of 256, six,
+# blocks of 16 (48, 208) and 4096; rows around the 4-row tiles and the decode kernel's 8-row passes.
+@pytest.mark.parametrize("shape", [(64, 256), (80, 1536), (112, 48), (16, 4096), (32, 208)], ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 66])
+def test_int8_matmul_int16_gives_the_decode_kernels_bits(build, shape, rows):
+    """Per-row scales: the same int16 codes, exact int32 block sums and fp32 steps as the avx2 decode kernel, so
+    the same bits for every row, whatever the build; Gaussian rows within 1e-4 of the exact product."""
+    decode = kernel_build("avx2")
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(rows * in_features)
+    weight = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+    scales = torch.rand(out_features, generator=generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    x[0, :16] *= 1000  # one block's scale far from the others
+    if rows > 1:
+        x[1] = 0  # a row of zeros: scale 0
+    for xin in (x, x.bfloat16()):
+        out = torch.full((rows, out_features), float("nan"))
+        build.int8_matmul_int16(xin, weight, scales, out)
+        assert torch.equal(out, decode.int8_gemv(xin.float(), weight, scales))
+        if rows > 2:  # plain Gaussian rows (row 0's block of large values leaves its others few bits)
+            exact = (xin[2:].double() @ weight.double().t()) * scales.double()
+            assert rel(out[2:], exact) < 1e-4
+        if rows > 1:
+            assert torch.equal(out[1], torch.zeros(out_features))
+
+
+@pytest.mark.parametrize(
+    "shape", [(64, 256, 32), (80, 1536, 32), (16, 1024, 64), (48, 512, 256), (32, 48, 16)]
+)
+@pytest.mark.parametrize("rows", [1, 2, 5, 66])
+def test_int8_matmul_int16_group_scales(build, shape, rows):
+    """Group scales (an output head's): each block's scale is the group's times the activations', as the decode
+    kernel rounds it, so the same bits as its passes of several rows; one row alone it sums 8 groups at a time
+    in the lanes of a vector, so there the two differ by fp32 rounding only."""
+    decode = kernel_build("avx2")
+    out_features, in_features, group_size = shape
+    generator = torch.Generator().manual_seed(rows * in_features)
+    weight = torch.randint(-127, 128, shape[:2], dtype=torch.int8, generator=generator)
+    scales = torch.rand(out_features, in_features // group_size, generator=generator).bfloat16()
+    widened = weight.double() * scales.double().repeat_interleave(group_size, 1)
+    x = torch.randn(rows, in_features, generator=generator)
+    out = torch.empty(rows, out_features)
+    build.int8_matmul_int16(x, weight, scales, out)
+    expected = decode.int8_gemv(x, weight, scales)
+    if rows > 1:
+        assert torch.equal(out, expected)
+    else:
+        assert rel(out, expected.double()) < 1e-6
+    assert rel(out, x.double() @ widened.t()) < 1e-4
+
+
+def test_int8_matmul_int16_propagates_inf_and_nan(build):
+    weight = torch.ones(16, 64, dtype=torch.int8)
+    x = torch.ones(3, 64)
+    x[0, 3], x[2, 60] = float("inf"), float("nan")
+    out = torch.zeros(3, 16)
+    build.int8_matmul_int16(x, weight, torch.ones(16), out)
+    assert out[0].isnan().all() and out[2].isnan().all() and torch.equal(out[1], torch.full((16,), 64.0))
+
+
+def test_int8_matmul_int16_refuses_bad_arguments(build):
+    weight = torch.zeros(24, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        build.int8_matmul_int16(torch.zeros(2, 64), weight, torch.ones(24), torch.empty(2, 24))
+    weight = torch.zeros(16, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="out: contiguous fp32"):
+        build.int8_matmul_int16(torch.zeros(2, 64), weight, torch.ones(16), torch.empty(2, 32))
+    with pytest.raises(RuntimeError, match="x: contiguous"):
+        build.int8_matmul_int16(torch.zeros(2, 48), weight, torch.ones(16), torch.empty(2, 16))
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 16"):
+        build.int8_matmul_int16(torch.zeros(2, 64), weight, torch.ones(16, 8).bfloat16(), torch.empty(2, 16))
+    with pytest.raises(RuntimeError, match="K must be a multiple of 16"):
+        build.int8_matmul_int16(
+            torch.zeros(2, 40), torch.zeros(16, 40, dtype=torch.int8), torch.ones(16), torch.empty(2, 16)
+        )
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int8_prompts_take_the_prompt_kernel_on_avx2(monkeypatch, group_size):
+    """From `INT8_PROMPT_MIN_ROWS` rows, prompts of the avx2 build go to `int8_matmul_int16` and give each row the
+    bits it gets decoded alone (per-row scales); fewer rows stay on the decode kernel. Other builds, or the switch
+    off: the routes before it (the decode kernel up to MAX_ROWS, then the dequantizing path)."""
+    require_cpu_kernels()
+    calls = []
+    real = int8.int8_matmul_int16
+    monkeypatch.setattr(
+        int8, "int8_matmul_int16", lambda m, x, *a: calls.append(x.numel() // x.shape[-1]) or real(m, x, *a)
+    )
+    linear = gaussian_linear(256, 64, seed=1)
+    layer = Int8Linear.from_linear(linear, group_size=group_size)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 8, INT8_PROMPT_MIN_ROWS - 1):
+        layer(torch.randn(rows, 256, generator=generator))
+    assert calls == []
+    x = torch.randn(2, PROMPT_ROWS // 2, 256, generator=generator)
+    y = layer(x)
+    assert calls == [PROMPT_ROWS // 2 * 2] and y.shape == (2, PROMPT_ROWS // 2, 64)
+    exact = x.double() @ layer.dequantize().double().t()
+    assert rel(y, exact) < 1e-4
+    avx2 = cpu_gemv.load().target == "avx2"
+    if avx2 and group_size is None:
+        rows = x.view(-1, 256)
+        assert torch.equal(y.view(-1, 64)[::37], torch.cat([layer(row[None]) for row in rows[::37]]))
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    monkeypatch.setattr(kernels, "INT8_INT16_PROMPTS", False)
+    assert rel(layer(x), exact) < 1e-4
