@@ -24,7 +24,7 @@ KERNEL_TARGETS = ("avx2", "avx512", "avx512bf16")
 # layers may lift it where bf16 is emulated).
 GEMV_MAX_ROWS = 128
 # int8 on the avx2 target: from this many rows on, the prompt kernel (cpu_gemv's `int8_matmul_int16`) rather than
-# the decode one, whose time per row it matches at 16 rows and beats by 4-23% at 32 (Zen 3, 1.29B shapes).
+# the decode one, whose time per row it about matches at 16 rows and beats by 1-23% at 32 (Zen 3, 1.29B shapes).
 INT8_PROMPT_MIN_ROWS = 32
 # bf16: our mat-vec (cpu_gemv.bf16_gemv) up to this many rows, past it torch's GEMM: batch-8 decoding, in every
 # build (even the widening ones against oneDNN's native bf16, where a lower target is forced on an AVX512-BF16 CPU).
