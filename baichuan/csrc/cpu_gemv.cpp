@@ -254,13 +254,13 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B, int lane
   return a;
 }
 
-#if !defined(BAICHUAN_AVX512)
 // The int16 codes (M, K) and block scales (M, K/B) of x, for the int8 prompt kernel (cpu_prompt_int8.cpp).
 std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B) {
   const Activations a = quantize_activations(x, B, 1);
   return {a.codes, a.scales};
 }
 
+#if !defined(BAICHUAN_AVX512)
 // Activation rows quantized to int8 for the avx2 int4 kernel, per group of G values as `int4_matmul_int8`
 // (cpu_prefill.cpp) quantizes prompts: codes round(x * 127 / amax) (nearest, ties to even), scale amax / 127 and
 // scale * sum(codes). Within each chunk of 64 values (32 where G is an odd multiple of 32), the codes of the even
