@@ -133,6 +133,24 @@ int64_t int8_block(int64_t K) {
   return 0;
 }
 
+// The activations' block for an int8 weight (N, K) with these scales, which it checks: the group size G for bf16
+// group scales (N, K/G), else `int8_block(K)` for fp32 scales (N,), one a row.
+int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K) {
+  if (scales.dim() == 2) {
+    TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == N && scales.size(1) > 0 &&
+                    K % scales.size(1) == 0 && scales.is_contiguous(),
+                "group scales: contiguous bf16 (N, K/G)");
+    const int64_t B = K / scales.size(1);
+    TORCH_CHECK(B % 16 == 0 && B <= kMaxBlock, "group size must be a multiple of 16 up to ", kMaxBlock, ", got ", B);
+    return B;
+  }
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N && scales.is_contiguous(),
+              "scales: contiguous fp32 (N,) or bf16 (N, K/G)");
+  const int64_t B = int8_block(K);
+  TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
+  return B;
+}
+
 // Quantized activation rows: int16 codes (M, K), and per block of B: the scale and scale * sum(codes).
 struct Activations {
   torch::Tensor codes, scales, sums;
@@ -1037,19 +1055,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " columns, x has ", K);
   const bool grouped = scales.dim() == 2;
-  int64_t B;
-  if (grouped) {
-    TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == N && scales.size(1) > 0 &&
-                    K % scales.size(1) == 0 && scales.is_contiguous(),
-                "group scales: contiguous bf16 (N, K/G)");
-    B = K / scales.size(1);
-    TORCH_CHECK(B % 16 == 0 && B <= kMaxBlock, "group size must be a multiple of 16 up to ", kMaxBlock, ", got ", B);
-  } else {
-    TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N && scales.is_contiguous(),
-                "scales: contiguous fp32 (N,) or bf16 (N, K/G)");
-    B = int8_block(K);
-    TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
-  }
+  const int64_t B = int8_scales_block(scales, N, K);
   const Activations a = quantize_activations(x, B, 1);
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor xs_by_block = by_block(a.scales);

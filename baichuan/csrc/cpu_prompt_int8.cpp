@@ -5,7 +5,7 @@
 // after block, and at the end out *= the row's scale. So a prompt row gets the very bits the decode kernel gives
 // it, at GEMM speed:
 //
-//   int8 (N, K), per-row fp32 scales (N,):     B = the decode kernel's block for K (`int8_block`);
+//   int8 (N, K), per-row fp32 scales (N,):     B = the decode kernel's block for K (`int8_block`, up to 256);
 //   int8 (N, K), bf16 group scales (N, K/G):  B = G, each block's scale = group scale * activation scale.
 //
 // Each task repacks 64 output columns' codes to [K/2][64 columns][2 inputs], so that one 16-byte load widened to
@@ -24,9 +24,9 @@
 
 namespace baichuan_cpu_gemv {
 
-// cpu_gemv.cpp: the decode kernel's activation codes and block scales, and its block for per-row scales.
+// cpu_gemv.cpp: the decode kernel's activation block for these scales (checked), and its codes and block scales.
+int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K);
 std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B);
-int64_t int8_block(int64_t K);
 
 namespace {
 
@@ -127,23 +127,10 @@ void int8_matmul_int16(const torch::Tensor& x, const torch::Tensor& weight, cons
                   out.size(1) == N,
               "out: contiguous fp32 (", M, ", ", N, ")");
   const bool grouped = scales.dim() == 2;
-  int64_t B;
-  if (grouped) {
-    TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == N && scales.size(1) > 0 &&
-                    K % scales.size(1) == 0 && scales.is_contiguous(),
-                "group scales: contiguous bf16 (N, K/G)");
-    B = K / scales.size(1);
-    TORCH_CHECK(B % 16 == 0 && B <= kChunkInputs, "group size must be a multiple of 16 up to ", kChunkInputs,
-                ", got ", B);
-  } else {
-    TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N && scales.is_contiguous(),
-                "scales: contiguous fp32 (N,) or bf16 (N, K/G)");
-    B = int8_block(K);
-    TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
-  }
+  const int64_t B = int8_scales_block(scales, N, K);  // at most kChunkInputs
   if (M == 0) return;
   const auto [codes, block_scales] = int16_activations(x, B);
-  const int64_t blocks = K / B, step = kChunkInputs / B;  // blocks per chunk: B divides 256
+  const int64_t blocks = K / B, step = kChunkInputs / B;  // whole blocks a chunk
   const int16_t* xq = codes.data_ptr<int16_t>();
   const float* xs = block_scales.data_ptr<float>();
   const int8_t* w = weight.data_ptr<int8_t>();

@@ -432,8 +432,9 @@ def test_int8_matmul_int16_gives_the_decode_kernels_bits(build, shape, rows):
             assert torch.equal(out[1], torch.zeros(out_features))
 
 
+# Groups of 16 to 256 inputs; of 48, the kernel's chunks of 256 inputs hold 5 whole groups, and the last chunk fewer.
 @pytest.mark.parametrize(
-    "shape", [(64, 256, 32), (80, 1536, 32), (16, 1024, 64), (48, 512, 256), (32, 48, 16)]
+    "shape", [(64, 256, 32), (80, 1536, 32), (16, 1024, 64), (48, 512, 256), (32, 48, 16), (16, 480, 48)]
 )
 @pytest.mark.parametrize("rows", [1, 2, 5, 66])
 def test_int8_matmul_int16_group_scales(build, shape, rows):
