@@ -14,7 +14,7 @@ Paths (bf16 activations, as a bf16 model's prompt has):
                   one GEMM of torch's a tile.
   int8 decode kernel / int8 prompt kernel
                   our module's `int8_gemv` and `int8_matmul_int16` called directly, at any row count (where
-                  `INT8_PROMPT_MIN_ROWS` should lie; the prompt kernel only where the build has it).
+                  `INT8_PROMPT_MIN_ROWS` should lie; every build has both).
   int8 torch      torch._weight_int8pack_mm (Int8Linear's prompt path before).
   int8 _int_mm    activations quantized to int8 per row, torch._int_mm (oneDNN, VNNI), scaled back: not used by
                   the layers (int8 activations cost accuracy), measured to know what it would give.
@@ -73,8 +73,7 @@ def layer_paths(x: torch.Tensor, w16: torch.Tensor, q8: Int8Linear, q4: Int4Line
     ours = {}
     if module is not None:
         ours["int8 decode kernel"] = lambda: module.int8_gemv(x, q8.weight, scales32)
-        if hasattr(module, "int8_matmul_int16"):
-            ours["int8 prompt kernel"] = prompt_kernel(module, x, q8, scales32)
+        ours["int8 prompt kernel"] = prompt_kernel(module, x, q8, scales32)
     return {
         "bf16": lambda: F.linear(x, w16),
         "int8 ours": lambda: q8(x),

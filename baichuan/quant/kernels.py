@@ -98,7 +98,7 @@ def int4_matmul_int8(
 
 # int8 prompts on the avx2 target (from `cpu.INT8_PROMPT_MIN_ROWS` rows): `csrc/cpu_prompt_int8.cpp`, the decode
 # kernel's int16 activations and exact integer sums in GEMM blocking, so that a prompt row gets the bits the decode
-# kernel gives it, at 1.2-1.8x the speed of the dequantized fp32 GEMM it replaces on a Zen 3 (benchmarks/README.md).
+# kernel gives it, at 1.2-1.7x the speed of the dequantized fp32 GEMM it replaces on a Zen 3 (benchmarks/README.md).
 # The AVX-512 builds keep the dequantizing path (oneDNN's bf16 and AMX GEMMs; not measured against this). False:
 # always that path (benchmarks compare).
 INT8_INT16_PROMPTS = True
@@ -114,7 +114,6 @@ def int8_matmul_int16(
         INT8_INT16_PROMPTS
         and module is not None
         and module.target == "avx2"
-        and hasattr(module, "int8_matmul_int16")
         and out_features % 16 == 0
         and in_features % 16 == 0
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
