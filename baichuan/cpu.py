@@ -31,6 +31,11 @@ INT8_PROMPT_MIN_ROWS = 32
 BF16_GEMV_MAX_ROWS = 8
 # bf16/fp16 weights where half precision is emulated: an fp32 GEMM on the widened weight from this many rows on.
 UPCAST_MIN_ROWS = 16
+# bf16 weights where the avx2 build is the best the CPU runs and bf16 is emulated: from this many rows on, our
+# prompt kernel (cpu_gemv's `bf16_matmul`) in place of torch's bf16 GEMM (9-15 rows) and of its fp32 GEMM on a
+# widened copy (16 rows on). Time ÷ the widened fp32 GEMM's: 0.20-0.38 at 12 rows (torch's bf16 GEMM 0.58-1.20),
+# 0.24-0.38 at 32, 0.67-0.82 at 512; our mat-vec in chunks of 8 rows about ties it at 16 (Zen 3, 1.29B shapes).
+BF16_PROMPT_MIN_ROWS = BF16_GEMV_MAX_ROWS + 1
 
 
 @functools.cache
@@ -109,3 +114,12 @@ def kernel_target(requested: str | None = None, supported: tuple[str, ...] | Non
 def bf16_gemv_max_rows(target: str | None) -> int:
     """Activation rows up to which our bf16 mat-vec (the build for `target`) beats torch's bf16 product here."""
     return 0 if target is None else BF16_GEMV_MAX_ROWS
+
+
+def bf16_prompt_min_rows(target: str | None) -> int | None:
+    """Activation rows from which our bf16 prompt kernel (the build for `target`) takes bf16 products here; None
+    where torch's GEMMs stay: native bf16 (oneDNN's), or an AVX-512 CPU (MKL's AVX-512 fp32 GEMM, against which
+    the kernel's AVX2 FMAs were never measured), even with a lower build forced."""
+    if target != "avx2" or not half_is_emulated(torch.bfloat16):
+        return None
+    return BF16_PROMPT_MIN_ROWS if torch.backends.cpu.get_cpu_capability() == "AVX2" else None

@@ -26,12 +26,18 @@ from types import ModuleType
 
 import torch
 
-from baichuan.cpu import GEMV_MAX_ROWS, bf16_gemv_max_rows, kernel_target
+from baichuan.cpu import GEMV_MAX_ROWS, bf16_gemv_max_rows, bf16_prompt_min_rows, kernel_target
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_gemv.cpp"
 # Every source of the one extension built per target; each defines its own functions in the module.
-SOURCES = (SOURCE, CSRC / "cpu_fused.cpp", CSRC / "cpu_prefill.cpp", CSRC / "cpu_prompt_int8.cpp")
+SOURCES = (
+    SOURCE,
+    CSRC / "cpu_fused.cpp",
+    CSRC / "cpu_prefill.cpp",
+    CSRC / "cpu_prompt_int8.cpp",
+    CSRC / "cpu_prompt_bf16.cpp",
+)
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
 ENV_TARGET = "BAICHUAN_CPU_ISA"
@@ -131,6 +137,27 @@ def _bf16_max_rows() -> int:
     return bf16_gemv_max_rows(target())
 
 
+@functools.cache
+def _bf16_prompt_min_rows() -> int | None:
+    return bf16_prompt_min_rows(target())
+
+
+# False restores the products bf16 prompts had before `bf16_matmul` (the benchmarks compare the two).
+BF16_PROMPTS = True
+
+
+def bf16_prompts(rows: int, weight: torch.Tensor) -> bool:
+    """Whether `bf16_linear` gives `rows` activation rows against this bf16 weight to `bf16_matmul`."""
+    least = _bf16_prompt_min_rows()
+    return (
+        BF16_PROMPTS
+        and least is not None
+        and rows >= least
+        and weight.shape[0] % 16 == 0
+        and weight.shape[1] % 8 == 0
+    )
+
+
 def _apply(kernel: str, x: torch.Tensor, *args) -> torch.Tensor | None:
     """Run a kernel on x (..., K) of any float dtype: (..., N) in x's dtype, or None where the kernels are not
     available. Called once per layer per token, so it skips the conversions that are not needed (the kernels
@@ -170,6 +197,13 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return _apply("bf16_gemv", x, weight)
 
 
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x @ weight.T for prompt-sized x (..., K) and a contiguous bf16 weight (N, K), N % 16 == 0 and K % 8 == 0,
+    in x's dtype: fp32 FMAs on the weight widened a block at a time (`csrc/cpu_prompt_bf16.cpp`), the products of
+    the fp32 GEMM on a widened copy without the copy. None where the kernels are not available."""
+    return _apply("bf16_matmul", x, weight)
+
+
 @functools.cache
 def widens_fp32_rows() -> bool:
     """Whether our bf16 mat-vec here multiplies fp32 activation rows as they are, each bf16 weight widened to
@@ -190,11 +224,14 @@ def autocast_enabled(device_type: str) -> bool:
 def bf16_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """F.linear(x, weight, bias) through `bf16_gemv` where it is the faster product: a bf16 weight on the CPU, no
-    gradient to record, and either bf16 x of at most `cpu.bf16_gemv_max_rows` rows (decoding) or fp32 x of any
-    rows where `widens_fp32_rows` and autocast is off, in chunks of that many: an fp32 weight's products without
-    an fp32 copy of the weight (a quantized fp32 model's head, checkpoint.bf16_head_beside). None elsewhere, and
-    the caller runs torch's. Runs once per layer per token, so the cheap checks come first."""
+    """F.linear(x, weight, bias) through our kernels where they are the faster product: a bf16 weight on the CPU,
+    no gradient to record, and either
+    - bf16 x of at most `cpu.bf16_gemv_max_rows` rows (decoding): `bf16_gemv`;
+    - more rows of bf16 x, or of fp32 x with autocast off, where `bf16_prompts`: `bf16_matmul`;
+    - fp32 x of any rows where `widens_fp32_rows` and autocast is off, in chunks of the mat-vec's rows: an fp32
+      weight's products without an fp32 copy of the weight (a quantized fp32 model's head,
+      checkpoint.bf16_head_beside).
+    None elsewhere, and the caller runs torch's. Runs once per layer per token, so the cheap checks come first."""
     if (
         weight.dtype is not torch.bfloat16
         or x.device.type != "cpu"
@@ -205,7 +242,15 @@ def bf16_linear(
     limit = _bf16_max_rows()
     if x.dtype is torch.bfloat16 and x.numel() <= limit * x.shape[-1]:
         y = bf16_gemv(x, weight)
-    elif x.dtype is torch.float32 and x.numel() and widens_fp32_rows() and not autocast_enabled("cpu"):
+    elif x.dtype is torch.float32 and autocast_enabled("cpu"):
+        return None
+    elif (
+        (x.dtype is torch.bfloat16 or x.dtype is torch.float32)
+        and x.shape[-1]
+        and bf16_prompts(x.numel() // x.shape[-1], weight)
+    ):
+        y = bf16_matmul(x, weight)
+    elif x.dtype is torch.float32 and x.numel() and widens_fp32_rows():
         chunks = [bf16_gemv(rows, weight) for rows in x.reshape(-1, x.shape[-1]).split(limit)]
         if chunks[0] is None:
             return None

@@ -1,4 +1,4 @@
-"""Prompt-sized products of single int8/int4 layers on the CPU, the paths compared in one process, interleaved
+"""Prompt-sized products of single bf16/int8/int4 layers on the CPU, the paths compared in one process, interleaved
 (A, B, C, A, B, C, ...), median milliseconds per product and the rate in prompt tokens per second.
 
     PYTHONPATH=. python benchmarks/bench_prefill_layers.py                       # the 1.29B layer shapes, 512 rows
@@ -7,7 +7,12 @@
     PYTHONPATH=. python benchmarks/bench_prefill_layers.py --paths bf16,int4      # only the paths so named
 
 Paths (bf16 activations, as a bf16 model's prompt has):
-  bf16            F.linear on the bf16 weight (what the bf16 model runs; the bar to reach).
+  bf16 ours       model.Linear on the bf16 weight (what the bf16 model runs): with the avx2 build where bf16 is
+                  emulated, our prompt kernel `bf16_matmul`; elsewhere torch's GEMM (fp32 on a widened copy where
+                  bf16 is emulated).
+  bf16 widened    model.Linear with cpu_gemv.BF16_PROMPTS off: torch's fp32 GEMM on a widened copy where bf16 is
+                  emulated (the bf16 prompt path before), else torch's bf16 GEMM.
+  bf16 torch      F.linear on the bf16 weight: torch's own bf16 GEMM.
   int8 ours       Int8Linear's prompt path: with the avx2 build, `int8_matmul_int16` (the decode kernel's int16
                   activations and integer sums in GEMM blocking); with the AVX-512 ones as int8 dequant+mm.
   int8 dequant+mm Int8Linear's prompt path with kernels.INT8_INT16_PROMPTS off: tiles dequantized by our module,
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from baichuan import cpu_gemv
+from baichuan.model import Linear
 from baichuan.quant import kernels
 from baichuan.quant.int4 import Int4Linear
 from baichuan.quant.int8 import Int8Linear
@@ -49,15 +55,15 @@ def int_mm(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor) -> torc
     return (torch._int_mm(xq, codes_t).float() * s * scales).to(x.dtype)
 
 
-def switched_off(switch: str, fn):
-    """fn with the boolean kernels.<switch> off while it runs."""
+def switched_off(switch: str, fn, owner=kernels):
+    """fn with the boolean owner.<switch> off while it runs."""
 
     def run():
-        setattr(kernels, switch, False)
+        setattr(owner, switch, False)
         try:
             return fn()
         finally:
-            setattr(kernels, switch, True)
+            setattr(owner, switch, True)
 
     return run
 
@@ -67,7 +73,7 @@ def prompt_kernel(module, x: torch.Tensor, q8: Int8Linear, scales32: torch.Tenso
     return lambda: module.int8_matmul_int16(x, q8.weight, scales32, out)
 
 
-def layer_paths(x: torch.Tensor, w16: torch.Tensor, q8: Int8Linear, q4: Int4Linear) -> dict:
+def layer_paths(x: torch.Tensor, w16: Linear, q8: Int8Linear, q4: Int4Linear) -> dict:
     codes_t, scales32 = q8.weight.t(), q8.scales.float()  # (in, out), column-major
     module = cpu_gemv.load()
     ours = {}
@@ -75,7 +81,9 @@ def layer_paths(x: torch.Tensor, w16: torch.Tensor, q8: Int8Linear, q4: Int4Line
         ours["int8 decode kernel"] = lambda: module.int8_gemv(x, q8.weight, scales32)
         ours["int8 prompt kernel"] = prompt_kernel(module, x, q8, scales32)
     return {
-        "bf16": lambda: F.linear(x, w16),
+        "bf16 ours": lambda: w16(x),
+        "bf16 widened": switched_off("BF16_PROMPTS", lambda: w16(x), owner=cpu_gemv),
+        "bf16 torch": lambda: F.linear(x, w16.weight),
         "int8 ours": lambda: q8(x),
         "int8 dequant+mm": switched_off("INT8_INT16_PROMPTS", lambda: q8(x)),
         **ours,
@@ -107,7 +115,8 @@ def main() -> None:
         for out_f, in_f in SHAPES:
             linear = torch.nn.Linear(in_f, out_f, bias=False)
             torch.nn.init.normal_(linear.weight, 0, 0.02)
-            w16 = linear.weight.bfloat16()
+            w16 = Linear(in_f, out_f, bias=False).bfloat16()
+            w16.weight.copy_(linear.weight)
             q8 = Int8Linear.from_linear(linear, torch.bfloat16)
             q4 = Int4Linear.from_linear(linear, 128)
             for m in (int(r) for r in args.rows.split(",")):

@@ -1132,6 +1132,7 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
 void register_fused(pybind11::module_& m);  // cpu_fused.cpp
 void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
 void register_prompt_int8(pybind11::module_& m);  // cpu_prompt_int8.cpp
+void register_prompt_bf16(pybind11::module_& m);  // cpu_prompt_bf16.cpp
 
 }  // namespace baichuan_cpu_gemv
 
@@ -1140,6 +1141,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   k::register_fused(m);
   k::register_prefill(m);
   k::register_prompt_int8(m);
+  k::register_prompt_bf16(m);
   m.attr("target") = k::kTarget;
   m.attr("int8_activations") = "int16";
   m.attr("int4_activations") = k::kInt4Activations;
