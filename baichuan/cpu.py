@@ -34,7 +34,7 @@ UPCAST_MIN_ROWS = 16
 # bf16 weights where the avx2 build is the best the CPU runs and bf16 is emulated: from this many rows on, our
 # prompt kernel (cpu_gemv's `bf16_matmul`) in place of torch's bf16 GEMM (9-15 rows) and of its fp32 GEMM on a
 # widened copy (16 rows on). Time ÷ the widened fp32 GEMM's: 0.20-0.38 at 12 rows (torch's bf16 GEMM 0.58-1.20),
-# 0.24-0.38 at 32, 0.67-0.82 at 512; our mat-vec in chunks of 8 rows about ties it at 16 (Zen 3, 1.29B shapes).
+# 0.24-0.38 at 32, 0.67-0.93 at 512; our mat-vec in chunks of 8 rows about ties it at 16 (Zen 3, 1.29B shapes).
 BF16_PROMPT_MIN_ROWS = BF16_GEMV_MAX_ROWS + 1
 
 
