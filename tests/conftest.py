@@ -117,6 +117,17 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def random_bf16_linear(generator: torch.Generator, in_features: int = 64, out_features: int = 48):
+    """A bf16 `model.Linear` with a bias, weights and bias drawn from N(0, 1)."""
+    from baichuan.model import Linear
+
+    linear = Linear(in_features, out_features, bias=True).bfloat16()
+    with torch.no_grad():
+        linear.weight.normal_(generator=generator)
+        linear.bias.normal_(generator=generator)
+    return linear
+
+
 def tiny_config(position: str = ROPE, norm_head: bool = False, **overrides) -> Config:
     # 10 heads for ALiBi: not a power of two, like the real 13B's 40.
     heads = 10 if position == ALIBI else 4

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 from baichuan import cpu, cpu_gemv
-from baichuan.model import Linear
 from baichuan.quant.int4 import Int4Linear, unpack_int4
-from tests.conftest import int8_reference, kernel_build, require_cpu_kernels
+from tests.conftest import int8_reference, kernel_build, random_bf16_linear, require_cpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -410,10 +409,7 @@ print(cpu_gemv.target(), module.target, rel(ours, exact) < 5e-3, rel(y8, exact8)
 
 def test_model_linear_takes_the_bf16_kernel_for_decoding_only(kernels, monkeypatch):
     generator = torch.Generator().manual_seed(0)
-    linear = Linear(64, 48, bias=True).bfloat16()
-    with torch.no_grad():
-        linear.weight.normal_(generator=generator)
-        linear.bias.normal_(generator=generator)
+    linear = random_bf16_linear(generator)
     calls = []
     gemv = cpu_gemv.bf16_gemv
     monkeypatch.setattr(cpu_gemv, "bf16_gemv", lambda *a: calls.append(a[0].shape) or gemv(*a))
@@ -424,7 +420,7 @@ def test_model_linear_takes_the_bf16_kernel_for_decoding_only(kernels, monkeypat
             y = linear(x)
         exact = x.double() @ linear.weight.double().t() + linear.bias.double()
         assert y.shape == (1, rows, 48) and y.dtype == torch.bfloat16 and rel(y, exact) < 5e-3
-    assert calls == [(1, 1, 64), (1, limit, 64)]  # past the limit: torch's product
+    assert calls == [(1, 1, 64), (1, limit, 64)]  # past the limit: the prompt kernel or torch's product
     x = torch.randn(1, 64).bfloat16()
     linear(x).sum().backward()  # training: autograd needs torch's product
     linear.float()(x.float())

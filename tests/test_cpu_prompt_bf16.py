@@ -13,7 +13,7 @@ import torch
 
 from baichuan import cpu, cpu_gemv
 from baichuan.model import _BF16_PRODUCT, Linear, _fused_product
-from tests.conftest import kernel_build, require_cpu_kernels
+from tests.conftest import kernel_build, random_bf16_linear, require_cpu_kernels
 
 
 @pytest.fixture(scope="module", params=cpu.KERNEL_TARGETS)
@@ -127,10 +127,7 @@ def prompt_calls(monkeypatch):
 
 def test_linear_gives_prompts_to_the_kernel(prompt_calls, monkeypatch):
     generator = torch.Generator().manual_seed(1)
-    linear = Linear(64, 48, bias=True).bfloat16()
-    with torch.no_grad():
-        linear.weight.normal_(generator=generator)
-        linear.bias.normal_(generator=generator)
+    linear = random_bf16_linear(generator)
     least = cpu.BF16_PROMPT_MIN_ROWS
     with torch.inference_mode():
         # The rows of all leading dimensions count.
