@@ -56,7 +56,8 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) that multiplies many rows of a bf16/fp16 weight in fp32 where
     the CPU only emulates half precision. There torch's bf16 GEMM runs at ~10 GFLOP/s per core whatever the number
     of rows, while upcasting the weight for the fp32 GEMM makes a 512-row product ~6x faster (2-core Zen 3), and
-    our prompt kernel (`cpu_gemv.bf16_matmul`, the avx2 build) 1.1-1.5x faster again at 512 rows, without the fp32 copy.
+    our prompt kernel (`cpu_gemv.bf16_matmul`, the avx2 build) 1.1-1.5x faster again at 512 rows, without the fp32
+    copy.
     Mat-vecs (decoding) stay in bf16: they are bound by memory, and an fp32 copy would only add traffic; on the CPU
     they go through our bf16 kernel (`cpu_gemv.bf16_linear`) where it applies. A bf16 weight may also serve fp32
     activations (the float head of a quantized fp32 model, `checkpoint.load_into`): the output is then fp32."""

@@ -73,7 +73,7 @@ def prompt_kernel(module, x: torch.Tensor, q8: Int8Linear, scales32: torch.Tenso
     return lambda: module.int8_matmul_int16(x, q8.weight, scales32, out)
 
 
-def layer_paths(x: torch.Tensor, w16: Linear, q8: Int8Linear, q4: Int4Linear) -> dict:
+def layer_paths(x: torch.Tensor, bf16_layer: Linear, q8: Int8Linear, q4: Int4Linear) -> dict:
     codes_t, scales32 = q8.weight.t(), q8.scales.float()  # (in, out), column-major
     module = cpu_gemv.load()
     ours = {}
@@ -81,9 +81,9 @@ def layer_paths(x: torch.Tensor, w16: Linear, q8: Int8Linear, q4: Int4Linear) ->
         ours["int8 decode kernel"] = lambda: module.int8_gemv(x, q8.weight, scales32)
         ours["int8 prompt kernel"] = prompt_kernel(module, x, q8, scales32)
     return {
-        "bf16 ours": lambda: w16(x),
-        "bf16 widened": switched_off("BF16_PROMPTS", lambda: w16(x), owner=cpu_gemv),
-        "bf16 torch": lambda: F.linear(x, w16.weight),
+        "bf16 ours": lambda: bf16_layer(x),
+        "bf16 widened": switched_off("BF16_PROMPTS", lambda: bf16_layer(x), owner=cpu_gemv),
+        "bf16 torch": lambda: F.linear(x, bf16_layer.weight),
         "int8 ours": lambda: q8(x),
         "int8 dequant+mm": switched_off("INT8_INT16_PROMPTS", lambda: q8(x)),
         **ours,
@@ -115,13 +115,13 @@ def main() -> None:
         for out_f, in_f in SHAPES:
             linear = torch.nn.Linear(in_f, out_f, bias=False)
             torch.nn.init.normal_(linear.weight, 0, 0.02)
-            w16 = Linear(in_f, out_f, bias=False).bfloat16()
-            w16.weight.copy_(linear.weight)
+            bf16_layer = Linear(in_f, out_f, bias=False).bfloat16()
+            bf16_layer.weight.copy_(linear.weight)
             q8 = Int8Linear.from_linear(linear, torch.bfloat16)
             q4 = Int4Linear.from_linear(linear, 128)
             for m in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(m, in_f).bfloat16()
-                paths = layer_paths(x, w16, q8, q4)
+                paths = layer_paths(x, bf16_layer, q8, q4)
                 if args.paths:
                     wanted = [w.strip() for w in args.paths.split(",")]
                     paths = {n: f for n, f in paths.items() if any(n.startswith(w) for w in wanted)}
