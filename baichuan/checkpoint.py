@@ -328,16 +328,18 @@ def load_model(
     quantize: int | None = None,
     group_size: int = 128,
     progress: Callable[[str, int, int], None] | None = None,
+    bf16_weights: bool = False,
 ) -> Baichuan:
     """Load an official or toolkit checkpoint directory as the plain-PyTorch `Baichuan` model (eval mode).
 
     `quantize=8|4` quantizes each weight as it is read, so peak memory stays near the quantized size. Our saved
-    quantized checkpoints and the official bitsandbytes NF4 ones (dequantized) load as they are."""
+    quantized checkpoints and the official bitsandbytes NF4 ones (dequantized) load as they are.
+    `bf16_weights`: fp32 activations over linear weights kept in their stored bf16 (see `load_into`)."""
 
     config = read_config(directory, position, norm_head)
     with torch.device("meta"):
         model = Baichuan(config)
-    load_into(model, directory, config, dtype, device, quantize, group_size, progress)
+    load_into(model, directory, config, dtype, device, quantize, group_size, progress, bf16_weights)
     return model.eval()
 
 
@@ -350,10 +352,17 @@ def load_into(
     quantize: int | None = None,
     group_size: int = 128,
     progress: Callable[[str, int, int], None] | None = None,
+    bf16_weights: bool = False,
 ) -> None:
     """Fill a model built on the meta device (the core one or the transformers face: both have the official
     names) from a directory, quantizing on the way when asked or when the checkpoint is quantized. Sets
-    `model.quantization` to the config.json record of the quantization (None for a float model)."""
+    `model.quantization` to the config.json record of the quantization (None for a float model).
+
+    `bf16_weights` (a float load in fp32, where `bf16_head_beside` holds): the linear layers' weights stored in
+    bf16 stay so, the rest (embeddings, norms, activations) is fp32, and the NormHead is folded on the way. Our
+    mat-vec widens each weight to fp32, so the products are those of the fp32 weights at half the bytes read,
+    and the elementwise work stays in fp32, which such a CPU computes natively (inference only: the weights
+    are memory-mapped and the folded head is not the trainable NormHead)."""
     try:
         stored = read_quantization(json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")))
         ours = stored is not None and stored["quant_method"] == QUANT_METHOD
@@ -379,6 +388,17 @@ def load_into(
                     normalize_rows_(tensor)  # load_weights reads it into memory of its own (mmap=False)
                 return loader(name, tensor)
 
+        elif bf16_weights and bf16_head_beside(dtype, device):
+            fold = isinstance(model.lm_head, NormHead)
+            fold_norm_head(model)  # on meta, as above; the rows are normalised as they arrive
+            keep_bf16 = tuple(
+                f"{name}.weight" for name, module in model.named_modules() if type(module) is Linear
+            )
+
+            def transform(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+                # Normalised in a copy: a float load's tensors are memory-mapped from the file.
+                return normalize_rows_(tensor.clone()) if fold and name == "lm_head.weight" else tensor
+
         # A float load keeps the memory-mapped tensors as its weights (no copy); quantizing or dequantizing
         # loads convert every tensor, so they read each one into memory they can free at once.
         load_weights(
@@ -400,10 +420,11 @@ def load_into(
 
 
 def bf16_head_beside(dtype: torch.dtype | None, device: torch.device | str) -> bool:
-    """Whether a quantized model in `dtype` on `device` keeps a float head stored in bf16 as it is stored. The
-    head is the largest weight a decoded token reads, and where our bf16 mat-vec widens each weight to fp32
-    (`cpu_gemv.widens_fp32_rows`) a bf16 head gives fp32 activations the products of its fp32 copy at half the
-    bytes (benchmarks/README.md: the int8 decode of a Zen 3)."""
+    """Whether a model in `dtype` on `device` keeps weights stored in bf16 as they are stored: a quantized
+    model's float head, and a float model's linear layers where asked (`load_into`'s bf16_weights). The head is
+    the largest weight a decoded token reads, and where our bf16 mat-vec widens each weight to fp32
+    (`cpu_gemv.widens_fp32_rows`) a bf16 weight gives fp32 activations the products of its fp32 copy at half the
+    bytes (benchmarks/README.md: the int8 and bf16 decodes of a Zen 3)."""
     return dtype is torch.float32 and torch.device(device).type == "cpu" and cpu_gemv.widens_fp32_rows()
 
 

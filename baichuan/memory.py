@@ -70,19 +70,22 @@ def weight_bytes(
     head_bits: int | None = None,
     head_bytes: int | None = None,
     head_int8_group: int | None = None,
+    linear_bytes: int | None = None,
 ) -> int:
     """The weights as loaded: embeddings and norms always in the float dtype; the decoder's linear layers in it
-    too, or weight-only int8 (one byte a weight + one float scale a row) or int4 (half a byte a weight + a bf16
+    too (or in `linear_bytes` a weight, bf16 weights beside fp32 activations), or weight-only int8 (one byte a weight + one float scale a row) or int4 (half a byte a weight + a bf16
     scale and zero a group of `group_size` inputs a row). `head_bits`: the output head's, None for float
     (by default int8 in 8-bit and 4-bit models, see quant.spec.DEFAULT_HEAD_BITS), with a bf16 scale per
-    `head_int8_group` inputs where given; a float head's bytes a weight are `head_bytes` (default `dtype_bytes`;
-    see checkpoint.bf16_head_beside)."""
+    `head_int8_group` inputs where given; a float head's bytes a weight are `head_bytes` (default the linear
+    layers'; see checkpoint.bf16_head_beside)."""
     d, f, V = config.dim, config.ffn_dim, config.vocab_size
     floats = V * d + (2 * config.n_layers + 1) * d  # embeddings, norms
     layer = [(3 * d, d), (d, d), (f, d), (f, d), (d, f)]  # (out, in): W_pack, o_proj, gate, up, down
 
+    float_linear = linear_bytes or dtype_bytes
+
     def linear(
-        out: int, inp: int, b: int | None, float_bytes: int = dtype_bytes, int8_group: int | None = None
+        out: int, inp: int, b: int | None, float_bytes: int = float_linear, int8_group: int | None = None
     ) -> int:
         if b is None:
             return out * inp * float_bytes
@@ -91,7 +94,9 @@ def weight_bytes(
         return out * inp // 2 + math.ceil(inp / group_size) * out * 2 * 2
 
     layers = config.n_layers * sum(linear(o, i, bits) for o, i in layer)
-    return floats * dtype_bytes + layers + linear(V, d, head_bits, head_bytes or dtype_bytes, head_int8_group)
+    return (
+        floats * dtype_bytes + layers + linear(V, d, head_bits, head_bytes or float_linear, head_int8_group)
+    )
 
 
 def kv_cache_bytes(config: Config, rows: int, seq_len: int, kv_bytes: int) -> int:
@@ -149,13 +154,16 @@ def estimate(
     stored_bytes: int | None = None,
     quantized_on_load: bool = False,
     runtime: int = RUNTIME_BYTES,
+    linear_bytes: int | None = None,
 ) -> Estimate:
     """Weights + the runtime + the larger of KV cache (`rows` x `seq_len`) + activations (a prefill of `prefill`
     tokens) and what loading needs for a moment. `stored_bytes`: the checkpoint's dtype (default: the one
     loaded); `quantized_on_load`: `bits` are applied while reading float weights."""
     stored = dtype_bytes if stored_bytes is None else stored_bytes
     return Estimate(
-        weights=weight_bytes(config, dtype_bytes, bits, group_size, head_bits, head_bytes, head_int8_group),
+        weights=weight_bytes(
+            config, dtype_bytes, bits, group_size, head_bits, head_bytes, head_int8_group, linear_bytes
+        ),
         kv_cache=kv_cache_bytes(config, rows, seq_len, kv_bytes),
         activations=activation_bytes(config, min(prefill, seq_len), seq_len, dtype_bytes, rows, upcast),
         loading=loading_bytes(config, dtype_bytes, stored, quantized_on_load),

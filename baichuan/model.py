@@ -60,7 +60,8 @@ class Linear(nn.Linear):
     copy.
     Mat-vecs (decoding) stay in bf16: they are bound by memory, and an fp32 copy would only add traffic; on the CPU
     they go through our bf16 kernel (`cpu_gemv.bf16_linear`) where it applies. A bf16 weight may also serve fp32
-    activations (the float head of a quantized fp32 model, `checkpoint.load_into`): the output is then fp32."""
+    activations (the float head of a quantized fp32 model, or every linear layer of a model loaded with
+    `bf16_weights`, `checkpoint.load_into`): the output is then fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu_gemv.bf16_linear(x, self.weight, self.bias)
@@ -188,7 +189,16 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
     buffers = module._buffers
     if kind is Linear:
         weight = module._parameters["weight"]
-        if module._parameters["bias"] is not None or weight.dtype is not dtype:
+        if module._parameters["bias"] is not None:
+            return None
+        if weight.dtype is not dtype:
+            # A bf16 weight beside fp32 activations (checkpoint.load_into's bf16_weights): the mat-vec that widens
+            # each weight, as the module's forward would take it; more rows are the forward's to route.
+            widened = (
+                dtype is torch.float32 and weight.dtype is torch.bfloat16 and cpu_gemv.widens_fp32_rows()
+            )
+            if widened and rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous():
+                return _BF16_PRODUCT, weight, weight, 0
             return None
         if dtype is torch.bfloat16:
             if rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous():

@@ -88,6 +88,22 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     )
 
 
+def keeps_bf16_weights(
+    requested: str, dtype: torch.dtype, device: torch.device, stored_dtype: torch.dtype | None
+) -> bool:
+    """Whether a float checkpoint stored in `stored_dtype` runs as fp32 activations over its linear weights kept
+    in bf16 (checkpoint.load_into's bf16_weights): where auto gave fp32 for want of native bf16 and our mat-vec
+    widens each weight to fp32. Half the memory of fp32 weights and half the bytes a decoded token reads, for the
+    same products; against bf16 activations, no casts around every product and elementwise work in fp32, which
+    such a CPU computes natively (benchmarks/README.md)."""
+    return (
+        requested == "auto"
+        and dtype is torch.float32
+        and stored_dtype is torch.bfloat16
+        and bf16_head_beside(dtype, device)
+    )
+
+
 def pick_kv_dtype(requested: str | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, str]:
     """The KV cache's dtype, a setting of its own, and a note for the user ("" when it is the compute dtype).
 
@@ -138,6 +154,8 @@ class Prepared:
     chat_format: ChatFormat
     add_bos: bool
     note: str
+    # fp32 activations over the linear weights as stored in bf16 (checkpoint.load_into), where auto picked fp32
+    bf16_weights: bool = False
 
     def estimate(
         self, rows: int, seq_len: int, prefill: int, config: Config | None = None
@@ -166,6 +184,7 @@ class Prepared:
             stored_bytes=None if self.stored_dtype is None else self.stored_dtype.itemsize,
             quantized_on_load=self.quantize is not None,
             runtime=memory.RUNTIME_BYTES if self.device.type == "cpu" else 0,
+            linear_bytes=2 if self.bf16_weights else None,
         )
 
     def _head_int8_group(self, bits: int) -> int | None:
@@ -234,6 +253,12 @@ def prepare(
         chat_format = chat_format_for(hf, generation)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{generation_path}: {e}") from None
+    stored_dtype = DTYPE_NAMES.get(str(hf.get("torch_dtype")))
+    bf16_weights = (
+        quantize is None and stored is None and keeps_bf16_weights(dtype, torch_dtype, target, stored_dtype)
+    )
+    if bf16_weights:
+        why = "fp32 activations over the bf16 weights as stored: this CPU has no native bf16 (no AVX512-BF16/AMX)"
     if stored is not None and stored["quant_method"] != "bitsandbytes":
         why += f", weights int{stored['bits']}"
     elif quantize is not None:
@@ -246,12 +271,13 @@ def prepare(
         kv_dtype=cache_dtype,
         quantize=quantize,
         quantization=stored if stored is not None and stored["quant_method"] == QUANT_METHOD else None,
-        stored_dtype=DTYPE_NAMES.get(str(hf.get("torch_dtype"))),
+        stored_dtype=stored_dtype,
         tokenizer=tokenizer,
         sampling=sampling,
         chat_format=chat_format,
         add_bos=add_bos,
         note=f"{target.type}, {why}" + (f", {kv_why}" if kv_why else ""),
+        bf16_weights=bf16_weights,
     )
 
 
@@ -288,6 +314,7 @@ def load(
         prepared.device,
         prepared.quantize,
         progress=progress,
+        bf16_weights=prepared.bf16_weights,
     )
     return Loaded(
         model=fold_norm_head(model.eval()),

@@ -14,6 +14,8 @@ implementation runs in its own child process, one after another, on the same ran
 - transformers: `AutoModelForCausalLM.from_pretrained(dir).generate(...)` on our BaichuanForCausalLM, greedy
 - llama.cpp: `llama-cpp-python` on a GGUF export of the same weights (`baichuan.convert.gguf`)
 
+Our bf16 runs as `--dtype auto` runs a bf16 checkpoint: where the CPU emulates bf16, fp32 activations over the
+bf16 weights (`load_model(bf16_weights=True)`), else bf16 throughout; transformers runs bf16 throughout.
 int8 / int4 are our weight-only quantization (`load_model(quantize=8|4)`, activations in the dtype `--dtype auto`
 picks on this machine); llama.cpp runs them as Q8_0 / Q4_0, made from the bf16 GGUF by llama.cpp's own quantizer
 (`llama_model_quantize`, default rules: for Q4_0 it keeps output.weight at Q6_K, as ours keeps lm_head at int8).
@@ -122,11 +124,21 @@ def worker_ours(args) -> dict:
 
     from baichuan.checkpoint import fold_norm_head, load_model
     from baichuan.generate import SamplingConfig, generate, generate_tokens
+    from baichuan.runtime import keeps_bf16_weights, pick_dtype
 
     dtype = _torch_dtype(args.dtype)
     bits = QUANT_BITS.get(args.dtype)
+    # bf16 weights run as `--dtype auto` runs a bf16 checkpoint: where bf16 is emulated, fp32 activations over them.
+    auto = pick_dtype("auto", torch.device("cpu"))[0]
+    bf16_weights = args.dtype == "bf16" and keeps_bf16_weights(
+        "auto", auto, torch.device("cpu"), torch.bfloat16
+    )
+    if bf16_weights:
+        dtype = auto
     model = fold_norm_head(
-        load_model(args.checkpoint, dtype=dtype, quantize=bits, group_size=args.group_size)
+        load_model(
+            args.checkpoint, dtype=dtype, quantize=bits, group_size=args.group_size, bf16_weights=bf16_weights
+        )
     )
     vocab = model.config.vocab_size
     decode_prompt = _prompt(args.decode_prompt, vocab, 1)[0]
@@ -595,7 +607,7 @@ def main() -> None:
             elif dtype in QUANT_BITS and key == "ours" and "activations" in r:
                 label = f"{dtype} ({r['activations']} model, {r.get('kernels', '?')} kernels)"
             elif dtype == "bf16" and key == "ours" and "kernels" in r:
-                label = f"{dtype} ({r['kernels']} kernels)"
+                label = f"{dtype} ({r.get('activations', '?')} activations, {r['kernels']} kernels)"
             if "error" in r:
                 print(f"| {names[key]} | {label} | failed: {r['error'][:80]} | | | | | | |")
                 continue

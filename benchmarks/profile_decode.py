@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py --dir /tmp/baichuan-bench-32x1536x12x4096x125696 --quantize 8
     python benchmarks/profile_decode.py --dir DIR --quantize 4 --dtype fp32
+    python benchmarks/profile_decode.py --dir DIR --bf16-weights   # as `--dtype auto` runs bf16 where it is emulated
 
 Loads a checkpoint (for example the one `bench_decode.py` made in its --dir) as `bench_decode.py` does and times
 --tokens greedy decode steps as the model runs them (each layer one call of the fused kernel where it applies).
@@ -52,9 +53,21 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="activation dtype")
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--no-fused", action="store_true", help="the modules' forwards, not the fused layer")
+    parser.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="fp32 activations over the checkpoint's bf16 linear weights (what --dtype auto runs where bf16 is "
+        "emulated; load_model(bf16_weights=True))",
+    )
     args = parser.parse_args()
+    if args.bf16_weights and (args.quantize or args.dtype != "fp32"):
+        parser.error(
+            "--bf16-weights is a float model with fp32 activations: leave out --quantize and --dtype bf16"
+        )
 
-    model = fold_norm_head(load_model(args.dir, dtype=DTYPES[args.dtype], quantize=args.quantize))
+    model = fold_norm_head(
+        load_model(args.dir, dtype=DTYPES[args.dtype], quantize=args.quantize, bf16_weights=args.bf16_weights)
+    )
     model.model.fused_decode = not args.no_fused
     prompt = list(range(100, 116))
     seconds: dict[tuple[int, int], float] = collections.defaultdict(float)
@@ -101,7 +114,8 @@ def main() -> None:
         del module.forward
     path = "modules" if args.no_fused else "fused layers where they apply"
     print(
-        f"{args.quantize or args.dtype} weights, {args.dtype} activations ({path}): {1 / per_token:.2f} tok/s"
+        f"{args.quantize or ('bf16' if args.bf16_weights else args.dtype)} weights, {args.dtype} activations "
+        f"({path}): {1 / per_token:.2f} tok/s"
     )
     print(f"with a timer on every linear layer (modules' forwards): {1 / per_token_timed:.2f} tok/s")
     print("| layer (out x in) | calls a token | ms a call | G weights/s |")
