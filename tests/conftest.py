@@ -9,6 +9,8 @@ run on (an int4 kernel that this torch lacks, a CPU without AVX2), which no inst
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,20 @@ def require_cpu_kernels() -> None:
         f"the AVX2 kernels of baichuan.cpu_gemv are unavailable ({cpu_gemv.ENV_SWITCH}=0, or their build failed: "
         "a C++ compiler such as g++ is needed)"
     )
+
+
+def run_with_avx2(code: str) -> list[str]:
+    """Python `code` in a child process with our avx2 kernel build forced (it widens each bf16 weight to fp32, on
+    any CPU that runs it); the words it printed."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BAICHUAN_CPU_ISA": "avx2"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split()
 
 
 def kernel_build(target: str):

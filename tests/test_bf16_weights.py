@@ -1,26 +1,9 @@
 """fp32 activations over bf16 weights: a bf16 checkpoint run with `--dtype auto` on a CPU that emulates bf16
 (checkpoint.load_into's bf16_weights, runtime.keeps_bf16_weights)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import require_cpu_kernels
-
-
-def run_with_avx2(code: str) -> list[str]:
-    """`code` in a child process with the avx2 build forced (it widens each bf16 weight to fp32, on any CPU)."""
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "BAICHUAN_CPU_ISA": "avx2"},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.split()
+from tests.conftest import require_cpu_kernels, run_with_avx2
 
 
 @pytest.mark.parametrize("norm_head", [False, True])

@@ -15,7 +15,7 @@ import torch
 
 from baichuan.checkpoint import CheckpointError, load_model, load_weights, read_config, save_model
 from baichuan.model import Baichuan
-from tests.conftest import require_cpu_kernels, shared_path, tiny_config
+from tests.conftest import require_cpu_kernels, run_with_avx2, shared_path, tiny_config
 
 
 def tiny_model(position="alibi", norm_head=True):
@@ -228,15 +228,7 @@ whole = [9] if cpu_gemv.bf16_prompts(9, kept.lm_head.weight) else []
 routed = prompts == whole and max(c[0] for c in calls) <= 8 and sum(c[0] for c in calls) + sum(whole) == 9 + 1 + 1
 print(cpu_gemv.target(), routed, worst < 1e-5)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "BAICHUAN_CPU_ISA": "avx2"},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["avx2", "True", "True"]
+    assert run_with_avx2(code) == ["avx2", "True", "True"]
 
 
 def test_unsupported_bits_is_a_clear_error(saved):
