@@ -73,8 +73,9 @@ def weight_bytes(
     linear_bytes: int | None = None,
 ) -> int:
     """The weights as loaded: embeddings and norms always in the float dtype; the decoder's linear layers in it
-    too (or in `linear_bytes` a weight, bf16 weights beside fp32 activations), or weight-only int8 (one byte a weight + one float scale a row) or int4 (half a byte a weight + a bf16
-    scale and zero a group of `group_size` inputs a row). `head_bits`: the output head's, None for float
+    too (or in `linear_bytes` a weight: bf16 weights beside fp32 activations), or weight-only int8 (one byte a
+    weight + one float scale a row) or int4 (half a byte a weight + a bf16 scale and zero a group of
+    `group_size` inputs a row). `head_bits`: the output head's, None for float
     (by default int8 in 8-bit and 4-bit models, see quant.spec.DEFAULT_HEAD_BITS), with a bf16 scale per
     `head_int8_group` inputs where given; a float head's bytes a weight are `head_bytes` (default the linear
     layers'; see checkpoint.bf16_head_beside)."""
