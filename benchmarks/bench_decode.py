@@ -87,7 +87,27 @@ def worker_roofline(args) -> dict:
     half = torch.randn(16384, 16384).bfloat16()  # 512 MiB
     x = x[:, : half.shape[1]].bfloat16()
     bf16 = gbps(lambda: F.linear(x, half), half)
-    return {"fp32_matvec_gbps": fp32, "stream_gbps": stream, "bf16_matvec_gbps": bf16}
+    return {
+        "fp32_matvec_gbps": fp32,
+        "stream_gbps": stream,
+        "bf16_matvec_gbps": bf16,
+        "bf16_peak_tflops": matmul_tflops(torch.bfloat16, args.runs),
+        "fp32_peak_tflops": matmul_tflops(torch.float32, args.runs),
+    }
+
+
+def matmul_tflops(dtype, runs: int, n: int = 2048) -> float:
+    """torch's n³ matmul rate: the peak a prefill (a GEMM per weight) is held to where this dtype is native."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm up (oneDNN picks and caches its kernel)
+    times = []
+    for _ in range(runs + 2):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def _torch_dtype(name: str):
@@ -417,6 +437,15 @@ def weight_bytes(config, itemsize: int) -> int:
     return itemsize * (config.n_layers * (4 * d * d + 3 * d * f + 2 * d) + config.vocab_size * d + 2 * d)
 
 
+def prefill_flops_per_token(config, prompt: int) -> float:
+    """Multiply-adds ×2 per prompt token: every Linear (lm_head on the last token only, as the prefill computes
+    it) and attention's two products over the causal prompt (on average half of it per token)."""
+    d, f = config.dim, config.ffn_dim
+    linear = config.n_layers * (4 * d * d + 3 * d * f)
+    attention = config.n_layers * 2 * d * (prompt + 1) / 2
+    return 2 * (linear + attention + config.vocab_size * d / prompt)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -508,6 +537,7 @@ def main() -> None:
 
     from baichuan.checkpoint import read_config
     from baichuan.config import Config
+    from baichuan.cpu import half_is_emulated
     from baichuan.scaffold import init_checkpoint
 
     if args.dir is None:
@@ -572,6 +602,12 @@ def main() -> None:
             f"{roofline['fp32_matvec_gbps']:.1f} GB/s, and a sum over it, {roofline['stream_gbps']:.1f} GB/s); "
             f"torch bf16 mat-vec (512 MiB) {roofline['bf16_matvec_gbps']:.1f} GB/s."
         )
+    if roofline.get("bf16_peak_tflops"):
+        print(
+            f"Matmul peak (torch, 2048³): bf16 {roofline['bf16_peak_tflops']:.2f} TFLOP/s, "
+            f"fp32 {roofline['fp32_peak_tflops']:.2f} TFLOP/s; bf16 is "
+            + ("emulated here." if half_is_emulated(torch.bfloat16) else "native here.")
+        )
     print(f"Load average (1 min) before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f}.\n")
 
     names = {
@@ -619,6 +655,13 @@ def main() -> None:
                 f"{ratio(r.get('decode'), our_bf16) if ours_row else ''} | {fmt(r.get('prefill'))} | "
                 f"{'' if ours_row else ratio(best.get('prefill'), r.get('prefill'))} | {fmt(r.get('batch'))} |"
             )
+            if ours_row and r.get("prefill") and roofline.get("bf16_peak_tflops"):
+                peak = max(roofline["bf16_peak_tflops"], roofline["fp32_peak_tflops"])
+                tflops = r["prefill"] * prefill_flops_per_token(config, args.prefill) / 1e12
+                notes.append(
+                    f"ours {dtype} prefill: {tflops:.2f} TFLOP/s in its products, {tflops / peak:.0%} of the "
+                    f"faster matmul peak ({peak:.2f} TFLOP/s)."
+                )
             if key == "llamacpp":
                 check = parity(best, r)
                 if not r.get("same_function"):
