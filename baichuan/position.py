@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from baichuan import cpu_gemv
 from baichuan.config import ALIBI, Config
 
 
@@ -45,6 +46,9 @@ class RoPE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k: (B, H, T, D); positions: (T,) shared by the batch, or (B, T)
         cos, sin = self._cos_sin(int(positions.max()) + 1, q.device)
+        rope = _fused_rope(q, k, positions)
+        if rope is not None:  # one pass over each, the same arithmetic
+            return rope(q, positions, cos, sin), rope(k, positions, cos, sin)
         cos, sin = cos[positions], sin[positions]
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]
@@ -55,6 +59,23 @@ class RoPE(nn.Module):
 
     def bias(self, q_positions: torch.Tensor, k_len: int) -> None:
         return None
+
+
+def _fused_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    """Our CPU kernel (`csrc/cpu_fused.cpp`'s `rope`) where it computes what `_apply_rotary` would: fp32/bf16 on
+    the CPU, rows contiguous, no autograd to record; else None."""
+    if (
+        q.device.type != "cpu"
+        or q.dtype not in (torch.float32, torch.bfloat16)
+        or k.dtype is not q.dtype
+        or q.stride(-1) != 1
+        or k.stride(-1) != 1
+        or positions.dtype is not torch.int64
+        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+    ):
+        return None
+    module = cpu_gemv.load()
+    return None if module is None else getattr(module, "rope", None)
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

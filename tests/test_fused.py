@@ -18,6 +18,7 @@ from baichuan.config import ROPE
 from baichuan.generate import SamplingConfig, generate, generate_tokens
 from baichuan.kv_cache import KVCache
 from baichuan.model import Baichuan
+from baichuan.position import RoPE, _apply_rotary
 from baichuan.quant.swap import quantize_model
 from tests.conftest import kernel_build, tiny_config
 
@@ -67,6 +68,67 @@ def test_silu_mul_matches_torch(build, dtype):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     else:
         assert ulps(got, want) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_silu_mul_over_a_prompt_and_the_whole_range(build, dtype):
+    """Many rows (the threads split them) and gates where e^-g overflows, underflows or is NaN."""
+    generator = torch.Generator().manual_seed(2)
+    gate = (torch.randn(67, 4096 + 5, generator=generator) * 30).to(dtype)
+    gate[0, :6] = torch.tensor([-100.0, -89.0, 88.0, 100.0, float("inf"), -float("inf")])
+    gate[0, 6], gate[1, -1] = float("nan"), float("nan")
+    up = torch.randn(67, 4096 + 5, generator=generator).to(dtype)
+    got, want = build.silu_mul(gate, up), F.silu(gate) * up
+    assert torch.equal(got.isnan(), want.isnan())
+    got, want = got.nan_to_num(), want.nan_to_num()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    else:
+        assert ulps(got, want) <= 1.0
+
+
+def reference_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    cos, sin = RoPE(x.shape[-1])._cos_sin(int(positions.max()) + 1, x.device)
+    cos, sin = cos[positions], sin[positions]
+    if positions.dim() == 2:
+        cos, sin = cos[:, None], sin[:, None]
+    return _apply_rotary(x.float(), cos, sin).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [128, 20], ids=["d128", "d20"])  # 20: half of it not a multiple of 8
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
+def test_rope_matches_module(build, dtype, head_dim, per_row):
+    """The prompt's queries/keys as the model hands them over: a strided view of the qkv product."""
+    B, T, H = 2, 37, 3
+    generator = torch.Generator().manual_seed(head_dim)
+    qkv = (torch.randn(B, T, 3, H, head_dim, generator=generator) * 3).to(dtype)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # (B, H, T, D), rows contiguous
+    positions = (
+        torch.arange(T) + 5 if not per_row else torch.stack([torch.arange(T) + 2, torch.arange(T) + 40])
+    )
+    cos, sin = RoPE(head_dim)._cos_sin(int(positions.max()) + 1, q.device)
+    got = build.rope(q, positions, cos, sin)
+    want = reference_rope(q, positions)
+    assert got.dtype == dtype and got.is_contiguous() and got.shape == q.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # fp32 products summed, perhaps fused: a rounding may move by one ulp
+        assert ulps(got, want) <= 1.0
+    with pytest.raises(RuntimeError, match="outside the tables"):
+        build.rope(q, positions + cos.shape[0], cos, sin)
+
+
+def test_rope_module_takes_the_kernel_only_without_autograd(build):
+    rope = RoPE(64)
+    q, k = torch.randn(1, 2, 5, 64, requires_grad=True), torch.randn(1, 2, 5, 64)
+    positions = torch.arange(5)
+    out_q, _ = rope.rotate(q, k, positions)
+    assert out_q.requires_grad  # the modules' ops, which autograd records
+    with torch.inference_mode():
+        fused_q, fused_k = rope.rotate(q.detach(), k, positions)
+    torch.testing.assert_close(fused_q, out_q.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_k, reference_rope(k, positions), rtol=1e-6, atol=1e-6)
 
 
 def tiny_model(dtype: torch.dtype, bits: int | None, seed: int = 0) -> Baichuan:

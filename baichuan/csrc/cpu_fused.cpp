@@ -119,10 +119,61 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-// silu(gate) * up, silu rounded to T first (F.silu(gate) * up).
+// 8 fp32 values stored as T: bf16 rounded to nearest even (NaN to a quiet NaN), as torch's casts do.
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline __m256i bf16_bits(__m256 v) {  // in the low half of each 32-bit lane
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+inline void store8(at::BFloat16* p, __m256 v) {
+  const __m256i bits = bf16_bits(v);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+// v as T would hold it, back in fp32.
+inline __m256 round8(__m256 v, float) { return v; }
+inline __m256 round8(__m256 v, at::BFloat16) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
+
+// e^x, within ~1 ulp of expf: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial; the power of two applied
+// in two halves, so that e^x overflows to inf above ln(FLT_MAX) as expf does. Below -87 it may return 0 or a
+// denormal-free tiny value, where expf returns denormals: silu's 1 + e^-g does not see the difference. NaN stays NaN.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.8f), x));  // NaN: second operand
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_cvtps_epi32(n);
+  const __m256i e1 = _mm256_srai_epi32(e, 1), e2 = _mm256_sub_epi32(e, e1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, bias), 23)));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, bias), 23)));
+}
+
+// silu(gate) * up, silu rounded to T first (F.silu(gate) * up); vectorised, and over both cores for a prompt's rows
+// (the scalar loop took 9.4 ms a layer at 512 rows × 4096, torch's 0.75 ms; Sapphire Rapids, 2 cores).
 template <class T>
 void silu_mul_rows(const T* gate, const T* up, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(round_to<T>(silu(to_float(gate[i]))) * to_float(up[i]));
+  at::parallel_for(0, (n + 7) / 8, 2048, [&](int64_t b0, int64_t b1) {
+    const int64_t end = std::min(n, b1 * 8);
+    int64_t i = b0 * 8;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 g = load8(gate + i);
+      const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      store8(out + i, _mm256_mul_ps(round8(s, T()), load8(up + i)));
+    }
+    for (; i < end; ++i) out[i] = from_float<T>(round_to<T>(silu(to_float(gate[i]))) * to_float(up[i]));
+  });
 }
 
 torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
@@ -135,6 +186,70 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
   else
     silu_mul_rows(gate.data_ptr<at::BFloat16>(), up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
                   gate.numel());
+  return out;
+}
+
+// RoPE over a prompt's queries or keys (position.py's `RoPE.rotate`): x (B, H, T, D) fp32/bf16, any strides with
+// contiguous rows (a view of the qkv product); positions (T,) shared by the batch or (B, T), int64; cos/sin: fp32
+// (S, D) tables. Returns x * cos + rotate_half(x) * sin computed in fp32, rounded once to x's dtype, contiguous.
+// One pass over x where the modules' ops made ~8 (casts, index, cat, neg, two products, a sum), 2.0 ms a layer at
+// 512 positions (bf16, Sapphire Rapids, 2 cores).
+template <class T>
+void rope_rows(const torch::Tensor& x, const int64_t* pos, bool per_row, const float* cos, const float* sin,
+               torch::Tensor& out) {
+  const int64_t B = x.size(0), H = x.size(1), T_ = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  const T* X = x.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  at::parallel_for(0, B * H * T_, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (H * T_), h = (r / T_) % H, t = r % T_;
+      const int64_t p = per_row ? pos[b * T_ + t] : pos[t];
+      const float* c = cos + p * D;
+      const float* s = sin + p * D;
+      const T* xr = X + b * sb + h * sh + t * st;
+      T* o = O + r * D;
+      int64_t i = 0;
+      for (; i + 8 <= half; i += 8) {
+        const __m256 x1 = load8(xr + i), x2 = load8(xr + half + i);
+        const __m256 neg2 = _mm256_sub_ps(_mm256_setzero_ps(), x2);
+        store8(o + i, _mm256_add_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)),
+                                    _mm256_mul_ps(neg2, _mm256_loadu_ps(s + i))));
+        store8(o + half + i, _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i)),
+                                           _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + i))));
+      }
+      for (; i < half; ++i) {
+        const float x1 = to_float(xr[i]), x2 = to_float(xr[half + i]);
+        const float a = x1 * c[i], b2 = -x2 * s[i], a2 = x2 * c[half + i], b1 = x1 * s[half + i];
+        o[i] = from_float<T>(a + b2);
+        o[half + i] = from_float<T>(a2 + b1);
+      }
+    }
+  });
+}
+
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
+                   const torch::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1 &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "x: fp32 or bf16 (B, H, T, D) on the CPU with contiguous rows");
+  const int64_t B = x.size(0), T_ = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0, "x: an even head size");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && cos.sizes() == sin.sizes(),
+              "cos, sin: contiguous fp32 (S, D)");
+  TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.is_contiguous() &&
+                  ((positions.dim() == 1 && positions.size(0) == T_) ||
+                   (positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T_)),
+              "positions: contiguous int64 (T,) or (B, T)");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < positions.numel(); ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < cos.size(0), "position ", pos[i], " is outside the tables");
+  torch::Tensor out = torch::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.scalar_type() == torch::kFloat)
+    rope_rows<float>(x, pos, positions.dim() == 2, cos.data_ptr<float>(), sin.data_ptr<float>(), out);
+  else
+    rope_rows<at::BFloat16>(x, pos, positions.dim() == 2, cos.data_ptr<float>(), sin.data_ptr<float>(), out);
   return out;
 }
 
@@ -319,6 +434,7 @@ torch::Tensor decode_layer(const torch::Tensor& x, const torch::Tensor& norm1, c
 void register_fused(pybind11::module_& m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32/bf16 rows (..., n) with a weight in their dtype");
   m.def("silu_mul", &silu_mul, "silu(gate) * up, fp32/bf16");
+  m.def("rope", &rope, "RoPE over (B, H, T, D) queries or keys at the given positions, fp32/bf16");
   m.def("decode_layer", &decode_layer, "one decoder layer for the one-token rows of a decode step");
 }
 

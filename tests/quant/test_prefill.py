@@ -87,17 +87,17 @@ def test_int4_prompt_matches_exact_product(small_tiles, shape, leading):
     layer = int4_layer(*shape)
     assert layer.tiled is None  # our kernels built: plain nibbles
     x = torch.randn(*leading, shape[1], generator=torch.Generator().manual_seed(shape[0]))
-    if kernels.takes_int4_int8(cpu_gemv.load(), x, layer.out_features):
-        # Outputs a multiple of 16: activations rounded to int8 per group first (`int4_matmul_int8`), fp32 and bf16
-        # alike, so the product is held to that arithmetic, exact up to fp32 (and the bf16 output's) rounding.
-        rows = x.reshape(-1, shape[1])
-        for xin in (x, x.bfloat16()):
-            y = layer(xin)
-            assert y.dtype == xin.dtype and y.shape == (*leading, shape[0])
-            exact = int8_reference(rows.to(xin.dtype), layer)
-            assert rel(y.reshape(-1, shape[0]), exact) < (2e-6 if xin.dtype == torch.float32 else 4e-3)
-        return
-    check_prompt(layer, x)
+    rows, w = x.reshape(-1, shape[1]), layer.dequantize().double()
+    for xin in (rows, rows.bfloat16()):
+        y = layer(xin.view(*leading, shape[1]))
+        assert y.dtype == xin.dtype and y.shape == (*leading, shape[0])
+        if kernels.takes_int4_int8(cpu_gemv.load(), xin, shape[0]):
+            # Activations rounded to int8 per group first (`int4_matmul_int8`): held to that arithmetic, exact up
+            # to fp32 (and the bf16 output's) rounding.
+            exact, limit = int8_reference(xin, layer), 2e-6
+        else:  # the weight dequantized into a GEMM: the float product of the dequantized weight
+            exact, limit = xin.double() @ w.t(), 1e-5
+        assert rel(y.reshape(-1, shape[0]), exact) < (limit if xin.dtype == torch.float32 else 1e-2)
 
 
 def test_emulated_bf16_computes_in_fp32(small_tiles, monkeypatch):
@@ -230,7 +230,8 @@ def test_int4_matmul_int8_refuses_bad_arguments(build):
 
 def test_int4_prompts_take_the_int8_kernel(monkeypatch):
     """bf16 and fp32 prompts of a layer whose outputs are a multiple of 16 go to the int8 kernel where the build has
-    it; with INT4_INT8_ACTIVATIONS off they take the dequantizing path (fp32 ones exact there)."""
+    it (bf16 ones not where the CPU has AMX); with INT4_INT8_ACTIVATIONS off they take the dequantizing path (fp32
+    ones exact there)."""
     require_cpu_kernels()
     require_int4_prompt_path()
     module = cpu_gemv.load()
@@ -239,10 +240,12 @@ def test_int4_prompts_take_the_int8_kernel(monkeypatch):
     xb = x.bfloat16()
     exact = xb.double() @ layer.dequantize().double().t()
     y = layer(xb)
+    bf16_takes_it = kernels.takes_int4_int8(module, xb, 96)
+    assert bf16_takes_it == (hasattr(module, "int4_matmul_int8") and not cpu.has_amx())
     if hasattr(module, "int4_matmul_int8"):
         direct = torch.empty(210, 96)
         module.int4_matmul_int8(xb.view(210, 512), layer.weight, layer.scales_and_zeros, 128, direct)
-        assert torch.equal(y, direct.view(3, 70, 96).bfloat16())
+        assert torch.equal(y, direct.view(3, 70, 96).bfloat16()) == bf16_takes_it
         direct32 = torch.empty(210, 96)
         module.int4_matmul_int8(x.view(210, 512), layer.weight, layer.scales_and_zeros, 128, direct32)
         assert torch.equal(layer(x), direct32.view(3, 70, 96))
@@ -252,7 +255,7 @@ def test_int4_prompts_take_the_int8_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "INT4_INT8_ACTIVATIONS", False)
     y_dequantized = layer(xb)  # products of the dequantized weight
     assert rel(y_dequantized, exact) < 1e-2
-    assert torch.equal(y_dequantized, y) != hasattr(module, "int4_matmul_int8")
+    assert torch.equal(y_dequantized, y) != bf16_takes_it
     assert rel(layer(x), exact32) < 1e-5  # fp32 on the dequantizing path: exact
 
 
@@ -353,6 +356,7 @@ def test_avx2_build_sends_int4_bf16_prompts_to_the_int8_kernel(monkeypatch, emul
     monkeypatch.setattr(cpu_gemv, "load", lambda: build)
     monkeypatch.setattr(int4, "half_is_emulated", lambda dtype: emulated)
     monkeypatch.setattr(kernels, "half_is_emulated", lambda dtype: emulated)
+    monkeypatch.setattr(kernels, "has_amx", lambda: False)  # a Zen 3, or a Zen 4 with the avx2 build forced
     layer = int4_layer(96, 512, 128)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 70, 512, generator=generator).bfloat16()
@@ -371,6 +375,25 @@ def test_avx2_build_sends_int4_bf16_prompts_to_the_int8_kernel(monkeypatch, emul
     odd = int4_layer(40, 512, 128)
     odd(x)
     assert [name for name, _ in build.calls] == (["int4_gemv"] if emulated else ["dequantize_int4"])
+
+
+@pytest.mark.parametrize("target", cpu.KERNEL_TARGETS)
+def test_amx_sends_int4_bf16_prompts_to_the_dequantized_gemm(monkeypatch, target):
+    """Where torch's bf16 GEMM runs on AMX tiles, a bf16 prompt's int4 weight is dequantized into it in every
+    build; fp32 prompts keep the int8 kernel."""
+    build = CountingBuild(kernel_build(target))
+    monkeypatch.setattr(cpu_gemv, "load", lambda: build)
+    monkeypatch.setattr(int4, "half_is_emulated", lambda dtype: False)
+    monkeypatch.setattr(kernels, "half_is_emulated", lambda dtype: False)
+    monkeypatch.setattr(kernels, "has_amx", lambda: True)
+    layer = int4_layer(96, 512, 128)
+    x = torch.randn(3, 70, 512, generator=torch.Generator().manual_seed(0)).bfloat16()
+    y = layer(x)
+    assert [name for name, _ in build.calls] == ["dequantize_int4"]
+    assert rel(y, x.double() @ layer.dequantize().double().t()) < 1e-2
+    build.calls.clear()
+    layer(x.float())
+    assert build.calls == [("int4_matmul_int8", 210)]
 
 
 def test_avx512_build_keeps_its_emulated_bf16_route(monkeypatch):
@@ -397,6 +420,7 @@ def test_avx2_build_int4_model_prompt_takes_the_int8_kernel(monkeypatch):
     build = CountingBuild(kernel_build("avx2"))
     monkeypatch.setattr(cpu_gemv, "load", lambda: build)
     monkeypatch.setattr(int4, "half_is_emulated", lambda dtype: True)
+    monkeypatch.setattr(kernels, "has_amx", lambda: False)  # bf16 emulated: no AMX either
     model = Baichuan(tiny_config(ROPE, ffn_dim=128))
     model.init_weights(generator=torch.Generator().manual_seed(0))
     quantize_model(model, 4, group_size=32)
