@@ -77,23 +77,48 @@ inline void axpy(float* y, float p, const T* v, int64_t n) {
   for (; i < n; ++i) y[i] += p * to_float(v[i]);
 }
 
+// 8 fp32 values stored as T: bf16 rounded to nearest even (NaN to a quiet NaN), as torch's casts do.
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline __m256i bf16_bits(__m256 v) {  // in the low half of each 32-bit lane
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+inline void store8(at::BFloat16* p, __m256 v) {
+  const __m256i bits = bf16_bits(v);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+// v as T would hold it, back in fp32.
+inline __m256 round8(__m256 v, float) { return v; }
+inline __m256 round8(__m256 v, at::BFloat16) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
+
 // out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)), the normalised row rounded to T first (RMSNorm.forward).
 template <class T>
 void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * n;
-    T* o = out + r * n;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 v = load8(xr + i);
-      acc = _mm256_fmadd_ps(v, v, acc);
+  // A prompt's rows over the cores; a decode step's few rows (under ~16k values) on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, n));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * n;
+      T* o = out + r * n;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const __m256 v = load8(xr + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      float sum = hsum8(acc);
+      for (; i < n; ++i) sum += to_float(xr[i]) * to_float(xr[i]);
+      const float scale = 1.0f / std::sqrt(sum / float(n) + eps);
+      const __m256 scale8 = _mm256_set1_ps(scale);
+      for (i = 0; i + 8 <= n; i += 8)
+        store8(o + i, _mm256_mul_ps(load8(w + i), round8(_mm256_mul_ps(load8(xr + i), scale8), T())));
+      for (; i < n; ++i) o[i] = from_float<T>(to_float(w[i]) * round_to<T>(to_float(xr[i]) * scale));
     }
-    float sum = hsum8(acc);
-    for (; i < n; ++i) sum += to_float(xr[i]) * to_float(xr[i]);
-    const float scale = 1.0f / std::sqrt(sum / float(n) + eps);
-    for (i = 0; i < n; ++i) o[i] = from_float<T>(to_float(w[i]) * round_to<T>(to_float(xr[i]) * scale));
-  }
+  });
 }
 
 void check_rows(const torch::Tensor& x, const char* name) {
@@ -118,24 +143,6 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 }
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
-// 8 fp32 values stored as T: bf16 rounded to nearest even (NaN to a quiet NaN), as torch's casts do.
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline __m256i bf16_bits(__m256 v) {  // in the low half of each 32-bit lane
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-}
-inline void store8(at::BFloat16* p, __m256 v) {
-  const __m256i bits = bf16_bits(v);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-// v as T would hold it, back in fp32.
-inline __m256 round8(__m256 v, float) { return v; }
-inline __m256 round8(__m256 v, at::BFloat16) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
 
 // e^x, within ~1 ulp of expf: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial; the power of two applied
 // in two halves, so that e^x overflows to inf above ln(FLT_MAX) as expf does. Below -87 it may return 0 or a
