@@ -396,6 +396,24 @@ def test_amx_sends_int4_bf16_prompts_to_the_dequantized_gemm(monkeypatch, target
     assert build.calls == [("int4_matmul_int8", 210)]
 
 
+@pytest.mark.parametrize("target", cpu.KERNEL_TARGETS)
+def test_amx_sends_int8_bf16_prompts_to_the_dequantized_gemm(monkeypatch, target):
+    """The avx2 build's int8 prompt kernel takes fp32 prompts, but not bf16 ones where the GEMM runs on AMX tiles."""
+    build = CountingBuild(kernel_build(target))
+    monkeypatch.setattr(cpu_gemv, "load", lambda: build)
+    monkeypatch.setattr(int8, "half_is_emulated", lambda dtype: False)
+    monkeypatch.setattr(kernels, "half_is_emulated", lambda dtype: False)
+    monkeypatch.setattr(kernels, "has_amx", lambda: True)
+    layer = int8_layer(96, 512)
+    x = torch.randn(3, 70, 512, generator=torch.Generator().manual_seed(0))
+    y = layer(x.bfloat16())
+    assert [name for name, _ in build.calls] == ["dequantize_int8"]
+    assert rel(y, x.bfloat16().double() @ layer.dequantize().double().t()) < 1e-2
+    build.calls.clear()
+    layer(x)
+    assert [name for name, _ in build.calls] == ["int8_matmul_int16" if target == "avx2" else "dequantize_int8"]
+
+
 def test_avx512_build_keeps_its_emulated_bf16_route(monkeypatch):
     """Only the avx2 build's routing changed: an AVX-512 build where bf16 is emulated still sends int4 prompts to
     the decode kernel."""
