@@ -411,7 +411,9 @@ def test_amx_sends_int8_bf16_prompts_to_the_dequantized_gemm(monkeypatch, target
     assert rel(y, x.bfloat16().double() @ layer.dequantize().double().t()) < 1e-2
     build.calls.clear()
     layer(x)
-    assert [name for name, _ in build.calls] == ["int8_matmul_int16" if target == "avx2" else "dequantize_int8"]
+    assert [name for name, _ in build.calls] == [
+        "int8_matmul_int16" if target == "avx2" else "dequantize_int8"
+    ]
 
 
 def test_avx512_build_keeps_its_emulated_bf16_route(monkeypatch):
