@@ -62,8 +62,8 @@ def half_is_emulated(dtype: torch.dtype) -> bool:
 @functools.cache
 def has_amx() -> bool:
     """Whether torch's bf16 GEMMs run on AMX tiles here (oneDNN takes them where the CPU has AMX and bf16 is
-    native): 2.3-2.5 TFLOP/s on a 512-row prompt's products on 2 Sapphire Rapids cores, where our int4 x int8
-    prompt kernel (AVX-512 VNNI) reaches a fraction of that."""
+    native): then a prompt's quantized weights are dequantized into them rather than multiplied by our int8/int4
+    prompt kernels, which reach a fraction of their rate (benchmarks/README.md)."""
     return not half_is_emulated(torch.bfloat16) and _probe("_is_amx_tile_supported")
 
 

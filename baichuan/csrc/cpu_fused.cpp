@@ -82,7 +82,8 @@ inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline __m256i bf16_bits(__m256 v) {  // in the low half of each 32-bit lane
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
 }
@@ -167,8 +168,8 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, bias), 23)));
 }
 
-// silu(gate) * up, silu rounded to T first (F.silu(gate) * up); vectorised, and over both cores for a prompt's rows
-// (the scalar loop took 9.4 ms a layer at 512 rows × 4096, torch's 0.75 ms; Sapphire Rapids, 2 cores).
+// silu(gate) * up, silu rounded to T first (F.silu(gate) * up); vectorised, and a prompt's rows over the cores (a
+// scalar loop on one thread took 12x torch's time at 512 rows: benchmarks/README.md).
 template <class T>
 void silu_mul_rows(const T* gate, const T* up, T* out, int64_t n) {
   at::parallel_for(0, (n + 7) / 8, 2048, [&](int64_t b0, int64_t b1) {
@@ -176,7 +177,8 @@ void silu_mul_rows(const T* gate, const T* up, T* out, int64_t n) {
     int64_t i = b0 * 8;
     for (; i + 8 <= end; i += 8) {
       const __m256 g = load8(gate + i);
-      const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
       store8(out + i, _mm256_mul_ps(round8(s, T()), load8(up + i)));
     }
     for (; i < end; ++i) out[i] = from_float<T>(round_to<T>(silu(to_float(gate[i]))) * to_float(up[i]));
@@ -199,8 +201,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
 // RoPE over a prompt's queries or keys (position.py's `RoPE.rotate`): x (B, H, T, D) fp32/bf16, any strides with
 // contiguous rows (a view of the qkv product); positions (T,) shared by the batch or (B, T), int64; cos/sin: fp32
 // (S, D) tables. Returns x * cos + rotate_half(x) * sin computed in fp32, rounded once to x's dtype, contiguous.
-// One pass over x where the modules' ops made ~8 (casts, index, cat, neg, two products, a sum), 2.0 ms a layer at
-// 512 positions (bf16, Sapphire Rapids, 2 cores).
+// One pass over x where the modules' ops made ~8 (casts, index, cat, neg, two products, a sum): benchmarks/README.md.
 template <class T>
 void rope_rows(const torch::Tensor& x, const int64_t* pos, bool per_row, const float* cos, const float* sin,
                torch::Tensor& out) {

@@ -74,7 +74,7 @@ INT4_INT8_ACTIVATIONS = True
 def takes_int4_int8(module, x: torch.Tensor, out_features: int) -> bool:
     """Whether `int4_matmul_int8` takes x (bf16 or fp32, the layer's outputs a multiple of 16) with this kernel
     module. Not bf16 prompts where the CPU has AMX: the weight dequantized into oneDNN's bf16 GEMM (AMX tiles) is
-    faster there (a 512-token int4 prefill of the 1.29B model: 480-660 against 280-294 tok/s, Sapphire Rapids)."""
+    faster there (benchmarks/README.md)."""
     return (
         INT4_INT8_ACTIVATIONS
         and (x.dtype is torch.float32 or (x.dtype is torch.bfloat16 and not has_amx()))
@@ -101,8 +101,8 @@ def int4_matmul_int8(
 # kernel's int16 activations and exact integer sums in GEMM blocking, so that a prompt row gets the bits the decode
 # kernel gives it, at 1.2-1.7x the speed of the dequantized fp32 GEMM it replaces on a Zen 3 (benchmarks/README.md).
 # The AVX-512 builds keep the dequantizing path (oneDNN's bf16 and AMX GEMMs; not measured against this), and so do
-# bf16 prompts where the CPU has AMX, in every build: with the avx2 build forced on a Sapphire Rapids, a 512-token
-# int8 prefill of the 1.29B model ran 128.5 tok/s through this kernel. False: always that path (benchmarks compare).
+# bf16 prompts where the CPU has AMX, in every build (far faster there: benchmarks/README.md). False: always that
+# path (benchmarks compare).
 INT8_INT16_PROMPTS = True
 
 
