@@ -71,6 +71,7 @@ def _fused_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         or q.stride(-1) != 1
         or k.stride(-1) != 1
         or positions.dtype is not torch.int64
+        or not positions.is_contiguous()
         or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
     ):
         return None

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baichuan import cpu, cpu_gemv
+from baichuan import cpu, cpu_gemv, position
 from baichuan.config import ROPE
 from baichuan.generate import SamplingConfig, generate, generate_tokens
 from baichuan.kv_cache import KVCache
@@ -123,9 +123,11 @@ def test_rope_module_takes_the_kernel_only_without_autograd(build):
     rope = RoPE(64)
     q, k = torch.randn(1, 2, 5, 64, requires_grad=True), torch.randn(1, 2, 5, 64)
     positions = torch.arange(5)
+    assert position._fused_rope(q, k, positions) is None
     out_q, _ = rope.rotate(q, k, positions)
     assert out_q.requires_grad  # the modules' ops, which autograd records
     with torch.inference_mode():
+        assert position._fused_rope(q.detach(), k, positions) is build.rope
         fused_q, fused_k = rope.rotate(q.detach(), k, positions)
     torch.testing.assert_close(fused_q, out_q.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused_k, reference_rope(k, positions), rtol=1e-6, atol=1e-6)

@@ -198,14 +198,38 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
   return out;
 }
 
+// One row of D values of x (in T) rotated at one position: x * cos + rotate_half(x) * sin in fp32, each value rounded
+// to T (position.py's `_apply_rotary` on the model's dtype), stored as O (T, the cache's dtype, or fp32).
+template <class T, class O>
+inline void rotate_row(const T* x, const float* c, const float* s, int64_t D, O* o) {
+  const int64_t half = D / 2;
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m256 x1 = load8(x + i), x2 = load8(x + half + i);
+    const __m256 neg2 = _mm256_sub_ps(_mm256_setzero_ps(), x2);  // rotate_half: (-x[half:], x[:half])
+    const __m256 lo =
+        _mm256_add_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)), _mm256_mul_ps(neg2, _mm256_loadu_ps(s + i)));
+    const __m256 hi = _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i)),
+                                    _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + i)));
+    store8(o + i, round8(lo, T()));
+    store8(o + half + i, round8(hi, T()));
+  }
+  for (; i < half; ++i) {
+    const float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
+    const float lo = x1 * c[i] + -x2 * s[i], hi = x2 * c[half + i] + x1 * s[half + i];
+    o[i] = O(round_to<T>(lo));
+    o[half + i] = O(round_to<T>(hi));
+  }
+}
+
 // RoPE over a prompt's queries or keys (position.py's `RoPE.rotate`): x (B, H, T, D) fp32/bf16, any strides with
 // contiguous rows (a view of the qkv product); positions (T,) shared by the batch or (B, T), int64; cos/sin: fp32
-// (S, D) tables. Returns x * cos + rotate_half(x) * sin computed in fp32, rounded once to x's dtype, contiguous.
+// (S, D) tables. Returns x rotated, in x's dtype, contiguous.
 // One pass over x where the modules' ops made ~8 (casts, index, cat, neg, two products, a sum): benchmarks/README.md.
 template <class T>
 void rope_rows(const torch::Tensor& x, const int64_t* pos, bool per_row, const float* cos, const float* sin,
                torch::Tensor& out) {
-  const int64_t B = x.size(0), H = x.size(1), T_ = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t B = x.size(0), H = x.size(1), T_ = x.size(2), D = x.size(3);
   const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
   const T* X = x.data_ptr<T>();
   T* O = out.data_ptr<T>();
@@ -213,25 +237,7 @@ void rope_rows(const torch::Tensor& x, const int64_t* pos, bool per_row, const f
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / (H * T_), h = (r / T_) % H, t = r % T_;
       const int64_t p = per_row ? pos[b * T_ + t] : pos[t];
-      const float* c = cos + p * D;
-      const float* s = sin + p * D;
-      const T* xr = X + b * sb + h * sh + t * st;
-      T* o = O + r * D;
-      int64_t i = 0;
-      for (; i + 8 <= half; i += 8) {
-        const __m256 x1 = load8(xr + i), x2 = load8(xr + half + i);
-        const __m256 neg2 = _mm256_sub_ps(_mm256_setzero_ps(), x2);
-        store8(o + i, _mm256_add_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)),
-                                    _mm256_mul_ps(neg2, _mm256_loadu_ps(s + i))));
-        store8(o + half + i, _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i)),
-                                           _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + i))));
-      }
-      for (; i < half; ++i) {
-        const float x1 = to_float(xr[i]), x2 = to_float(xr[half + i]);
-        const float a = x1 * c[i], b2 = -x2 * s[i], a2 = x2 * c[half + i], b1 = x1 * s[half + i];
-        o[i] = from_float<T>(a + b2);
-        o[half + i] = from_float<T>(a2 + b1);
-      }
+      rotate_row(X + b * sb + h * sh + t * st, cos + p * D, sin + p * D, D, O + r * D);
     }
   });
 }
@@ -288,7 +294,6 @@ struct LayerStep {
 
   // qkv (B, 3 * dim) in T -> q rotated (B, H, D) fp32 as T holds it; k rotated and v written into the cache.
   void rope_and_store(const T* qkv, float* q) const {
-    const int64_t half = D / 2;
     for (int64_t b = 0; b < B; ++b) {
       const float* c = cos + pos[b] * D;
       const float* s = sin + pos[b] * D;
@@ -296,19 +301,10 @@ struct LayerStep {
         const T* qh = qkv + b * 3 * dim + h * D;
         const T* kh = qh + dim;
         const T* vh = kh + dim;
-        float* qo = q + (b * H + h) * D;
-        C* ko = k_cache + b * sb + h * sh + pos[b] * ss;
+        rotate_row(qh, c, s, D, q + (b * H + h) * D);
+        rotate_row(kh, c, s, D, k_cache + b * sb + h * sh + pos[b] * ss);
         C* vo = v_cache + b * sb + h * sh + pos[b] * ss;
-        for (int64_t i = 0; i < D; ++i) {
-          // rotate_half: (-x[half:], x[:half])
-          const float qr = i < half ? -to_float(qh[i + half]) : to_float(qh[i - half]);
-          const float kr = i < half ? -to_float(kh[i + half]) : to_float(kh[i - half]);
-          const float qa = to_float(qh[i]) * c[i], qb = qr * s[i];
-          const float ka = to_float(kh[i]) * c[i], kb = kr * s[i];
-          qo[i] = round_to<T>(qa + qb);
-          ko[i] = C(round_to<T>(ka + kb));
-          vo[i] = C(to_float(vh[i]));
-        }
+        for (int64_t i = 0; i < D; ++i) vo[i] = C(to_float(vh[i]));
       }
     }
   }
