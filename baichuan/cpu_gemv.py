@@ -7,7 +7,8 @@ these kernels do pairs of int8 (or int4) x int16 products per instruction (int4 
 bf16 products with `vdpbf16ps` or two FMAs per 32-bit lane, and so stream weights much closer to the memory's rate.
 
 Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx512 (with VNNI) or
-avx512bf16. Each build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
+avx512bf16 (which also multiplies short bf16 prompts on AMX tiles where the CPU has them: `amx_ready`). Each
+build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
 extension cache), so a cache shared between machines never hands a CPU a kernel it cannot run.
 BAICHUAN_CPU_ISA=avx2 (or avx512) forces a lower target; one the CPU cannot run is clamped, with a warning.
 They need an x86 CPU with AVX2 and a C++ compiler; where either is missing, or the build fails, or
@@ -26,7 +27,13 @@ from types import ModuleType
 
 import torch
 
-from baichuan.cpu import GEMV_MAX_ROWS, bf16_gemv_max_rows, bf16_prompt_min_rows, kernel_target
+from baichuan.cpu import (
+    GEMV_MAX_ROWS,
+    amx_bf16_max_rows,
+    bf16_gemv_max_rows,
+    bf16_prompt_min_rows,
+    kernel_target,
+)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cpu_gemv.cpp"
@@ -37,6 +44,7 @@ SOURCES = (
     CSRC / "cpu_prefill.cpp",
     CSRC / "cpu_prompt_int8.cpp",
     CSRC / "cpu_prompt_bf16.cpp",
+    CSRC / "cpu_prompt_amx.cpp",
 )
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
@@ -142,8 +150,15 @@ def _bf16_prompt_min_rows() -> int | None:
     return bf16_prompt_min_rows(target())
 
 
-# False restores the products bf16 prompts had before `bf16_matmul` (the benchmarks compare the two).
+def _amx_max_rows() -> int:
+    """Asked of the build in use (a lower one has no AMX kernel: `amx_ready` is False there)."""
+    module = load()
+    return amx_bf16_max_rows(module.target) if module is not None and module.amx_ready() else 0
+
+
+# False restores the products bf16 prompts had before `bf16_matmul` / `amx_bf16_matmul` (the benchmarks compare).
 BF16_PROMPTS = True
+AMX_PROMPTS = True
 
 
 def bf16_prompts(rows: int, weight: torch.Tensor) -> bool:
@@ -156,6 +171,11 @@ def bf16_prompts(rows: int, weight: torch.Tensor) -> bool:
         and weight.shape[0] % 16 == 0
         and weight.shape[1] % 8 == 0
     )
+
+
+def amx_prompts(rows: int, weight: torch.Tensor) -> bool:
+    """Whether `bf16_linear` gives `rows` bf16 activation rows against this bf16 weight to `amx_bf16_matmul`."""
+    return AMX_PROMPTS and rows <= _amx_max_rows() and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0
 
 
 def _apply(kernel: str, x: torch.Tensor, *args) -> torch.Tensor | None:
@@ -197,6 +217,13 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return _apply("bf16_gemv", x, weight)
 
 
+def amx_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x @ weight.T for bf16 x (..., K) and a contiguous bf16 weight (N, K), N and K multiples of 32, on AMX tiles
+    (`csrc/cpu_prompt_amx.cpp`); only where `amx_prompts` allows (the kernel raises where the CPU or the build has
+    no AMX). None where the kernels are not available."""
+    return _apply("amx_bf16_matmul", x, weight)
+
+
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x @ weight.T for prompt-sized x (..., K) and a contiguous bf16 weight (N, K), N % 16 == 0 and K % 8 == 0,
     in x's dtype: fp32 FMAs on the weight widened a block at a time (`csrc/cpu_prompt_bf16.cpp`), the products of
@@ -227,6 +254,7 @@ def bf16_linear(
     """F.linear(x, weight, bias) through our kernels where they are the faster product: a bf16 weight on the CPU,
     no gradient to record, and either
     - bf16 x of at most `cpu.bf16_gemv_max_rows` rows (decoding): `bf16_gemv`;
+    - more rows of bf16 x, up to `cpu.amx_bf16_max_rows`, where `amx_prompts`: `amx_bf16_matmul`;
     - more rows of bf16 x, or of fp32 x with autocast off, where `bf16_prompts`: `bf16_matmul`;
     - fp32 x of any rows where `widens_fp32_rows` and autocast is off, in chunks of the mat-vec's rows: an fp32
       weight's products without an fp32 copy of the weight (a quantized fp32 model's head,
@@ -242,6 +270,8 @@ def bf16_linear(
     limit = _bf16_max_rows()
     if x.dtype is torch.bfloat16 and x.numel() <= limit * x.shape[-1]:
         y = bf16_gemv(x, weight)
+    elif x.dtype is torch.bfloat16 and x.shape[-1] and amx_prompts(x.numel() // x.shape[-1], weight):
+        y = amx_bf16_matmul(x, weight)
     elif x.dtype is torch.float32 and autocast_enabled("cpu"):
         return None
     elif (

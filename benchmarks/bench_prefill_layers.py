@@ -8,8 +8,9 @@
 
 Paths (bf16 activations, as a bf16 model's prompt has):
   bf16 ours       model.Linear on the bf16 weight (what the bf16 model runs): with the avx2 build where bf16 is
-                  emulated, our prompt kernel `bf16_matmul`; elsewhere torch's GEMM (fp32 on a widened copy where
-                  bf16 is emulated).
+                  emulated, our prompt kernel `bf16_matmul`; with the avx512bf16 build on a CPU with AMX, up to
+                  `cpu.AMX_BF16_MAX_ROWS` rows, our AMX kernel `amx_bf16_matmul`; elsewhere torch's GEMM (fp32 on
+                  a widened copy where bf16 is emulated).
   bf16 widened    model.Linear with cpu_gemv.BF16_PROMPTS off: torch's fp32 GEMM on a widened copy where bf16 is
                   emulated (the bf16 prompt path before), else torch's bf16 GEMM.
   bf16 torch      F.linear on the bf16 weight: torch's own bf16 GEMM.

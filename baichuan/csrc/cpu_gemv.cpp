@@ -5,7 +5,8 @@
 //               FMA;
 //   avx512      AVX-512 F/BW/VL/DQ + VNNI: 512-bit vectors, `vpdpwssd` (multiply pairs of int16 and accumulate
 //               in int32, one instruction where AVX2 needs two);
-//   avx512bf16  the above + AVX512-BF16: `vdpbf16ps` for the bf16 product.
+//   avx512bf16  the above + AVX512-BF16: `vdpbf16ps` for the bf16 product; and where the CPU has AMX-BF16,
+//               short bf16 prompts on its tiles (cpu_prompt_amx.cpp, checked at run time).
 //
 // The loader picks the build from the CPU's features and names each after its target, so a build never runs on
 // a CPU without its instructions.
@@ -1133,6 +1134,7 @@ void register_fused(pybind11::module_& m);  // cpu_fused.cpp
 void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
 void register_prompt_int8(pybind11::module_& m);  // cpu_prompt_int8.cpp
 void register_prompt_bf16(pybind11::module_& m);  // cpu_prompt_bf16.cpp
+void register_prompt_amx(pybind11::module_& m);   // cpu_prompt_amx.cpp
 
 }  // namespace baichuan_cpu_gemv
 
@@ -1142,6 +1144,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   k::register_prefill(m);
   k::register_prompt_int8(m);
   k::register_prompt_bf16(m);
+  k::register_prompt_amx(m);
   m.attr("target") = k::kTarget;
   m.attr("int8_activations") = "int16";
   m.attr("int4_activations") = k::kInt4Activations;
