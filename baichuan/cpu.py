@@ -36,9 +36,11 @@ UPCAST_MIN_ROWS = 16
 # widened copy (16 rows on). Time ÷ the widened fp32 GEMM's: 0.20-0.38 at 12 rows (torch's bf16 GEMM 0.58-1.20),
 # 0.24-0.38 at 32, 0.67-0.93 at 512; our mat-vec in chunks of 8 rows about ties it at 16 (Zen 3, 1.29B shapes).
 BF16_PROMPT_MIN_ROWS = BF16_GEMV_MAX_ROWS + 1
-# bf16 on a CPU with AMX (the avx512bf16 build): past the mat-vec's rows and up to this many, our AMX kernel
-# (cpu_gemv's `amx_bf16_matmul`) in place of torch's oneDNN GEMM, which reorders the whole weight on every call.
-# Time ÷ torch's: 0.44-0.80 from 9 to 128 rows, 0.76-1.15 at 256, 0.91-1.21 at 384 (Xeon with AMX, 1.29B shapes).
+# bf16 on a CPU with AMX (the avx512bf16 build): from AMX_BF16_MIN_ROWS to AMX_BF16_MAX_ROWS rows, our AMX kernel
+# (cpu_gemv's `amx_bf16_matmul`), in place of our mat-vec below 9 rows (time ÷ its: 1.06-1.27 at 4 rows, 0.76-0.92
+# at 5, 0.64-0.78 at 8) and of torch's oneDNN GEMM above, which reorders the whole weight on every call (time ÷
+# torch's: 0.44-0.80 from 9 to 128 rows, 0.76-1.15 at 256, 0.91-1.21 at 384). Xeon with AMX, 1.29B shapes.
+AMX_BF16_MIN_ROWS = 5
 AMX_BF16_MAX_ROWS = 128
 
 
@@ -129,8 +131,8 @@ def bf16_gemv_max_rows(target: str | None) -> int:
 
 
 def amx_bf16_max_rows(target: str | None) -> int:
-    """Activation rows up to which our AMX kernel (the avx512bf16 build's) takes bf16 products here: 0 where the
-    CPU has no AMX or a lower build runs."""
+    """Activation rows up to which our AMX kernel (the avx512bf16 build's) takes bf16 products here (from
+    AMX_BF16_MIN_ROWS on): 0 where the CPU has no AMX or a lower build runs."""
     return AMX_BF16_MAX_ROWS if target == "avx512bf16" and has_amx() else 0
 
 

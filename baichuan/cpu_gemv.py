@@ -28,6 +28,7 @@ from types import ModuleType
 import torch
 
 from baichuan.cpu import (
+    AMX_BF16_MIN_ROWS,
     GEMV_MAX_ROWS,
     amx_bf16_max_rows,
     bf16_gemv_max_rows,
@@ -175,7 +176,13 @@ def bf16_prompts(rows: int, weight: torch.Tensor) -> bool:
 
 def amx_prompts(rows: int, weight: torch.Tensor) -> bool:
     """Whether `bf16_linear` gives `rows` bf16 activation rows against this bf16 weight to `amx_bf16_matmul`."""
-    return AMX_PROMPTS and rows <= _amx_max_rows() and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0
+    return (
+        rows >= AMX_BF16_MIN_ROWS
+        and AMX_PROMPTS
+        and rows <= _amx_max_rows()
+        and weight.shape[0] % 32 == 0
+        and weight.shape[1] % 32 == 0
+    )
 
 
 def _apply(kernel: str, x: torch.Tensor, *args) -> torch.Tensor | None:
@@ -253,8 +260,9 @@ def bf16_linear(
 ) -> torch.Tensor | None:
     """F.linear(x, weight, bias) through our kernels where they are the faster product: a bf16 weight on the CPU,
     no gradient to record, and either
-    - bf16 x of at most `cpu.bf16_gemv_max_rows` rows (decoding): `bf16_gemv`;
-    - more rows of bf16 x, up to `cpu.amx_bf16_max_rows`, where `amx_prompts`: `amx_bf16_matmul`;
+    - bf16 x of `cpu.AMX_BF16_MIN_ROWS` to `cpu.amx_bf16_max_rows` rows where `amx_prompts` (a CPU with AMX):
+      `amx_bf16_matmul`;
+    - else bf16 x of at most `cpu.bf16_gemv_max_rows` rows (decoding): `bf16_gemv`;
     - more rows of bf16 x, or of fp32 x with autocast off, where `bf16_prompts`: `bf16_matmul`;
     - fp32 x of any rows where `widens_fp32_rows` and autocast is off, in chunks of the mat-vec's rows: an fp32
       weight's products without an fp32 copy of the weight (a quantized fp32 model's head,
@@ -268,10 +276,10 @@ def bf16_linear(
     ):
         return None
     limit = _bf16_max_rows()
-    if x.dtype is torch.bfloat16 and x.numel() <= limit * x.shape[-1]:
-        y = bf16_gemv(x, weight)
-    elif x.dtype is torch.bfloat16 and x.shape[-1] and amx_prompts(x.numel() // x.shape[-1], weight):
+    if x.dtype is torch.bfloat16 and x.shape[-1] and amx_prompts(x.numel() // x.shape[-1], weight):
         y = amx_bf16_matmul(x, weight)
+    elif x.dtype is torch.bfloat16 and x.numel() <= limit * x.shape[-1]:
+        y = bf16_gemv(x, weight)
     elif x.dtype is torch.float32 and autocast_enabled("cpu"):
         return None
     elif (

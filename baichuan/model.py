@@ -201,7 +201,11 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
                 return _BF16_PRODUCT, weight, weight, 0
             return None
         if dtype is torch.bfloat16:
-            if rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous():
+            if (
+                rows <= cpu_gemv._bf16_max_rows()
+                and weight.is_contiguous()
+                and not cpu_gemv.amx_prompts(rows, weight)
+            ):
                 return _BF16_PRODUCT, weight, weight, 0  # the second tensor is unused
             # The module's forward: our prompt kernels (AVX2 or AMX), or the fp32 GEMM on a widened copy.
             if (

@@ -112,13 +112,14 @@ def test_lower_builds_refuse_it_with_a_message():
 def test_only_the_avx512bf16_build_on_an_amx_cpu_takes_bf16_prompts(monkeypatch, target, amx, expected):
     monkeypatch.setattr(cpu, "has_amx", lambda: amx)
     assert cpu.amx_bf16_max_rows(target) == expected
-    assert cpu.AMX_BF16_MAX_ROWS > cpu.BF16_GEMV_MAX_ROWS
+    # No rows left to torch between the mat-vec's and the AMX kernel's.
+    assert 1 < cpu.AMX_BF16_MIN_ROWS <= cpu.BF16_GEMV_MAX_ROWS + 1 <= cpu.AMX_BF16_MAX_ROWS
 
 
 @pytest.fixture
 def amx_calls(monkeypatch):
-    """The kernels, with bf16 rows up to AMX_BF16_MAX_ROWS routed to the AMX kernel whatever this CPU is (its
-    calls answered by torch's product where the CPU has no AMX); the shapes it was called with."""
+    """The kernels, with bf16 rows from AMX_BF16_MIN_ROWS to AMX_BF16_MAX_ROWS routed to the AMX kernel whatever
+    this CPU is (its calls answered by torch's product where the CPU has no AMX); the shapes it was called with."""
     require_cpu_kernels()
     monkeypatch.setattr(cpu_gemv, "_amx_max_rows", lambda: cpu.AMX_BF16_MAX_ROWS)
     calls = []
@@ -137,10 +138,10 @@ def amx_calls(monkeypatch):
 def test_linear_gives_short_bf16_prompts_to_the_kernel(amx_calls, monkeypatch):
     generator = torch.Generator().manual_seed(1)
     linear = random_bf16_linear(generator, in_features=64, out_features=96)
-    most, decode = cpu.AMX_BF16_MAX_ROWS, cpu.BF16_GEMV_MAX_ROWS
+    least, most = cpu.AMX_BF16_MIN_ROWS, cpu.AMX_BF16_MAX_ROWS
     with torch.inference_mode():
-        # The rows of all leading dimensions count; the mat-vec keeps decode rows, torch's GEMM the longer prompts.
-        for shape in ((1, decode), (1, decode + 1), (2, 20), (1, most), (1, most + 1)):
+        # The rows of all leading dimensions count; the mat-vec keeps the fewest rows, torch's GEMM the most.
+        for shape in ((1, least - 1), (1, least), (2, 20), (1, most), (1, most + 1)):
             x = torch.randn(*shape, 64, generator=generator).bfloat16()
             y = linear(x)
             exact = x.double() @ linear.weight.double().t() + linear.bias.double()
@@ -152,7 +153,7 @@ def test_linear_gives_short_bf16_prompts_to_the_kernel(amx_calls, monkeypatch):
         monkeypatch.setattr(cpu_gemv, "AMX_PROMPTS", False)
         linear(x.bfloat16())
     linear(x.bfloat16()).sum().backward()  # training: autograd needs torch's product
-    assert amx_calls == [(1, decode + 1, 64), (2, 20, 64), (1, most, 64)]
+    assert amx_calls == [(1, least, 64), (2, 20, 64), (1, most, 64)]
     assert linear.weight.grad is not None
 
 
@@ -161,6 +162,10 @@ def test_the_fused_decode_layer_leaves_larger_bf16_batches_to_the_kernel(amx_cal
     monkeypatch.setattr(cpu_gemv, "_bf16_prompt_min_rows", lambda: None)
     monkeypatch.setattr(model, "half_is_emulated", lambda dtype: False)
     linear = Linear(64, 96, bias=False).bfloat16()
-    assert _fused_product(linear, cpu.BF16_GEMV_MAX_ROWS, torch.bfloat16)[0] == _BF16_PRODUCT
-    assert _fused_product(linear, cpu.BF16_GEMV_MAX_ROWS + 1, torch.bfloat16) is None  # the module's forward
+    assert _fused_product(linear, cpu.AMX_BF16_MIN_ROWS - 1, torch.bfloat16)[0] == _BF16_PRODUCT
+    assert _fused_product(linear, cpu.AMX_BF16_MIN_ROWS, torch.bfloat16) is None  # the module's forward
+    assert (
+        _fused_product(Linear(64, 48, bias=False).bfloat16(), cpu.BF16_GEMV_MAX_ROWS, torch.bfloat16)[0]
+        == _BF16_PRODUCT
+    )
     assert _fused_product(linear, cpu.AMX_BF16_MAX_ROWS + 1, torch.bfloat16)[0] == _TORCH_PRODUCT
