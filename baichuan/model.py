@@ -201,16 +201,13 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
                 return _BF16_PRODUCT, weight, weight, 0
             return None
         if dtype is torch.bfloat16:
-            if (
-                rows <= cpu_gemv._bf16_max_rows()
-                and weight.is_contiguous()
-                and not cpu_gemv.amx_prompts(rows, weight)
-            ):
+            amx = cpu_gemv.amx_prompts(rows, weight)
+            if rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous() and not amx:
                 return _BF16_PRODUCT, weight, weight, 0  # the second tensor is unused
             # The module's forward: our prompt kernels (AVX2 or AMX), or the fp32 GEMM on a widened copy.
             if (
-                cpu_gemv.bf16_prompts(rows, weight)
-                or cpu_gemv.amx_prompts(rows, weight)
+                amx
+                or cpu_gemv.bf16_prompts(rows, weight)
                 or (rows >= UPCAST_MIN_ROWS and half_is_emulated(dtype))
             ):
                 return None

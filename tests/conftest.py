@@ -133,6 +133,16 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def on_one_thread(fn):
+    """fn() computed with torch (and so our kernels' parallel_for) on a single thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def random_bf16_linear(generator: torch.Generator, in_features: int = 64, out_features: int = 48):
     """A bf16 `model.Linear` with a bias, weights and bias drawn from N(0, 1)."""
     from baichuan.model import Linear

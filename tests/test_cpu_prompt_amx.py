@@ -12,7 +12,7 @@ import torch
 
 from baichuan import cpu, cpu_gemv, model
 from baichuan.model import _BF16_PRODUCT, _TORCH_PRODUCT, Linear, _fused_product
-from tests.conftest import kernel_build, random_bf16_linear, require_cpu_kernels, skip_platform
+from tests.conftest import kernel_build, on_one_thread, random_bf16_linear, require_cpu_kernels, skip_platform
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +53,7 @@ def test_matches_the_exact_product(amx, shape, rows):
 
 def test_the_bits_do_not_depend_on_the_threads(amx):
     x, weight = operands(45, 32 * 7, 96, seed=3)  # 7 blocks over 2 threads
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = amx.amx_bf16_matmul(x, weight)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(alone, amx.amx_bf16_matmul(x, weight))
+    assert torch.equal(on_one_thread(lambda: amx.amx_bf16_matmul(x, weight)), amx.amx_bf16_matmul(x, weight))
 
 
 def test_empty_and_non_finite_rows(amx):

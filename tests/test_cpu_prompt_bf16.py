@@ -13,7 +13,7 @@ import torch
 
 from baichuan import cpu, cpu_gemv
 from baichuan.model import _BF16_PRODUCT, Linear, _fused_product
-from tests.conftest import kernel_build, random_bf16_linear, require_cpu_kernels
+from tests.conftest import kernel_build, on_one_thread, random_bf16_linear, require_cpu_kernels
 
 
 @pytest.fixture(scope="module", params=cpu.KERNEL_TARGETS)
@@ -48,13 +48,7 @@ def test_matches_the_exact_product(build, shape, rows):
 
 def test_the_bits_do_not_depend_on_the_threads(build):
     x, weight = operands(31, 1552, 264, seed=3)  # 1552 = 12 blocks of 128 and one of 16
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = build.bf16_matmul(x, weight)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(alone, build.bf16_matmul(x, weight))
+    assert torch.equal(on_one_thread(lambda: build.bf16_matmul(x, weight)), build.bf16_matmul(x, weight))
 
 
 def test_empty_operands(build):
