@@ -23,6 +23,7 @@ from torch import nn
 
 from baichuan.chat_format import ChatFormat, Message, chat_format_for, context_length
 from baichuan.kv_cache import KVCache
+from baichuan.memory import keep_freed_memory
 from baichuan.tokenizer import StreamDecoder
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -282,6 +283,8 @@ def _decode_steps(
     `fed` (one row only) tracks the ids whose keys/values the cache holds, even when the loop is abandoned."""
     B, L = prompt.shape
     device = prompt.device
+    if device.type == "cpu":
+        keep_freed_memory()
     generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
     seen = None
     if sampling.repetition_penalty != 1.0:

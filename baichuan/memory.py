@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,52 @@ def _int(text: str | None) -> int | None:
         return int(text.strip()) if text is not None else None
     except ValueError:
         return None
+
+
+# glibc's mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# glibc hands a freed block bigger than its mmap threshold straight back to the system, and trims the top of its
+# heap past its trim threshold; both follow the largest block freed, and not past 32 MiB. A prompt's products free
+# blocks of several MB every layer (oneDNN's reordered copy of each weight, int8/int4 weights dequantized for the
+# GEMM), so every forward faulted in those pages again: 100,000-400,000 page faults and a third of the time of an
+# int8 or int4 prefill of 512 tokens on a 1.29B model (benchmarks/README.md). Blocks up to this size stay in the
+# heap: Baichuan2-13B's largest layer (W_pack, 15,360 x 5,120 in bf16) is 150 MiB.
+KEPT_BLOCK_BYTES = 256 * 2**20
+# Where glibc refuses a threshold that high (versions before 2.35 cap it at half its 64 MiB heaps).
+KEPT_BLOCK_BYTES_CAPPED = 32 * 2**20
+# Free memory the heap keeps at its top before trimming: a few layers' temporaries of the largest model.
+KEPT_FREE_BYTES = 512 * 2**20
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # macOS, Windows
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let the C allocator keep the large blocks a forward pass frees, for the next one, instead of returning them
+    to the system and faulting fresh zeroed pages in again (glibc's `mallopt`, thresholds above); once per process,
+    called where CPU inference starts. False where it changed nothing: not glibc (musl's mallopt does nothing), or
+    glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set, which then stand. Memory kept this way is
+    reused by the process, and handed back by `return_free_memory` (a server does when it is idle)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    # The mmap threshold first: setting either one ends glibc's moving thresholds, and the trim threshold alone
+    # would leave the mmap one at its 128 KiB start.
+    if not (
+        mallopt(_M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES) or mallopt(_M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES_CAPPED)
+    ):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
 
 
 @functools.cache

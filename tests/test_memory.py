@@ -154,3 +154,74 @@ def test_returning_free_memory_runs_where_the_c_library_has_malloc_trim():
         platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
     )
     assert return_free_memory() is bool(glibc)
+
+
+def _glibc() -> bool:
+    import ctypes.util
+    import platform
+
+    return bool(
+        platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
+    )
+
+
+def test_kept_freed_memory_is_reused_without_faulting_pages_in_again():
+    import resource
+
+    from baichuan.memory import keep_freed_memory
+
+    if not _glibc():
+        assert keep_freed_memory() is False
+        return
+    assert keep_freed_memory() is True
+
+    block = 48 * 2**20  # past glibc's moving thresholds, which stop at 32 MiB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+        torch.ones(block, dtype=torch.uint8)  # written, then freed
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    # Mapped and unmapped each time, every pass would fault each of its pages in (8 x 12,288). Kept, the first
+    # pass faults them in, and a second may too where small allocations took a piece of the freed block.
+    assert faults < 3 * block // 4096
+
+
+def test_glibcs_own_thresholds_set_by_the_user_stand(monkeypatch):
+    import baichuan.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda: lambda *args: calls.append(args) or 1)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert memory.keep_freed_memory.__wrapped__() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert memory.keep_freed_memory.__wrapped__() is True
+    # The mmap threshold before the trim one: the trim one alone would pin the mmap one at 128 KiB.
+    assert calls == [(-3, memory.KEPT_BLOCK_BYTES), (-1, memory.KEPT_FREE_BYTES)]
+
+
+def test_an_old_glibcs_cap_on_the_mmap_threshold_falls_back_to_it(monkeypatch):
+    import baichuan.memory as memory
+
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return int(not (param == -3 and value > memory.KEPT_BLOCK_BYTES_CAPPED))
+
+    monkeypatch.setattr(memory, "_mallopt", lambda: mallopt)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert memory.keep_freed_memory.__wrapped__() is True
+    assert calls[1] == (-3, memory.KEPT_BLOCK_BYTES_CAPPED)
+
+
+def test_generation_on_the_cpu_keeps_freed_memory(monkeypatch):
+    import baichuan.generate as generate
+    from baichuan.config import Config
+    from baichuan.generate import SamplingConfig, generate_tokens
+
+    asked = []
+    monkeypatch.setattr(generate, "keep_freed_memory", lambda: asked.append(True))
+    config = Config(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=64)
+    model = Baichuan(config).eval()
+    list(generate_tokens(model, [1, 2, 3], SamplingConfig(max_new_tokens=2, eos_ids=())))
+    assert asked

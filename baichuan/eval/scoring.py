@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from baichuan.kv_cache import KVCache
+from baichuan.memory import keep_freed_memory
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
@@ -57,6 +58,8 @@ def score_choices(
     `progress(n)` hears of every n questions done."""
     weight = model.model.embed_tokens.weight
     dtype, device = weight.dtype, weight.device
+    if device.type == "cpu":
+        keep_freed_memory()
     config = model.config
     choices = torch.as_tensor(list(choice_ids), dtype=torch.long, device=device)
     out = torch.empty(len(prompts), len(choices), dtype=torch.float32)
