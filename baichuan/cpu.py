@@ -42,6 +42,14 @@ BF16_PROMPT_MIN_ROWS = BF16_GEMV_MAX_ROWS + 1
 # torch's: 0.44-0.80 from 9 to 128 rows, 0.76-1.15 at 256, 0.91-1.21 at 384). Xeon with AMX, 1.29B shapes.
 AMX_BF16_MIN_ROWS = 5
 AMX_BF16_MAX_ROWS = 128
+# int8 (per-row scales) and int4 weights against bf16 rows, where the CPU has AMX (the avx512bf16 build): from
+# AMX_QUANTIZED_MIN_ROWS to AMX_QUANTIZED_MAX_ROWS rows, our AMX kernels (cpu_gemv's `amx_int8_matmul`,
+# `amx_int4_matmul`: the weight widened to bf16 32 rows at a time into a buffer that stays in L2), in place of our
+# mat-vecs and, past 128 rows, of the weight dequantized into torch's GEMM. Time ÷ theirs, int8 / int4 g128: 0.91-1.24 /
+# 0.90-0.99 at 8 rows, 0.72-0.94 / 0.74-0.85 at 9, 0.17-0.18 / 0.11-0.15 at 128, 0.67-0.83 / 0.70-0.80 at 256,
+# 0.76-1.08 / 0.72-1.04 at 384, 0.89-1.24 / 0.85-1.26 at 512. Xeon with AMX, 1.29B shapes.
+AMX_QUANTIZED_MIN_ROWS = 9
+AMX_QUANTIZED_MAX_ROWS = 384
 
 
 @functools.cache
@@ -134,6 +142,12 @@ def amx_bf16_max_rows(target: str | None) -> int:
     """Activation rows up to which our AMX kernel (the avx512bf16 build's) takes bf16 products here (from
     AMX_BF16_MIN_ROWS on): 0 where the CPU has no AMX or a lower build runs."""
     return AMX_BF16_MAX_ROWS if target == "avx512bf16" and has_amx() else 0
+
+
+def amx_quantized_max_rows(target: str | None) -> int:
+    """Activation rows up to which our AMX kernels take int8 and int4 products of bf16 rows here (from
+    AMX_QUANTIZED_MIN_ROWS on): 0 where the CPU has no AMX or a lower build runs."""
+    return AMX_QUANTIZED_MAX_ROWS if target == "avx512bf16" and has_amx() else 0
 
 
 def bf16_prompt_min_rows(target: str | None) -> int | None:

@@ -7,7 +7,8 @@ these kernels do pairs of int8 (or int4) x int16 products per instruction (int4 
 bf16 products with `vdpbf16ps` or two FMAs per 32-bit lane, and so stream weights much closer to the memory's rate.
 
 Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx512 (with VNNI) or
-avx512bf16 (which also multiplies short bf16 prompts on AMX tiles where the CPU has them: `amx_ready`). Each
+avx512bf16 (which also multiplies short bf16, int8 and int4 prompts on AMX tiles where the CPU has them:
+`amx_ready`). Each
 build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
 extension cache), so a cache shared between machines never hands a CPU a kernel it cannot run.
 BAICHUAN_CPU_ISA=avx2 (or avx512) forces a lower target; one the CPU cannot run is clamped, with a warning.
@@ -29,8 +30,10 @@ import torch
 
 from baichuan.cpu import (
     AMX_BF16_MIN_ROWS,
+    AMX_QUANTIZED_MIN_ROWS,
     GEMV_MAX_ROWS,
     amx_bf16_max_rows,
+    amx_quantized_max_rows,
     bf16_gemv_max_rows,
     bf16_prompt_min_rows,
     kernel_target,
@@ -157,7 +160,13 @@ def _amx_max_rows() -> int:
     return amx_bf16_max_rows(module.target) if module is not None and module.amx_ready() else 0
 
 
-# False restores the products bf16 prompts had before `bf16_matmul` / `amx_bf16_matmul` (the benchmarks compare).
+def _amx_quantized_max_rows() -> int:
+    module = load()
+    return amx_quantized_max_rows(module.target) if module is not None and module.amx_ready() else 0
+
+
+# False restores the products bf16, int8 and int4 prompts had before `bf16_matmul` and the AMX kernels (the
+# benchmarks compare).
 BF16_PROMPTS = True
 AMX_PROMPTS = True
 
@@ -182,6 +191,18 @@ def amx_prompts(rows: int, weight: torch.Tensor) -> bool:
         and rows <= _amx_max_rows()
         and weight.shape[0] % 32 == 0
         and weight.shape[1] % 32 == 0
+    )
+
+
+def amx_quantized_prompts(rows: int, out_features: int, in_features: int) -> bool:
+    """Whether `rows` bf16 activation rows against an int8 (per-row scales) or int4 weight of this shape go to
+    `amx_int8_matmul` / `amx_int4_matmul`."""
+    return (
+        rows >= AMX_QUANTIZED_MIN_ROWS
+        and AMX_PROMPTS
+        and rows <= _amx_quantized_max_rows()
+        and out_features % 32 == 0
+        and in_features % 32 == 0
     )
 
 
@@ -229,6 +250,22 @@ def amx_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | Non
     (`csrc/cpu_prompt_amx.cpp`); only where `amx_prompts` allows (the kernel raises where the CPU or the build has
     no AMX). None where the kernels are not available."""
     return _apply("amx_bf16_matmul", x, weight)
+
+
+def amx_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x @ (weight * scales[:, None]).T for bf16 x (..., K), contiguous int8 codes (N, K) and fp32 per-row scales
+    (N,), N and K multiples of 32, on AMX tiles; only where `amx_quantized_prompts` allows. None where the kernels are
+    not available."""
+    return _apply("amx_int8_matmul", x, weight, scales)
+
+
+def amx_int4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor | None:
+    """x @ w.T for bf16 x (..., K) and an int4 weight (`quant.int4.Int4Linear`'s plain nibbles (N, K/2) and bf16
+    scales_and_zeros (K/G, N, 2), G a multiple of 32), w dequantized to bf16 as `dequantize_int4` rounds it, on AMX
+    tiles; only where `amx_quantized_prompts` allows. None where the kernels are not available."""
+    return _apply("amx_int4_matmul", x, packed, scales_and_zeros, group_size)
 
 
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

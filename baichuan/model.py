@@ -219,6 +219,7 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
             or module.group_size is not None
             or module.in_features % 16
             or rows > cpu_gemv.MAX_ROWS
+            or (dtype is torch.bfloat16 and cpu_gemv.amx_quantized_prompts(rows, *buffers["weight"].shape))
         ):
             return None
         scales = buffers["scales"]
@@ -236,6 +237,10 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
             or module.cuda_tiles is not None
             or not module._gemv_fits()
             or (rows > cpu_gemv.MAX_ROWS and not half_is_emulated(torch.bfloat16))
+            or (
+                dtype is torch.bfloat16
+                and cpu_gemv.amx_quantized_prompts(rows, module.out_features, module.in_features)
+            )
         ):
             return None
         return _INT4_PRODUCT, buffers["weight"], buffers["scales_and_zeros"], module.group_size

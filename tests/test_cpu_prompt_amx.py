@@ -163,3 +163,171 @@ def test_the_fused_decode_layer_leaves_larger_bf16_batches_to_the_kernel(amx_cal
         == _BF16_PRODUCT
     )
     assert _fused_product(linear, cpu.AMX_BF16_MAX_ROWS + 1, torch.bfloat16)[0] == _TORCH_PRODUCT
+
+
+# --- int8 codes (amx_int8_matmul) -----------------------------------------------------------------------------------
+
+
+def int8_operands(rows: int, N: int, K: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=generator).bfloat16()
+    codes = torch.randint(-127, 128, (N, K), generator=generator, dtype=torch.int8)
+    scales = torch.rand(N, generator=generator) * 0.01 + 1e-4
+    return x, codes, scales
+
+
+@pytest.mark.parametrize("rows", [1, 9, 17, 33, 128, 384])
+@pytest.mark.parametrize("shape", [(32, 32), (96, 160), (64, 4096)], ids=str)
+def test_int8_codes_match_the_exact_product(amx, shape, rows):
+    N, K = shape
+    x, codes, scales = int8_operands(rows, N, K, seed=rows + N)
+    y = amx.amx_int8_matmul(x, codes, scales)
+    exact = (x.double() @ codes.double().t()) * scales.double()
+    magnitudes = (x.double().abs() @ codes.double().abs().t()) * scales.double()
+    # the codes widen to bf16 exactly: one rounding to bf16 at the end, fp32 sums and the fp32 scaling before it
+    assert y.dtype == torch.bfloat16 and y.shape == exact.shape
+    assert ((y.double() - exact).abs() <= exact.abs() * 2.0**-8 + magnitudes * 2.0**-20).all()
+
+
+def test_int8_bits_do_not_depend_on_the_threads(amx):
+    x, codes, scales = int8_operands(45, 32 * 7, 96, seed=4)
+    assert torch.equal(
+        on_one_thread(lambda: amx.amx_int8_matmul(x, codes, scales)), amx.amx_int8_matmul(x, codes, scales)
+    )
+
+
+@pytest.mark.parametrize(
+    ("codes", "scales", "message"),
+    [
+        (torch.zeros(32, 64, dtype=torch.int8), torch.ones(32).bfloat16(), "scales must be contiguous fp32"),
+        (torch.zeros(32, 64, dtype=torch.int8), torch.ones(64), r"scales must be contiguous fp32 \(32,\)"),
+        (torch.zeros(32, 64).bfloat16(), torch.ones(32), "int8 codes"),
+        (torch.zeros(48, 64, dtype=torch.int8), torch.ones(48), "multiples of 32"),
+    ],
+    ids=["scale-dtype", "scale-shape", "weight-dtype", "outputs"],
+)
+def test_bad_int8_operands_are_refused_with_a_message(amx, codes, scales, message):
+    with pytest.raises(RuntimeError, match=message):
+        amx.amx_int8_matmul(torch.randn(4, 64).bfloat16(), codes, scales)
+
+
+@pytest.mark.parametrize(
+    ("target", "amx", "expected"),
+    [
+        ("avx512bf16", True, cpu.AMX_QUANTIZED_MAX_ROWS),
+        ("avx512bf16", False, 0),
+        ("avx512", True, 0),
+        ("avx2", True, 0),
+    ],
+)
+def test_only_the_avx512bf16_build_on_an_amx_cpu_takes_int8_prompts(monkeypatch, target, amx, expected):
+    monkeypatch.setattr(cpu, "has_amx", lambda: amx)
+    assert cpu.amx_quantized_max_rows(target) == expected
+    # our int8 mat-vec keeps batched decoding's rows; past the kernel's rows, the dequantized weight in torch's GEMM
+    assert (
+        cpu.BF16_GEMV_MAX_ROWS < cpu.AMX_QUANTIZED_MIN_ROWS <= cpu.GEMV_MAX_ROWS < cpu.AMX_QUANTIZED_MAX_ROWS
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 9, 33, 384])
+@pytest.mark.parametrize(("shape", "group"), [((32, 32), 32), ((96, 256), 64), ((64, 4096), 128)], ids=str)
+def test_int4_codes_match_the_exact_product_of_their_bf16_dequantization(amx, shape, group, rows):
+    from baichuan.quant.int4 import Int4Linear
+
+    N, K = shape
+    generator = torch.Generator().manual_seed(rows + N)
+    layer = Int4Linear.from_weight(torch.randn(N, K, generator=generator).bfloat16(), group_size=group)
+    assert layer.tiled is None  # the plain nibbles
+    x = torch.randn(rows, K, generator=generator).bfloat16()
+    weight = torch.empty(N, K, dtype=torch.bfloat16)
+    amx.dequantize_int4(layer.weight, layer.scales_and_zeros, group, 0, weight)  # the prompts' rounding
+    assert_within_one_bf16_step(
+        amx.amx_int4_matmul(x, layer.weight, layer.scales_and_zeros, group), x, weight
+    )
+
+
+def test_bad_int4_operands_are_refused_with_a_message(amx):
+    x, packed = torch.randn(4, 64).bfloat16(), torch.zeros(32, 32, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="multiple of 32 dividing K"):
+        amx.amx_int4_matmul(x, packed, torch.zeros(4, 32, 2).bfloat16(), 16)
+    with pytest.raises(
+        RuntimeError, match=r"scales_and_zeros must be contiguous bf16 \(K/group_size, N, 2\)"
+    ):
+        amx.amx_int4_matmul(x, packed, torch.zeros(1, 32, 2), 64)
+    with pytest.raises(RuntimeError, match="packed in uint8"):
+        amx.amx_int4_matmul(x, packed.to(torch.int8), torch.zeros(1, 32, 2).bfloat16(), 64)
+
+
+@pytest.fixture
+def amx_quantized_calls(monkeypatch):
+    """As amx_calls, for int8 and int4 weights: rows from AMX_QUANTIZED_MIN_ROWS to AMX_QUANTIZED_MAX_ROWS routed to
+    the kernels (answered by the dequantized product where this CPU has no AMX); the shapes they were called with."""
+    require_cpu_kernels()
+    monkeypatch.setattr(cpu_gemv, "_amx_quantized_max_rows", lambda: cpu.AMX_QUANTIZED_MAX_ROWS)
+    calls = []
+    ready = cpu_gemv.load().amx_ready()
+
+    def int8(x, codes, scales):
+        calls.append(("int8", tuple(x.shape)))
+        if ready:
+            return cpu_gemv._apply("amx_int8_matmul", x, codes, scales)
+        return (x.float() @ (codes.float() * scales[:, None]).t()).to(x.dtype)
+
+    def int4(x, packed, scales_and_zeros, group):
+        calls.append(("int4", tuple(x.shape)))
+        if ready:
+            return cpu_gemv._apply("amx_int4_matmul", x, packed, scales_and_zeros, group)
+        weight = torch.empty(packed.shape[0], x.shape[-1], dtype=torch.bfloat16)
+        cpu_gemv.load().dequantize_int4(packed, scales_and_zeros, group, 0, weight)
+        return torch.nn.functional.linear(x, weight)
+
+    monkeypatch.setattr(cpu_gemv, "amx_int8_matmul", int8)
+    monkeypatch.setattr(cpu_gemv, "amx_int4_matmul", int4)
+    return calls
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_give_bf16_prompts_to_the_kernels(amx_quantized_calls, monkeypatch, bits):
+    from baichuan.quant.int4 import Int4Linear
+    from baichuan.quant.int8 import Int8Linear
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(96, 64, generator=generator).bfloat16()
+    if bits == 8:
+        layer = Int8Linear.from_weight(weight)
+        refused = Int8Linear.from_weight(weight, group_size=32)  # group scales: not the kernel's
+    else:
+        layer = Int4Linear.from_weight(weight, group_size=32)
+        refused = Int4Linear.from_weight(weight[:80], group_size=32)  # 80 outputs: not a multiple of 32
+    least, most = cpu.AMX_QUANTIZED_MIN_ROWS, cpu.AMX_QUANTIZED_MAX_ROWS
+    with torch.inference_mode():
+        for shape in ((1, least - 1), (1, least), (3, 20), (1, most), (1, most + 1)):
+            x = torch.randn(*shape, 64, generator=generator).bfloat16()
+            y = layer(x)
+            exact = x.double() @ layer.dequantize(torch.float64).t()
+            assert y.shape == (*shape, 96) and y.dtype == torch.bfloat16
+            assert ((y.double() - exact).norm() / exact.norm()).item() < 5e-3
+        x = torch.randn(20, 64, generator=generator)
+        layer(x)  # fp32 rows: not the kernel's
+        refused(x.bfloat16())
+        monkeypatch.setattr(cpu_gemv, "AMX_PROMPTS", False)
+        layer(x.bfloat16())
+    kind = f"int{bits}"
+    assert amx_quantized_calls == [(kind, (1, least, 64)), (kind, (3, 20, 64)), (kind, (1, most, 64))]
+
+
+def test_the_fused_decode_layer_leaves_quantized_prompt_rows_to_the_kernels(amx_quantized_calls):
+    from baichuan.model import _INT4_PRODUCT, _INT8_PRODUCT
+    from baichuan.quant.int4 import Int4Linear
+    from baichuan.quant.int8 import Int8Linear
+
+    weight = torch.randn(96, 64).bfloat16()
+    layers = {
+        _INT8_PRODUCT: Int8Linear.from_weight(weight),
+        _INT4_PRODUCT: Int4Linear.from_weight(weight, group_size=32),
+    }
+    least = cpu.AMX_QUANTIZED_MIN_ROWS
+    for product, layer in layers.items():
+        assert _fused_product(layer, least - 1, torch.bfloat16)[0] == product
+        assert _fused_product(layer, least, torch.bfloat16) is None  # the module's forward
+        assert _fused_product(layer, least, torch.float32)[0] == product  # fp32 rows stay

@@ -285,10 +285,32 @@ class Int4Linear(nn.Module):
         return w.view(blocks, k, block).permute(1, 0, 2).reshape(k, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._gemv(x) if self.use_kernel else None
+        y = None
+        if self.use_kernel:
+            y = self._amx(x)
+            if y is None:
+                y = self._gemv(x)
         if y is None:
             y = self._matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _amx(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bf16 rows on AMX tiles (`cpu_gemv.amx_int4_matmul`, on the plain nibbles) where the CPU has AMX and
+        `cpu_gemv.amx_quantized_prompts` takes this many rows; None elsewhere, or where a gradient must flow."""
+        if (
+            x.dtype is not torch.bfloat16
+            or x.device.type != "cpu"
+            or self.tiled is not None
+            or self.cuda_tiles is not None
+            or not self._gemv_fits()
+            or not cpu_gemv.amx_quantized_prompts(
+                x.numel() // self.in_features, self.out_features, self.in_features
+            )
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return None
+        buffers = self._buffers
+        return cpu_gemv.amx_int4_matmul(x, buffers["weight"], buffers["scales_and_zeros"], self.group_size)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """Decode-sized products through the AVX2 kernel (`cpu_gemv`); None where it does not apply."""

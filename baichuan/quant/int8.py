@@ -205,7 +205,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = None
         if self.use_kernel:
-            y = self._prompt(x)
+            y = self._amx(x)
+            if y is None:
+                y = self._prompt(x)
             if y is None:
                 y = self._gemv(x)
         if y is None:
@@ -281,6 +283,22 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # load_state_dict(assign=True) puts a file's tensor here as it is; aligned, it keeps torch's kernel.
         self.weight = _aligned(self.weight)
+
+    def _amx(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bf16 rows on AMX tiles (`cpu_gemv.amx_int8_matmul`) where the CPU has AMX and
+        `cpu_gemv.amx_quantized_prompts` takes this many rows, per-row scales only; None elsewhere, or where a
+        gradient must flow."""
+        if (
+            x.dtype is not torch.bfloat16
+            or self.group_size is not None
+            or x.device.type != "cpu"
+            or not cpu_gemv.amx_quantized_prompts(
+                x.numel() // self.in_features, self.out_features, self.in_features
+            )
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return None
+        return cpu_gemv.amx_int8_matmul(x, self._buffers["weight"], self._kernel_scales())
 
     def _prompt(self, x: torch.Tensor) -> torch.Tensor | None:
         """CPU prompts of `INT8_PROMPT_MIN_ROWS` rows or more through the avx2 build's prompt kernel
