@@ -8,8 +8,7 @@ bf16 products with `vdpbf16ps` or two FMAs per 32-bit lane, and so stream weight
 
 Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx512 (with VNNI) or
 avx512bf16 (which also multiplies short bf16, int8 and int4 prompts on AMX tiles where the CPU has them:
-`amx_ready`). Each
-build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
+`amx_ready`). Each build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
 extension cache), so a cache shared between machines never hands a CPU a kernel it cannot run.
 BAICHUAN_CPU_ISA=avx2 (or avx512) forces a lower target; one the CPU cannot run is clamped, with a warning.
 They need an x86 CPU with AVX2 and a C++ compiler; where either is missing, or the build fails, or

@@ -262,7 +262,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # int8 or int4 prefill of 512 tokens on a 1.29B model (benchmarks/README.md). Blocks up to this size stay in the
 # heap: Baichuan2-13B's largest layer (W_pack, 15,360 x 5,120 in bf16) is 150 MiB.
 KEPT_BLOCK_BYTES = 256 * 2**20
-# Where glibc refuses a threshold that high (versions before 2.35 cap it at half its 64 MiB heaps).
+# Where glibc refuses a threshold that high (some versions cap it at 32 MiB, half their 64 MiB heaps).
 KEPT_BLOCK_BYTES_CAPPED = 32 * 2**20
 # Free memory the heap keeps at its top before trimming: a few layers' temporaries of the largest model.
 KEPT_FREE_BYTES = 512 * 2**20

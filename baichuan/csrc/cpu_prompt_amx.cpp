@@ -213,7 +213,7 @@ BAICHUAN_AMX_FN void run_blocks(const Rows& weights, const uint8_t* xp, uint16_t
 bool amx_ready() { return false; }
 #endif
 
-// The checks both products share; M, K and N of the product.
+// The checks the three products share (weight_inputs: K as the weight stores it).
 void check_product(const char* name, const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_inputs) {
   TORCH_CHECK(amx_ready(), name, ": this build or CPU has no AMX-BF16 (see amx_ready)");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.device().is_cpu() && weight.device().is_cpu(), name,
@@ -288,7 +288,8 @@ torch::Tensor amx_int4_matmul(const torch::Tensor& x, const torch::Tensor& packe
 }  // namespace
 
 void register_prompt_amx(pybind11::module_& m) {
-  m.def("amx_ready", &amx_ready, "whether amx_bf16_matmul runs here: built with it, AMX-BF16, tiles permitted");
+  m.def("amx_ready", &amx_ready,
+        "whether the amx_*_matmul kernels run here: built with them, AMX-BF16, tiles permitted");
   m.def("amx_bf16_matmul", &amx_bf16_matmul,
         "out (M, N) = x (M, K) @ weight (N, K).T on AMX tiles, bf16 in and out, N and K multiples of 32");
   m.def("amx_int8_matmul", &amx_int8_matmul,
