@@ -306,7 +306,8 @@ def test_quantized_layers_give_bf16_prompts_to_the_kernels(amx_quantized_calls, 
             y = layer(x)
             exact = x.double() @ layer.dequantize(torch.float64).t()
             assert y.shape == (*shape, 96) and y.dtype == torch.bfloat16
-            assert ((y.double() - exact).norm() / exact.norm()).item() < 5e-3
+            # bf16 outputs; the rows left to the mat-vecs of the avx2 build (int4) have int8 activations: ~5e-3
+            assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-2
         x = torch.randn(20, 64, generator=generator)
         layer(x)  # fp32 rows: not the kernel's
         refused(x.bfloat16())

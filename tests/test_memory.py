@@ -166,15 +166,20 @@ def _glibc() -> bool:
 
 
 # In a process of its own: a heap that earlier tests left holding hundreds of MB free at its top is trimmed at the
-# first block freed onto it, whatever the thresholds.
+# first block freed onto it, whatever the thresholds. The blocks come from malloc itself, as torch's CPU allocator
+# takes them (some torch versions map the largest ones themselves).
 FAULTS_OF_REUSED_BLOCKS = """
-import resource, sys, torch
+import ctypes, ctypes.util, resource
 from baichuan.memory import keep_freed_memory
 kept = keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 block = 48 * 2**20  # past glibc's moving thresholds, which stop at 32 MiB
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):
-    torch.ones(block, dtype=torch.uint8)  # written, then freed
+    pointer = libc.malloc(block)
+    ctypes.memset(pointer, 1, block)  # written, then freed
+    libc.free(pointer)
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
