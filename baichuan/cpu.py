@@ -39,17 +39,18 @@ BF16_PROMPT_MIN_ROWS = BF16_GEMV_MAX_ROWS + 1
 # bf16 on a CPU with AMX (the avx512bf16 build): from AMX_BF16_MIN_ROWS to AMX_BF16_MAX_ROWS rows, our AMX kernel
 # (cpu_gemv's `amx_bf16_matmul`), in place of our mat-vec below 9 rows (time ÷ its: 1.06-1.27 at 4 rows, 0.76-0.92
 # at 5, 0.64-0.78 at 8) and of torch's oneDNN GEMM above, which reorders the whole weight on every call (time ÷
-# torch's: 0.44-0.80 from 9 to 128 rows, 0.76-1.15 at 256, 0.91-1.21 at 384). Xeon with AMX, 1.29B shapes.
+# torch's, a layer's 5 products: 0.66 at 16 rows, 0.58 at 64, 0.70 at 128, 0.82 at 192, 0.93 at 256, 1.08 at 384,
+# 1.10 at 512). Xeon with AMX, 1.29B shapes.
 AMX_BF16_MIN_ROWS = 5
-AMX_BF16_MAX_ROWS = 128
+AMX_BF16_MAX_ROWS = 256
 # int8 (per-row scales) and int4 weights against bf16 rows, where the CPU has AMX (the avx512bf16 build): from
 # AMX_QUANTIZED_MIN_ROWS to AMX_QUANTIZED_MAX_ROWS rows, our AMX kernels (cpu_gemv's `amx_int8_matmul`,
-# `amx_int4_matmul`: the weight widened to bf16 32 rows at a time into a buffer that stays in L2), in place of our
-# mat-vecs and, past 128 rows, of the weight dequantized into torch's GEMM. Time ÷ theirs, int8 / int4 g128: 0.91-1.24 /
-# 0.90-0.99 at 8 rows, 0.72-0.94 / 0.74-0.85 at 9, 0.17-0.18 / 0.11-0.15 at 128, 0.67-0.83 / 0.70-0.80 at 256,
-# 0.76-1.08 / 0.72-1.04 at 384, 0.89-1.24 / 0.85-1.26 at 512. Xeon with AMX, 1.29B shapes.
+# `amx_int4_matmul`: the weight widened to bf16 in tile order as it is used), in place of our mat-vecs and, past 128
+# rows, of the weight dequantized into torch's GEMM. Time ÷ theirs, int8 / int4 g128: 0.91-1.24 / 0.90-0.99 at 8
+# rows, 0.72-0.94 / 0.74-0.85 at 9, 0.17-0.18 / 0.11-0.15 at 128; a layer's 5 products: 0.83 / 0.76 at 384, 0.87 /
+# 0.85 at 512, 0.98 / 1.02 at 1024, 1.17 / 1.35 at 2048. Xeon with AMX, 1.29B shapes.
 AMX_QUANTIZED_MIN_ROWS = 9
-AMX_QUANTIZED_MAX_ROWS = 384
+AMX_QUANTIZED_MAX_ROWS = 768
 
 
 @functools.cache

@@ -41,18 +41,20 @@ def assert_within_one_bf16_step(y: torch.Tensor, x: torch.Tensor, weight: torch.
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-# Rows around the 16-row tiles and the 32-row pairs of them; K of one 32-value step or several; N of one block of
-# 32 outputs or many.
-@pytest.mark.parametrize("rows", [1, 9, 16, 17, 31, 33, 77, 128])
-@pytest.mark.parametrize("shape", [(32, 32), (96, 160), (1536, 256), (64, 4096)], ids=str)
+# Rows around the 16-row tiles and the 32-row pairs of them, and past the rows multiplied K in chunks (more than 256:
+# LONG_ROWS) and past one panel of them (more than 512); K of one 32-value step, of a chunk and a step more (288), or
+# many; N of one block of 32 outputs or many (96: blocks that do not fill a group of them).
+@pytest.mark.parametrize("rows", [1, 9, 16, 17, 31, 33, 77, 128, 300, 600])
+@pytest.mark.parametrize("shape", [(32, 32), (96, 288), (1536, 256), (64, 4096)], ids=str)
 def test_matches_the_exact_product(amx, shape, rows):
     N, K = shape
     x, weight = operands(rows, N, K, seed=rows + N)
     assert_within_one_bf16_step(amx.amx_bf16_matmul(x, weight), x, weight)
 
 
-def test_the_bits_do_not_depend_on_the_threads(amx):
-    x, weight = operands(45, 32 * 7, 96, seed=3)  # 7 blocks over 2 threads
+@pytest.mark.parametrize("rows", [45, 300])  # K whole, or in chunks
+def test_the_bits_do_not_depend_on_the_threads(amx, rows):
+    x, weight = operands(rows, 32 * 7, 96, seed=3)  # 7 blocks over 2 threads
     assert torch.equal(on_one_thread(lambda: amx.amx_bf16_matmul(x, weight)), amx.amx_bf16_matmul(x, weight))
 
 
@@ -176,8 +178,8 @@ def int8_operands(rows: int, N: int, K: int, seed: int = 0):
     return x, codes, scales
 
 
-@pytest.mark.parametrize("rows", [1, 9, 17, 33, 128, 384])
-@pytest.mark.parametrize("shape", [(32, 32), (96, 160), (64, 4096)], ids=str)
+@pytest.mark.parametrize("rows", [1, 9, 17, 33, 128, 384, 600])
+@pytest.mark.parametrize("shape", [(32, 32), (96, 288), (64, 4096)], ids=str)
 def test_int8_codes_match_the_exact_product(amx, shape, rows):
     N, K = shape
     x, codes, scales = int8_operands(rows, N, K, seed=rows + N)
@@ -229,7 +231,7 @@ def test_only_the_avx512bf16_build_on_an_amx_cpu_takes_int8_prompts(monkeypatch,
     )
 
 
-@pytest.mark.parametrize("rows", [1, 9, 33, 384])
+@pytest.mark.parametrize("rows", [1, 9, 33, 384, 600])
 @pytest.mark.parametrize(("shape", "group"), [((32, 32), 32), ((96, 256), 64), ((64, 4096), 128)], ids=str)
 def test_int4_codes_match_the_exact_product_of_their_bf16_dequantization(amx, shape, group, rows):
     from baichuan.quant.int4 import Int4Linear

@@ -16,7 +16,7 @@ HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 @pytest.fixture(autouse=True)
 def no_amx_prompts(monkeypatch):
     """The routes these tests follow are those of CPUs without AMX, on every CPU: where it has AMX, bf16 rows of 9 to
-    384 go to the AMX kernels instead (`cpu.AMX_QUANTIZED_MAX_ROWS`; tests/test_cpu_prompt_amx.py follows them)."""
+    768 go to the AMX kernels instead (`cpu.AMX_QUANTIZED_MAX_ROWS`; tests/test_cpu_prompt_amx.py follows them)."""
     monkeypatch.setattr(cpu_gemv, "_amx_quantized_max_rows", lambda: 0)
 
 
