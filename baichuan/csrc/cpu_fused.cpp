@@ -96,6 +96,29 @@ inline void store8(at::BFloat16* p, __m256 v) {
 inline __m256 round8(__m256 v, float) { return v; }
 inline __m256 round8(__m256 v, at::BFloat16) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// The AVX-512 builds' 16 lanes of the same steps: where bf16 is native, `silu_mul` on a prompt is arithmetic-bound
+// (benchmarks/README.md), so twice the lanes is about half the time.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512i bf16_bits16(__m512 v) {  // bf16_bits, 16 lanes
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb);
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits16(v)));
+}
+inline __m512 round16(__m512 v, float) { return v; }
+inline __m512 round16(__m512 v, at::BFloat16) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); }
+#endif
+
 // out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps)), the normalised row rounded to T first (RMSNorm.forward).
 template <class T>
 void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps) {
@@ -105,17 +128,34 @@ void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, floa
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * n;
       T* o = out + r * n;
-      __m256 acc = _mm256_setzero_ps();
+      float sum = 0.0f;
       int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      // two chains of 16 lanes: one chain of FMAs waited on its own latency (a 1536-value row: ~800 cycles)
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (; i + 32 <= n; i += 32) {
+        const __m512 v0 = load16(xr + i), v1 = load16(xr + i + 16);
+        acc0 = _mm512_fmadd_ps(v0, v0, acc0);
+        acc1 = _mm512_fmadd_ps(v1, v1, acc1);
+      }
+      sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+      __m256 acc = _mm256_setzero_ps();
       for (; i + 8 <= n; i += 8) {
         const __m256 v = load8(xr + i);
         acc = _mm256_fmadd_ps(v, v, acc);
       }
-      float sum = hsum8(acc);
+      sum += hsum8(acc);
       for (; i < n; ++i) sum += to_float(xr[i]) * to_float(xr[i]);
       const float scale = 1.0f / std::sqrt(sum / float(n) + eps);
+      i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      const __m512 scale16 = _mm512_set1_ps(scale);
+      for (; i + 16 <= n; i += 16)
+        store16(o + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), scale16), T())));
+#endif
       const __m256 scale8 = _mm256_set1_ps(scale);
-      for (i = 0; i + 8 <= n; i += 8)
+      for (; i + 8 <= n; i += 8)
         store8(o + i, _mm256_mul_ps(load8(w + i), round8(_mm256_mul_ps(load8(xr + i), scale8), T())));
       for (; i < n; ++i) o[i] = from_float<T>(to_float(w[i]) * round_to<T>(to_float(xr[i]) * scale));
     }
@@ -171,27 +211,6 @@ inline __m256 exp8(__m256 x) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// The AVX-512 builds' 16 lanes of the same steps: where bf16 is native, `silu_mul` on a prompt is arithmetic-bound
-// (benchmarks/README.md), so twice the lanes is about half the time.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline __m512i bf16_bits16(__m512 v) {  // bf16_bits, 16 lanes
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb);
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits16(v)));
-}
-inline __m512 round16(__m512 v, float) { return v; }
-inline __m512 round16(__m512 v, at::BFloat16) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); }
-
 inline __m512 exp16(__m512 x) {  // exp8, 16 lanes
   x = _mm512_max_ps(_mm512_set1_ps(kExpMin), _mm512_min_ps(_mm512_set1_ps(kExpMax), x));
   const __m512 n =
@@ -253,6 +272,18 @@ template <class T, class O>
 inline void rotate_row(const T* x, const float* c, const float* s, int64_t D, O* o) {
   const int64_t half = D / 2;
   int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; i + 16 <= half; i += 16) {
+    const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
+    const __m512 neg2 = _mm512_sub_ps(_mm512_setzero_ps(), x2);
+    const __m512 lo =
+        _mm512_add_ps(_mm512_mul_ps(x1, _mm512_loadu_ps(c + i)), _mm512_mul_ps(neg2, _mm512_loadu_ps(s + i)));
+    const __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, _mm512_loadu_ps(c + half + i)),
+                                    _mm512_mul_ps(x1, _mm512_loadu_ps(s + half + i)));
+    store16(o + i, round16(lo, T()));
+    store16(o + half + i, round16(hi, T()));
+  }
+#endif
   for (; i + 8 <= half; i += 8) {
     const __m256 x1 = load8(x + i), x2 = load8(x + half + i);
     const __m256 neg2 = _mm256_sub_ps(_mm256_setzero_ps(), x2);  // rotate_half: (-x[half:], x[:half])
