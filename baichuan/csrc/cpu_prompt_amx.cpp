@@ -1,9 +1,9 @@
 // Prompts on AMX tiles (avx512bf16 build, CPUs with AMX-BF16): out (M, N) = x (M, K) @ w (N, K).T, bf16 x and out, fp32
 // sums, for bf16 weights (`amx_bf16_matmul`), int8 codes with a scale a row (`amx_int8_matmul`) and int4 codes with a
 // scale and zero a group (`amx_int4_matmul`). torch's bf16 GEMM (oneDNN) runs on AMX too, but reorders the whole
-// weight on every call, which a product of a few dozen rows does not pay back: up to ~128 rows this took 0.44-0.80 of
-// its time on the 1.29B shapes (benchmarks/README.md); past that bf16 products stay with torch. Quantized weights had
-// our mat-vecs, built for a few rows, or a dequantized copy in torch's GEMM, which these kernels beat at every length.
+// weight on every call, which a product of a few hundred rows does not pay back: from 16 to 256 rows this takes
+// 0.58-0.93 of its time on the 1.29B shapes (benchmarks/README.md); past that bf16 products stay with torch. Quantized
+// weights had our mat-vecs, built for a few rows, or a dequantized copy in torch's GEMM, slower up to ~1024 rows.
 //
 // The weight's rows are the A tiles (16 rows of 32 values). x is B, the operand AMX needs in pairs of k interleaved
 // ("VNNI" order): repacked once per call (a gather per tile row), a pair of row tiles' steps together. C tiles are then
