@@ -833,10 +833,11 @@ struct Bf16Tile {
     const int64_t full = K - K % kBf16Step;
     int64_t k = 0;
     for (; k + 2 * kBf16Step <= full; k += 2 * kBf16Step) {
-      // both lines of the 128 bytes a row takes this step (one of them only: 6-8% slower at 1536 columns)
+      // both lines of the 128 bytes a row takes this step (one of them only: 6-8% slower at 1536 columns), into L2
+      // (into L1: 1-3% slower at one row, 6-14% at four; ab_kernels, benchmarks/README.md)
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
-        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k + kBf16Step), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T1);
+        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k + kBf16Step), _MM_HINT_T1);
       }
       for (int h = 0; h < 2; ++h) {
         __m512bh xv[MB];
