@@ -97,8 +97,8 @@ inline __m256 round8(__m256 v, float) { return v; }
 inline __m256 round8(__m256 v, at::BFloat16) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// The AVX-512 builds' 16 lanes of the same steps: where bf16 is native, `silu_mul` on a prompt is arithmetic-bound
-// (benchmarks/README.md), so twice the lanes is about half the time.
+// The AVX-512 builds' 16 lanes of the same steps (RMSNorm, silu_mul, RoPE): where bf16 is native, `silu_mul` on a
+// prompt is arithmetic-bound (benchmarks/README.md), so twice the lanes is about half the time.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

@@ -12,10 +12,10 @@
 // - a few rows (up to kFewRowPairs pairs): block by block, all of K at once. bf16 rows are read where they lie; int8
 //   and int4 rows are widened to bf16 into a buffer of the task's in tile order, and the next block's rows are
 //   prefetched into L2 meanwhile (for bf16 that only slowed it down);
-// - more: a group of blocks copied (or widened) into tile order (also sparing A tile loads whose rows are 4 KB apart
-//   the cache sets they all map to), then K in chunks of kChunkSteps steps, each chunk of the group's A tiles
-//   kept in L2 while every row pair's B tiles of that chunk pass through L1 once for the whole group; C tiles go to
-//   memory between chunks. Rows come kPanelPairs pairs (a panel) at a time.
+// - more: a group of blocks copied (or widened) into tile order (which also spares A tile loads whose rows lie a
+//   multiple of 4 KB apart, in the same cache sets), then K in chunks of kChunkSteps steps, each chunk of the group's
+//   A tiles kept in L2 while every row pair's B tiles of that chunk pass through L1 once for the whole group; C tiles
+//   go to memory between chunks. Rows come kPanelPairs pairs (a panel) at a time.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
