@@ -41,9 +41,9 @@ def assert_within_one_bf16_step(y: torch.Tensor, x: torch.Tensor, weight: torch.
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-# Rows around the 16-row tiles and the 32-row pairs of them, and past the rows multiplied K in chunks (more than 256:
-# LONG_ROWS) and past one panel of them (more than 512); K of one 32-value step, of a chunk and a step more (288), or
-# many; N of one block of 32 outputs or many (96: blocks that do not fill a group of them).
+# Rows around the 16-row tiles and the 32-row pairs of them, past those multiplied with K in chunks (more than 256:
+# kFewRowPairs in csrc/cpu_prompt_amx.cpp) and past one panel of them (more than 512); K of one 32-value step, of a
+# chunk and a step more (288), or many; N of one block of 32 outputs or many (96: blocks that do not fill a group).
 @pytest.mark.parametrize("rows", [1, 9, 16, 17, 31, 33, 77, 128, 300, 600])
 @pytest.mark.parametrize("shape", [(32, 32), (96, 288), (1536, 256), (64, 4096)], ids=str)
 def test_matches_the_exact_product(amx, shape, rows):

@@ -100,14 +100,13 @@ struct BlockTiles {
 inline BlockTiles tile_order(const uint16_t* tiles) { return {tiles, 1024, 512, 64}; }
 inline uint16_t* tile_row(uint16_t* tiles, int64_t r) { return tiles + r / 16 * 512 + r % 16 * 32; }
 
-// The weights `run_blocks` multiplies, 32 rows (a block) at a time: `rows_of` where they lie (bf16 only, else null),
-// `into_tiles` in tile order into a buffer (copied, or widened to bf16).
+// The weights `run_blocks` multiplies, 32 rows (a block) at a time: `into_tiles` in tile order into a buffer (copied,
+// or widened to bf16); bf16 rows also where they lie (kInPlace: `rows_of`), int8 and int4 only widened (their
+// `block_start` and `block_bytes` for the prefetch of the next block).
 struct Bf16Rows {
-  static constexpr bool kScaled = false;
+  static constexpr bool kScaled = false, kInPlace = true;
   const uint16_t* weight;
   int64_t K;
-  const void* block_start(int64_t b) const { return weight + b * 32 * K; }
-  int64_t block_bytes() const { return 32 * K * 2; }
   const uint16_t* rows_of(int64_t b) const { return weight + b * 32 * K; }
   BAICHUAN_AMX_FN void into_tiles(int64_t b, uint16_t* tiles) const {
     for (int64_t r = 0; r < 32; ++r) {
@@ -121,13 +120,12 @@ struct Bf16Rows {
 // int8 codes with per-row scales: the codes widened exactly (|code| <= 127 fits bf16's 8 significant bits), the
 // scales applied to the sums.
 struct Int8Rows {
-  static constexpr bool kScaled = true;
+  static constexpr bool kScaled = true, kInPlace = false;
   const int8_t* codes;
   const float* scales;
   int64_t K;
   const void* block_start(int64_t b) const { return codes + b * 32 * K; }
   int64_t block_bytes() const { return 32 * K; }
-  const uint16_t* rows_of(int64_t) const { return nullptr; }
   BAICHUAN_AMX_FN void into_tiles(int64_t b, uint16_t* tiles) const {
     for (int64_t r = 0; r < 32; ++r) {
       const int8_t* c = codes + (b * 32 + r) * K;
@@ -143,13 +141,12 @@ struct Int8Rows {
 // int4 codes, two a byte (column 2j in the low nibble), with a bf16 scale and zero per group of G inputs and output
 // (K/G, N, 2): w = (q - 8) * scale + zero, rounded to bf16 as `dequantize_int4` (cpu_prefill.cpp) rounds it.
 struct Int4Rows {
-  static constexpr bool kScaled = false;
+  static constexpr bool kScaled = false, kInPlace = false;
   const uint8_t* packed;
   const uint16_t* scales_and_zeros;
   int64_t N, K, G;
   const void* block_start(int64_t b) const { return packed + b * 32 * (K / 2); }
   int64_t block_bytes() const { return 32 * K / 2; }
-  const uint16_t* rows_of(int64_t) const { return nullptr; }
   static float value(uint16_t bits) {
     const uint32_t wide = uint32_t(bits) << 16;
     float f;
@@ -265,15 +262,15 @@ template <class Rows>
 BAICHUAN_AMX_FN void few_rows(const Rows& weights, const uint8_t* xp, uint16_t* Y, int64_t M, int64_t N, int64_t K,
                               int64_t pairs, int64_t b0, int64_t b1) {
   const int64_t steps = K / 32;
-  std::vector<__m512i> buffer(K);  // a block of 32 rows of K bf16
+  std::vector<__m512i> buffer(Rows::kInPlace ? 0 : K);  // a block of 32 rows of K bf16
   uint16_t* tiles = reinterpret_cast<uint16_t*>(buffer.data());
   alignas(64) float c[1024];
   for (int64_t b = b0; b < b1; ++b) {
     BlockTiles a;
     const char *next = nullptr, *next_end = nullptr;
     int64_t per_step = 0;
-    if (const uint16_t* rows = weights.rows_of(b)) {
-      a = {rows, 32, 16 * K, 2 * K};
+    if constexpr (Rows::kInPlace) {
+      a = {weights.rows_of(b), 32, 16 * K, 2 * K};
     } else {
       weights.into_tiles(b, tiles);
       a = tile_order(tiles);
