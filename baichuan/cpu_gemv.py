@@ -48,6 +48,7 @@ SOURCES = (
     CSRC / "cpu_prompt_int8.cpp",
     CSRC / "cpu_prompt_bf16.cpp",
     CSRC / "cpu_prompt_amx.cpp",
+    CSRC / "cpu_attention_amx.cpp",
 )
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
@@ -153,15 +154,18 @@ def _bf16_prompt_min_rows() -> int | None:
     return bf16_prompt_min_rows(target())
 
 
-def _amx_max_rows() -> int:
-    """Asked of the build in use (a lower one has no AMX kernel: `amx_ready` is False there)."""
+def _amx_ready() -> bool:
+    """Whether the build in use runs its AMX kernels here (a lower build has none: `amx_ready` is False there)."""
     module = load()
-    return amx_bf16_max_rows(module.target) if module is not None and module.amx_ready() else 0
+    return module is not None and module.amx_ready()
+
+
+def _amx_max_rows() -> int:
+    return amx_bf16_max_rows(load().target) if _amx_ready() else 0
 
 
 def _amx_quantized_max_rows() -> int:
-    module = load()
-    return amx_quantized_max_rows(module.target) if module is not None and module.amx_ready() else 0
+    return amx_quantized_max_rows(load().target) if _amx_ready() else 0
 
 
 # False restores the products bf16, int8 and int4 prompts had before `bf16_matmul` and the AMX kernels (the
@@ -203,6 +207,35 @@ def amx_quantized_prompts(rows: int, out_features: int, in_features: int) -> boo
         and out_features % 32 == 0
         and in_features % 32 == 0
     )
+
+
+# False sends prompts' causal attention back to torch's SDPA (the benchmarks compare).
+AMX_ATTENTION = True
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Causal attention of a fresh prompt, q, k, v (B, H, T, D) of one shape, on `amx_causal_attention`: (B, T,
+    H * D) bf16, the output projection's input. None where it does not apply: no AMX, not bf16 on the CPU,
+    autograd, a head size not a multiple of 32, rows not contiguous."""
+    if not (
+        AMX_ATTENTION
+        and q.dtype is torch.bfloat16
+        and k.dtype is torch.bfloat16
+        and v.dtype is torch.bfloat16
+        and q.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and q.shape == k.shape == v.shape
+        and q.shape[-1] % 32 == 0
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and k.stride(2) % 2 == 0
+        and _amx_ready()
+    ):
+        return None
+    return amx_causal_attention(q, k, v)
+
+
+def amx_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return load().amx_causal_attention(q, k, v)
 
 
 def _apply(kernel: str, x: torch.Tensor, *args) -> torch.Tensor | None:

@@ -294,6 +294,39 @@ inline __m512 exp16(__m512 x) {  // exp8, 16 lanes
 }
 #endif
 
+}  // namespace
+
+// p[j] = e^((s[j] - max(s)) * scale) rounded to bf16 for j < n, and the sum of the values before rounding: a row of
+// softmax's numerators for cpu_attention_amx.cpp. Masked 16-lane tails: a scalar one cost as much as the rest.
+float softmax_numerators(const float* s, int64_t n, float scale, at::BFloat16* p) {
+  float total = 0.0f;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const auto tail = [n](int64_t j) { return __mmask16(n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1); };
+  __m512 top16 = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16)
+    top16 = _mm512_mask_max_ps(top16, tail(j), top16, _mm512_maskz_loadu_ps(tail(j), s + j));
+  const __m512 scale16 = _mm512_set1_ps(scale), shift16 = _mm512_set1_ps(_mm512_reduce_max_ps(top16) * scale);
+  __m512 sum16 = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = tail(j);
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(valid, s + j), scale16, shift16));
+    sum16 = _mm512_mask_add_ps(sum16, valid, sum16, e);
+    _mm256_mask_storeu_epi16(p + j, valid, bf16_halves16(e));
+  }
+  total = _mm512_reduce_add_ps(sum16);
+#else
+  const float top = n > 0 ? *std::max_element(s, s + n) : 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = std::exp(s[j] * scale - top * scale);
+    total += e;
+    p[j] = at::BFloat16(e);
+  }
+#endif
+  return total;
+}
+
+namespace {
+
 // silu(gate) * up, silu rounded to T first (F.silu(gate) * up); vectorised, and a prompt's rows over the cores (a
 // scalar loop on one thread took 12x torch's time at 512 rows: benchmarks/README.md).
 template <class T>

@@ -1138,6 +1138,7 @@ void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
 void register_prompt_int8(pybind11::module_& m);  // cpu_prompt_int8.cpp
 void register_prompt_bf16(pybind11::module_& m);  // cpu_prompt_bf16.cpp
 void register_prompt_amx(pybind11::module_& m);   // cpu_prompt_amx.cpp
+void register_attention_amx(pybind11::module_& m);  // cpu_attention_amx.cpp
 
 }  // namespace baichuan_cpu_gemv
 
@@ -1148,6 +1149,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   k::register_prompt_int8(m);
   k::register_prompt_bf16(m);
   k::register_prompt_amx(m);
+  k::register_attention_amx(m);
   m.attr("target") = k::kTarget;
   m.attr("int8_activations") = "int16";
   m.attr("int4_activations") = k::kInt4Activations;

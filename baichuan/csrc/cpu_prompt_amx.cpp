@@ -34,11 +34,11 @@
 #include <vector>
 
 namespace baichuan_cpu_gemv {
-namespace {
 
 #if defined(BAICHUAN_AMX)
 #define BAICHUAN_AMX_FN __attribute__((target("amx-tile,amx-bf16")))
 
+namespace {
 struct TileConfig {  // the layout `ldtilecfg` reads (palette 1)
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -46,7 +46,9 @@ struct TileConfig {  // the layout `ldtilecfg` reads (palette 1)
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+}  // namespace
 
+// amx_ready, configure_tiles and pack_rows serve cpu_attention_amx.cpp too.
 // CPUID says AMX-TILE and AMX-BF16, and Linux lets this process use the tile state (it must be asked for once).
 bool amx_ready() {
   static const bool ready = [] {
@@ -59,19 +61,25 @@ bool amx_ready() {
   return ready;
 }
 
-constexpr int64_t kFewRowPairs = 8;   // up to 256 rows: block by block
-constexpr int64_t kChunkSteps = 8;    // 256 values of K: a group's A tiles for a chunk, 16 KB a block
-constexpr int64_t kPanelPairs = 16;   // 512 rows: the group's C tiles, 4 KB a block and pair, stay in L2
-constexpr int64_t kGroupBytes = 1 << 20;  // a group of blocks in tile order, at most 8 of them
-constexpr int64_t kMaxGroup = 8;
+// All 8 tiles 16 rows of 64 bytes, the one shape every product here uses.
+BAICHUAN_AMX_FN void configure_tiles() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) {
+    config.rows[i] = 16;
+    config.colsb[i] = 64;
+  }
+  // GCC 12 drops the stores above as dead where this is not inlined (ldtilecfg then reads garbage and faults)
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
 
-// x (M, K) bf16 as B tiles, 1 KB each, [Mp/32 pairs][K/32 steps][2 row tiles][16 pairs of k][16 rows][2 values]; rows
-// past M are zero.
-void pack_rows(const uint32_t* x, int64_t M, int64_t K, int64_t Mp, uint32_t* out) {
-  const int64_t pairs = K / 2, steps = K / 32;
+// x (M, K) bf16, its rows row_pairs 32-bit pairs apart, as B tiles, 1 KB each, [Mp/32 pairs][K/32 steps][2 row tiles]
+// [16 pairs of k][16 rows][2 values]; rows past M are zero.
+void pack_rows(const uint32_t* x, int64_t M, int64_t K, int64_t Mp, uint32_t* out, int64_t row_pairs) {
+  const int64_t steps = K / 32;
   at::parallel_for(0, Mp / 16 * steps, 16, [&](int64_t t0, int64_t t1) {
     const __m512i offsets = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(pairs)));
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(row_pairs)));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t step = t / 2 % steps, first = t / 2 / steps * 32 + t % 2 * 16;
       uint32_t* tile = out + t * 256;
@@ -81,13 +89,21 @@ void pack_rows(const uint32_t* x, int64_t M, int64_t K, int64_t Mp, uint32_t* ou
         continue;
       }
       const __mmask16 valid = __mmask16((1u << rows) - 1);
-      const uint32_t* base = x + first * pairs + step * 16;
+      const uint32_t* base = x + first * row_pairs + step * 16;
       for (int p = 0; p < 16; ++p)
         _mm512_storeu_si512(tile + p * 16,
                             _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, offsets, base + p, 4));
     }
   });
 }
+
+namespace {
+
+constexpr int64_t kFewRowPairs = 8;   // up to 256 rows: block by block
+constexpr int64_t kChunkSteps = 8;    // 256 values of K: a group's A tiles for a chunk, 16 KB a block
+constexpr int64_t kPanelPairs = 16;   // 512 rows: the group's C tiles, 4 KB a block and pair, stay in L2
+constexpr int64_t kGroupBytes = 1 << 20;  // a group of blocks in tile order, at most 8 of them
+constexpr int64_t kMaxGroup = 8;
 
 // Where a block's A tiles lie: tile t (0, 1) of step s at `values + s * step + t * second`, its rows `stride` bytes
 // apart.
@@ -322,12 +338,7 @@ BAICHUAN_AMX_FN void many_rows(const Rows& weights, const uint8_t* xp, uint16_t*
 template <class Rows>
 BAICHUAN_AMX_FN void run_blocks(const Rows& weights, const uint8_t* xp, uint16_t* Y, int64_t M, int64_t N, int64_t K,
                                 int64_t b0, int64_t b1) {
-  TileConfig config;
-  for (int i = 0; i < 8; ++i) {
-    config.rows[i] = 16;
-    config.colsb[i] = 64;
-  }
-  _tile_loadconfig(&config);
+  configure_tiles();
   const int64_t pairs = (M + 31) / 32;
   if (pairs <= kFewRowPairs)
     few_rows(weights, xp, Y, M, N, K, pairs, b0, b1);
@@ -335,9 +346,12 @@ BAICHUAN_AMX_FN void run_blocks(const Rows& weights, const uint8_t* xp, uint16_t
     many_rows(weights, xp, Y, M, N, K, pairs, b0, b1);
   _tile_release();
 }
+}  // namespace
 #else
 bool amx_ready() { return false; }
 #endif
+
+namespace {
 
 // The checks the three products share (weight_inputs: K as the weight stores it).
 void check_product(const char* name, const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_inputs) {
@@ -360,7 +374,7 @@ torch::Tensor amx_matmul(const torch::Tensor& x, const Rows& weights, int64_t N)
   const int64_t Mp = (M + 31) / 32 * 32;
   torch::Tensor packed = torch::empty({Mp / 32, K / 32, 512}, x.options().dtype(torch::kInt));
   pack_rows(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), M, K, Mp,
-            reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()));
+            reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()), K / 2);
   const auto* xp = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
   auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) { run_blocks(weights, xp, Y, M, N, K, b0, b1); });
