@@ -133,6 +133,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def amx():
+    """The avx512bf16 build, where this CPU has AMX-BF16 and lets this process use the tiles."""
+    module = kernel_build("avx512bf16")
+    if not module.amx_ready():
+        skip_platform("this CPU has no AMX-BF16 (or the kernel refuses the tiles)")
+    return module
+
+
 def on_one_thread(fn):
     """fn() computed with torch (and so our kernels' parallel_for) on a single thread."""
     threads = torch.get_num_threads()

@@ -14,16 +14,7 @@ import torch.nn.functional as F
 from baichuan import cpu, cpu_gemv
 from baichuan.kv_cache import KVCache
 from baichuan.model import Baichuan
-from tests.conftest import kernel_build, on_one_thread, require_cpu_kernels, skip_platform, tiny_config
-
-
-@pytest.fixture(scope="module")
-def amx():
-    """The avx512bf16 build, where this CPU has AMX-BF16 and lets this process use the tiles."""
-    module = kernel_build("avx512bf16")
-    if not module.amx_ready():
-        skip_platform("this CPU has no AMX-BF16 (or the kernel refuses the tiles)")
-    return module
+from tests.conftest import kernel_build, on_one_thread, require_cpu_kernels, tiny_config
 
 
 def qkv(B: int, H: int, T: int, D: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,16 +12,7 @@ import torch
 
 from baichuan import cpu, cpu_gemv, model
 from baichuan.model import _BF16_PRODUCT, _TORCH_PRODUCT, Linear, _fused_product
-from tests.conftest import kernel_build, on_one_thread, random_bf16_linear, require_cpu_kernels, skip_platform
-
-
-@pytest.fixture(scope="module")
-def amx():
-    """The avx512bf16 build, where this CPU has AMX-BF16 and lets this process use the tiles."""
-    module = kernel_build("avx512bf16")
-    if not module.amx_ready():
-        skip_platform("this CPU has no AMX-BF16 (or the kernel refuses the tiles)")
-    return module
+from tests.conftest import kernel_build, on_one_thread, random_bf16_linear, require_cpu_kernels
 
 
 def operands(rows: int, N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,30 +71,41 @@ struct Scratch {
   Scratch(int64_t Tp, int64_t D) : scores(32 * Tp), out(32 * D), probs(32 * Tp), padded(32 * D) {}
 };
 
+// The 2 x 2 C tiles (tiles 0-3: rows 0-15 and 16-31 of A against B's two tiles) of the block at hand.
+BAICHUAN_AMX_FN inline void zero_tiles() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// C += A (32 rows of 32 bf16, `a_stride` bytes apart) . B (two 1 KB tiles, one after the other).
+BAICHUAN_AMX_FN inline void multiply_2x2(const uint16_t* a, int64_t a_stride, const void* b) {
+  _tile_loadd(4, a, a_stride);
+  _tile_loadd(5, reinterpret_cast<const char*>(a) + 16 * a_stride, a_stride);
+  _tile_loadd(6, b, 64);
+  _tile_loadd(7, static_cast<const char*>(b) + 1024, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// C into c (32 rows of 32 floats, `row` floats apart).
+BAICHUAN_AMX_FN inline void store_tiles(float* c, int64_t row) {
+  _tile_stored(0, c, row * 4);
+  _tile_stored(1, c + 16, row * 4);
+  _tile_stored(2, c + 16 * row, row * 4);
+  _tile_stored(3, c + 16 * row + 16, row * 4);
+}
+
 // S (32 x Tp fp32) = the block's queries . keys 0..keys-1, from the keys' B tiles (kp).
 BAICHUAN_AMX_FN void scores_of(const QueryBlock& q, const uint8_t* kp, int64_t D, int64_t Tp, float* S) {
-  const int64_t steps = D / 32, qb = 2 * q.q_stride;
+  const int64_t steps = D / 32, row_bytes = 2 * q.q_stride;
   for (int64_t kb = 0; kb < q.keys / 32; ++kb) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t s = 0; s < steps; ++s) {
-      const uint8_t* kt = kp + (kb * steps + s) * 2048;
-      _tile_loadd(4, q.qa + s * 32, qb);
-      _tile_loadd(5, q.qa + 16 * q.q_stride + s * 32, qb);
-      _tile_loadd(6, kt, 64);
-      _tile_loadd(7, kt + 1024, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    float* c = S + kb * 32;
-    _tile_stored(0, c, Tp * 4);
-    _tile_stored(1, c + 16, Tp * 4);
-    _tile_stored(2, c + 16 * Tp, Tp * 4);
-    _tile_stored(3, c + 16 * Tp + 16, Tp * 4);
+    zero_tiles();
+    for (int64_t s = 0; s < steps; ++s) multiply_2x2(q.qa + s * 32, row_bytes, kp + (kb * steps + s) * 2048);
+    store_tiles(S + kb * 32, Tp);
   }
 }
 
@@ -103,26 +114,9 @@ BAICHUAN_AMX_FN void weighted_values(const uint16_t* P, const uint16_t* vp, int6
                                      float* out) {
   const int64_t tiles = D / 16;
   for (int64_t t = 0; t < tiles; t += 2) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t ks = 0; ks < keys / 32; ++ks) {
-      const uint16_t* vt = vp + (ks * tiles + t) * 512;
-      _tile_loadd(4, P + ks * 32, Tp * 2);
-      _tile_loadd(5, P + 16 * Tp + ks * 32, Tp * 2);
-      _tile_loadd(6, vt, 64);
-      _tile_loadd(7, vt + 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    float* c = out + t * 16;
-    _tile_stored(0, c, D * 4);
-    _tile_stored(1, c + 16, D * 4);
-    _tile_stored(2, c + 16 * D, D * 4);
-    _tile_stored(3, c + 16 * D + 16, D * 4);
+    zero_tiles();
+    for (int64_t ks = 0; ks < keys / 32; ++ks) multiply_2x2(P + ks * 32, 2 * Tp, vp + (ks * tiles + t) * 512);
+    store_tiles(out + t * 16, D);
   }
 }
 
