@@ -3,9 +3,9 @@ every build this CPU runs (avx2, avx512, avx512bf16), and how the build is chose
 be built.
 
 int8 activations are quantized to int16 per block (relative error ~1.5e-5 per value), so outputs agree with the
-exact product to ~3e-5 (bound 1e-4); so are int4 ones in the AVX-512 builds. The avx2 build quantizes int4
-activations to int8 per group, as the prompt kernel `int4_matmul_int8` does, and is checked against the float64
-product of those quantized activations (bound 1e-5: fp32 rounding over up to 428 groups). bf16 sums exact
+exact product to ~3e-5 (bound 1e-4). Every build quantizes int4 activations to int8 per group, as the prompt
+kernel `int4_matmul_int8` does, and is checked against the float64 product of those quantized activations (bound
+1e-5: fp32 rounding over up to 428 groups). bf16 sums exact
 products in fp32 (bound 1e-5); with AVX512-BF16, fp32 activations are first rounded to bf16, so there the
 reference takes them rounded. bf16 activations give bf16 outputs: the fp32 result rounded once, which the tests
 check bit for bit."""
@@ -41,8 +41,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def int4_reference(build, x: torch.Tensor, module: Int4Linear) -> tuple[torch.Tensor, float]:
-    """What one build's int4 kernel computes, in float64, and the relative bound its output keeps to it: the avx2
-    build's product of int8-quantized activations, the AVX-512 builds' exact product (int16 activations)."""
+    """What one build's int4 kernel computes, in float64, and the relative bound its output keeps to it: the product
+    of int8-quantized activations (every build now), or the exact product for a build with int16 activations."""
     if build.int4_activations == "int8":
         return int8_reference(x, module), 1e-5
     return x.double() @ module.dequantize().double().t(), 1e-4

@@ -3,8 +3,8 @@
 //
 //   avx2        AVX2 + FMA: 256-bit vectors, `vpmaddwd` for int8, `vpmaddubsw` for int4, bf16 widened to fp32 for
 //               FMA;
-//   avx512      AVX-512 F/BW/VL/DQ + VNNI: 512-bit vectors, `vpdpwssd` (multiply pairs of int16 and accumulate
-//               in int32, one instruction where AVX2 needs two);
+//   avx512      AVX-512 F/BW/VL/DQ + VNNI: 512-bit vectors, `vpdpwssd` for int8 (multiply pairs of int16 and
+//               accumulate in int32, one instruction where AVX2 needs two), `vpdpbusd` for int4 (quads of bytes);
 //   avx512bf16  the above + AVX512-BF16: `vdpbf16ps` for the bf16 product; and where the CPU has AMX-BF16,
 //               short bf16 prompts on its tiles (cpu_prompt_amx.cpp, checked at run time).
 //
@@ -18,20 +18,21 @@
 //         low nibble and 2j+1 in the high one (N, K/2); scale and zero bf16 side by side in (K/G, N, 2).
 //   bf16: y[m, n] = sum_k w[n, k] x[m, k]; w bf16 (N, K).
 //
-// int8/int4: activations are quantized to int16 per block of B values (scale = block absmax / 32767, relative
-// error ~1.5e-5), so each pair of products is one `vpmaddwd` (or `vpdpwssd`) on weights widened to int16, summed
-// in int32 within a block and in fp32 across blocks: about 3 instructions per 16 int8 weights with AVX2 and 2 per
-// 32 with VNNI, against 3 per 8 for widening to fp32 and FMA, so decoding comes much closer to the memory's rate.
+// int8: activations are quantized to int16 per block of B values (scale = block absmax / 32767, relative error
+// ~1.5e-5), so each pair of products is one `vpmaddwd` (or `vpdpwssd`) on weights widened to int16, summed in int32
+// within a block and in fp32 across blocks: about 3 instructions per 16 int8 weights with AVX2 and 2 per 32 with
+// VNNI, against 3 per 8 for widening to fp32 and FMA, so decoding comes much closer to the memory's rate.
 // Activations are not quantized to int8 for `vpdpbusd`: that would add a per-row rounding error of ~4e-3, far
-// above the int16 codes' and close to the int8 weights' own. For int4 the block is the group, and the zero
-// points come in through the block sums of x.
+// above the int16 codes' and close to the int8 weights' own.
 //
-// The avx2 build's int4 kernel is the exception: it quantizes activations to int8 per group, as the prompt kernel
-// `int4_matmul_int8` (cpu_prefill.cpp) and llama.cpp's Q4_0 x Q8_0 do, so that one `vpmaddubsw` makes 32 products
-// where `vpmaddwd` makes 16: on a Zen 3 (ab_kernels, 1.29B shapes) 21-26% faster at 4 activation rows, 2-4% at one,
-// where the memory stream bounds it. The ~5e-3 relative rounding this adds per output is small beside int4 weights'
-// own error (~8e-2 at groups of 32); bench_accuracy's own forward through it (128-row windows): KL 1.19e-4 against
-// 1.23e-4 with int16 activations (int4 g128, briefly trained model).
+// int4: activations are quantized to int8 per group, as the prompt kernel `int4_matmul_int8` (cpu_prefill.cpp) and
+// llama.cpp's Q4_0 x Q8_0 do, so that one `vpmaddubsw` makes 32 products where `vpmaddwd` makes 16 (avx2) and one
+// `vpdpbusd` 64 where `vpdpwssd` makes 32 (AVX-512); the zero points come in through the group sums of x. On a
+// Zen 3 (ab_kernels, 1.29B shapes) 21-26% faster at 4 activation rows, 2-4% at one, where the memory stream bounds
+// it; on a Sapphire Rapids-class Xeon (AVX-512) 5-7% at one row and 25-34% at eight. The ~5e-3 relative rounding
+// this adds per output is small beside int4 weights' own error (~8e-2 at groups of 32); bench_accuracy's own
+// forward through the avx2 kernel (128-row windows): KL 1.19e-4 against 1.23e-4 with int16 activations (int4 g128,
+// briefly trained model).
 //
 // bf16: without AVX512-BF16 each 32-bit lane of loaded weights holds two bf16, so the even one becomes an fp32 by
 // a shift and the odd one by a mask, with no shuffle; x is reordered once per call to match (evens, then odds).
@@ -63,11 +64,7 @@ constexpr const char* kTarget = "avx512";
 constexpr const char* kTarget = "avx2";
 #endif
 // The integer type activations are rounded to for int4 weights (int8 weights always take int16 codes).
-#if defined(BAICHUAN_AVX512)
-constexpr const char* kInt4Activations = "int16";
-#else
 constexpr const char* kInt4Activations = "int8";
-#endif
 
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
@@ -154,15 +151,15 @@ int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K) {
 
 // Quantized activation rows: int16 codes (M, K), and per block of B: the scale and scale * sum(codes).
 struct Activations {
-  torch::Tensor codes, scales, sums;
-  int64_t blocks;  // per row
+  torch::Tensor codes, scales, sums;  // sums: for int4 weights' zero points only
+  int64_t blocks;                     // per row
 };
 
-// Codes (M, K) of `type`, and scales and sums per block of B, for fp32 rows x (M, K); to be filled.
-Activations empty_activations(const torch::Tensor& x, int64_t B, torch::ScalarType type) {
+// Codes (M, K) of `type`, and scales (and sums, where asked) per block of B, for fp32 rows x (M, K); to be filled.
+Activations empty_activations(const torch::Tensor& x, int64_t B, torch::ScalarType type, bool with_sums) {
   const int64_t M = x.size(0), K = x.size(1);
   return {torch::empty({M, K}, x.options().dtype(type)), torch::empty({M, K / B}, x.options()),
-          torch::empty({M, K / B}, x.options()), K / B};
+          with_sums ? torch::empty({M, K / B}, x.options()) : torch::Tensor(), K / B};
 }
 
 // x (M, K) as contiguous fp32: itself, or a widened copy of bf16 rows.
@@ -182,112 +179,50 @@ inline float block_absmax(const float* p, int64_t n) {
   return mx;
 }
 
-#if defined(BAICHUAN_AVX512)
-// Indices into two vectors of 32 int16 (64 values) for vpermt2w: positions 4i (i < 16) then 4i + 1, and 4i + 2
-// then 4i + 3.
-alignas(64) constexpr int16_t kQuarterIndex[64] = {
-    0, 4, 8,  12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60,  // i = 0-15: 4i
-    1, 5, 9,  13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61,  // 4i + 1
-    2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62,  // 4i + 2
-    3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63,  // 4i + 3
-};
-#endif
-
-// lanes > 1: within each width * lanes values, position lanes * i + r moves to width * r + i, the order in which
-// the int4 kernel unpacks nibbles (2: low/high nibble of each byte; 4: the four nibbles of each 16-bit lane;
-// width: 16-bit lanes per vector, 16 for 256-bit vectors and 32 for 512-bit ones).
-Activations quantize_activations(const torch::Tensor& input, int64_t B, int lanes, int width = 16) {
+// int16 codes of x (M, K) per block of B values, in order: the int8 kernels' activations.
+Activations quantize_activations(const torch::Tensor& input, int64_t B) {
   const torch::Tensor x = as_float(input);
   const int64_t M = x.size(0), nb = x.size(1) / B;
-  Activations a = empty_activations(x, B, torch::kShort);
+  Activations a = empty_activations(x, B, torch::kShort, false);
   const float* X = x.data_ptr<float>();
   int16_t* Q = a.codes.data_ptr<int16_t>();
   float* S = a.scales.data_ptr<float>();
-  float* T = a.sums.data_ptr<float>();
-  int16_t order[128];
   for (int64_t i = 0; i < M * nb; ++i) {
     const float* p = X + i * B;  // rows are contiguous, so block i of the whole tensor is row i / nb's
     int16_t* q = Q + i * B;
     const float mx = block_absmax(p, B);
     if (!std::isfinite(mx)) {  // inf or NaN in the block: NaN out (a float matmul gives inf or NaN)
       std::memset(q, 0, B * sizeof(int16_t));
-      S[i] = T[i] = NAN;
+      S[i] = NAN;
       continue;
     }
     const __m256 inv = _mm256_set1_ps(mx > 0 ? 32767.0f / mx : 0.0f);
-    __m256i total = _mm256_setzero_si256();
     for (int64_t k = 0; k < B; k += 16) {
       const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + k), inv));
       const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + k + 8), inv));
-      total = _mm256_add_epi32(total, _mm256_add_epi32(lo, hi));
       // packs works per 128-bit lane; the permute restores the order of k.
       _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
     }
-#if defined(BAICHUAN_AVX512)
-    if (lanes == 4 && width == 32) {  // the int4 kernel's groups of 128: two permutes per output vector
-      const __m512i first = _mm512_load_si512((const void*)kQuarterIndex);
-      const __m512i second = _mm512_load_si512((const void*)(kQuarterIndex + 32));
-      for (int64_t k = 0; k < B; k += 128) {
-        __m512i* v = (__m512i*)(q + k);
-        const __m512i v0 = _mm512_loadu_si512(v), v1 = _mm512_loadu_si512(v + 1), v2 = _mm512_loadu_si512(v + 2),
-                      v3 = _mm512_loadu_si512(v + 3);
-        // a: (nibble 0 of values 0-63, nibble 1 of them), b: nibbles 2 and 3; c and d likewise of values 64-127.
-        const __m512i a = _mm512_permutex2var_epi16(v0, first, v1), b = _mm512_permutex2var_epi16(v0, second, v1);
-        const __m512i c = _mm512_permutex2var_epi16(v2, first, v3), d = _mm512_permutex2var_epi16(v2, second, v3);
-        _mm512_storeu_si512(v, _mm512_shuffle_i64x2(a, c, 0x44));
-        _mm512_storeu_si512(v + 1, _mm512_shuffle_i64x2(a, c, 0xEE));
-        _mm512_storeu_si512(v + 2, _mm512_shuffle_i64x2(b, d, 0x44));
-        _mm512_storeu_si512(v + 3, _mm512_shuffle_i64x2(b, d, 0xEE));
-      }
-    } else
-#endif
-    if (lanes == 4 && width == 16) {  // groups of 64 and more in 256-bit vectors: a 4x4 transpose of pairs
-      // Within each 128-bit lane (8 values), the pair of each nibble position t (values t and t + 4) to dword t;
-      // then dword t of the 8 lanes, in order, is output vector t.
-      const __m256i pairs = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1, 8, 9, 2, 3,
-                                             10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
-      const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-      for (int64_t k = 0; k < B; k += 64) {
-        __m256i* v = (__m256i*)(q + k);
-        const __m256i s0 = _mm256_shuffle_epi8(_mm256_loadu_si256(v), pairs);
-        const __m256i s1 = _mm256_shuffle_epi8(_mm256_loadu_si256(v + 1), pairs);
-        const __m256i s2 = _mm256_shuffle_epi8(_mm256_loadu_si256(v + 2), pairs);
-        const __m256i s3 = _mm256_shuffle_epi8(_mm256_loadu_si256(v + 3), pairs);
-        const __m256i lo01 = _mm256_unpacklo_epi32(s0, s1), hi01 = _mm256_unpackhi_epi32(s0, s1);
-        const __m256i lo23 = _mm256_unpacklo_epi32(s2, s3), hi23 = _mm256_unpackhi_epi32(s2, s3);
-        _mm256_storeu_si256(v, _mm256_permutevar8x32_epi32(_mm256_unpacklo_epi64(lo01, lo23), lane_order));
-        _mm256_storeu_si256(v + 1, _mm256_permutevar8x32_epi32(_mm256_unpackhi_epi64(lo01, lo23), lane_order));
-        _mm256_storeu_si256(v + 2, _mm256_permutevar8x32_epi32(_mm256_unpacklo_epi64(hi01, hi23), lane_order));
-        _mm256_storeu_si256(v + 3, _mm256_permutevar8x32_epi32(_mm256_unpackhi_epi64(hi01, hi23), lane_order));
-      }
-    } else
-    if (lanes > 1)
-      for (int64_t k = 0; k < B; k += width * lanes) {
-        std::memcpy(order, q + k, width * lanes * sizeof(int16_t));
-        for (int r = 0; r < lanes; ++r)
-          for (int i = 0; i < width; ++i) q[k + width * r + i] = order[lanes * i + r];
-      }
     S[i] = mx / 32767.0f;
-    T[i] = S[i] * float(hsum(total));
   }
   return a;
 }
 
 // The int16 codes (M, K) and block scales (M, K/B) of x, for the int8 prompt kernel (cpu_prompt_int8.cpp).
 std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B) {
-  const Activations a = quantize_activations(x, B, 1);
+  const Activations a = quantize_activations(x, B);
   return {a.codes, a.scales};
 }
 
-#if !defined(BAICHUAN_AVX512)
-// Activation rows quantized to int8 for the avx2 int4 kernel, per group of G values as `int4_matmul_int8`
+// Activation rows quantized to int8 for the int4 kernels, per group of G values as `int4_matmul_int8`
 // (cpu_prefill.cpp) quantizes prompts: codes round(x * 127 / amax) (nearest, ties to even), scale amax / 127 and
-// scale * sum(codes). Within each chunk of 64 values (32 where G is an odd multiple of 32), the codes of the even
-// columns come first, then the odd ones': the order in which the kernel unpacks the low and high nibbles.
-Activations quantize_activations_int8(const torch::Tensor& input, int64_t G) {
+// scale * sum(codes). Within each chunk of `chunk` values (64 or 128; 32 where G is an odd multiple of 32), the
+// codes of the even columns come first, then the odd ones': the order in which the kernel unpacks the low and high
+// nibbles of chunk / 2 bytes.
+Activations quantize_activations_int8(const torch::Tensor& input, int64_t G, int64_t chunk) {
   const torch::Tensor x = as_float(input);
   const int64_t M = x.size(0), groups = x.size(1) / G;
-  Activations a = empty_activations(x, G, torch::kChar);
+  Activations a = empty_activations(x, G, torch::kChar, true);
   const float* X = x.data_ptr<float>();
   int8_t* Q = a.codes.data_ptr<int8_t>();
   float* S = a.scales.data_ptr<float>();
@@ -321,7 +256,15 @@ Activations quantize_activations_int8(const torch::Tensor& input, int64_t G) {
       // 8-byte pieces even0 odd0 | even1 odd1 -> even0 even1 odd0 odd1
       return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, evens_first), 0xD8);
     };
-    if (G % 64 == 0) {
+    if (G % 128 == 0 && chunk == 128) {
+      for (int64_t k = 0; k < G; k += 128) {
+        const __m256i a = split32(k), b = split32(k + 32), c = split32(k + 64), d = split32(k + 96);
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_storeu_si256((__m256i*)(q + k + 32), _mm256_permute2x128_si256(c, d, 0x20));
+        _mm256_storeu_si256((__m256i*)(q + k + 64), _mm256_permute2x128_si256(a, b, 0x31));
+        _mm256_storeu_si256((__m256i*)(q + k + 96), _mm256_permute2x128_si256(c, d, 0x31));
+      }
+    } else if (G % 64 == 0) {
       for (int64_t k = 0; k < G; k += 64) {
         const __m256i first = split32(k), second = split32(k + 32);
         _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute2x128_si256(first, second, 0x20));
@@ -335,7 +278,6 @@ Activations quantize_activations_int8(const torch::Tensor& input, int64_t G) {
   }
   return a;
 }
-#endif
 
 // Output rows (M, N) in fp32 or bf16: y[m * N + n] = v.
 struct Output {
@@ -549,12 +491,7 @@ struct Int8Tile {
 struct Int4Tile {
   const uint8_t* packed;
   const uint16_t* scales_and_zeros;
-#if defined(BAICHUAN_AVX512)
-  using Code = int16_t;
-#else
-  using Code = int8_t;  // kInt4Activations
-#endif
-  const Code* xq;
+  const int8_t* xq;  // kInt4Activations
   const float* xs;
   const float* xsums;
   Output y;
@@ -573,92 +510,33 @@ struct Int4Tile {
 #endif
 
 #if defined(BAICHUAN_AVX512)
-  // Groups of 128 and more: each 16-bit lane of 64 bytes holds four nibbles, unpacked by masks and shifts alone.
+  // Groups of 128 and more: 64 bytes at a time, low nibbles (even columns) against the chunk's first 64 activations,
+  // high nibbles against the next 64, each one `vpdpbusd` of 64 products (codes unsigned, activations signed; a
+  // lane's int32 sum is exact). Against int16 activations and `vpdpwssd` (four per 64 bytes, and masks and shifts for
+  // four nibbles a 16-bit lane): ab_kernels, 1.29B shapes on a Sapphire Rapids-class Xeon, 5-7% less time at one
+  // activation row and 25-34% at eight (benchmarks/README.md).
   template <int R, int MB>
   void dot_group128(__m512i (&iacc)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
     const int64_t row_bytes = K / 2;
-    const __m512i nibble = _mm512_set1_epi16(0x000F);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int64_t k = k0; k < k0 + G; k += 128) {
       for (int r = 0; r < R; ++r)
         _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) {
         const __m512i v = _mm512_loadu_si512((const void*)(pn + r * row_bytes + k / 2));
-        const __m512i q0 = _mm512_and_si512(v, nibble);
-        const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        const __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), nibble);
-        const __m512i q3 = _mm512_srli_epi16(v, 12);
-        for (int j = 0; j < MB; ++j) {  // x read from L1 for each weight row (as memory operands)
-          const int16_t* xj = xq + (m + j) * K + k;
-          __m512i acc = _mm512_dpwssd_epi32(iacc[r][j], q0, _mm512_loadu_si512((const void*)xj));
-          acc = _mm512_dpwssd_epi32(acc, q1, _mm512_loadu_si512((const void*)(xj + 32)));
-          acc = _mm512_dpwssd_epi32(acc, q2, _mm512_loadu_si512((const void*)(xj + 64)));
-          iacc[r][j] = _mm512_dpwssd_epi32(acc, q3, _mm512_loadu_si512((const void*)(xj + 96)));
-        }
-      }
-    }
-  }
-
-  // Groups of 64 and more: each 16-bit lane of 32 bytes holds four nibbles, unpacked by masks and shifts alone.
-  template <int R, int MB>
-  void dot_group64(__m256i (&iacc)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
-    const int64_t row_bytes = K / 2;
-    const __m256i nibble = _mm256_set1_epi16(0x000F);
-    for (int64_t k = k0; k < k0 + G; k += 64) {
-      if ((k & 127) == 0)
-        for (int r = 0; r < R; ++r)
-          _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
-      for (int r = 0; r < R; ++r) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(pn + r * row_bytes + k / 2));
-        const __m256i q0 = _mm256_and_si256(v, nibble);
-        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nibble);
-        const __m256i q3 = _mm256_srli_epi16(v, 12);
+        const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
         for (int j = 0; j < MB; ++j) {
-          const __m256i* xj = (const __m256i*)(xq + (m + j) * K + k);
-          const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256(xj)),
-                                               _mm256_madd_epi16(q1, _mm256_loadu_si256(xj + 1)));
-          const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(q2, _mm256_loadu_si256(xj + 2)),
-                                               _mm256_madd_epi16(q3, _mm256_loadu_si256(xj + 3)));
-          iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(s01, s23));
+          const int8_t* xj = xq + (m + j) * K + k;
+          iacc[r][j] = _mm512_dpbusd_epi32(iacc[r][j], lo, _mm512_loadu_si512((const void*)xj));
+          iacc[r][j] = _mm512_dpbusd_epi32(iacc[r][j], hi, _mm512_loadu_si512((const void*)(xj + 64)));
         }
       }
     }
   }
+#endif
 
-  // Groups of 32: 16 bytes at a time, low and high nibbles widened to 16 bits.
-  template <int R, int MB>
-  void dot_group32(__m256i (&iacc)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
-    const int64_t row_bytes = K / 2;
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    for (int64_t k = k0; k < k0 + G; k += 32) {
-      if ((k & 127) == 0)
-        for (int r = 0; r < R; ++r)
-          _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
-      for (int r = 0; r < R; ++r) {
-        const __m128i bytes = _mm_loadu_si128((const __m128i*)(pn + r * row_bytes + k / 2));
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
-        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
-        for (int j = 0; j < MB; ++j) {
-          const __m256i* xj = (const __m256i*)(xq + (m + j) * K + k);  // even values, then odd ones
-          iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xj)),
-                                                                       _mm256_madd_epi16(hi, _mm256_loadu_si256(xj + 1))));
-        }
-      }
-    }
-  }
-
-  // One group's int32 sums in 256-bit vectors, by the layout of its nibbles.
-  template <int R, int MB>
-  void dot_group_narrow(__m256i (&narrow)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_setzero_si256();
-    if (G % 64 == 0)
-      dot_group64<R, MB>(narrow, pn, k0, m);
-    else
-      dot_group32<R, MB>(narrow, pn, k0, m);
-  }
-#else
-  // One group's int32 sums against int8 activations. `vpmaddubsw` multiplies 32 unsigned codes by 32 signed
+  // One group's int32 sums against int8 activations, in 256-bit vectors: the avx2 build's, and the AVX-512 builds'
+  // for groups that are not multiples of 128. `vpmaddubsw` multiplies 32 unsigned codes by 32 signed
   // activation bytes and adds pairs in s16 (|.| <= 2 * 15 * 127 = 3810); a group adds G / 32 <= 8 such sums per lane
   // (|.| <= 30480, exact) before one `vpmaddwd` by ones widens them to int32: about 8 instructions per 64 weights
   // where int16 activations take 14. Groups of 64 and more: 32 bytes at a time, low nibbles (even columns) against
@@ -711,7 +589,6 @@ struct Int4Tile {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) narrow[r][j] = _mm256_madd_epi16(pairs[r][j], ones);
   }
-#endif
 
 #if !defined(BAICHUAN_AVX512)
   // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 4. Each pair keeps its group sums in an 8-lane
@@ -785,7 +662,7 @@ struct Int4Tile {
         dot_group128<R, MB>(iacc, pn, k0, m);
       } else {
         __m256i narrow[R][MB];
-        dot_group_narrow<R, MB>(narrow, pn, k0, m);
+        dot_group_bytes<R, MB, 0>(narrow, pn, k0, m);
         for (int r = 0; r < R; ++r)
           for (int j = 0; j < MB; ++j) iacc[r][j] = widen_acc(narrow[r][j]);
       }
@@ -1060,7 +937,7 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " columns, x has ", K);
   const bool grouped = scales.dim() == 2;
   const int64_t B = int8_scales_block(scales, N, K);
-  const Activations a = quantize_activations(x, B, 1);
+  const Activations a = quantize_activations(x, B);
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor xs_by_block = by_block(a.scales);
   const int8_t* w = weight.data_ptr<int8_t>();
@@ -1093,15 +970,14 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
                   scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
 #if defined(BAICHUAN_AVX512)
-  const bool wide = group_size % 128 == 0;
-  const Activations a = quantize_activations(x, group_size, group_size % 64 == 0 ? 4 : 2, wide ? 32 : 16);
+  const Activations a = quantize_activations_int8(x, group_size, 128);
 #else
-  const Activations a = quantize_activations_int8(x, group_size);
+  const Activations a = quantize_activations_int8(x, group_size, 64);
 #endif
   auto y = torch::empty({M, N}, x.options());
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
-                      a.codes.data_ptr<Int4Tile::Code>(),
+                      a.codes.data_ptr<int8_t>(),
                       a.scales.data_ptr<float>(),
                       a.sums.data_ptr<float>(),
                       output_of(y),

@@ -4,7 +4,7 @@ Tolerances are relative Frobenius errors ||y - y_ref|| / ||y_ref|| of layer outp
 like the real checkpoints: int8 per channel measures ~4e-3 (bound 1e-2), int4 with groups of 32 ~8e-2
 (bound 0.12). The fast CPU kernels are compared with the reference dequantise-and-matmul path on the same
 quantized weights: torch's (bf16) to 1e-2, ours (`cpu_gemv`) to 1e-4 in fp32 where activations are quantized to
-int16 (int8 layers; int4 ones in the AVX-512 builds) and 1e-2 where the avx2 build rounds int4 activations to int8;
+int16 (int8 layers) and 1e-2 where they are rounded to int8 per group (int4 layers);
 the reference path itself to 1e-5 in fp32, 1e-2 in bf16 (bf16 rounding of the output).
 """
 
@@ -38,8 +38,8 @@ def test_kernels_equal_reference_path(shape, dtype, kernels):
     in_features, out_features, group_size = shape
     linear = gaussian_linear(in_features, out_features, dtype=dtype)
     x = torch.randn(4, in_features, generator=torch.Generator().manual_seed(3)).to(dtype)
-    # torch's kernels compute in bf16 whatever the input dtype (KERNEL_DTYPE); ours in int16 x int8 (int4 too with
-    # AVX-512; int8 x int4 in the avx2 build) with fp32 sums; the reference path in the input's dtype.
+    # torch's kernels compute in bf16 whatever the input dtype (KERNEL_DTYPE); ours in int16 x int8 (int8 x int4 for
+    # int4 layers) with fp32 sums; the reference path in the input's dtype.
     build = cpu_gemv.load()
     codes = {Int8Linear: "int8_activations", Int4Linear: "int4_activations"}  # the build's attribute for each
     reference_tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -66,7 +66,7 @@ def test_kernels_equal_reference_path(shape, dtype, kernels):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prompt_sized_products(bits, kernels):
     """Prompts on a CPU without native bf16: our int4 kernels take any number of rows (the avx2 build's prompt
-    product with activations rounded to int8 per group, the AVX-512 builds' decode kernel with int16 ones).
+    product with activations rounded to int8 per group, the AVX-512 builds' decode kernel likewise).
     int8 from INT8_WIDEN_MIN_ROWS rows on, and torch's int4 from INT4_WIDEN_MIN_ROWS, become one fp32 GEMM on the
     dequantised weight (faster than the bf16 kernel there), which is exact; but the avx2 build's int8 prompts,
     which its prompt kernel takes with int16 activations (~3e-5). With native bf16 the kernels keep them (bf16
