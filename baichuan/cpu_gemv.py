@@ -3,7 +3,7 @@ first use, once per instruction set, and cached by torch.
 
 torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` run out of arithmetic before memory on
 decode-sized products (they widen every weight to float), and its bf16 mat-vec does too where bf16 is emulated;
-these kernels do pairs of int8 (or int4) x int16 products per instruction (int4 x int8 in the avx2 build), and
+these kernels do pairs of int8 x int16 products per instruction (int4 x int8: 32 or, with VNNI, 64 products), and
 bf16 products with `vdpbf16ps` or two FMAs per 32-bit lane, and so stream weights much closer to the memory's rate.
 
 Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx512 (with VNNI) or

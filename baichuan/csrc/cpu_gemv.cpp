@@ -149,7 +149,8 @@ int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K) {
   return B;
 }
 
-// Quantized activation rows: int16 codes (M, K), and per block of B: the scale and scale * sum(codes).
+// Quantized activation rows: codes (M, K), int16 for int8 weights and int8 for int4 ones, and per block of B the
+// scale (and, for int4 weights, scale * sum(codes)).
 struct Activations {
   torch::Tensor codes, scales, sums;  // sums: for int4 weights' zero points only
   int64_t blocks;                     // per row
