@@ -5,9 +5,8 @@ be built.
 int8 activations are quantized to int16 per block (relative error ~1.5e-5 per value), so outputs agree with the
 exact product to ~3e-5 (bound 1e-4). Every build quantizes int4 activations to int8 per group, as the prompt
 kernel `int4_matmul_int8` does, and is checked against the float64 product of those quantized activations (bound
-1e-5: fp32 rounding over up to 428 groups). bf16 sums exact
-products in fp32 (bound 1e-5); with AVX512-BF16, fp32 activations are first rounded to bf16, so there the
-reference takes them rounded. bf16 activations give bf16 outputs: the fp32 result rounded once, which the tests
+1e-5: fp32 rounding over up to 428 groups). bf16 sums exact products in fp32 (bound 1e-5); with AVX512-BF16, fp32
+activations are first rounded to bf16, so there the reference takes them rounded. bf16 activations give bf16 outputs: the fp32 result rounded once, which the tests
 check bit for bit."""
 
 from __future__ import annotations
@@ -40,12 +39,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def int4_reference(build, x: torch.Tensor, module: Int4Linear) -> tuple[torch.Tensor, float]:
-    """What one build's int4 kernel computes, in float64, and the relative bound its output keeps to it: the product
-    of int8-quantized activations (every build now), or the exact product for a build with int16 activations."""
-    if build.int4_activations == "int8":
-        return int8_reference(x, module), 1e-5
-    return x.double() @ module.dequantize().double().t(), 1e-4
+# Every build's int4 kernel against the float64 product of its activations quantized to int8 per group
+# (`int8_reference`): fp32 rounding over up to 428 groups.
+INT4_BOUND = 1e-5
 
 
 # Row counts around the kernel's tiles (1-4 weight rows, up to 4 activation rows) and chunks (64 rows); K not
@@ -74,8 +70,7 @@ def test_int4_matches_exact_product(kernels, shape, rows):
     module = Int4Linear.from_linear(linear, group_size)
     x = torch.randn(rows, in_features, generator=generator)
     got = kernels.int4_gemv(x, module.weight, module.scales_and_zeros, group_size)
-    reference, bound = int4_reference(kernels.load(), x, module)
-    assert rel(got, reference) < bound
+    assert rel(got, int8_reference(x, module)) < INT4_BOUND
     # int8 activations: each off by up to half its group's step (1/254 of the group's largest), ~0.5-1% in all
     assert rel(got, x.double() @ module.dequantize().double().t()) < 2.5e-2
     assert torch.equal(unpack_int4(module.weight), module.codes())  # the kernel read the plain nibbles
@@ -233,11 +228,10 @@ def test_int4_every_build(build, shape):
         linear.weight[0, :group_size] += 0.5  # a group away from zero: the zero points matter
     module = Int4Linear.from_linear(linear, group_size)
     packed = _misaligned(module.weight, 1)
-    _, bound = int4_reference(build, torch.zeros(1, in_features), module)
     for rows in ROWS:
         x = torch.randn(rows, in_features, generator=generator)
         args = (packed, module.scales_and_zeros, group_size)
-        _check_rows(build.int4_gemv, x, args, lambda x: int4_reference(build, x, module)[0], bound)
+        _check_rows(build.int4_gemv, x, args, lambda x: int8_reference(x, module), INT4_BOUND)
 
 
 @pytest.mark.parametrize("group_size", [96, 256])

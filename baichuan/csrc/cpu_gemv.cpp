@@ -63,8 +63,15 @@ constexpr const char* kTarget = "avx512";
 #else
 constexpr const char* kTarget = "avx2";
 #endif
-// The integer type activations are rounded to for int4 weights (int8 weights always take int16 codes).
+// The integer type activations are rounded to for int4 weights (int8 weights always take int16 codes), and the
+// chunk of values whose even columns' codes come before its odd ones' (the bytes the int4 kernel unpacks at a time,
+// twice over: 64 bytes with AVX-512, 32 with AVX2).
 constexpr const char* kInt4Activations = "int8";
+#if defined(BAICHUAN_AVX512)
+constexpr int64_t kInt4Chunk = 128;
+#else
+constexpr int64_t kInt4Chunk = 64;
+#endif
 
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
@@ -537,8 +544,8 @@ struct Int4Tile {
 #endif
 
   // One group's int32 sums against int8 activations, in 256-bit vectors: the avx2 build's, and the AVX-512 builds'
-  // for groups that are not multiples of 128. `vpmaddubsw` multiplies 32 unsigned codes by 32 signed
-  // activation bytes and adds pairs in s16 (|.| <= 2 * 15 * 127 = 3810); a group adds G / 32 <= 8 such sums per lane
+  // for groups that are not multiples of 128. `vpmaddubsw` multiplies 32 unsigned codes by 32 signed activation
+  // bytes and adds pairs in s16 (|.| <= 2 * 15 * 127 = 3810); a group adds G / 32 <= 8 such sums per lane
   // (|.| <= 30480, exact) before one `vpmaddwd` by ones widens them to int32: about 8 instructions per 64 weights
   // where int16 activations take 14. Groups of 64 and more: 32 bytes at a time, low nibbles (even columns) against
   // the chunk's first 32 activations, high nibbles against the next 32. Odd multiples of 32: 16 bytes at a time,
@@ -970,11 +977,7 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
                   scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == groups &&
                   scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
-#if defined(BAICHUAN_AVX512)
-  const Activations a = quantize_activations_int8(x, group_size, 128);
-#else
-  const Activations a = quantize_activations_int8(x, group_size, 64);
-#endif
+  const Activations a = quantize_activations_int8(x, group_size, kInt4Chunk);
   auto y = torch::empty({M, N}, x.options());
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
