@@ -24,8 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from baichuan import cpu_gemv
+from baichuan import cpu_gemv, hugepages
 from baichuan.config import Config, ConfigError
+from baichuan.hugepages import HugePageArena, huge_pages_available
+from baichuan.memory import HEADROOM, available_memory
 from baichuan.model import Baichuan, Linear, NormHead
 from baichuan.quant.nf4 import dequantize_bnb_stream
 from baichuan.quant.spec import QUANT_METHOD, QuantizationError, read_quantization
@@ -122,14 +124,19 @@ def _index_shards(index: Path) -> list[str]:
     return list(dict.fromkeys(weight_map.values()))
 
 
-def iter_tensors(path: Path, mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from one weight file. Memory-mapped tensors cost no copy (a float load keeps them
-    as its weights); with mmap=False each tensor is read into (or copied to) memory of its own, so a loader that
-    converts and drops every tensor (quantize-on-load) does not keep a whole shard's pages resident, and no
-    tensor it keeps holds the file open."""
+def iter_tensors(
+    path: Path,
+    mmap: bool = True,
+    empty: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one weight file. Memory-mapped tensors cost no copy; with mmap=False each tensor
+    is read into (or copied to) memory of its own, so a loader that converts and drops every tensor
+    (quantize-on-load) does not keep a whole shard's pages resident, and no tensor it keeps holds the file open.
+    `empty(name, shape, dtype)` gives the memory a safetensors tensor is read into (mmap=False; default
+    `torch.empty`), for example huge pages (`hugepages.HugePageArena`)."""
     try:
         if path.suffix == ".safetensors" and not mmap:
-            yield from _read_safetensors(path)
+            yield from _read_safetensors(path, empty or _torch_empty)
         elif path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
@@ -169,11 +176,17 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _torch_empty(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _read_safetensors(
+    path: Path, empty: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
     with open(path, "rb") as f:
         data_start, entries = _safetensors_header(f, path)
         for name, (dtype, shape, start) in entries.items():
-            tensor = torch.empty(shape, dtype=dtype)
+            tensor = empty(name, tuple(shape), dtype)
             if tensor.numel():
                 raw = tensor.reshape(-1).view(torch.uint8).numpy()
                 f.seek(data_start + start)
@@ -258,10 +271,13 @@ def load_weights(
     mmap: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     keep_bf16: Collection[str] = (),
+    arena: HugePageArena | None = None,
 ) -> None:
     """Stream a directory's weights into `model` (which may live on the meta device): each tensor's name and
     shape are checked against the model, float tensors cast to `dtype` (but those named in `keep_bf16` that are
     stored in bf16 stay so), and each is put in place.
+
+    With an `arena` and mmap=False, the large tensors kept as stored are read straight onto its huge pages.
 
     `transform(name, tensor)` stands between the check and the placing (quantize-on-load and folding the head
     give one, see `load_into`): it returns the tensor to put in place, changed or not, or None where it has used
@@ -270,8 +286,20 @@ def load_weights(
     `progress(name, done, total)` hears of each tensor read."""
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
+
+    def target_dtype(name: str, stored: torch.dtype) -> torch.dtype:
+        if stored is torch.bfloat16 and name in keep_bf16:
+            return stored
+        # Integer tensors are quantized codes: never cast them.
+        return (dtype or stored) if stored.is_floating_point else expected[name].dtype
+
+    def empty(name: str, shape: tuple[int, ...], stored: torch.dtype) -> torch.Tensor:
+        if arena is not None and name in expected and target_dtype(name, stored) is stored:
+            return arena.empty(shape, stored)
+        return torch.empty(shape, dtype=stored)
+
     stream: Iterable[tuple[str, torch.Tensor]] = (
-        (name, tensor) for path in weight_files(directory) for name, tensor in iter_tensors(path, mmap)
+        (name, tensor) for path in weight_files(directory) for name, tensor in iter_tensors(path, mmap, empty)
     )
     if bnb4:  # the parts of one bitsandbytes 4-bit weight may span shards
         stream = dequantize_bnb_stream(stream, dtype)
@@ -287,11 +315,7 @@ def load_weights(
             raise CheckpointError(
                 f"{directory}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(param.shape)}"
             )
-        # Integer tensors are quantized codes: never cast them.
-        target_dtype = (dtype or tensor.dtype) if tensor.is_floating_point() else param.dtype
-        if tensor.dtype is torch.bfloat16 and name in keep_bf16:
-            target_dtype = torch.bfloat16
-        tensor = tensor.to(device=device, dtype=target_dtype)
+        tensor = tensor.to(device=device, dtype=target_dtype(name, tensor.dtype))
         if transform is not None:
             tensor = transform(name, tensor)
         if tensor is not None:
@@ -329,17 +353,21 @@ def load_model(
     group_size: int = 128,
     progress: Callable[[str, int, int], None] | None = None,
     bf16_weights: bool = False,
+    huge_pages: bool = True,
 ) -> Baichuan:
     """Load an official or toolkit checkpoint directory as the plain-PyTorch `Baichuan` model (eval mode).
 
     `quantize=8|4` quantizes each weight as it is read, so peak memory stays near the quantized size. Our saved
     quantized checkpoints and the official bitsandbytes NF4 ones (dequantized) load as they are.
-    `bf16_weights`: fp32 activations over linear weights kept in their stored bf16 (see `load_into`)."""
+    `bf16_weights`: fp32 activations over linear weights kept in their stored bf16 (see `load_into`).
+    `huge_pages`: on the CPU, weights on transparent huge pages where the system offers them (see `load_into`)."""
 
     config = read_config(directory, position, norm_head)
     with torch.device("meta"):
         model = Baichuan(config)
-    load_into(model, directory, config, dtype, device, quantize, group_size, progress, bf16_weights)
+    load_into(
+        model, directory, config, dtype, device, quantize, group_size, progress, bf16_weights, huge_pages
+    )
     return model.eval()
 
 
@@ -353,6 +381,7 @@ def load_into(
     group_size: int = 128,
     progress: Callable[[str, int, int], None] | None = None,
     bf16_weights: bool = False,
+    huge_pages: bool = True,
 ) -> None:
     """Fill a model built on the meta device (the core one or the transformers face: both have the official
     names) from a directory, quantizing on the way when asked or when the checkpoint is quantized. Sets
@@ -362,7 +391,12 @@ def load_into(
     bf16 stay so, the rest (embeddings, norms, activations) is fp32, and the NormHead is folded on the way. Our
     mat-vec widens each weight to fp32, so the products are those of the fp32 weights at half the bytes read,
     and the elementwise work stays in fp32, which such a CPU computes natively (inference only: the weights
-    are memory-mapped and the folded head is not the trainable NormHead)."""
+    are memory-mapped and the folded head is not the trainable NormHead).
+
+    `huge_pages` (a CPU load, where `hugepages.huge_pages_available`): the large weights end on transparent huge
+    pages, where a decode step streams them faster. A float load then reads its tensors onto them instead of
+    mapping the files, where they fit in the memory free (else it maps them as before); what a load converts or
+    quantizes moves there at its end."""
     try:
         stored = read_quantization(json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")))
         ours = stored is not None and stored["quant_method"] == QUANT_METHOD
@@ -372,6 +406,10 @@ def load_into(
         bnb4 = stored is not None and stored["quant_method"] == "bitsandbytes"
         transform = loader = None
         keep_bf16: tuple[str, ...] = ()
+        arena = HugePageArena() if huge_pages and _on_cpu(device) and huge_pages_available() else None
+        # A float load reads its tensors onto huge pages where they fit in memory (else it maps the files);
+        # quantizing and dequantizing loads read each one into memory they can free at once.
+        read_into_memory = quantized or bnb4 or (arena is not None and _fits_in_memory(directory))
         if quantized:
             # The head is folded on meta (a Linear) and its float rows normalised as they arrive: quantizing
             # needs the normalised rows, and no whole float head is ever held next to the quantized one.
@@ -396,11 +434,11 @@ def load_into(
             )
 
             def transform(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
-                # Normalised in a copy: a float load's tensors are memory-mapped from the file.
-                return normalize_rows_(tensor.clone()) if fold and name == "lm_head.weight" else tensor
+                if not fold or name != "lm_head.weight":
+                    return tensor
+                # A memory-mapped tensor is the file's: normalised in a copy.
+                return normalize_rows_(tensor if read_into_memory else tensor.clone())
 
-        # A float load keeps the memory-mapped tensors as its weights (no copy); quantizing or dequantizing
-        # loads convert every tensor, so they read each one into memory they can free at once.
         load_weights(
             model,
             directory,
@@ -408,15 +446,31 @@ def load_into(
             device,
             transform=transform,
             bnb4=bnb4,
-            mmap=not (quantized or bnb4),
+            mmap=not read_into_memory,
             progress=progress,
             keep_bf16=keep_bf16,
+            arena=None if quantized or bnb4 else arena,
         )
         if loader is not None:
             loader.finish()
+        if arena is not None and read_into_memory:
+            # What was converted or quantized: moved once the load is over, when no float tensor it was made
+            # from is held beside it (each module as it is built would add its size to the peak of a load).
+            arena.adopt(model)
     except QuantizationError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     model.quantization = stored if ours else (loader.record() if loader is not None else None)
+
+
+def _on_cpu(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _fits_in_memory(directory: str | os.PathLike) -> bool:
+    """Whether the checkpoint's files fit in the memory this process may still take (with its headroom)."""
+    free = available_memory()
+    stored = sum(path.stat().st_size for path in weight_files(directory))
+    return free is None or stored <= free[0] * HEADROOM
 
 
 def bf16_head_beside(dtype: torch.dtype | None, device: torch.device | str) -> bool:
@@ -448,7 +502,7 @@ def fold_norm_head(model: nn.Module) -> nn.Module:
     head = model.lm_head
     if isinstance(head, NormHead):
         with torch.no_grad():
-            weight = normalize_rows_(head.weight.detach().clone())
+            weight = normalize_rows_(hugepages.clone(head.weight.detach()))
         # The model's own Linear, which keeps its fp32 products where the CPU only emulates bf16.
         linear = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)

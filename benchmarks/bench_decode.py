@@ -5,7 +5,8 @@
     python benchmarks/bench_decode.py --dtypes bf16,int8,int4    # weight-only int8/int4 vs llama.cpp Q8_0/Q4_0
 
 Batch-1 decoding reads every weight once per token, so its ceiling is (bytes of weights per token) / (memory
-bandwidth). The bandwidth is measured in the same run over a 2 GiB fp32 matrix (too big for any cache): the
+bandwidth). The bandwidth is measured in the same run over a 2 GiB fp32 matrix (too big for any cache), on
+transparent huge pages where the system offers them (as our loads place the weights, `baichuan.hugepages`): the
 faster of the mat-vec `x @ W.T` and a plain `W.sum()` (MKL's sgemv stops short of the memory's rate). Each
 implementation runs in its own child process, one after another, on the same randomly initialised checkpoint
 (made once with `baichuan init`'s `init_checkpoint` and kept in --dir):
@@ -78,7 +79,13 @@ def worker_roofline(args) -> dict:
             times.append(time.perf_counter() - t)
         return weight.numel() * weight.element_size() / statistics.median(times) / 1e9
 
-    weight = torch.randn(32768, 16384)  # 2 GiB
+    from baichuan.hugepages import HugePageArena, huge_pages_available
+
+    # On huge pages where the system offers them, as our loads put the weights: the memory's rate at its best.
+    shape = (32768, 16384)  # 2 GiB
+    weight = (
+        HugePageArena().empty(shape, torch.float32) if huge_pages_available() else torch.empty(shape)
+    ).normal_()
     x = torch.randn(1, weight.shape[1])
     fp32 = gbps(lambda: F.linear(x, weight), weight)
     # MKL's sgemv stops short of what the memory delivers (llama.cpp decodes faster than its rate implies), so

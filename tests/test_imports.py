@@ -18,6 +18,7 @@ LAYERS = {
     "position": 1,
     "kv_cache": 1,
     "memory": 1,
+    "hugepages": 1,  # weights on transparent huge pages: torch and the standard library
     "tokenizer": 1,
     "quant": 1,  # quant/*: knows only nn.Linear; checkpoint loads through its transform hook
     "lora": 1,
@@ -41,6 +42,7 @@ LAYERS = {
 ALLOWED_ACROSS = {
     ("cpu_gemv", "cpu"),  # the kernel loader asks the CPU probes
     ("quant", "memory"),  # a quantizing load hands its temporaries' pages back (memory.return_free_memory)
+    ("hugepages", "memory"),  # moving weights onto huge pages hands back the pages they leave
     ("generate", "chat_format"),
     ("scaffold", "train"),  # init trains its tokenizer with the one trainer
     ("runtime", "checkpoint"),

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from baichuan.checkpoint import fold_norm_head, load_into
 from baichuan.hf.config import BaichuanConfig
+from baichuan.hugepages import move_to_huge_pages
 from baichuan.model import (
     Baichuan,
     BaichuanModel,
@@ -203,6 +204,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
         fold_norm_head(self)  # quantize the normalised head rows, never the raw NormHead weight
         self.quantization = self.config.quantization = quantize_model(self, bits, group_size)
+        move_to_huge_pages(self)  # as a quantizing load leaves its modules (checkpoint.load_into)
         return self
 
     # --- the originals' chat API ------------------------------------------------------------------------
