@@ -4,7 +4,8 @@ Tuning a kernel (a prefetch distance, a tile shape) moves decode speed by a few 
 machine drifts between two runs of `bench_kernels.py`. Here each variant is a directory holding its own copy of
 `cpu_gemv.cpp` (the other sources are the package's); every variant is built for one target under its own
 extension name, checked to agree with the first (to 2% of the output's norm), then timed in alternating rounds
-over the same pool of weights, so a drift of the machine slows all of them alike:
+over the same pool of weights (on transparent huge pages where the system offers them, as our loads place the
+weights; --small-pages for torch's allocator), so a drift of the machine slows all of them alike:
 
     mkdir -p /tmp/ab/base /tmp/ab/try
     cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/base/ && cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/try/   # edit try/
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baichuan.cpu import kernel_targets  # noqa: E402
 from baichuan.cpu_gemv import SOURCE, SOURCES, TARGET_FLAGS  # noqa: E402
+from baichuan.hugepages import HugePageArena, huge_pages_available  # noqa: E402
 
 SHAPES = ("1536x1536", "4608x1536", "4096x1536", "1536x4096", "125696x1536")  # the 1.29B benchmark model's
 
@@ -47,15 +49,21 @@ def build(directory: Path, target: str):
     )
 
 
-def weights(dtype: str, N: int, K: int, group_size: int, generator: torch.Generator):
+def weights(
+    dtype: str, N: int, K: int, group_size: int, generator: torch.Generator, arena: HugePageArena | None
+):
+    """One copy of a layer's tensors, on huge pages with an `arena` (as our loads place them)."""
     if dtype == "int4":
         packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=generator)
-        return packed, torch.randn(K // group_size, N, 2, generator=generator).bfloat16()
-    if dtype == "int8":
-        return torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=generator), torch.rand(
-            N, generator=generator
+        tensors = (packed, torch.randn(K // group_size, N, 2, generator=generator).bfloat16())
+    elif dtype == "int8":
+        tensors = (
+            torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=generator),
+            torch.rand(N, generator=generator),
         )
-    return (torch.randn(N, K, generator=generator).bfloat16(),)
+    else:
+        tensors = (torch.randn(N, K, generator=generator).bfloat16(),)
+    return tensors if arena is None else tuple(arena.place(t) for t in tensors)
 
 
 def product(module, dtype: str, x: torch.Tensor, w: tuple, group_size: int) -> torch.Tensor:
@@ -78,6 +86,11 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
     parser.add_argument("--pool-mb", type=int, default=768, help="weight copies per shape (past the caches)")
     parser.add_argument("--rounds", type=int, default=9, help="alternating timed rounds (median)")
+    parser.add_argument(
+        "--small-pages",
+        action="store_true",
+        help="weights in torch's allocator (4 KiB pages), not on transparent huge pages as our loads put them",
+    )
     args = parser.parse_args()
     if len(args.variants) < 2:
         parser.error("give at least two variant directories")
@@ -88,11 +101,14 @@ def main() -> None:
 
     modules = [build(directory, args.target) for directory in args.variants]
     generator = torch.Generator().manual_seed(0)
+    arena = None if args.small_pages or not huge_pages_available() else HugePageArena()
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
-        one = weights(args.dtype, N, K, args.group_size, generator)
+        one = weights(args.dtype, N, K, args.group_size, generator, arena)
         copies = max(1, (args.pool_mb << 20) // sum(t.numel() * t.element_size() for t in one))
-        pool = [one] + [weights(args.dtype, N, K, args.group_size, generator) for _ in range(copies - 1)]
+        pool = [one] + [
+            weights(args.dtype, N, K, args.group_size, generator, arena) for _ in range(copies - 1)
+        ]
         x = torch.randn(args.rows, K, generator=generator).bfloat16()
         expected = product(modules[0], args.dtype, x, one, args.group_size).float()
         for directory, module in zip(args.variants[1:], modules[1:], strict=True):
@@ -114,8 +130,9 @@ def main() -> None:
         medians = [statistics.median(s) * 1e6 for s in seconds]
         timings = "  ".join(f"{d.name} {m:.0f} µs" for d, m in zip(args.variants, medians, strict=True))
         ratios = " ".join(f"{m / medians[0]:.3f}" for m in medians[1:])
+        pages = "4 KiB pages" if arena is None else "huge pages"
         print(
-            f"{args.dtype} {shape}, {args.rows} row(s), {args.target}: {timings}; ÷ first {ratios}",
+            f"{args.dtype} {shape}, {args.rows} row(s), {args.target}, {pages}: {timings}; ÷ first {ratios}",
             flush=True,
         )
 

@@ -42,6 +42,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <tuple>
@@ -693,6 +694,12 @@ struct Int4Tile {
 
 #if defined(BAICHUAN_AVX512BF16)
 constexpr int64_t kBf16Step = 32;  // bf16 values per vdpbf16ps
+// Rows the tile prefetches ahead: at least this many bytes (12 rows of 1536 columns; 4096 columns stay at
+// kPrefetchRows). On weights on huge pages, 5-7% less time at one activation row and 8-10% at eight than
+// kPrefetchRows on four of the 1.29B shapes, 1-2% on 1536x4096; on 4 KiB pages within 1% but the head's 3% less
+// (ab_kernels, Sapphire Rapids-class Xeon; benchmarks/README.md). The widening tile stays at kPrefetchRows: 1-5%
+// more time there.
+constexpr int64_t kBf16PrefetchBytes = 36 * 1024;
 
 // x (M, K) rounded to bf16 (itself where it is bf16 already), in order.
 torch::Tensor prepare_bf16_activations(const torch::Tensor& x) {
@@ -718,13 +725,14 @@ struct Bf16Tile {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
     const int64_t full = K - K % kBf16Step;
+    const uint16_t* ahead = wn + std::max<int64_t>(kPrefetchRows, kBf16PrefetchBytes / (2 * K)) * K;
     int64_t k = 0;
     for (; k + 2 * kBf16Step <= full; k += 2 * kBf16Step) {
       // both lines of the 128 bytes a row takes this step (one of them only: 6-8% slower at 1536 columns), into L2
       // (into L1: 1-3% slower at one row, 6-14% at four; ab_kernels, benchmarks/README.md)
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T1);
-        _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k + kBf16Step), _MM_HINT_T1);
+        _mm_prefetch((const char*)(ahead + r * K + k), _MM_HINT_T1);
+        _mm_prefetch((const char*)(ahead + r * K + k + kBf16Step), _MM_HINT_T1);
       }
       for (int h = 0; h < 2; ++h) {
         __m512bh xv[MB];
