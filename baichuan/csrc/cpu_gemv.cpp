@@ -70,6 +70,7 @@ constexpr const char* kTarget = "avx2";
 constexpr const char* kInt4Activations = "int8";
 #if defined(BAICHUAN_AVX512)
 constexpr int64_t kInt4Chunk = 128;
+constexpr int64_t kInt4PrefetchBytes = 4608;  // how far ahead the AVX-512 int4 tile prefetches (Int4Tile::run)
 #else
 constexpr int64_t kInt4Chunk = 64;
 #endif
@@ -525,12 +526,11 @@ struct Int4Tile {
   // four nibbles a 16-bit lane): ab_kernels, 1.29B shapes on a Sapphire Rapids-class Xeon, 5-7% less time at one
   // activation row and 25-34% at eight (benchmarks/README.md).
   template <int R, int MB>
-  void dot_group128(__m512i (&iacc)[R][MB], const uint8_t* pn, int64_t k0, int64_t m) const {
+  void dot_group128(__m512i (&iacc)[R][MB], const uint8_t* pn, const uint8_t* ahead, int64_t k0, int64_t m) const {
     const int64_t row_bytes = K / 2;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int64_t k = k0; k < k0 + G; k += 128) {
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch((const char*)(pn + (kPrefetchRows + r) * row_bytes + k / 2), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(ahead + r * row_bytes + k / 2), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) {
         const __m512i v = _mm512_loadu_si512((const void*)(pn + r * row_bytes + k / 2));
         const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
@@ -653,6 +653,12 @@ struct Int4Tile {
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     const uint8_t* pn = packed + n * (K / 2);
+    // Rows ahead that dot_group128 prefetches: about 4.5 KB, at least 3 rows (6 of 1536 columns, 3 of 4096). On
+    // weights on huge pages against kPrefetchRows (6): 1536x4096 and 4096x4096 11-12% less time, 4096x11008 2%
+    // more, the 1536-column shapes the same; on 4 KiB pages 1536x4096 took 9% more (ab_kernels, one activation
+    // row, Sapphire Rapids-class Xeon; benchmarks/README.md). Computed once here: a distance worked out in the
+    // loop cost 2-5%.
+    const uint8_t* ahead = pn + std::max<int64_t>(3, (kInt4PrefetchBytes + K / 2 - 1) / (K / 2)) * (K / 2);
     FloatAcc facc[R][MB];
     float zero_terms[R][MB];
     for (int r = 0; r < R; ++r)
@@ -668,7 +674,7 @@ struct Int4Tile {
       if (G % 128 == 0) {
         for (int r = 0; r < R; ++r)
           for (int j = 0; j < MB; ++j) iacc[r][j] = int_zero();
-        dot_group128<R, MB>(iacc, pn, k0, m);
+        dot_group128<R, MB>(iacc, pn, ahead, k0, m);
       } else {
         __m256i narrow[R][MB];
         dot_group_bytes<R, MB, 0>(narrow, pn, k0, m);
