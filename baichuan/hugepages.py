@@ -66,12 +66,15 @@ class HugePageArena:
         self._ranges: list[tuple[int, int]] = []  # (first address, end) of each mapping
 
     def empty(self, shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised tensor; on huge pages where it is large enough to matter."""
+        """An uninitialised tensor; on huge pages where it is large enough to matter (and a mapping can be had:
+        under strict overcommit a chunk's address space counts against the limit, so a refused one falls back
+        to torch's allocator)."""
         shape = tuple(shape)
         nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if nbytes < MIN_BYTES:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._take(nbytes), dtype=dtype).view(shape)
+        if nbytes >= MIN_BYTES:
+            with contextlib.suppress(OSError):
+                return torch.frombuffer(self._take(nbytes), dtype=dtype).view(shape)
+        return torch.empty(shape, dtype=dtype)
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether `tensor` lies in one of this arena's mappings."""

@@ -57,6 +57,16 @@ def test_arena_tensors_are_aligned_advised_and_stored_apart(tmp_path):
     assert all(torch.equal(again[k], t) for k, t in (("a", a), ("b", b), ("c", c)))
 
 
+def test_a_refused_mapping_falls_back_to_torch(monkeypatch):
+    def refuse(nbytes):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hugepages, "_mapping", refuse)
+    arena = HugePageArena()
+    tensor = arena.empty((1024, 1024), torch.float32)
+    assert tensor.shape == (1024, 1024) and not arena.holds(tensor) and not advised_huge(tensor)
+
+
 def test_adopt_moves_large_tensors_in_place_and_leaves_embeddings():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(1000, 256), nn.Linear(256, 1024), nn.LayerNorm(1024))
