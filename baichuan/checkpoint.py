@@ -406,7 +406,8 @@ def load_into(
         bnb4 = stored is not None and stored["quant_method"] == "bitsandbytes"
         transform = loader = None
         keep_bf16: tuple[str, ...] = ()
-        arena = HugePageArena() if huge_pages and _on_cpu(device) and huge_pages_available() else None
+        on_cpu = torch.device(device).type == "cpu"
+        arena = HugePageArena() if huge_pages and on_cpu and huge_pages_available() else None
         # A float load reads its tensors onto huge pages where they fit in memory (else it maps the files);
         # quantizing and dequantizing loads read each one into memory they can free at once.
         read_into_memory = quantized or bnb4 or (arena is not None and _fits_in_memory(directory))
@@ -460,10 +461,6 @@ def load_into(
     except QuantizationError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     model.quantization = stored if ours else (loader.record() if loader is not None else None)
-
-
-def _on_cpu(device: torch.device | str) -> bool:
-    return torch.device(device).type == "cpu"
 
 
 def _fits_in_memory(directory: str | os.PathLike) -> bool:

@@ -100,7 +100,7 @@ class HugePageArena:
                 continue
             for tensors in (sub._parameters, sub._buffers):
                 for tensor in tensors.values():
-                    if tensor is None or tensor.device.type != "cpu" or tensor.is_meta:
+                    if tensor is None or tensor.device.type != "cpu":
                         continue
                     if tensor.nbytes < MIN_BYTES or self.holds(tensor) or not tensor.is_contiguous():
                         continue
@@ -141,11 +141,18 @@ def _address(buffer: mmap.mmap | memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
+def empty(shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
+    """`torch.empty` on the CPU: on huge pages where the tensor is large and the system offers them."""
+    if huge_pages_available():
+        return HugePageArena(chunk_bytes=0).empty(shape, dtype)
+    return torch.empty(tuple(shape), dtype=dtype)
+
+
 def clone(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of `tensor`: on huge pages where it is a large CPU tensor and the system offers them."""
-    if tensor.device.type == "cpu" and tensor.nbytes >= MIN_BYTES and huge_pages_available():
-        return HugePageArena(chunk_bytes=0).place(tensor)
-    return tensor.clone()
+    if tensor.device.type != "cpu":
+        return tensor.clone()
+    return empty(tensor.shape, tensor.dtype).copy_(tensor)
 
 
 def move_to_huge_pages(module: nn.Module) -> int:

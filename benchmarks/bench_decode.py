@@ -79,13 +79,10 @@ def worker_roofline(args) -> dict:
             times.append(time.perf_counter() - t)
         return weight.numel() * weight.element_size() / statistics.median(times) / 1e9
 
-    from baichuan.hugepages import HugePageArena, huge_pages_available
+    from baichuan import hugepages
 
     # On huge pages where the system offers them, as our loads put the weights: the memory's rate at its best.
-    shape = (32768, 16384)  # 2 GiB
-    weight = (
-        HugePageArena().empty(shape, torch.float32) if huge_pages_available() else torch.empty(shape)
-    ).normal_()
+    weight = hugepages.empty((32768, 16384), torch.float32).normal_()  # 2 GiB
     x = torch.randn(1, weight.shape[1])
     fp32 = gbps(lambda: F.linear(x, weight), weight)
     # MKL's sgemv stops short of what the memory delivers (llama.cpp decodes faster than its rate implies), so
