@@ -221,6 +221,13 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def greedy_ids(scores: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) the index of each row's largest score, the first one on ties, NaN winning (as argmax). On the
+    CPU `max(dim).indices` finds it ~4x as fast as `argmax`: 0.4 against 1.9 ms for 8 rows of a 125,696
+    vocabulary in bf16 (Xeon, 2 threads), a tenth of a batched int8 step's head."""
+    return scores.max(dim=-1).indices
+
+
 def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
     """(B, V) float logits -> the scores sampling draws from, in transformers' processor order."""
     if sampling.vocab_size is not None and logits.shape[-1] > sampling.vocab_size:
@@ -251,10 +258,10 @@ def sample_next(
         and (seen is None or sampling.repetition_penalty == 1.0)
         and (sampling.vocab_size is None or logits.shape[-1] <= sampling.vocab_size)
     ):
-        return logits.argmax(dim=-1)  # widening to fp32 is exact and changes no comparison: skip the copy
+        return greedy_ids(logits)  # widening to fp32 is exact and changes no comparison: skip the copy
     scores = process_logits(logits.float(), seen, sampling)
     if sampling.greedy:
-        return scores.argmax(dim=-1)
+        return greedy_ids(scores)
     candidates = kept_candidates(scores)
     if candidates is not None:
         # Drawn among the kept alone (the same distribution): torch.multinomial over a 125,696 vocabulary took

@@ -18,6 +18,7 @@ from baichuan.generate import (
     chat,
     generate,
     generate_tokens,
+    greedy_ids,
     process_logits,
     sample_next,
     stream_text,
@@ -169,6 +170,18 @@ def test_top_p_keeps_at_least_one_token_and_penalty_signs():
     assert torch.isfinite(process_logits(logits, None, SamplingConfig(do_sample=True, top_p=1e-6))).sum() == 1
     seen = torch.tensor([[True, False, True, False]])
     assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[5.0, 0.0, -2.0, -2.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ids_pick_what_argmax_picks(dtype):
+    """Ties (common in bf16) go to the first index, a NaN wins, a row of -inf gives 0: as argmax does."""
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 8):
+        logits = (torch.randint(-20, 20, (rows, 5000), generator=generator) / 4).to(dtype)
+        logits[0, [7, 4000]] = float("nan")
+        logits[-1] = float("-inf") if rows > 1 else logits[-1]
+        assert torch.equal(greedy_ids(logits), logits.argmax(-1))
+        assert torch.equal(greedy_ids(logits[1:]), logits[1:].argmax(-1))
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():

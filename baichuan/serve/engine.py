@@ -33,6 +33,7 @@ from baichuan.generate import (
     SamplingConfig,
     TextStream,
     apply_repetition_penalty,
+    greedy_ids,
     process_logits,
     sample_next,
 )
@@ -499,7 +500,7 @@ def sample_fast(logits: torch.Tensor, seen: torch.Tensor | None, sampling: Sampl
             picked, torch.ones_like(picked, dtype=torch.bool), sampling.repetition_penalty
         )
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        return greedy_ids(logits)
     if not sampling.top_k:
         return sample_next(logits, None, sampling.replace(repetition_penalty=1.0))
     values, ids = torch.topk(logits, min(sampling.top_k, logits.shape[-1]))  # (B, k)
