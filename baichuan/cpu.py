@@ -51,6 +51,14 @@ AMX_BF16_MAX_ROWS = 256
 # 0.85 at 512, 0.98 / 1.02 at 1024, 1.17 / 1.35 at 2048. Xeon with AMX, 1.29B shapes.
 AMX_QUANTIZED_MIN_ROWS = 9
 AMX_QUANTIZED_MAX_ROWS = 768
+# int8 weights (a scale a row, or per group of a multiple of 32 columns) where the CPU has AMX-INT8 (the avx512bf16
+# build): from AMX_INT8_MIN_ROWS to AMX_INT8_MAX_ROWS rows, of fp32 or bf16 activations, our AMX-INT8 kernel on the
+# decode kernel's int16 codes (cpu_gemv's `amx_int8_int16_matmul`: no widening of the weight), in place of our
+# mat-vec and, from 9 rows, of `amx_int8_matmul`. Time ÷ the mat-vec's at 5 / 6 / 8 rows: 0.88-0.97 / 0.73-0.91 /
+# 0.66-0.67 (1.07-1.23 at one row), the head's (groups of 32) 0.64 / - / 0.45; ÷ `amx_int8_matmul`'s at 16 rows
+# 0.45-0.72, at 64 1.01-1.49. Xeon with AMX, 1.29B shapes.
+AMX_INT8_MIN_ROWS = 5
+AMX_INT8_MAX_ROWS = 16
 
 
 @functools.cache
@@ -149,6 +157,12 @@ def amx_quantized_max_rows(target: str | None) -> int:
     """Activation rows up to which our AMX kernels take int8 and int4 products of bf16 rows here (from
     AMX_QUANTIZED_MIN_ROWS on): 0 where the CPU has no AMX or a lower build runs."""
     return AMX_QUANTIZED_MAX_ROWS if target == "avx512bf16" and has_amx() else 0
+
+
+def amx_int8_max_rows(target: str | None) -> int:
+    """Activation rows up to which our AMX-INT8 kernel takes int8 products (per-row scales) here (from
+    AMX_INT8_MIN_ROWS on): 0 where the CPU has no AMX or a lower build runs (the build itself checks AMX-INT8)."""
+    return AMX_INT8_MAX_ROWS if target == "avx512bf16" and has_amx() else 0
 
 
 def bf16_prompt_min_rows(target: str | None) -> int | None:

@@ -29,9 +29,12 @@ import torch
 
 from baichuan.cpu import (
     AMX_BF16_MIN_ROWS,
+    AMX_INT8_MAX_ROWS,
+    AMX_INT8_MIN_ROWS,
     AMX_QUANTIZED_MIN_ROWS,
     GEMV_MAX_ROWS,
     amx_bf16_max_rows,
+    amx_int8_max_rows,
     amx_quantized_max_rows,
     bf16_gemv_max_rows,
     bf16_prompt_min_rows,
@@ -49,6 +52,7 @@ SOURCES = (
     CSRC / "cpu_prompt_bf16.cpp",
     CSRC / "cpu_prompt_amx.cpp",
     CSRC / "cpu_attention_amx.cpp",
+    CSRC / "cpu_amx_int8.cpp",
 )
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
@@ -168,10 +172,19 @@ def _amx_quantized_max_rows() -> int:
     return amx_quantized_max_rows(load().target) if _amx_ready() else 0
 
 
+def _amx_int8_max_rows() -> int:
+    if not _amx_ready():
+        return 0
+    module = load()
+    return amx_int8_max_rows(module.target) if module.amx_int8_ready() else 0
+
+
 # False restores the products bf16, int8 and int4 prompts had before `bf16_matmul` and the AMX kernels (the
 # benchmarks compare).
 BF16_PROMPTS = True
 AMX_PROMPTS = True
+# False sends int8 batches back to the mat-vec and `amx_int8_matmul` (the benchmarks compare).
+AMX_INT8 = True
 
 
 def bf16_prompts(rows: int, weight: torch.Tensor) -> bool:
@@ -206,6 +219,18 @@ def amx_quantized_prompts(rows: int, out_features: int, in_features: int) -> boo
         and rows <= _amx_quantized_max_rows()
         and out_features % 32 == 0
         and in_features % 32 == 0
+    )
+
+
+def amx_int8_products(rows: int, out_features: int, in_features: int) -> bool:
+    """Whether `rows` activation rows (fp32 or bf16) against an int8 weight of this shape (per-row scales, or group
+    scales of a multiple of 32 columns) go to `amx_int8_int16_matmul`."""
+    return (
+        AMX_INT8_MIN_ROWS <= rows <= AMX_INT8_MAX_ROWS  # cheap tests first: prompts never ask the build
+        and AMX_INT8
+        and out_features % 32 == 0
+        and in_features % 64 == 0
+        and rows <= _amx_int8_max_rows()
     )
 
 
@@ -289,6 +314,14 @@ def amx_int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor)
     (N,), N and K multiples of 32, on AMX tiles; only where `amx_quantized_prompts` allows. None where the kernels are
     not available."""
     return _apply("amx_int8_matmul", x, weight, scales)
+
+
+def amx_int8_int16_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """(x @ weight.T) * scales for x (..., K), contiguous int8 codes (N, K) and fp32 per-row scales (N,) or bf16
+    group scales (N, K/G) with G a multiple of 32, N and K multiples of 32, on AMX-INT8 tiles against x's int16 codes
+    as `int8_gemv` quantizes them (`csrc/cpu_amx_int8.cpp`); only where `amx_int8_products` allows. None where the
+    kernels are not available."""
+    return _apply("amx_int8_int16_matmul", x, weight, scales)
 
 
 def amx_int4_matmul(

@@ -189,7 +189,7 @@ def _add_and_norm(x: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> tuple[torc
 
 
 # How `decode_layer` (csrc/cpu_fused.cpp) runs each product of a layer: the choice the layer's own forward makes.
-_TORCH_PRODUCT, _BF16_PRODUCT, _INT8_PRODUCT, _INT4_PRODUCT = 0, 1, 2, 3
+_TORCH_PRODUCT, _BF16_PRODUCT, _INT8_PRODUCT, _INT4_PRODUCT, _AMX_INT8_PRODUCT = 0, 1, 2, 3, 4
 
 
 def _plain(module: nn.Module) -> bool:
@@ -242,16 +242,15 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
             or module.group_size is not None
             or module.in_features % 16
             or rows > cpu_gemv.MAX_ROWS
-            or (dtype is torch.bfloat16 and cpu_gemv.amx_quantized_prompts(rows, *buffers["weight"].shape))
         ):
             return None
-        scales = buffers["scales"]
-        return (
-            _INT8_PRODUCT,
-            buffers["weight"],
-            scales if scales.dtype is torch.float32 else scales.float(),
-            0,
-        )
+        weight, scales = buffers["weight"], buffers["scales"]
+        scales = scales if scales.dtype is torch.float32 else scales.float()
+        if cpu_gemv.amx_int8_products(rows, *weight.shape):
+            return _AMX_INT8_PRODUCT, weight, scales, 0
+        if dtype is torch.bfloat16 and cpu_gemv.amx_quantized_prompts(rows, *weight.shape):
+            return None
+        return _INT8_PRODUCT, weight, scales, 0
     if kind is Int4Linear:
         if (
             not module.use_kernel

@@ -50,16 +50,25 @@ def build(directory: Path, target: str):
 
 
 def weights(
-    dtype: str, N: int, K: int, group_size: int, generator: torch.Generator, arena: HugePageArena | None
+    dtype: str,
+    N: int,
+    K: int,
+    group_size: int,
+    int8_group: int | None,
+    generator: torch.Generator,
+    arena: HugePageArena | None,
 ):
-    """One copy of a layer's tensors, on huge pages with an `arena` (as our loads place them)."""
+    """One copy of a layer's tensors, on huge pages with an `arena` (as our loads place them): int8 weights with
+    a scale a row, or with bf16 scales per `int8_group` columns (as an 8-bit model's head)."""
     if dtype == "int4":
         packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=generator)
         tensors = (packed, torch.randn(K // group_size, N, 2, generator=generator).bfloat16())
     elif dtype == "int8":
         tensors = (
             torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=generator),
-            torch.rand(N, generator=generator),
+            torch.rand(N, generator=generator)
+            if int8_group is None
+            else torch.rand(N, K // int8_group, generator=generator).bfloat16(),
         )
     else:
         tensors = (torch.randn(N, K, generator=generator).bfloat16(),)
@@ -84,6 +93,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1, help="activation rows")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="NxK products, comma-separated")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    parser.add_argument(
+        "--int8-groups",
+        type=int,
+        default=None,
+        help="int8: bf16 scales per this many columns (default: one a row)",
+    )
     parser.add_argument("--pool-mb", type=int, default=768, help="weight copies per shape (past the caches)")
     parser.add_argument("--rounds", type=int, default=9, help="alternating timed rounds (median)")
     parser.add_argument(
@@ -104,10 +119,11 @@ def main() -> None:
     arena = None if args.small_pages or not huge_pages_available() else HugePageArena()
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
-        one = weights(args.dtype, N, K, args.group_size, generator, arena)
+        one = weights(args.dtype, N, K, args.group_size, args.int8_groups, generator, arena)
         copies = max(1, (args.pool_mb << 20) // sum(t.numel() * t.element_size() for t in one))
         pool = [one] + [
-            weights(args.dtype, N, K, args.group_size, generator, arena) for _ in range(copies - 1)
+            weights(args.dtype, N, K, args.group_size, args.int8_groups, generator, arena)
+            for _ in range(copies - 1)
         ]
         x = torch.randn(args.rows, K, generator=generator).bfloat16()
         expected = product(modules[0], args.dtype, x, one, args.group_size).float()

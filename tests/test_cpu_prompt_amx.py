@@ -254,9 +254,11 @@ def test_bad_int4_operands_are_refused_with_a_message(amx):
 @pytest.fixture
 def amx_quantized_calls(monkeypatch):
     """As amx_calls, for int8 and int4 weights: rows from AMX_QUANTIZED_MIN_ROWS to AMX_QUANTIZED_MAX_ROWS routed to
-    the kernels (answered by the dequantized product where this CPU has no AMX); the shapes they were called with."""
+    the kernels (answered by the dequantized product where this CPU has no AMX); the shapes they were called with.
+    The int8 rows the AMX-INT8 kernel takes first where the CPU has it (test_cpu_amx_int8.py) stay with these."""
     require_cpu_kernels()
     monkeypatch.setattr(cpu_gemv, "_amx_quantized_max_rows", lambda: cpu.AMX_QUANTIZED_MAX_ROWS)
+    monkeypatch.setattr(cpu_gemv, "_amx_int8_max_rows", lambda: 0)
     calls = []
     ready = cpu_gemv.load().amx_ready()
 

@@ -23,6 +23,7 @@ namespace baichuan_cpu_gemv {
 
 // cpu_gemv.cpp
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales);
+torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales);
 torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_and_zeros,
                         int64_t group_size);
 torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight);
@@ -30,7 +31,7 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight);
 namespace {
 
 // How a linear layer's product runs: the same choice the layer's own forward makes (see model.py).
-enum LinearKind : int64_t { kTorch = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3 };
+enum LinearKind : int64_t { kTorch = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kAmxInt8 = 4 };
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return float(v); }
@@ -455,6 +456,8 @@ torch::Tensor linear(const torch::Tensor& x, int64_t kind, const torch::Tensor& 
       return int8_gemv(x, a, b);
     case kInt4:
       return int4_gemv(x, a, b, group);
+    case kAmxInt8:
+      return amx_int8_int16_matmul(x, a, b);
     default:
       return at::linear(x, a);
   }

@@ -6,7 +6,8 @@
 //   avx512      AVX-512 F/BW/VL/DQ + VNNI: 512-bit vectors, `vpdpwssd` for int8 (multiply pairs of int16 and
 //               accumulate in int32, one instruction where AVX2 needs two), `vpdpbusd` for int4 (quads of bytes);
 //   avx512bf16  the above + AVX512-BF16: `vdpbf16ps` for the bf16 product; and where the CPU has AMX-BF16,
-//               short bf16 prompts on its tiles (cpu_prompt_amx.cpp, checked at run time).
+//               short bf16 prompts on its tiles (cpu_prompt_amx.cpp, checked at run time), and where it has
+//               AMX-INT8, int8 batches of 5 to 16 rows (cpu_amx_int8.cpp).
 //
 // The loader picks the build from the CPU's features and names each after its target, so a build never runs on
 // a CPU without its instructions.
@@ -1033,6 +1034,7 @@ void register_prompt_int8(pybind11::module_& m);  // cpu_prompt_int8.cpp
 void register_prompt_bf16(pybind11::module_& m);  // cpu_prompt_bf16.cpp
 void register_prompt_amx(pybind11::module_& m);   // cpu_prompt_amx.cpp
 void register_attention_amx(pybind11::module_& m);  // cpu_attention_amx.cpp
+void register_amx_int8(pybind11::module_& m);       // cpu_amx_int8.cpp
 
 }  // namespace baichuan_cpu_gemv
 
@@ -1044,6 +1046,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   k::register_prompt_bf16(m);
   k::register_prompt_amx(m);
   k::register_attention_amx(m);
+  k::register_amx_int8(m);
   m.attr("target") = k::kTarget;
   m.attr("int8_activations") = "int16";
   m.attr("int4_activations") = k::kInt4Activations;

@@ -205,7 +205,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = None
         if self.use_kernel:
-            y = self._amx(x)
+            y = self._amx_int8(x)
+            if y is None:
+                y = self._amx(x)
             if y is None:
                 y = self._prompt(x)
             if y is None:
@@ -283,6 +285,24 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # load_state_dict(assign=True) puts a file's tensor here as it is; aligned, it keeps torch's kernel.
         self.weight = _aligned(self.weight)
+
+    def _amx_int8(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A few fp32 or bf16 rows on AMX-INT8 tiles (`cpu_gemv.amx_int8_int16_matmul`, the mat-vec's int16 codes)
+        where the CPU has AMX-INT8 and `cpu_gemv.amx_int8_products` takes this many rows: per-row scales, or group
+        scales of a multiple of 32 columns (an 8-bit model's head); None elsewhere, or where a gradient must
+        flow."""
+        if (
+            (self.group_size is not None and self.group_size % 32)
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.bfloat16)
+            or not cpu_gemv.amx_int8_products(
+                x.numel() // self.in_features, self.out_features, self.in_features
+            )
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return None
+        scales = self._kernel_scales()
+        return None if scales is None else cpu_gemv.amx_int8_int16_matmul(x, self._buffers["weight"], scales)
 
     def _amx(self, x: torch.Tensor) -> torch.Tensor | None:
         """bf16 rows on AMX tiles (`cpu_gemv.amx_int8_matmul`) where the CPU has AMX and
