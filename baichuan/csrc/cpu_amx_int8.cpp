@@ -36,8 +36,12 @@ namespace baichuan_cpu_gemv {
 // cpu_gemv.cpp: the decode kernel's activation block for these scales (checked), and its codes and block scales.
 int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K);
 std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B);
-// cpu_prompt_amx.cpp: AMX-TILE and AMX-BF16, and the tile state granted to this process.
+// cpu_prompt_amx.cpp: AMX-TILE and AMX-BF16, and the tile state granted to this process; the tiles' shapes.
 bool amx_ready();
+#if defined(BAICHUAN_AMX_INT8)
+__attribute__((target("amx-tile,amx-bf16"))) void configure_tiles(const uint8_t (&rows)[8],
+                                                                  const uint16_t (&colsb)[8]);
+#endif
 
 namespace {
 
@@ -49,24 +53,12 @@ bool has_amx_int8() {
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 25));
 }
 
-struct TileConfig {  // the layout `ldtilecfg` reads (palette 1)
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // C tiles 0-3 (16 rows of 16 int32 sums), A tiles 4-5 (16 weight rows of `step` codes), B tiles 6-7 (`step` / 4 quads
 // of inputs of 16 activation rows).
-BAICHUAN_AMX_INT8_FN void configure_tiles(int64_t step) {
-  TileConfig config;
-  for (int i = 0; i < 8; ++i) {
-    config.rows[i] = i >= 6 ? uint8_t(step / 4) : 16;
-    config.colsb[i] = i == 4 || i == 5 ? uint16_t(step) : 64;
-  }
-  asm volatile("" : : "r"(&config) : "memory");  // as in cpu_prompt_amx.cpp: keep the stores ldtilecfg reads
-  _tile_loadconfig(&config);
+BAICHUAN_AMX_INT8_FN void configure_for(int64_t step) {
+  const auto quads = uint8_t(step / 4);
+  const auto codes = uint16_t(step);
+  configure_tiles({16, 16, 16, 16, 16, 16, quads, quads}, {64, 64, 64, 64, codes, codes, 64, 64});
 }
 
 // codes (M, K) int16 -> B tiles [M/16 groups][K/step steps][hi, lo][step/4 quads of inputs][16 rows][4 bytes], rows
@@ -114,7 +106,7 @@ BAICHUAN_AMX_INT8_FN void run_blocks(const int8_t* w, const float* row_scales, c
                                      const uint8_t* tiles, const float* scales_by_group, float* Y, at::BFloat16* Yb,
                                      int64_t M, int64_t N, int64_t K, int64_t B, int64_t step, int64_t groups,
                                      int64_t b0, int64_t b1) {
-  configure_tiles(step);
+  configure_for(step);
   const int64_t steps = K / step, blocks = K / B, block_steps = B / step, pair = step * 32;
   alignas(64) int32_t c[4][16][16];  // C tiles: rows 0-15 hi, rows 0-15 lo, rows 16-31 hi, rows 16-31 lo
   alignas(64) float sums[32][16];    // output row x activation row of the group

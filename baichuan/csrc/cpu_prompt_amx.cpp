@@ -48,7 +48,7 @@ struct TileConfig {  // the layout `ldtilecfg` reads (palette 1)
 };
 }  // namespace
 
-// amx_ready, configure_tiles and pack_rows serve cpu_attention_amx.cpp too.
+// amx_ready, configure_tiles and pack_rows serve cpu_attention_amx.cpp and cpu_amx_int8.cpp too.
 // CPUID says AMX-TILE and AMX-BF16, and Linux lets this process use the tile state (it must be asked for once).
 bool amx_ready() {
   static const bool ready = [] {
@@ -61,16 +61,21 @@ bool amx_ready() {
   return ready;
 }
 
-// All 8 tiles 16 rows of 64 bytes, the one shape every product here uses.
-BAICHUAN_AMX_FN void configure_tiles() {
+// Tiles 0-7 of these shapes (rows, bytes a row).
+BAICHUAN_AMX_FN void configure_tiles(const uint8_t (&rows)[8], const uint16_t (&colsb)[8]) {
   TileConfig config;
   for (int i = 0; i < 8; ++i) {
-    config.rows[i] = 16;
-    config.colsb[i] = 64;
+    config.rows[i] = rows[i];
+    config.colsb[i] = colsb[i];
   }
   // GCC 12 drops the stores above as dead where this is not inlined (ldtilecfg then reads garbage and faults)
   asm volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
+}
+
+// All 8 tiles 16 rows of 64 bytes, the one shape every product here uses.
+BAICHUAN_AMX_FN void configure_tiles() {
+  configure_tiles({16, 16, 16, 16, 16, 16, 16, 16}, {64, 64, 64, 64, 64, 64, 64, 64});
 }
 
 // x (M, K) bf16, its rows row_pairs 32-bit pairs apart, as B tiles, 1 KB each, [Mp/32 pairs][K/32 steps][2 row tiles]
