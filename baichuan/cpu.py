@@ -160,7 +160,7 @@ def amx_quantized_max_rows(target: str | None) -> int:
 
 
 def amx_int8_max_rows(target: str | None) -> int:
-    """Activation rows up to which our AMX-INT8 kernel takes int8 products (per-row scales) here (from
+    """Activation rows up to which our AMX-INT8 kernel takes int8 products here (from
     AMX_INT8_MIN_ROWS on): 0 where the CPU has no AMX or a lower build runs (the build itself checks AMX-INT8)."""
     return AMX_INT8_MAX_ROWS if target == "avx512bf16" and has_amx() else 0
 

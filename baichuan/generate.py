@@ -224,7 +224,7 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def greedy_ids(scores: torch.Tensor) -> torch.Tensor:
     """(B, V) -> (B,) the index of each row's largest score, the first one on ties, NaN winning (as argmax). On the
     CPU `max(dim).indices` finds it ~4x as fast as `argmax`: 0.4 against 1.9 ms for 8 rows of a 125,696
-    vocabulary in bf16 (Xeon, 2 threads), a tenth of a batched int8 step's head."""
+    vocabulary in bf16 (Xeon, 2 threads), where a batch-8 int8 step of the 1.29B model takes ~70 ms."""
     return scores.max(dim=-1).indices
 
 

@@ -23,7 +23,8 @@ namespace baichuan_cpu_gemv {
 
 // cpu_gemv.cpp
 torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales);
-torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales);
+torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor& weight,
+                                    const torch::Tensor& scales);  // cpu_amx_int8.cpp
 torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_and_zeros,
                         int64_t group_size);
 torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight);
