@@ -142,6 +142,14 @@ def amx():
     return module
 
 
+@pytest.fixture(scope="module")
+def amx_int8(amx):
+    """The avx512bf16 build, where this CPU has AMX-INT8 as well."""
+    if not amx.amx_int8_ready():
+        skip_platform("this CPU has no AMX-INT8")
+    return amx
+
+
 def on_one_thread(fn):
     """fn() computed with torch (and so our kernels' parallel_for) on a single thread."""
     threads = torch.get_num_threads()

@@ -13,17 +13,8 @@ import torch
 from baichuan import cpu, cpu_gemv
 from baichuan.model import _AMX_INT8_PRODUCT, _INT8_PRODUCT, _fused_product
 from baichuan.quant.int8 import Int8Linear
-from tests.conftest import kernel_build, on_one_thread, require_cpu_kernels, skip_platform
+from tests.conftest import kernel_build, on_one_thread, require_cpu_kernels
 from tests.test_fused import decode_both_ways, tiny_model
-
-
-@pytest.fixture(scope="module")
-def amx():
-    """The avx512bf16 build, where this CPU has AMX-INT8 and lets this process use the tiles."""
-    module = kernel_build("avx512bf16")
-    if not module.amx_int8_ready():
-        skip_platform("this CPU has no AMX-INT8 (or the kernel refuses the tiles)")
-    return module
 
 
 def operands(rows: int, N: int, K: int, seed: int = 0, group: int | None = None):
@@ -63,40 +54,43 @@ def exact_and_bound(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor):
     [(32, 64, None), (96, 320, None), (64, 4096, None), (128, 1536, None), (64, 1536, 32), (96, 384, 128)],
     ids=str,
 )
-def test_matches_the_exact_product_to_the_codes_rounding(amx, shape, rows):
+def test_matches_the_exact_product_to_the_codes_rounding(amx_int8, shape, rows):
     N, K, group = shape
     x, codes, scales = operands(rows, N, K, seed=rows + N, group=group)
-    y = amx.amx_int8_int16_matmul(x, codes, scales)
+    y = amx_int8.amx_int8_int16_matmul(x, codes, scales)
     exact, bound = exact_and_bound(x, codes, scales)
     assert y.dtype == torch.float32 and y.shape == (rows, N)
     assert ((y.double() - exact).abs() <= bound).all()
     # and the mat-vec, whose sums are the same up to the order of its fp32 additions (of lanes' partial sums)
-    gemv = amx.int8_gemv(x, codes, scales)
+    gemv = amx_int8.int8_gemv(x, codes, scales)
     assert ((y - gemv).norm() / gemv.norm()).item() < 1e-6
 
 
-def test_bf16_rows_give_the_fp32_result_rounded(amx):
+def test_bf16_rows_give_the_fp32_result_rounded(amx_int8):
     x, codes, scales = operands(8, 64, 1536, seed=1)
     xb = x.bfloat16()
-    y = amx.amx_int8_int16_matmul(xb, codes, scales)
+    y = amx_int8.amx_int8_int16_matmul(xb, codes, scales)
     assert y.dtype == torch.bfloat16
-    assert torch.equal(y, amx.amx_int8_int16_matmul(xb.float(), codes, scales).bfloat16())
+    assert torch.equal(y, amx_int8.amx_int8_int16_matmul(xb.float(), codes, scales).bfloat16())
 
 
-def test_the_bits_do_not_depend_on_the_threads(amx):
+def test_the_bits_do_not_depend_on_the_threads(amx_int8):
     x, codes, scales = operands(20, 32 * 7, 320, seed=3)  # 7 blocks over 2 threads, two 16-row groups
-    y = amx.amx_int8_int16_matmul(x, codes, scales)
-    assert torch.equal(on_one_thread(lambda: amx.amx_int8_int16_matmul(x, codes, scales)), y)
+    y = amx_int8.amx_int8_int16_matmul(x, codes, scales)
+    assert torch.equal(on_one_thread(lambda: amx_int8.amx_int8_int16_matmul(x, codes, scales)), y)
 
 
-def test_non_finite_rows_leave_the_others_alone(amx):
+def test_non_finite_rows_leave_the_others_alone(amx_int8):
     x, codes, scales = operands(8, 64, 512, seed=5)
     x[2, 7], x[5, 300] = float("inf"), float("nan")
-    y = amx.amx_int8_int16_matmul(x, codes, scales)
+    y = amx_int8.amx_int8_int16_matmul(x, codes, scales)
     assert y[2].isnan().all() and y[5].isnan().all()
     for row in (0, 1, 3, 4, 6, 7):
-        assert torch.equal(y[row], amx.amx_int8_int16_matmul(x[row : row + 1], codes, scales)[0])
-    assert amx.amx_int8_int16_matmul(torch.empty(0, 64), codes[:, :64].contiguous(), scales).shape == (0, 64)
+        assert torch.equal(y[row], amx_int8.amx_int8_int16_matmul(x[row : row + 1], codes, scales)[0])
+    assert amx_int8.amx_int8_int16_matmul(torch.empty(0, 64), codes[:, :64].contiguous(), scales).shape == (
+        0,
+        64,
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,9 +111,9 @@ def test_non_finite_rows_leave_the_others_alone(amx):
     ],
     ids=["outputs", "inputs", "weight-dtype", "groups-of-16", "scale-dtype", "x-dtype", "mismatch"],
 )
-def test_bad_operands_are_refused_with_a_message(amx, x, codes, scales, message):
+def test_bad_operands_are_refused_with_a_message(amx_int8, x, codes, scales, message):
     with pytest.raises(RuntimeError, match=message):
-        amx.amx_int8_int16_matmul(x, codes, scales)
+        amx_int8.amx_int8_int16_matmul(x, codes, scales)
 
 
 def test_lower_builds_refuse_it_with_a_message():
@@ -214,7 +208,7 @@ def test_the_fused_decode_layer_gives_batches_to_the_kernel(amx_int8_calls, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_batched_decode_matches_the_modules(amx, dtype):
+def test_fused_batched_decode_matches_the_modules(amx_int8, dtype):
     """A batch of 8 through the fused layer (the kernel called from C++) and through the modules (from
     Int8Linear): the same products, so the same logits up to the fused path's own roundings."""
     model = tiny_model(dtype, 8)

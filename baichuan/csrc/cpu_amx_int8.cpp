@@ -92,17 +92,9 @@ BAICHUAN_AMX_INT8_FN void pack_codes(const int16_t* codes, const float* scales, 
   });
 }
 
-// bf16 bits -> float
-inline float widen_bf16(uint16_t bits) {
-  const uint32_t wide = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
-}
-
 // Output blocks [b0, b1) of 32 weight rows against every activation row. The weight's scales: one a row
 // (row_scales), or bf16 ones per block of B inputs (group_scales (N, K/B)).
-BAICHUAN_AMX_INT8_FN void run_blocks(const int8_t* w, const float* row_scales, const uint16_t* group_scales,
+BAICHUAN_AMX_INT8_FN void run_blocks(const int8_t* w, const float* row_scales, const at::BFloat16* group_scales,
                                      const uint8_t* tiles, const float* scales_by_group, float* Y, at::BFloat16* Yb,
                                      int64_t M, int64_t N, int64_t K, int64_t B, int64_t step, int64_t groups,
                                      int64_t b0, int64_t b1) {
@@ -147,8 +139,8 @@ BAICHUAN_AMX_INT8_FN void run_blocks(const int8_t* w, const float* row_scales, c
             const __m512i exact = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c[2 * h][r]), 8),
                                                    _mm512_load_si512(c[2 * h + 1][r]));
             const int64_t n = b * 32 + h * 16 + r;
-            const __m512 s =
-                group_scales ? _mm512_mul_ps(scale, _mm512_set1_ps(widen_bf16(group_scales[n * blocks + blk]))) : scale;
+            const __m512 s = group_scales ? _mm512_mul_ps(scale, _mm512_set1_ps(float(group_scales[n * blocks + blk])))
+                                          : scale;
             float* row = sums[h * 16 + r];
             _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), s, _mm512_load_ps(row)));
           }
@@ -208,7 +200,7 @@ torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor&
     const int8_t* w = weight.data_ptr<int8_t>();
     const bool grouped = scales.dim() == 2;
     const float* rs = grouped ? nullptr : scales.data_ptr<float>();
-    const auto* gs = grouped ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()) : nullptr;
+    const at::BFloat16* gs = grouped ? scales.data_ptr<at::BFloat16>() : nullptr;
     const bool bf16 = y.scalar_type() == torch::kBFloat16;
     float* Y = bf16 ? nullptr : y.data_ptr<float>();
     at::BFloat16* Yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
