@@ -71,7 +71,7 @@ constexpr const char* kTarget = "avx2";
 constexpr const char* kInt4Activations = "int8";
 #if defined(BAICHUAN_AVX512)
 constexpr int64_t kInt4Chunk = 128;
-constexpr int64_t kInt4PrefetchBytes = 4608;  // how far ahead the AVX-512 int4 tile prefetches (Int4Tile::run)
+constexpr int64_t kInt4PrefetchBytes = 16384;  // how far ahead the AVX-512 int4 tile prefetches (Int4Tile::run)
 #else
 constexpr int64_t kInt4Chunk = 64;
 #endif
@@ -531,7 +531,7 @@ struct Int4Tile {
     const int64_t row_bytes = K / 2;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int64_t k = k0; k < k0 + G; k += 128) {
-      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(ahead + r * row_bytes + k / 2), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(ahead + r * row_bytes + k / 2), _MM_HINT_T1);
       for (int r = 0; r < R; ++r) {
         const __m512i v = _mm512_loadu_si512((const void*)(pn + r * row_bytes + k / 2));
         const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
@@ -654,11 +654,10 @@ struct Int4Tile {
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     const uint8_t* pn = packed + n * (K / 2);
-    // Rows ahead that dot_group128 prefetches: about 4.5 KB, at least 3 rows (6 of 1536 columns, 3 of 4096). On
-    // weights on huge pages against kPrefetchRows (6): 1536x4096 and 4096x4096 11-12% less time, 4096x11008 2%
-    // more, the 1536-column shapes the same; on 4 KiB pages 1536x4096 took 9% more (ab_kernels, one activation
-    // row, Sapphire Rapids-class Xeon; benchmarks/README.md). Computed once here: a distance worked out in the
-    // loop cost 2-5%.
+    // Rows ahead that dot_group128 prefetches, into L2: about 16 KB, at least 3 rows (22 of 1536 columns, 8 of
+    // 4096). On a Zen 4 (ab_kernels, one activation row, 1.29B shapes) 0.49-0.78 of the time of the 4.5 KB into L1
+    // tuned on a Sapphire Rapids-class Xeon, where L1 had been 0-5% faster (benchmarks/README.md). Computed once
+    // here: a distance worked out in the loop cost 2-5%.
     const uint8_t* ahead = pn + std::max<int64_t>(3, (kInt4PrefetchBytes + K / 2 - 1) / (K / 2)) * (K / 2);
     FloatAcc facc[R][MB];
     float zero_terms[R][MB];
