@@ -656,8 +656,8 @@ struct Int4Tile {
     const uint8_t* pn = packed + n * (K / 2);
     // Rows ahead that dot_group128 prefetches, into L2: about 16 KB, at least 3 rows (22 of 1536 columns, 8 of
     // 4096). On a Zen 4 (ab_kernels, one activation row, 1.29B shapes) 0.49-0.78 of the time of the 4.5 KB into L1
-    // tuned on a Sapphire Rapids-class Xeon, where L1 had been 0-5% faster (benchmarks/README.md). Computed once
-    // here: a distance worked out in the loop cost 2-5%.
+    // tuned on a Sapphire Rapids-class Xeon, where 16 KB into L2 had streamed about the same (20.0-22.6 GB/s against
+    // 19-22; benchmarks/README.md). Computed once here: a distance worked out in the loop cost 2-5%.
     const uint8_t* ahead = pn + std::max<int64_t>(3, (kInt4PrefetchBytes + K / 2 - 1) / (K / 2)) * (K / 2);
     FloatAcc facc[R][MB];
     float zero_terms[R][MB];
