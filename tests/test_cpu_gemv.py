@@ -20,7 +20,13 @@ import torch
 
 from baichuan import cpu, cpu_gemv
 from baichuan.quant.int4 import Int4Linear, unpack_int4
-from tests.conftest import int8_reference, kernel_build, random_bf16_linear, require_cpu_kernels
+from tests.conftest import (
+    int8_reference,
+    kernel_build,
+    random_bf16_linear,
+    require_cpu_kernels,
+    skip_platform,
+)
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +289,8 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
     """Batched decoding: one pass over the weights serves up to 8 activation rows in register tiles whose shape
     depends on the row count (and more rows take more passes). Each row's sums run in the same order whatever
     the tile, so int8, int4 and vdpbf16ps give every row bit for bit its result alone; the widening bf16 kernels
-    may pair even and odd halves differently (fp32 rounding only). 130 outputs: whole tiles and a remainder."""
+    may pair even and odd halves differently (fp32 rounding only), as may avx2's int8 tile of one row with group
+    scales (8 blocks at a time). 130 outputs: whole tiles and a remainder."""
     generator = torch.Generator().manual_seed(rows)
     k = 1536
     x = torch.randn(rows, k, generator=generator).bfloat16()
@@ -292,18 +299,46 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
     packed = torch.randint(0, 256, (130, k // 2), dtype=torch.uint8, generator=generator)
     scales_and_zeros = (torch.rand(k // 128, 130, 2, generator=generator) / 8).bfloat16()
     weight16 = torch.randn(130, k, generator=generator).bfloat16()
+    group_scales = torch.rand(130, k // 32, generator=generator).bfloat16()
     products = {
         "int8": lambda x: build.int8_gemv(x, weight8, scales),
+        "int8 groups of 32": lambda x: build.int8_gemv(x, weight8, group_scales),
         "int4": lambda x: build.int4_gemv(x, packed, scales_and_zeros, 128),
         "bf16": lambda x: build.bf16_gemv(x, weight16),
     }
     for name, product in products.items():
         xf = x.float()
         batch, alone = product(xf), torch.cat([product(xf[i : i + 1]) for i in range(rows)])
-        if name == "bf16" and build.target != "avx512bf16":
+        if (name == "bf16" and build.target != "avx512bf16") or (
+            name == "int8 groups of 32" and build.target == "avx2"
+        ):
             assert rel(batch, alone.double()) < 1e-6, name
         else:
             assert torch.equal(batch, alone), name
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 11])
+def test_int8_gives_the_same_bits_in_every_build(rows):
+    """The int8 tiles of every build sum each activation block exactly in int32 and add it to a row's fp32 sum
+    with one multiply-add, block after block (as the AMX-INT8 kernel does), so a row gets the same bits from the
+    avx2, avx512 and avx512bf16 builds: a scale a row, and group scales against several activation rows."""
+    builds = [kernel_build(target) for target in cpu.kernel_targets()]
+    if len(builds) < 2:
+        skip_platform(f"this CPU runs one build of the kernels ({builds[0].target}): nothing to compare")
+    generator = torch.Generator().manual_seed(rows)
+    k = 1536
+    x = torch.randn(rows, k, generator=generator)
+    weight = torch.randint(-128, 128, (130, k), dtype=torch.int8, generator=generator)
+    scales = torch.rand(130, generator=generator)
+    group_scales = torch.rand(130, k // 32, generator=generator).bfloat16()
+    first = builds[0]
+    for build in builds[1:]:
+        assert torch.equal(build.int8_gemv(x, weight, scales), first.int8_gemv(x, weight, scales)), (
+            build.target
+        )
+        if rows > 1:
+            got, want = build.int8_gemv(x, weight, group_scales), first.int8_gemv(x, weight, group_scales)
+            assert torch.equal(got, want), build.target
 
 
 @pytest.mark.parametrize("rows", [2, 3, 4, 8])

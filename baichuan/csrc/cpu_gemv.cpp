@@ -76,6 +76,8 @@ constexpr int64_t kInt4PrefetchBytes = 16384;  // how far ahead the AVX-512 int4
 constexpr int64_t kInt4Chunk = 64;
 #endif
 
+// The largest group of int8 scales for which 5 to 8 activation rows go in quads (Int8Tile::run_quads).
+constexpr int64_t kMaxQuadBlock = 64;
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
 // 1.29B shapes (benchmarks/ab_kernels.py; benchmarks/README.md has the figures).
@@ -106,9 +108,52 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// AVX-512: the float accumulators of int8/int4 tiles, one vector of int32 block sums scaled and added per block.
-// AVX2 (16 registers): each block's int32 sums of a tile reduced into the lanes of one vector.
+// The int32 sums of each block of a tile reduced into the lanes of one vector (int8 tiles; int4 with AVX2), or with
+// AVX-512 a float accumulator per pair of rows, one vector of int32 block sums scaled and added per block (int4).
 #if defined(BAICHUAN_AVX512)
+// Lane i: the sum of the lanes of v[i] (zero for i >= N); exact, as int32 sums.
+template <int N>
+inline __m512i lane_sums(const __m512i (&v)[N]) {
+  static_assert(N <= 16);
+  constexpr int n1 = (N + 1) / 2, n2 = (n1 + 1) / 2;
+  const __m512i zero = _mm512_setzero_si512();
+  // a[i], each 128-bit chunk: v[2i] and v[2i+1], each summed in pairs of lanes (interleaved)
+  __m512i a[n1], b[n2];
+  for (int i = 0; i < n1; ++i) {
+    const __m512i p = v[2 * i], q = 2 * i + 1 < N ? v[2 * i + 1] : zero;
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(p, q), _mm512_unpackhi_epi32(p, q));
+  }
+  // b[i], each 128-bit chunk: the sums of v[4i..4i+3] over the chunk
+  for (int i = 0; i < n2; ++i) {
+    const __m512i p = a[2 * i], q = 2 * i + 1 < n1 ? a[2 * i + 1] : zero;
+    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(p, q), _mm512_unpackhi_epi64(p, q));
+  }
+  if constexpr (n2 == 1) {
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(b[0]), _mm512_extracti64x4_epi64(b[0], 1));
+    return _mm512_zextsi128_si512(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+  } else {
+    // chunks (p's 0 + 1, p's 2 + 3, q's 0 + 1, q's 2 + 3)
+    const auto pairs = [](__m512i p, __m512i q) {
+      return _mm512_add_epi32(_mm512_shuffle_i32x4(p, q, 0x88), _mm512_shuffle_i32x4(p, q, 0xDD));
+    };
+    const __m512i c0 = pairs(b[0], b[1]);
+    const __m512i c1 = n2 > 2 ? pairs(b[2], n2 > 3 ? b[3] : zero) : zero;
+    return pairs(c0, c1);
+  }
+}
+
+// Lane l: l / 2, the activation row of lane 2j or 2j + 1 in `Int8Tile::run_quads`.
+inline __m512i lane_pairs() { return _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7); }
+
+// Lane l: l % MB, the activation row of lane r * MB + j.
+template <int MB>
+inline __m512i lane_rows() {
+  alignas(64) static constexpr int32_t rows[16] = {0 % MB,  1 % MB,  2 % MB,  3 % MB,  4 % MB,  5 % MB,
+                                                   6 % MB,  7 % MB,  8 % MB,  9 % MB,  10 % MB, 11 % MB,
+                                                   12 % MB, 13 % MB, 14 % MB, 15 % MB};
+  return _mm512_load_si512(rows);
+}
+
 using FloatAcc = __m512;
 using IntAcc = __m512i;
 inline FloatAcc acc_zero() { return _mm512_setzero_ps(); }
@@ -315,7 +360,10 @@ struct Int8Tile {
   const uint16_t* group_scales;  // bf16 (N, blocks), one per activation block, where kGroupScales
   const int16_t* xq;
   const float* xs;
-  const float* xs_by_block;  // (blocks, M + 8): xs transposed, for the AVX2 tiles of several activation rows
+  const float* xs_by_block;  // (blocks, M + 8): xs transposed, for the tiles of several activation rows
+  // AVX-512, group scales of at most kMaxQuadBlock columns and 5+ activation rows: the codes of each pass of 8 rows
+  // (zero past M) as (K / 4, 8, 4), four columns of each row in turn (`quads_of`); else null.
+  const int16_t* x_quads;
   Output y;
   int64_t N, K, B, blocks, M;
 
@@ -323,7 +371,7 @@ struct Int8Tile {
   // per activation row and per weight row, within the 32 (AVX-512) or 16 registers.
   static constexpr int kPassRows = 8;
 #if defined(BAICHUAN_AVX512)
-  static constexpr int weight_rows(int mb) { return mb <= 2 ? 4 : mb <= 4 ? 2 : 1; }
+  static constexpr int weight_rows(int mb) { return mb <= 4 ? 4 : 2; }
 #else
   // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) that took 17-34%
   // less time than four rows side by side on four of five shapes, 1-4% less on 1536x4096: four streams at once per
@@ -445,51 +493,122 @@ struct Int8Tile {
     return _mm256_load_ps(lanes);
   }
 #else
-  // Rows [n, n + R) against activation rows [m, m + MB): each weight vector is widened once for all MB.
+  // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 16: each weight vector is widened once for all
+  // MB, and each activation vector loaded once for all R. At the end of each block the R * MB int32 sums go exactly
+  // into the lanes of one vector (lane r * MB + j), and into the fp32 sums by one multiply-add: the arithmetic of the
+  // AVX2 tiles and of the AMX-INT8 kernel, so each activation row gets the same bits from every tile shape and build.
+  // Against a float accumulator per (weight row, activation row), which left room for one weight row at eight
+  // activation rows: two weight rows there took 0.6-0.7 of the time on a Zen 4 (ab_kernels, benchmarks/README.md),
+  // the loads of activations, not the products, having bounded it.
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
+    static_assert(R * MB <= 16);
+    if constexpr (kGroupScales && MB >= 5) {
+      if (x_quads) return run_quads<R, MB>(n, m);
+    }
     const int8_t* wn = w + n * K;
-    FloatAcc facc[R][MB];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) facc[r][j] = acc_zero();
-    for (int64_t k0 = 0, b = 0; k0 < K; k0 += B, ++b) {
-      IntAcc iacc[R][MB];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < MB; ++j) iacc[r][j] = int_zero();
-      int64_t k = k0;
-      // weight rows into L2 ahead (into L1: 0-3% slower at one row, 4-6% at four; int4's stay in L1, 0-5% faster at one
-      // row; ab_kernels, benchmarks/README.md)
-      for (; k + 32 <= k0 + B; k += 32) {
-        if ((k & 63) == 0)
-          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T1);
-        __m512i xv[MB];
-        for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_si512((const void*)(xq + (m + j) * K + k));
-        for (int r = 0; r < R; ++r) {
-          const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(wn + r * K + k)));
-          for (int j = 0; j < MB; ++j) iacc[r][j] = _mm512_dpwssd_epi32(iacc[r][j], wv, xv[j]);
-        }
+    __m512 total = _mm512_setzero_ps();
+    // one step of 32 columns (16, zero-extended, where `narrow`)
+    const auto step = [&](__m512i(&iacc)[R * MB], int64_t k, auto narrow_block) {
+      constexpr bool narrow = decltype(narrow_block)::value;
+      if ((k & 63) == 0)  // weight rows into L2 ahead (into L1: 0-3% slower at one row, 4-6% at four; ab_kernels)
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T1);
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        const int8_t* wr = wn + r * K + k;
+        if constexpr (narrow)
+          wv[r] = _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wr)));
+        else
+          wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)wr));
       }
-      if (k < k0 + B) {  // a block of 16 (K an odd multiple of 16)
-        if ((k & 63) == 0)
-          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T1);
-        __m512i xv[MB];
-        for (int j = 0; j < MB; ++j)
-          xv[j] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(xq + (m + j) * K + k)));
-        for (int r = 0; r < R; ++r) {
-          const __m512i wv =
-              _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k))));
-          for (int j = 0; j < MB; ++j) iacc[r][j] = _mm512_dpwssd_epi32(iacc[r][j], wv, xv[j]);
-        }
-      }
-      float ws[R];
-      for (int r = 0; r < R; ++r) ws[r] = kGroupScales ? bf16_to_float(group_scales[(n + r) * blocks + b]) : 1.f;
       for (int j = 0; j < MB; ++j) {
-        const float s = xs[(m + j) * blocks + b];
-        for (int r = 0; r < R; ++r) facc[r][j] = scale_add(iacc[r][j], s * ws[r], facc[r][j]);
+        const int16_t* xj = xq + (m + j) * K + k;
+        __m512i xv;
+        if constexpr (narrow)
+          xv = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)xj));
+        else
+          xv = _mm512_loadu_si512(xj);
+        // in a register for all R rows: else the compiler folds a load into each product, R loads where one will do
+        if constexpr (R > 1) __asm__("" : "+v"(xv));
+        for (int r = 0; r < R; ++r) iacc[r * MB + j] = _mm512_dpwssd_epi32(iacc[r * MB + j], wv[r], xv);
+      }
+    };
+    for (int64_t k0 = 0, b = 0; k0 < K; k0 += B, ++b) {
+      __m512i iacc[R * MB];
+      for (int i = 0; i < R * MB; ++i) iacc[i] = _mm512_setzero_si512();
+      int64_t k = k0;
+      for (; k + 32 <= k0 + B; k += 32) step(iacc, k, std::false_type{});
+      if (k < k0 + B) step(iacc, k, std::true_type{});  // a block of 16 (K an odd multiple of 16)
+      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lane_sums<R * MB>(iacc)), block_scales<R, MB>(n, m, b), total);
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, total);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[r * MB + j] * row_scale(n + r));
+  }
+
+  // Small blocks (an 8-bit head's groups of 32 columns) against 5 to 8 activation rows: there the lanes of one
+  // accumulator are the activation rows, each pair of lanes a row's, so that a block's sums need one shuffle where
+  // `lane_sums` takes three per accumulator (and as many accumulators as rows). Each 4 weights of a row, widened, go
+  // to all 8 lane pairs (`vpermq`), against the activation quads (`x_quads`): lane 2j sums columns 4i and 4i + 1
+  // of row j, lane 2j + 1 columns 4i + 2 and 4i + 3. The same exact int32 block sums, so the same bits.
+  template <int R, int MB>
+  void run_quads(int64_t n, int64_t m) const {
+    const int8_t* wn = w + n * K;
+    const int16_t* xt = x_quads + (m / kPassRows) * K * kPassRows;
+    __m512i quad[4];
+    for (int q = 0; q < 4; ++q) quad[q] = _mm512_set1_epi64(q);
+    __m512 total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+      for (int64_t k = b * B; k < (b + 1) * B; k += 16) {
+        if ((k & 63) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T1);
+        __m512i wide[R];
+        for (int r = 0; r < R; ++r)
+          wide[r] = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k))));
+        for (int q = 0; q < 4; ++q) {
+          const __m512i xv = _mm512_loadu_si512(xt + (k + 4 * q) * kPassRows);
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_permutexvar_epi64(quad[q], wide[r]), xv);
+        }
+      }
+      // lane 2j: activation row m + j's block scale, times the weight row's group scale below
+      const __m512 sx =
+          _mm512_permutexvar_ps(lane_pairs(), _mm512_maskz_loadu_ps((1u << MB) - 1, xs_by_block + b * (M + 8) + m));
+      for (int r = 0; r < R; ++r) {
+        const __m512i sums = _mm512_add_epi32(acc[r], _mm512_shuffle_epi32(acc[r], _MM_PERM_CDAB));
+        const __m512 ws = _mm512_set1_ps(bf16_to_float(group_scales[(n + r) * blocks + b]));
+        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(sx, ws), total[r]);
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, acc_sum(facc[r][j]) * row_scale(n + r));
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, total[r]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[2 * j]);
+    }
+  }
+
+  // Lane r * MB + j: the scale of activation row m + j's block b, times weight row n + r's group scale there.
+  template <int R, int MB>
+  __m512 block_scales(int64_t n, int64_t m, int64_t b) const {
+    __m512 s;
+    if constexpr (MB == 1) {
+      s = _mm512_set1_ps(xs[m * blocks + b]);
+    } else {
+      s = _mm512_maskz_loadu_ps((1u << MB) - 1, xs_by_block + b * (M + 8) + m);
+      if constexpr (R > 1) s = _mm512_permutexvar_ps(lane_rows<MB>(), s);
+    }
+    if constexpr (kGroupScales) {
+      __m512 ws = _mm512_set1_ps(bf16_to_float(group_scales[n * blocks + b]));
+      for (int r = 1; r < R; ++r)  // lanes from r * MB on: row n + r's
+        ws = _mm512_mask_mov_ps(ws, __mmask16(0xFFFFu << (r * MB)),
+                                _mm512_set1_ps(bf16_to_float(group_scales[(n + r) * blocks + b])));
+      s = _mm512_mul_ps(s, ws);
+    }
+    return s;
   }
 #endif
 
@@ -932,12 +1051,9 @@ void check_activations(const torch::Tensor& x) {
               "x: contiguous fp32 or bf16 (M, K) on the CPU");
 }
 
-// Per-block values of the activation rows (M, blocks) as (blocks, M + 8), zero past row M, where the AVX2 tiles
+// Per-block values of the activation rows (M, blocks) as (blocks, M + 8), zero past row M, where the int8 tiles
 // load those of several rows at once; an undefined tensor (no operation dispatched) where no tile reads them.
-torch::Tensor by_block([[maybe_unused]] const torch::Tensor& values) {
-#if defined(BAICHUAN_AVX512)
-  return {};
-#else
+torch::Tensor by_block(const torch::Tensor& values) {
   const int64_t M = values.size(0), blocks = values.size(1);
   if (M == 1) return {};
   torch::Tensor out = torch::zeros({blocks, M + 8}, values.options());
@@ -946,7 +1062,18 @@ torch::Tensor by_block([[maybe_unused]] const torch::Tensor& values) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < blocks; ++b) O[b * (M + 8) + m] = S[m * blocks + b];
   return out;
-#endif
+}
+
+// int16 codes (M, K) in passes of 8 rows (zero past M), each as (K / 4, 8, 4): Int8Tile::run_quads's activations.
+torch::Tensor quads_of(const torch::Tensor& codes) {
+  const int64_t M = codes.size(0), quads = codes.size(1) / 4;
+  torch::Tensor out = torch::zeros({(M + 7) / 8, quads, 8, 4}, codes.options());
+  const int16_t* in = codes.data_ptr<int16_t>();
+  int16_t* o = out.data_ptr<int16_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < quads; ++i)
+      std::memcpy(o + (((m / 8) * quads + i) * 8 + m % 8) * 4, in + (m * quads + i) * 4, 4 * sizeof(int16_t));
+  return out;
 }
 
 const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
@@ -967,11 +1094,18 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   const float *xs = a.scales.data_ptr<float>(), *xs_by_block_data = data_or_null(xs_by_block);
   if (grouped) {
     const auto* group_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-    run_all(Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, output_of(y), N, K, B, a.blocks, M},
-            N, M, K);
+#if defined(BAICHUAN_AVX512)
+    const torch::Tensor x_quads = B <= kMaxQuadBlock && M >= 5 ? quads_of(a.codes) : torch::Tensor();
+#else
+    const torch::Tensor x_quads;
+#endif
+    const int16_t* quads = x_quads.defined() ? x_quads.data_ptr<int16_t>() : nullptr;
+    run_all(
+        Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, quads, output_of(y), N, K, B, a.blocks, M},
+        N, M, K);
   } else {
-    run_all(Int8Tile<false>{w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, output_of(y), N, K, B,
-                            a.blocks, M},
+    run_all(Int8Tile<false>{w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, nullptr, output_of(y), N,
+                            K, B, a.blocks, M},
             N, M, K);
   }
   return y;
