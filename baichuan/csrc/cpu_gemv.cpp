@@ -498,7 +498,7 @@ struct Int8Tile {
   // into the lanes of one vector (lane r * MB + j), and into the fp32 sums by one multiply-add: the arithmetic of the
   // AVX2 tiles and of the AMX-INT8 kernel, so each activation row gets the same bits from every tile shape and build.
   // Against a float accumulator per (weight row, activation row), which left room for one weight row at eight
-  // activation rows: two weight rows there took 0.6-0.7 of the time on a Zen 4 (ab_kernels, benchmarks/README.md),
+  // activation rows: two weight rows there took 0.55-0.99 of the time on a Zen 4 (ab_kernels, benchmarks/README.md),
   // the loads of activations, not the products, having bounded it.
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
