@@ -367,8 +367,9 @@ struct Int8Tile {
   Output y;
   int64_t N, K, B, blocks, M;
 
-  // Weight rows per tile for MB activation rows: 2 accumulators per (weight row, activation row), plus one vector
-  // per activation row and per weight row, within the 32 (AVX-512) or 16 registers.
+  // Weight rows per tile for MB activation rows: an int32 accumulator per (weight row, activation row), up to the 16
+  // lanes `lane_sums` gathers them into (AVX-512), plus a vector per weight row, within the 32 (AVX-512) or 16
+  // registers.
   static constexpr int kPassRows = 8;
 #if defined(BAICHUAN_AVX512)
   static constexpr int weight_rows(int mb) { return mb <= 4 ? 4 : 2; }
