@@ -10,8 +10,8 @@ Then it times every linear layer's forward during the same steps (a timer on eac
 turns the fused path off, so the products run one by one through the same kernels), and prints per layer shape
 the milliseconds a call and the weights streamed per second, then the products' share of a token and what is
 left outside them. Those products ran unfused, so it also times the same products alone, one after another on a
-random row (each layer's own forward, one pass over all of them a token), against the fused step: what the fused
-step spends outside its products. It also counts the PyTorch operations one decode step dispatches (a
+random row (each layer's own forward, one pass over all of them), alternated with fused decode steps, one of each a
+round: what the fused step spends outside its products, each round's step against its pass. It also counts the PyTorch operations one decode step dispatches (a
 TorchDispatchMode).
 --no-fused runs the modules' own forwards throughout (the path before the fused kernel).
 """
@@ -99,8 +99,6 @@ def main() -> None:
     steps = args.tokens
     stamps = decode(steps + 1)
     per_token = (stamps[-1] - stamps[1]) / steps
-    # A step of this VM is now and then several ms late: the median step, for the comparison with the products.
-    median_step = statistics.median(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))
 
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, *QUANTIZED_TYPES))]
     for module in linears:
@@ -133,19 +131,35 @@ def main() -> None:
         f"({1 - layers / per_token:.1%} outside the products)"
     )
 
-    # The products alone, in the model's order, as many passes as timed tokens (the median pass).
+    # The products alone (each layer's forward on a random row, in the model's order) alternated with fused decode
+    # steps, a pass and a step a round: this VM's speed drifts by tens of percent within minutes, and a drift then
+    # slows both alike (measured one after the other, an int4 step's share outside them swung from 8.7% to 16.2%).
     rows = {m: torch.randn(1, 1, m.in_features).to(DTYPES[args.dtype]) for m in linears}
-    passes = []
-    with torch.inference_mode():
-        for _ in range(steps + 2):
-            start = time.perf_counter()
+
+    def products_alone() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
             for module in linears:
                 module(rows[module])
-            passes.append(time.perf_counter() - start)
-    alone = statistics.median(passes[2:])
+        return time.perf_counter() - start
+
+    rounds = []
+    steps_left = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=steps + 3, eos_ids=()))
+    next(steps_left)  # the prompt
+    next(steps_left)  # a first decode step, untimed
+    for _ in range(steps):
+        start = time.perf_counter()
+        next(steps_left)
+        rounds.append((time.perf_counter() - start, products_alone()))
+    steps_left.close()
+    step = statistics.median(step for step, _ in rounds)
+    alone = statistics.median(alone for _, alone in rounds)
+    outside = sorted(1 - alone / step for step, alone in rounds)
     print(
-        f"the same products alone: {alone * 1e3:.1f} ms a token (median pass); median fused step "
-        f"{median_step * 1e3:.1f} ms ({1 - alone / median_step:.1%} outside the products)"
+        f"the same products alone, alternated with fused steps ({steps} rounds): {alone * 1e3:.1f} ms a pass "
+        f"against {step * 1e3:.1f} ms a step (medians); outside the products {statistics.median(outside):.1%} "
+        f"of a step (median of the rounds; quartiles {outside[len(outside) // 4]:.1%} to "
+        f"{outside[(3 * len(outside)) // 4]:.1%})"
     )
 
     steps_left = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=3, eos_ids=()))
