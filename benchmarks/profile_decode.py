@@ -11,8 +11,8 @@ turns the fused path off, so the products run one by one through the same kernel
 the milliseconds a call and the weights streamed per second, then the products' share of a token and what is
 left outside them. Those products ran unfused, so it also times the same products alone, one after another on a
 random row (each layer's own forward, one pass over all of them), alternated with fused decode steps, one of each a
-round: what the fused step spends outside its products, each round's step against its pass. It also counts the PyTorch operations one decode step dispatches (a
-TorchDispatchMode).
+round: what the fused step spends outside its products, each round's step against its pass. It also counts the
+PyTorch operations one decode step dispatches (a TorchDispatchMode).
 --no-fused runs the modules' own forwards throughout (the path before the fused kernel).
 """
 
