@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
-from pathlib import Path
 
 import torch
 
 from baichuan.checkpoint import save_model
 from baichuan.model import Baichuan
-from tests.conftest import tiny_config
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import benchmark_script, tiny_config
 
 
 def test_profile_decode_alternates_steps_and_products(tmp_path, monkeypatch, capsys):
@@ -28,7 +17,7 @@ def test_profile_decode_alternates_steps_and_products(tmp_path, monkeypatch, cap
     save_model(Baichuan(tiny_config(ffn_dim=176)), tmp_path)
     argv = ["profile_decode.py", "--dir", str(tmp_path), "--quantize", "8", "--tokens", "3"]
     monkeypatch.setattr(sys, "argv", argv)
-    script("profile_decode").main()
+    benchmark_script("profile_decode").main()
     out = capsys.readouterr().out
     assert re.search(
         r"^8 weights, fp32 activations \(fused layers where they apply\): [\d.]+ tok/s$", out, re.M

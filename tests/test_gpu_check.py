@@ -3,22 +3,15 @@ the results file with every expected line, the GPU ones marked unmeasured (issue
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import skip_platform
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import BENCHMARKS, benchmark_script, skip_platform
 
 
 def gpu_report():
-    spec = importlib.util.spec_from_file_location("gpu_report", BENCHMARKS / "gpu_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_report")
 
 
 def test_script_parses():
