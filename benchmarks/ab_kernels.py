@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baichuan.cpu import kernel_targets  # noqa: E402
+from baichuan.cpu import bf16_single_stream, kernel_targets  # noqa: E402
 from baichuan.cpu_gemv import SOURCE, SOURCES, TARGET_FLAGS  # noqa: E402
 from baichuan.hugepages import HugePageArena, huge_pages_available  # noqa: E402
 
@@ -41,12 +41,16 @@ def build(directory: Path, target: str):
     if not source.is_file():
         raise SystemExit(f"{directory} has no {SOURCE.name}")
     others = [str(source) for source in SOURCES if source.name != SOURCE.name]
-    return cpp_extension.load(
+    module = cpp_extension.load(
         name=f"baichuan_ab_{directory.name}_{target}",
         sources=[str(source), *others],
         extra_cflags=["-O3", *TARGET_FLAGS[target], "-fopenmp"],
         extra_ldflags=["-fopenmp"],
     )
+    # as the package sets it (copies of the source older than the setter lack it)
+    if hasattr(module, "set_bf16_single_stream"):
+        module.set_bf16_single_stream(bf16_single_stream(target))
+    return module
 
 
 def weights(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,6 +371,27 @@ def test_bf16_non_finite_values_propagate(build):
     assert y[0].isnan().all() and y[1].isinf().all() and torch.equal(y[2], torch.full((4,), 40.0))
 
 
+@pytest.mark.parametrize("shape", [(130, 1536), (7, 100)], ids=str)
+def test_bf16_one_row_streamed_alone_gives_the_same_bits(shape):
+    """The avx512bf16 mat-vec of one activation row takes four weight rows a tile, prefetched ahead, or on AMD
+    CPUs one at a time unprefetched (`cpu.bf16_single_stream`): each row's sums in the same order, so the same
+    bits. Tiles and a remainder (130 rows), and a row shorter than a step (100 columns, masked loads)."""
+    build = kernel_build("avx512bf16")
+    generator = torch.Generator().manual_seed(shape[1])
+    weight = _misaligned(torch.randn(shape, generator=generator).bfloat16(), 2)
+    x = torch.randn(1, shape[1], generator=generator)
+    chosen = cpu.bf16_single_stream("avx512bf16")
+    try:
+        assert build.set_bf16_single_stream(False) == chosen  # what loading the build set
+        four_rows = build.bf16_gemv(x, weight)
+        assert build.set_bf16_single_stream(True) is False
+        one_row = build.bf16_gemv(x, weight)
+    finally:
+        build.set_bf16_single_stream(chosen)
+    assert torch.equal(one_row, four_rows)
+    assert rel(one_row, x.bfloat16().double() @ weight.double().t()) < 1e-5
+
+
 # --- choosing the build ------------------------------------------------------------------------------------------
 
 
@@ -385,6 +407,31 @@ def test_the_target_is_the_highest_the_cpu_runs_or_a_lower_one_asked_for():
     with pytest.warns(UserWarning, match="unknown CPU kernel target 'sse2'"):
         assert cpu.kernel_target("sse2", ("avx2", "avx512")) == "avx512"
     assert cpu.kernel_targets() in ((), everything[:1], everything[:2], everything)
+
+
+def test_one_bf16_row_streams_alone_on_amd_avx512bf16_unless_told(monkeypatch):
+    monkeypatch.delenv(cpu.ENV_BF16_SINGLE_STREAM, raising=False)
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu.bf16_single_stream("avx512bf16")
+    assert not cpu.bf16_single_stream("avx512") and not cpu.bf16_single_stream("avx2")  # widening tiles
+    assert not cpu.bf16_single_stream(None)
+    monkeypatch.setenv(cpu.ENV_BF16_SINGLE_STREAM, "0")
+    assert not cpu.bf16_single_stream("avx512bf16")
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setenv(cpu.ENV_BF16_SINGLE_STREAM, "1")
+    assert cpu.bf16_single_stream("avx512bf16")
+    monkeypatch.delenv(cpu.ENV_BF16_SINGLE_STREAM)
+    assert not cpu.bf16_single_stream("avx512bf16")
+    assert not cpu.bf16_single_stream("avx2")
+
+
+def test_the_vendor_is_read_from_the_cpu():
+    vendor = cpu.cpu_vendor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "vendor_id" in cpuinfo.read_text(errors="replace"):
+        assert vendor and vendor in cpuinfo.read_text(errors="replace")
+    else:
+        assert vendor == ""
 
 
 def test_each_build_is_named_after_its_target(kernels):

@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <utility>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__AVX512VNNI__)
@@ -818,6 +819,11 @@ struct Int4Tile {
 
 // --- bf16 -------------------------------------------------------------------------------------------------------
 
+// One activation row: one weight row at a time and no prefetch instructions (Bf16StreamTile), where the CPU's own
+// prefetcher follows a single stream a thread well (set by `set_bf16_single_stream`, cpu.py decides; the
+// avx512bf16 build's tile, the widening ones ignore it).
+bool bf16_single_stream = false;
+
 #if defined(BAICHUAN_AVX512BF16)
 constexpr int64_t kBf16Step = 32;  // bf16 values per vdpbf16ps
 // Rows the tile prefetches ahead: at least this many bytes (12 rows of 1536 columns; 4096 columns stay at
@@ -855,11 +861,13 @@ struct Bf16Tile {
     int64_t k = 0;
     for (; k + 2 * kBf16Step <= full; k += 2 * kBf16Step) {
       // both lines of the 128 bytes a row takes this step (one of them only: 6-8% slower at 1536 columns), into L2
-      // (into L1: 1-3% slower at one row, 6-14% at four; ab_kernels, benchmarks/README.md)
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch((const char*)(ahead + r * K + k), _MM_HINT_T1);
-        _mm_prefetch((const char*)(ahead + r * K + k + kBf16Step), _MM_HINT_T1);
-      }
+      // (into L1: 1-3% slower at one row, 6-14% at four; ab_kernels, benchmarks/README.md). A single row, as
+      // Bf16StreamTile reads them (or a tile's last rows), is one stream the hardware follows.
+      if constexpr (R > 1 || MB > 1)
+        for (int r = 0; r < R; ++r) {
+          _mm_prefetch((const char*)(ahead + r * K + k), _MM_HINT_T1);
+          _mm_prefetch((const char*)(ahead + r * K + k + kBf16Step), _MM_HINT_T1);
+        }
       for (int h = 0; h < 2; ++h) {
         __m512bh xv[MB];
         for (int j = 0; j < MB; ++j) xv[j] = (__m512bh)_mm512_loadu_si512((const void*)(x + (m + j) * K + k + 32 * h));
@@ -884,6 +892,13 @@ struct Bf16Tile {
       for (int j = 0; j < MB; ++j)
         y.set((m + j) * N + n + r, _mm512_reduce_add_ps(_mm512_add_ps(acc[r][j][0], acc[r][j][1])));
   }
+};
+
+// One weight row at a time with no prefetch instructions, for one activation row where `bf16_single_stream`: on a
+// Zen 4 (ab_kernels, 1.29B shapes, weights on huge pages) 0.73-0.98 of the time of four rows prefetched 36 KB ahead
+// (benchmarks/README.md). The same sums in the same order: the same bits.
+struct Bf16StreamTile : Bf16Tile {
+  static constexpr int weight_rows(int) { return 1; }
 };
 #else
 #if defined(BAICHUAN_AVX512)
@@ -1158,9 +1173,18 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
                       xp.data_ptr<float>(),
 #endif
                       output_of(y), N, K};
+#if defined(BAICHUAN_AVX512BF16)
+  if (M == 1 && bf16_single_stream) {
+    run_all(Bf16StreamTile{tile}, N, M, 2 * K);
+    return y;
+  }
+#endif
   run_all(tile, N, M, 2 * K);
   return y;
 }
+
+// The setting before (what the Python loader chose, for its test).
+bool set_bf16_single_stream(bool on) { return std::exchange(bf16_single_stream, on); }
 
 void register_fused(pybind11::module_& m);  // cpu_fused.cpp
 void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
@@ -1189,4 +1213,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp32/bf16 x (M, K), y in x's dtype");
   m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");
   m.def("bf16_gemv", &k::bf16_gemv, "x @ weight.T, bf16 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
+  m.def("set_bf16_single_stream", &k::set_bf16_single_stream,
+        "bf16_gemv of one activation row reads one weight row at a time, unprefetched (the avx512bf16 build; the "
+        "widening builds ignore it); returns the setting before");
 }
