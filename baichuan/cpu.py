@@ -60,12 +60,13 @@ AMX_QUANTIZED_MAX_ROWS = 768
 # 0.45-0.72, at 64 1.01-1.49. Xeon with AMX, 1.29B shapes.
 AMX_INT8_MIN_ROWS = 5
 AMX_INT8_MAX_ROWS = 16
-# bf16 mat-vec of one activation row in the avx512bf16 build: one weight row at a time, no prefetch instructions, on
-# CPUs from these vendors (whose hardware prefetcher follows one stream a thread), else four rows prefetched 36 KB
-# ahead. On a Zen 4, 0.73-0.98 of the time on the 1.29B shapes (weights on huge pages); never measured on an Intel
-# CPU, where the prefetch distance was tuned. BAICHUAN_BF16_SINGLE_STREAM=1/0 decides instead.
-BF16_SINGLE_STREAM_VENDORS = ("AuthenticAMD",)
-ENV_BF16_SINGLE_STREAM = "BAICHUAN_BF16_SINGLE_STREAM"
+# One activation row in the AVX-512 builds' bf16 (vdpbf16ps: avx512bf16 only) and int8 (a scale a row) mat-vecs:
+# one weight row at a time, no prefetch instructions, on CPUs from these vendors (whose hardware prefetcher follows
+# one stream a thread), else four rows prefetched ahead. On a Zen 4 (1.29B shapes, weights on huge pages) bf16 took
+# 0.73-0.98 of the time, int8 0.90-1.00; never measured on an Intel CPU, where the prefetch distances were tuned.
+# BAICHUAN_SINGLE_STREAM=1/0 decides instead.
+SINGLE_STREAM_VENDORS = ("AuthenticAMD",)
+ENV_SINGLE_STREAM = "BAICHUAN_SINGLE_STREAM"
 
 
 @functools.cache
@@ -194,13 +195,14 @@ def cpu_vendor() -> str:
     return ""
 
 
-def bf16_single_stream(target: str | None) -> bool:
-    """Whether our bf16 mat-vec (the build for `target`) reads one weight row at a time without prefetch
-    instructions for one activation row: the avx512bf16 build on a CPU of `BF16_SINGLE_STREAM_VENDORS`, or as
-    BAICHUAN_BF16_SINGLE_STREAM says. The same bits either way; only the speed differs."""
-    if target != "avx512bf16":
+def single_stream(target: str | None) -> bool:
+    """Whether our mat-vecs (the build for `target`) read one weight row at a time without prefetch instructions
+    for one activation row (bf16 in the avx512bf16 build, int8 with a scale a row in both AVX-512 builds): on a CPU
+    of `SINGLE_STREAM_VENDORS`, or as BAICHUAN_SINGLE_STREAM says. The same bits either way; only the speed
+    differs."""
+    if target not in ("avx512", "avx512bf16"):
         return False
-    forced = os.environ.get(ENV_BF16_SINGLE_STREAM, "").strip()
+    forced = os.environ.get(ENV_SINGLE_STREAM, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    return cpu_vendor() in BF16_SINGLE_STREAM_VENDORS
+    return cpu_vendor() in SINGLE_STREAM_VENDORS

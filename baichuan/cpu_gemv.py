@@ -38,8 +38,8 @@ from baichuan.cpu import (
     amx_quantized_max_rows,
     bf16_gemv_max_rows,
     bf16_prompt_min_rows,
-    bf16_single_stream,
     kernel_target,
+    single_stream,
 )
 
 CSRC = Path(__file__).parent / "csrc"
@@ -146,7 +146,7 @@ def load_target(isa: str) -> ModuleType | None:
     if module.target != isa:  # the source's feature tests disagree with the flags: never run it
         warnings.warn(f"the {isa} CPU kernels built as {module.target}; using torch's kernels.", stacklevel=2)
         return None
-    module.set_bf16_single_stream(bf16_single_stream(isa))
+    module.set_single_stream(single_stream(isa))
     return module
 
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baichuan.cpu import bf16_single_stream, kernel_targets  # noqa: E402
+from baichuan.cpu import kernel_targets, single_stream  # noqa: E402
 from baichuan.cpu_gemv import SOURCE, SOURCES, TARGET_FLAGS  # noqa: E402
 from baichuan.hugepages import HugePageArena, huge_pages_available  # noqa: E402
 
@@ -48,8 +48,8 @@ def build(directory: Path, target: str):
         extra_ldflags=["-fopenmp"],
     )
     # as the package sets it (copies of the source older than the setter lack it)
-    if hasattr(module, "set_bf16_single_stream"):
-        module.set_bf16_single_stream(bf16_single_stream(target))
+    if hasattr(module, "set_single_stream"):
+        module.set_single_stream(single_stream(target))
     return module
 
 

@@ -371,25 +371,33 @@ def test_bf16_non_finite_values_propagate(build):
     assert y[0].isnan().all() and y[1].isinf().all() and torch.equal(y[2], torch.full((4,), 40.0))
 
 
-@pytest.mark.parametrize("shape", [(130, 1536), (7, 100)], ids=str)
-def test_bf16_one_row_streamed_alone_gives_the_same_bits(shape):
-    """The avx512bf16 mat-vec of one activation row takes four weight rows a tile, prefetched ahead, or on AMD
-    CPUs one at a time unprefetched (`cpu.bf16_single_stream`): each row's sums in the same order, so the same
-    bits. Tiles and a remainder (130 rows), and a row shorter than a step (100 columns, masked loads)."""
-    build = kernel_build("avx512bf16")
+@pytest.mark.parametrize("target", ["avx512", "avx512bf16"])
+@pytest.mark.parametrize("shape", [(130, 1536), (7, 96)], ids=str)
+def test_one_row_streamed_alone_gives_the_same_bits(target, shape):
+    """The AVX-512 mat-vecs of one activation row (bf16 with vdpbf16ps, int8 with a scale a row) take four weight
+    rows a tile, prefetched ahead, or on AMD CPUs one at a time unprefetched (`cpu.single_stream`): each row's
+    sums in the same order, so the same bits. Tiles and a remainder (130 rows), and a row shorter than a step (96
+    columns: masked loads, a narrow int8 block)."""
+    build = kernel_build(target)
     generator = torch.Generator().manual_seed(shape[1])
-    weight = _misaligned(torch.randn(shape, generator=generator).bfloat16(), 2)
     x = torch.randn(1, shape[1], generator=generator)
-    chosen = cpu.bf16_single_stream("avx512bf16")
+    weight8 = _misaligned(torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator), 3)
+    scales = torch.rand(shape[0], generator=generator)
+    products = {"int8": lambda: build.int8_gemv(x, weight8, scales)}
+    if target == "avx512bf16":
+        weight16 = _misaligned(torch.randn(shape, generator=generator).bfloat16(), 2)
+        products["bf16"] = lambda: build.bf16_gemv(x, weight16)
+    chosen = cpu.single_stream(target)
     try:
-        assert build.set_bf16_single_stream(False) == chosen  # what loading the build set
-        four_rows = build.bf16_gemv(x, weight)
-        assert build.set_bf16_single_stream(True) is False
-        one_row = build.bf16_gemv(x, weight)
+        assert build.set_single_stream(False) == chosen  # what loading the build set
+        four_rows = {name: product() for name, product in products.items()}
+        assert build.set_single_stream(True) is False
+        one_row = {name: product() for name, product in products.items()}
     finally:
-        build.set_bf16_single_stream(chosen)
-    assert torch.equal(one_row, four_rows)
-    assert rel(one_row, x.bfloat16().double() @ weight.double().t()) < 1e-5
+        build.set_single_stream(chosen)
+    for name in products:
+        assert torch.equal(one_row[name], four_rows[name]), name
+    assert rel(one_row["int8"], (x.double() @ weight8.double().t()) * scales.double()) < 1e-4
 
 
 # --- choosing the build ------------------------------------------------------------------------------------------
@@ -409,20 +417,19 @@ def test_the_target_is_the_highest_the_cpu_runs_or_a_lower_one_asked_for():
     assert cpu.kernel_targets() in ((), everything[:1], everything[:2], everything)
 
 
-def test_one_bf16_row_streams_alone_on_amd_avx512bf16_unless_told(monkeypatch):
-    monkeypatch.delenv(cpu.ENV_BF16_SINGLE_STREAM, raising=False)
+def test_one_row_streams_alone_on_amd_avx512_unless_told(monkeypatch):
+    monkeypatch.delenv(cpu.ENV_SINGLE_STREAM, raising=False)
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
-    assert cpu.bf16_single_stream("avx512bf16")
-    assert not cpu.bf16_single_stream("avx512") and not cpu.bf16_single_stream("avx2")  # widening tiles
-    assert not cpu.bf16_single_stream(None)
-    monkeypatch.setenv(cpu.ENV_BF16_SINGLE_STREAM, "0")
-    assert not cpu.bf16_single_stream("avx512bf16")
+    assert cpu.single_stream("avx512bf16") and cpu.single_stream("avx512")
+    assert not cpu.single_stream("avx2") and not cpu.single_stream(None)
+    monkeypatch.setenv(cpu.ENV_SINGLE_STREAM, "0")
+    assert not cpu.single_stream("avx512bf16")
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "GenuineIntel")
-    monkeypatch.setenv(cpu.ENV_BF16_SINGLE_STREAM, "1")
-    assert cpu.bf16_single_stream("avx512bf16")
-    monkeypatch.delenv(cpu.ENV_BF16_SINGLE_STREAM)
-    assert not cpu.bf16_single_stream("avx512bf16")
-    assert not cpu.bf16_single_stream("avx2")
+    monkeypatch.setenv(cpu.ENV_SINGLE_STREAM, "1")
+    assert cpu.single_stream("avx512bf16")
+    monkeypatch.delenv(cpu.ENV_SINGLE_STREAM)
+    assert not cpu.single_stream("avx512bf16")
+    assert not cpu.single_stream("avx2")
 
 
 def test_the_vendor_is_read_from_the_cpu():

@@ -83,6 +83,10 @@ constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 *
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
 // 1.29B shapes (benchmarks/ab_kernels.py; benchmarks/README.md has the figures).
 constexpr int64_t kPrefetchRows = 6;
+// One activation row: one weight row at a time and no prefetch instructions (Bf16StreamTile, Int8StreamTile), where
+// the CPU's own prefetcher follows a single stream a thread well (set by `set_single_stream`, cpu.py decides). The
+// AVX-512 tiles of bf16 (vdpbf16ps) and of int8 with a scale a row; the others ignore it.
+bool single_stream = false;
 constexpr int64_t kChunkRows = 64;  // rows per parallel work item: whole tiles for every R
 // Least work (weight bytes x activation rows) per thread: smaller products run on the calling thread alone, where
 // waking the pool would cost more than it saves (a tiny model's layers; any layer on a machine short of cores).
@@ -513,7 +517,9 @@ struct Int8Tile {
     // one step of 32 columns (16, zero-extended, where `narrow`)
     const auto step = [&](__m512i(&iacc)[R * MB], int64_t k, auto narrow_block) {
       constexpr bool narrow = decltype(narrow_block)::value;
-      if ((k & 63) == 0)  // weight rows into L2 ahead (into L1: 0-3% slower at one row, 4-6% at four; ab_kernels)
+      // weight rows into L2 ahead (into L1: 0-3% slower at one row, 4-6% at four; ab_kernels); not for a single
+      // row (Int8StreamTile, a tile's last rows): one stream the hardware follows
+      if (!(R == 1 && MB == 1) && (k & 63) == 0)
         for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T1);
       __m512i wv[R];
       for (int r = 0; r < R; ++r) {
@@ -619,6 +625,16 @@ struct Int8Tile {
     return scales[n];
   }
 };
+
+#if defined(BAICHUAN_AVX512)
+// One weight row at a time, unprefetched, for one activation row of int8 with a scale a row where `single_stream`:
+// on a Zen 4 (ab_kernels, 1.29B layer shapes, huge pages) 0.90-1.00 of the time of four rows prefetched 6 rows
+// ahead in two runs (one outlier: 1.77 on 1536x1536 in a third); with groups of 32 (the head) 1.12, so those keep
+// four (benchmarks/README.md). The same bits: the tiles' last rows already ran this way.
+struct Int8StreamTile : Int8Tile<false> {
+  static constexpr int weight_rows(int) { return 1; }
+};
+#endif
 
 struct Int4Tile {
   const uint8_t* packed;
@@ -819,11 +835,6 @@ struct Int4Tile {
 
 // --- bf16 -------------------------------------------------------------------------------------------------------
 
-// One activation row: one weight row at a time and no prefetch instructions (Bf16StreamTile), where the CPU's own
-// prefetcher follows a single stream a thread well (set by `set_bf16_single_stream`, cpu.py decides; the
-// avx512bf16 build's tile, the widening ones ignore it).
-bool bf16_single_stream = false;
-
 #if defined(BAICHUAN_AVX512BF16)
 constexpr int64_t kBf16Step = 32;  // bf16 values per vdpbf16ps
 // Rows the tile prefetches ahead: at least this many bytes (12 rows of 1536 columns; 4096 columns stay at
@@ -894,7 +905,7 @@ struct Bf16Tile {
   }
 };
 
-// One weight row at a time with no prefetch instructions, for one activation row where `bf16_single_stream`: on a
+// One weight row at a time with no prefetch instructions, for one activation row where `single_stream`: on a
 // Zen 4 (ab_kernels, 1.29B shapes, weights on huge pages) 0.73-0.98 of the time of four rows prefetched 36 KB ahead
 // (benchmarks/README.md). The same sums in the same order: the same bits.
 struct Bf16StreamTile : Bf16Tile {
@@ -1120,9 +1131,15 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
         Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, quads, output_of(y), N, K, B, a.blocks, M},
         N, M, K);
   } else {
-    run_all(Int8Tile<false>{w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, nullptr, output_of(y), N,
-                            K, B, a.blocks, M},
-            N, M, K);
+    const Int8Tile<false> tile{
+        w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, nullptr, output_of(y), N, K, B, a.blocks, M};
+#if defined(BAICHUAN_AVX512)
+    if (M == 1 && single_stream) {
+      run_all(Int8StreamTile{tile}, N, M, K);
+      return y;
+    }
+#endif
+    run_all(tile, N, M, K);
   }
   return y;
 }
@@ -1174,7 +1191,7 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
 #endif
                       output_of(y), N, K};
 #if defined(BAICHUAN_AVX512BF16)
-  if (M == 1 && bf16_single_stream) {
+  if (M == 1 && single_stream) {
     run_all(Bf16StreamTile{tile}, N, M, 2 * K);
     return y;
   }
@@ -1184,7 +1201,7 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
 }
 
 // The setting before (what the Python loader chose, for its test).
-bool set_bf16_single_stream(bool on) { return std::exchange(bf16_single_stream, on); }
+bool set_single_stream(bool on) { return std::exchange(single_stream, on); }
 
 void register_fused(pybind11::module_& m);  // cpu_fused.cpp
 void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
@@ -1213,7 +1230,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp32/bf16 x (M, K), y in x's dtype");
   m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");
   m.def("bf16_gemv", &k::bf16_gemv, "x @ weight.T, bf16 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
-  m.def("set_bf16_single_stream", &k::set_bf16_single_stream,
-        "bf16_gemv of one activation row reads one weight row at a time, unprefetched (the avx512bf16 build; the "
-        "widening builds ignore it); returns the setting before");
+  m.def("set_single_stream", &k::set_single_stream,
+        "bf16_gemv (avx512bf16 build) and int8_gemv with a scale a row (AVX-512 builds) of one activation row read "
+        "one weight row at a time, unprefetched; returns the setting before");
 }
