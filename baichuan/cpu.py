@@ -63,7 +63,7 @@ AMX_INT8_MAX_ROWS = 16
 # One activation row in the AVX-512 builds' bf16 (vdpbf16ps: avx512bf16 only) and int8 (a scale a row) mat-vecs:
 # one weight row at a time, no prefetch instructions, on CPUs from these vendors (whose hardware prefetcher follows
 # one stream a thread), else four rows prefetched ahead. On a Zen 4 (1.29B shapes, weights on huge pages) bf16 took
-# 0.73-0.98 of the time, int8 0.90-1.00; never measured on an Intel CPU, where the prefetch distances were tuned.
+# 0.73-0.98 of the time, int8 0.87-1.00; never measured on an Intel CPU, where the prefetch distances were tuned.
 # BAICHUAN_SINGLE_STREAM=1/0 decides instead.
 SINGLE_STREAM_VENDORS = ("AuthenticAMD",)
 ENV_SINGLE_STREAM = "BAICHUAN_SINGLE_STREAM"

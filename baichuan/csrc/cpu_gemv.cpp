@@ -628,9 +628,9 @@ struct Int8Tile {
 
 #if defined(BAICHUAN_AVX512)
 // One weight row at a time, unprefetched, for one activation row of int8 with a scale a row where `single_stream`:
-// on a Zen 4 (ab_kernels, 1.29B layer shapes, huge pages) 0.90-1.00 of the time of four rows prefetched 6 rows
-// ahead in two runs (one outlier: 1.77 on 1536x1536 in a third); with groups of 32 (the head) 1.12, so those keep
-// four (benchmarks/README.md). The same bits: the tiles' last rows already ran this way.
+// on a Zen 4 (ab_kernels, 1.29B shapes, huge pages) 0.87-1.00 of the time of four rows prefetched 6 rows ahead in
+// three runs (a first had 0.78-1.05, and 1.77 on 1536x1536); with groups of 32 (the head) 1.12, so those keep four
+// (benchmarks/README.md). The same bits: the tiles' last rows already ran this way.
 struct Int8StreamTile : Int8Tile<false> {
   static constexpr int weight_rows(int) { return 1; }
 };
