@@ -182,17 +182,23 @@ def bf16_prompt_min_rows(target: str | None) -> int | None:
     return BF16_PROMPT_MIN_ROWS if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
 
 
-@functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor as Linux reports it ("AuthenticAMD", "GenuineIntel"); "" where it does not say."""
+def cpuinfo_field(name: str) -> str:
+    """One field of the first CPU in Linux's /proc/cpuinfo ("vendor_id", "model name"); "" where it is absent."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it ("AuthenticAMD", "GenuineIntel"); "" where it does not say."""
+    return cpuinfo_field("vendor_id")
 
 
 def single_stream(target: str | None) -> bool:

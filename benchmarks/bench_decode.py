@@ -451,12 +451,10 @@ def prefill_flops_per_token(config, prompt: int) -> float:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    from baichuan.cpu import cpuinfo_field
+
+    if name := cpuinfo_field("model name"):
+        return name
     import platform
 
     return platform.processor() or "unknown CPU"
