@@ -60,10 +60,11 @@ AMX_QUANTIZED_MAX_ROWS = 768
 # 0.45-0.72, at 64 1.01-1.49. Xeon with AMX, 1.29B shapes.
 AMX_INT8_MIN_ROWS = 5
 AMX_INT8_MAX_ROWS = 16
-# One activation row in the AVX-512 builds' bf16 (vdpbf16ps: avx512bf16 only) and int8 (a scale a row) mat-vecs:
-# one weight row at a time, no prefetch instructions, on CPUs from these vendors (whose hardware prefetcher follows
-# one stream a thread), else four rows prefetched ahead. On a Zen 4 (1.29B shapes, weights on huge pages) bf16 took
-# 0.73-0.98 of the time, int8 0.87-1.00; never measured on an Intel CPU, where the prefetch distances were tuned.
+# One activation row in the bf16 and int8 (a scale a row) mat-vecs: one weight row at a time, no prefetch
+# instructions, on CPUs from these vendors (whose hardware prefetcher follows one stream a thread), else four rows
+# (the avx2 int8 tile: one) prefetched ahead. On a Zen 4 (1.29B shapes, weights on huge pages) the avx512bf16 build's
+# bf16 took 0.73-0.98 of the time and its int8 0.87-1.00; the avx2 build's, forced there, 0.71-0.98 and 0.71-0.97.
+# Never measured on an Intel CPU, where the prefetch distances were tuned, nor on a Zen 3.
 # BAICHUAN_SINGLE_STREAM=1/0 decides instead.
 SINGLE_STREAM_VENDORS = ("AuthenticAMD",)
 ENV_SINGLE_STREAM = "BAICHUAN_SINGLE_STREAM"
@@ -203,10 +204,9 @@ def cpu_vendor() -> str:
 
 def single_stream(target: str | None) -> bool:
     """Whether our mat-vecs (the build for `target`) read one weight row at a time without prefetch instructions
-    for one activation row (bf16 in the avx512bf16 build, int8 with a scale a row in both AVX-512 builds): on a CPU
-    of `SINGLE_STREAM_VENDORS`, or as BAICHUAN_SINGLE_STREAM says. The same bits either way; only the speed
-    differs."""
-    if target not in ("avx512", "avx512bf16"):
+    for one activation row (bf16, and int8 with a scale a row): on a CPU of `SINGLE_STREAM_VENDORS`, or as
+    BAICHUAN_SINGLE_STREAM says. The same bits either way; only the speed differs."""
+    if target not in KERNEL_TARGETS:
         return False
     forced = os.environ.get(ENV_SINGLE_STREAM, "").strip()
     if forced in ("0", "1"):

@@ -371,22 +371,23 @@ def test_bf16_non_finite_values_propagate(build):
     assert y[0].isnan().all() and y[1].isinf().all() and torch.equal(y[2], torch.full((4,), 40.0))
 
 
-@pytest.mark.parametrize("target", ["avx512", "avx512bf16"])
+@pytest.mark.parametrize("target", cpu.KERNEL_TARGETS)
 @pytest.mark.parametrize("shape", [(130, 1536), (7, 96)], ids=str)
 def test_one_row_streamed_alone_gives_the_same_bits(target, shape):
-    """The AVX-512 mat-vecs of one activation row (bf16 with vdpbf16ps, int8 with a scale a row) take four weight
-    rows a tile, prefetched ahead, or on AMD CPUs one at a time unprefetched (`cpu.single_stream`): each row's
+    """The mat-vecs of one activation row (bf16, int8 with a scale a row) take four weight rows a tile (the avx2
+    int8 tile one), prefetched ahead, or on AMD CPUs one at a time unprefetched (`cpu.single_stream`): each row's
     sums in the same order, so the same bits. Tiles and a remainder (130 rows), and a row shorter than a step (96
-    columns: masked loads, a narrow int8 block)."""
+    columns: masked loads, a narrow int8 block, the widening tiles' scalar tail)."""
     build = kernel_build(target)
     generator = torch.Generator().manual_seed(shape[1])
     x = torch.randn(1, shape[1], generator=generator)
     weight8 = _misaligned(torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator), 3)
     scales = torch.rand(shape[0], generator=generator)
-    products = {"int8": lambda: build.int8_gemv(x, weight8, scales)}
-    if target == "avx512bf16":
-        weight16 = _misaligned(torch.randn(shape, generator=generator).bfloat16(), 2)
-        products["bf16"] = lambda: build.bf16_gemv(x, weight16)
+    weight16 = _misaligned(torch.randn(shape, generator=generator).bfloat16(), 2)
+    products = {
+        "int8": lambda: build.int8_gemv(x, weight8, scales),
+        "bf16": lambda: build.bf16_gemv(x, weight16),
+    }
     chosen = cpu.single_stream(target)
     try:
         assert build.set_single_stream(False) == chosen  # what loading the build set
@@ -398,6 +399,7 @@ def test_one_row_streamed_alone_gives_the_same_bits(target, shape):
     for name in products:
         assert torch.equal(one_row[name], four_rows[name]), name
     assert rel(one_row["int8"], (x.double() @ weight8.double().t()) * scales.double()) < 1e-4
+    assert rel(one_row["bf16"], x.double() @ weight16.double().t()) < 1e-2  # x rounded to bf16 in avx512bf16
 
 
 # --- choosing the build ------------------------------------------------------------------------------------------
@@ -417,11 +419,11 @@ def test_the_target_is_the_highest_the_cpu_runs_or_a_lower_one_asked_for():
     assert cpu.kernel_targets() in ((), everything[:1], everything[:2], everything)
 
 
-def test_one_row_streams_alone_on_amd_avx512_unless_told(monkeypatch):
+def test_one_row_streams_alone_on_amd_unless_told(monkeypatch):
     monkeypatch.delenv(cpu.ENV_SINGLE_STREAM, raising=False)
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
-    assert cpu.single_stream("avx512bf16") and cpu.single_stream("avx512")
-    assert not cpu.single_stream("avx2") and not cpu.single_stream(None)
+    assert all(cpu.single_stream(target) for target in cpu.KERNEL_TARGETS)
+    assert not cpu.single_stream(None)
     monkeypatch.setenv(cpu.ENV_SINGLE_STREAM, "0")
     assert not cpu.single_stream("avx512bf16")
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "GenuineIntel")

@@ -83,9 +83,9 @@ constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 *
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
 // 1.29B shapes (benchmarks/ab_kernels.py; benchmarks/README.md has the figures).
 constexpr int64_t kPrefetchRows = 6;
-// One activation row: one weight row at a time and no prefetch instructions (Bf16StreamTile, Int8StreamTile), where
-// the CPU's own prefetcher follows a single stream a thread well (set by `set_single_stream`, cpu.py decides). The
-// AVX-512 tiles of bf16 (vdpbf16ps) and of int8 with a scale a row; the others ignore it.
+// One activation row: one weight row at a time and no prefetch instructions (Bf16StreamTile, Int8StreamTile, the
+// avx2 int8 tile's single row), where the CPU's own prefetcher follows a single stream a thread well (set by
+// `set_single_stream`, cpu.py decides). The bf16 tiles and those of int8 with a scale a row; int4 ignores it.
 bool single_stream = false;
 constexpr int64_t kChunkRows = 64;  // rows per parallel work item: whole tiles for every R
 // Least work (weight bytes x activation rows) per thread: smaller products run on the calling thread alone, where
@@ -412,7 +412,9 @@ struct Int8Tile {
       __m256i iacc[R * MB];
       for (int i = 0; i < R * MB; ++i) iacc[i] = _mm256_setzero_si256();
       for (int64_t k = k0; k < k0 + B; k += 16) {
-        if ((k & 63) == 0)
+        // a single row where `single_stream`: one stream the hardware follows (Zen 4, avx2 build, ab_kernels: 0.71-0.97
+        // of the time of prefetching kPrefetchRows ahead; benchmarks/README.md)
+        if ((R > 1 || MB > 1 || !single_stream) && (k & 63) == 0)
           for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
         __m256i xv[MB];
         for (int j = 0; j < MB; ++j) xv[j] = _mm256_loadu_si256((const __m256i*)(x0 + j * K + k));
@@ -905,12 +907,6 @@ struct Bf16Tile {
   }
 };
 
-// One weight row at a time with no prefetch instructions, for one activation row where `single_stream`: on a
-// Zen 4 (ab_kernels, 1.29B shapes, weights on huge pages) 0.73-0.98 of the time of four rows prefetched 36 KB ahead
-// (benchmarks/README.md). The same sums in the same order: the same bits.
-struct Bf16StreamTile : Bf16Tile {
-  static constexpr int weight_rows(int) { return 1; }
-};
 #else
 #if defined(BAICHUAN_AVX512)
 constexpr int64_t kBf16Step = 32;  // bf16 values per 512-bit load
@@ -1000,8 +996,9 @@ struct Bf16Tile {
     const int64_t full = K - K % kBf16Step;
     for (int64_t k = 0; k < full; k += kBf16Step) {
       // Several activation rows: into L2 only (benchmarks/ab_kernels.py, 8 rows, avx2 on an Emerald Rapids: 3-6%
-      // faster than into L1, which their fp32 rows fill).
-      if ((k & 31) == 0)
+      // faster than into L1, which their fp32 rows fill). A single row, as Bf16StreamTile reads them (or a tile's
+      // last rows), is one stream the hardware follows.
+      if ((R > 1 || MB > 1) && (k & 31) == 0)
         for (int r = 0; r < R; ++r)
           _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), MB > 1 ? _MM_HINT_T1 : _MM_HINT_T0);
       if constexpr (weights_first) {
@@ -1038,6 +1035,14 @@ struct Bf16Tile {
   }
 };
 #endif
+
+// One weight row at a time with no prefetch instructions, for one activation row where `single_stream`: on a
+// Zen 4 (ab_kernels, 1.29B shapes, weights on huge pages) 0.73-0.98 of the time of four rows prefetched 36 KB ahead
+// (vdpbf16ps), 0.71-0.98 of four rows prefetched kPrefetchRows ahead in the avx2 build's widening tile
+// (benchmarks/README.md). The same sums in the same order: the same bits.
+struct Bf16StreamTile : Bf16Tile {
+  static constexpr int weight_rows(int) { return 1; }
+};
 
 template <int R, int MB, class Tile>
 void run_rows(const Tile& tile, int64_t n0, int64_t n1, int64_t m) {
@@ -1190,12 +1195,10 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
                       xp.data_ptr<float>(),
 #endif
                       output_of(y), N, K};
-#if defined(BAICHUAN_AVX512BF16)
   if (M == 1 && single_stream) {
     run_all(Bf16StreamTile{tile}, N, M, 2 * K);
     return y;
   }
-#endif
   run_all(tile, N, M, 2 * K);
   return y;
 }
@@ -1231,6 +1234,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");
   m.def("bf16_gemv", &k::bf16_gemv, "x @ weight.T, bf16 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
   m.def("set_single_stream", &k::set_single_stream,
-        "bf16_gemv (avx512bf16 build) and int8_gemv with a scale a row (AVX-512 builds) of one activation row read "
-        "one weight row at a time, unprefetched; returns the setting before");
+        "bf16_gemv and int8_gemv with a scale a row of one activation row read one weight row at a time, "
+        "unprefetched; returns the setting before");
 }
