@@ -18,6 +18,18 @@ HELP = (
 )
 
 
+# C0 controls but newline and tab, DEL, and the C1 controls: as text, a model's answer (a byte-fallback token can
+# be any of them) could move the cursor, clear the screen or open an escape sequence that swallows what follows.
+_CONTROLS = {c: chr(0x2400 + c) for c in range(0x20) if chr(c) not in "\n\t"} | {0x7F: "\u2421"}
+_CONTROLS |= {c: "\ufffd" for c in range(0x80, 0xA0)}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` to show on a terminal: each control character (ESC, BEL, CR, ...) as its visible symbol (␛, ␇, ␍;
+    U+FFFD for the C1 range), so that model output shows as text and never acts on the terminal."""
+    return text.translate(_CONTROLS)
+
+
 def read_message(console: Console) -> str | None:
     """One user message (possibly multi-line); None at end of input."""
     try:
@@ -101,7 +113,7 @@ def run(
                 warnings.simplefilter("always")
                 for delta in session.chat(messages, stream=True, cancel=cancel):
                     answer += delta
-                    console.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
+                    console.print(terminal_safe(delta), end="", markup=False, highlight=False, soft_wrap=True)
             for note in notes:  # e.g. the answer cut to the context the conversation leaves
                 console.print(f"\n[dim]({note.message})[/]", end="")
         except KeyboardInterrupt:

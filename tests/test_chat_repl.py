@@ -72,3 +72,12 @@ def test_chat_session_in_tmux(checkpoint):
         wait_for(session, "bye")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_control_characters_in_an_answer_show_as_symbols():
+    """A model's answer reaches the terminal as text: an escape sequence (a byte-fallback token can be ESC) must
+    not clear the screen or swallow what follows, as an OSC sequence left open would swallow '(stopped)'."""
+    from baichuan.chat import terminal_safe
+
+    assert terminal_safe("a\x1b]0;title\x07b\rc\x00d\x7fe\x9bf") == "a␛]0;title␇b␍c␀d␡e\ufffdf"
+    assert terminal_safe("百川\n\tline") == "百川\n\tline"  # newlines, tabs and text pass

@@ -64,6 +64,7 @@ def generate(
     lora: Lora = None,
 ) -> None:
     """Complete a prompt (or answer it as a chat message with --chat) and stream the text to standard output."""
+    from baichuan.chat import terminal_safe
     from baichuan.generate import SamplingConfig, chat_prompt, stream_text
 
     # Everything that can be wrong with the input fails here, before the weights are read.
@@ -111,8 +112,9 @@ def generate(
     note(prepared.note)
     loaded = load(prepared, context)
     apply_lora(loaded, adapter)
+    on_terminal = sys.stdout.isatty()  # a pipe or a file gets the text as generated
     for piece in stream_text(loaded.model, tokenizer, ids, sampling, kv_dtype=loaded.kv_dtype):
-        sys.stdout.write(piece)
+        sys.stdout.write(terminal_safe(piece) if on_terminal else piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
