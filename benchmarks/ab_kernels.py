@@ -13,6 +13,12 @@ weights; --small-pages for torch's allocator), so a drift of the machine slows a
 
 Each line gives the median time per call of each variant and its ratio to the first (below 1: faster). Run it
 alone: the variants share the machine only with each other.
+
+Every variant reads one activation row as the package would on this CPU (`cpu.single_stream`); --stream-on and
+--stream-off set that for the variants they name, so one source can be timed both ways (two directories holding
+the same copy, one of them named by --stream-off):
+
+    python benchmarks/ab_kernels.py /tmp/on /tmp/off --stream-on /tmp/on --stream-off /tmp/off --dtype bf16
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from baichuan.hugepages import HugePageArena, huge_pages_available  # noqa: E402
 SHAPES = ("1536x1536", "4608x1536", "4096x1536", "1536x4096", "125696x1536")  # the 1.29B benchmark model's
 
 
-def build(directory: Path, target: str):
+def build(directory: Path, target: str, streamed: bool | None = None):
     from torch.utils import cpp_extension
 
     source = directory / SOURCE.name
@@ -47,9 +53,11 @@ def build(directory: Path, target: str):
         extra_cflags=["-O3", *TARGET_FLAGS[target], "-fopenmp"],
         extra_ldflags=["-fopenmp"],
     )
-    # as the package sets it (copies of the source older than the setter lack it)
+    # as the package sets it unless told (copies of the source older than the setter lack it)
     if hasattr(module, "set_single_stream"):
-        module.set_single_stream(single_stream(target))
+        module.set_single_stream(single_stream(target) if streamed is None else streamed)
+    elif streamed is not None:
+        raise SystemExit(f"{source} has no single stream to set (set_single_stream)")
     return module
 
 
@@ -110,6 +118,22 @@ def main() -> None:
         action="store_true",
         help="weights in torch's allocator (4 KiB pages), not on transparent huge pages as our loads put them",
     )
+    parser.add_argument(
+        "--stream-on",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="this variant reads one activation row's weights one row at a time, unprefetched (repeatable)",
+    )
+    parser.add_argument(
+        "--stream-off",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="this variant keeps the four-row tiles prefetched ahead at one activation row (repeatable)",
+    )
     args = parser.parse_args()
     if len(args.variants) < 2:
         parser.error("give at least two variant directories")
@@ -118,7 +142,14 @@ def main() -> None:
             f"this CPU cannot run the {args.target} build (it runs: {', '.join(kernel_targets()) or 'none'})"
         )
 
-    modules = [build(directory, args.target) for directory in args.variants]
+    streamed: dict[Path, bool] = {}
+    for directories, setting in ((args.stream_on, True), (args.stream_off, False)):
+        for directory in directories:
+            if directory not in args.variants:
+                parser.error(f"{directory} is not one of the variants")
+            if streamed.setdefault(directory, setting) != setting:
+                parser.error(f"{directory} is named by both --stream-on and --stream-off")
+    modules = [build(directory, args.target, streamed.get(directory)) for directory in args.variants]
     generator = torch.Generator().manual_seed(0)
     arena = None if args.small_pages or not huge_pages_available() else HugePageArena()
     for shape in args.shapes.split(","):
