@@ -61,11 +61,12 @@ AMX_QUANTIZED_MAX_ROWS = 768
 AMX_INT8_MIN_ROWS = 5
 AMX_INT8_MAX_ROWS = 16
 # One activation row in the bf16 and int8 (a scale a row) mat-vecs: one weight row at a time, no prefetch
-# instructions, on CPUs from these vendors (whose hardware prefetcher follows one stream a thread), else four rows
-# (the avx2 int8 tile: one) prefetched ahead. On a Zen 4 (1.29B shapes, weights on huge pages) the avx512bf16 build's
-# bf16 took 0.73-0.98 of the time and its int8 0.87-1.00; the avx2 build's, forced there, 0.71-0.98 and 0.71-0.97.
-# Never measured on an Intel CPU, where the prefetch distances were tuned, nor on a Zen 3.
-# BAICHUAN_SINGLE_STREAM=1/0 decides instead.
+# instructions, on AVX-512 CPUs from these vendors (whose hardware prefetcher follows one stream a thread), else four
+# rows (the avx2 int8 tile: one) prefetched ahead. On a Zen 4 (1.29B shapes, weights on huge pages) the avx512bf16
+# build's bf16 took 0.73-0.98 of the time and its int8 0.87-1.00; the avx2 build's, forced there, 0.71-0.98 and
+# 0.71-0.97. On an AVX2-only AMD EPYC (the avx2 build) it took 1.11-1.26 and 0.98-1.14, so AMD CPUs without AVX-512
+# (Zen 3 and before) keep the prefetched tiles. Never measured on an Intel CPU, where the prefetch distances were
+# tuned. BAICHUAN_SINGLE_STREAM=1/0 decides instead.
 SINGLE_STREAM_VENDORS = ("AuthenticAMD",)
 ENV_SINGLE_STREAM = "BAICHUAN_SINGLE_STREAM"
 
@@ -204,11 +205,11 @@ def cpu_vendor() -> str:
 
 def single_stream(target: str | None) -> bool:
     """Whether our mat-vecs (the build for `target`) read one weight row at a time without prefetch instructions
-    for one activation row (bf16, and int8 with a scale a row): on a CPU of `SINGLE_STREAM_VENDORS`, or as
-    BAICHUAN_SINGLE_STREAM says. The same bits either way; only the speed differs."""
+    for one activation row (bf16, and int8 with a scale a row): on an AVX-512 CPU (whatever the build) of
+    `SINGLE_STREAM_VENDORS`, or as BAICHUAN_SINGLE_STREAM says. The same bits either way; only the speed differs."""
     if target not in KERNEL_TARGETS:
         return False
     forced = os.environ.get(ENV_SINGLE_STREAM, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    return cpu_vendor() in SINGLE_STREAM_VENDORS
+    return cpu_vendor() in SINGLE_STREAM_VENDORS and "avx512" in kernel_targets()

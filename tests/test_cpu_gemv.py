@@ -375,9 +375,9 @@ def test_bf16_non_finite_values_propagate(build):
 @pytest.mark.parametrize("shape", [(130, 1536), (7, 96)], ids=str)
 def test_one_row_streamed_alone_gives_the_same_bits(target, shape):
     """The mat-vecs of one activation row (bf16, int8 with a scale a row) take four weight rows a tile (the avx2
-    int8 tile one), prefetched ahead, or on AMD CPUs one at a time unprefetched (`cpu.single_stream`): each row's
-    sums in the same order, so the same bits. Tiles and a remainder (130 rows), and a row shorter than a step (96
-    columns: masked loads, a narrow int8 block, the widening tiles' scalar tail)."""
+    int8 tile one), prefetched ahead, or on AMD AVX-512 CPUs one at a time unprefetched (`cpu.single_stream`):
+    each row's sums in the same order, so the same bits. Tiles and a remainder (130 rows), and a row shorter than a
+    step (96 columns: masked loads, a narrow int8 block, the widening tiles' scalar tail)."""
     build = kernel_build(target)
     generator = torch.Generator().manual_seed(shape[1])
     x = torch.randn(1, shape[1], generator=generator)
@@ -419,11 +419,18 @@ def test_the_target_is_the_highest_the_cpu_runs_or_a_lower_one_asked_for():
     assert cpu.kernel_targets() in ((), everything[:1], everything[:2], everything)
 
 
-def test_one_row_streams_alone_on_amd_unless_told(monkeypatch):
+def test_one_row_streams_alone_on_amd_avx512_cpus_unless_told(monkeypatch):
     monkeypatch.delenv(cpu.ENV_SINGLE_STREAM, raising=False)
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
+    # a Zen 4: every build, forced or not
+    monkeypatch.setattr(cpu, "kernel_targets", lambda: cpu.KERNEL_TARGETS)
     assert all(cpu.single_stream(target) for target in cpu.KERNEL_TARGETS)
     assert not cpu.single_stream(None)
+    monkeypatch.setattr(cpu, "kernel_targets", lambda: cpu.KERNEL_TARGETS[:1])  # AVX2 only (a Zen 3)
+    assert not cpu.single_stream("avx2")
+    monkeypatch.setenv(cpu.ENV_SINGLE_STREAM, "1")
+    assert cpu.single_stream("avx2")
+    monkeypatch.setattr(cpu, "kernel_targets", lambda: cpu.KERNEL_TARGETS)
     monkeypatch.setenv(cpu.ENV_SINGLE_STREAM, "0")
     assert not cpu.single_stream("avx512bf16")
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "GenuineIntel")

@@ -1038,8 +1038,9 @@ struct Bf16Tile {
 
 // One weight row at a time with no prefetch instructions, for one activation row where `single_stream`: on a
 // Zen 4 (ab_kernels, 1.29B shapes, weights on huge pages) 0.73-0.98 of the time of four rows prefetched 36 KB ahead
-// (vdpbf16ps), 0.71-0.98 of four rows prefetched kPrefetchRows ahead in the avx2 build's widening tile
-// (benchmarks/README.md). The same sums in the same order: the same bits.
+// (vdpbf16ps), 0.71-0.98 of four rows prefetched kPrefetchRows ahead in the avx2 build's widening tile; on an
+// AVX2-only AMD EPYC 1.11-1.26 of the latter, so cpu.py leaves it off there (benchmarks/README.md). The same sums
+// in the same order: the same bits.
 struct Bf16StreamTile : Bf16Tile {
   static constexpr int weight_rows(int) { return 1; }
 };
