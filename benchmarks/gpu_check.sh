@@ -42,10 +42,13 @@ if [ "$REHEARSE" = 0 ]; then
     if compgen -G ".whl/*.whl" >/dev/null || compgen -G ".whl/*.tar.gz" >/dev/null; then
         say "installing the carried wheels in .whl/"
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
-            && export PYTHONPATH="$WORK/site:$PYTHONPATH" PATH="$WORK/site/bin:$PATH"
-        for sdist in .whl/*.tar.gz; do  # deepspeed is published as source only: a pure-Python install, no ops built
+            && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PATH="$WORK/site/bin:$PATH"
+        # deepspeed is published as source only: a pure-Python install, no ops built. A target of its own, since pip
+        # skips a --target's bin/ that the wheels made (and with it the `deepspeed` launcher).
+        for sdist in .whl/*.tar.gz; do
             [ -e "$sdist" ] || continue
-            DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$WORK/site" "$sdist" \
+            DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --target "$WORK/sdist-site" "$sdist" \
+                && export PYTHONPATH="$WORK/sdist-site:$PYTHONPATH" PATH="$WORK/sdist-site/bin:$PATH" \
                 || say "could not install $sdist"
         done
     fi

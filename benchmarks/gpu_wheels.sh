@@ -2,7 +2,7 @@
 # Wheels for benchmarks/gpu_check.sh on a GPU machine that reaches no package registry: run this where pip reaches
 # PyPI, in the repository, then carry .whl/ with the working tree (the device tool's `carry: [".whl"]`).
 #
-#   bash benchmarks/gpu_wheels.sh
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_wheels.sh   # a Python with the project's test extra installed
 #
 # What the GPU image lacks for the check (its package list: /work/.library/device/KINDS.md): the server and the
 # `openai` client with their dependencies, sentencepiece 0.2.3 (the image has 0.2.2, which our tokenizer cannot
@@ -49,7 +49,17 @@ import sys
 from importlib.metadata import PackageNotFoundError, distribution
 
 image = {re.sub(r"[-_.]+", "-", n).lower() for n in sys.argv[1:]}
-todo, seen = ["openai", "fastapi", "uvicorn", "sentencepiece", "bitsandbytes", "deepspeed"], {}
+roots = ["openai", "fastapi", "uvicorn", "sentencepiece", "bitsandbytes", "deepspeed"]
+absent = []
+for root in roots:
+    try:
+        distribution(root)
+    except PackageNotFoundError:
+        absent.append(root)
+if absent:  # their dependencies are read from what is installed here: without the roots, none would come
+    sys.exit(f"{sys.executable} lacks {', '.join(absent)}: run this with the Python the project's test extra is "
+             "installed in (PYTHON=.venv/bin/python bash benchmarks/gpu_wheels.sh)")
+todo, seen = list(roots), {}
 while todo:
     name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
     if name in seen or name in image:
@@ -65,13 +75,13 @@ while todo:
             todo.append(re.match(r"[A-Za-z0-9_.-]+", req).group(0))
 print(" ".join(f"{n}=={v}" if v else n for n, v in sorted(seen.items())))
 PY
-)"
+)" || exit 1
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 for spec in $NEEDED; do
     case "$spec" in
-        deepspeed*)  # source only on PyPI
-            "$PYTHON" -m pip download -q --no-deps --no-binary=:all: --no-build-isolation -d .whl "$spec" ;;
+        deepspeed*)  # source only on PyPI; its metadata is built in an isolated environment (needs `wheel`)
+            "$PYTHON" -m pip download -q --no-deps --no-binary=:all: -d .whl "$spec" ;;
         *)
             "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
                 "${PLATFORMS[@]}" -d .whl "$spec" ;;
