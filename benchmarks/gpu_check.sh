@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh RESULTS              # on the GPU machine
 #   bash benchmarks/gpu_check.sh --rehearse RESULTS   # on a CPU: the same file, GPU lines "unmeasured (no CUDA)"
+#   GPU_REPORT_ONLY=env,cuda_tests bash benchmarks/gpu_check.sh RESULTS   # only these report sections (and DeepSpeed)
 #
 # 1. Python is $PYTHON (default python3). Without the project installed, `baichuan` is made importable
 #    (PYTHONPATH) and runnable (a Python shim on PATH, which the deepspeed launcher can run too).
@@ -79,6 +80,7 @@ REPORT_FLAGS=()
 VLLM_SITE="${VLLM_SITE:-}"
 [ -n "$VLLM_SITE" ] && REPORT_FLAGS+=(--vllm-site "$VLLM_SITE")
 [ "$REHEARSE" = 1 ] && REPORT_FLAGS+=(--rehearse)
+[ -n "${GPU_REPORT_ONLY:-}" ] && REPORT_FLAGS+=(--only "$GPU_REPORT_ONLY")
 "$PYTHON" benchmarks/gpu_report.py "$RESULTS" "${REPORT_FLAGS[@]}" --budget-s 330
 if [ ! -f "$RESULTS" ]; then echo "gpu_report.py wrote no results file"; exit 1; fi
 

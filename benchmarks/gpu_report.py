@@ -37,6 +37,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -430,14 +431,16 @@ def section_train(report: Report) -> None:
 
 def section_cuda_tests(report: Report) -> None:
     files = ["tests/quant/test_cuda.py", "tests/train/test_cuda.py"]
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *files]
-    if report.rehearse:  # only collection: the tests themselves skip without CUDA
-        command.append("--collect-only")
+    # The project's addopts already hold -q: one more (-qq) would drop the "N passed" line this reports.
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", *files]
+    if report.rehearse:  # only collection, -qq's "file: count" lines: the tests themselves skip without CUDA
+        command += ["-q", "--collect-only"]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=TIMEOUTS["cuda_tests"] - 5, cwd=REPO
     )
     lines = done.stdout.strip().splitlines() or ["(no output)"]
-    summary = lines[-1]
+    outcomes = re.compile(r"\d+ (passed|failed|errors?|skipped)")
+    summary = next((line.strip("= ") for line in reversed(lines) if outcomes.search(line)), lines[-1])
     if report.rehearse:  # -q --collect-only prints "file: count" per file
         counts = [int(line.rsplit(": ", 1)[1]) for line in lines if line.rsplit(": ", 1)[-1].isdigit()]
         summary = f"{sum(counts)} CUDA tests collected in {len(counts)} files"
