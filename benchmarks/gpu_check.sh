@@ -30,7 +30,9 @@ START=$(date +%s)
 say() { echo "[$(( $(date +%s) - START ))s] $*"; }
 
 # --- 1. the project, importable and runnable ---
-if ! "$PYTHON" -c "import baichuan" 2>/dev/null; then export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; fi
+# Asked from outside the repository: `python -c` finds the package in the working directory, a script (the shim
+# below, the deepspeed launcher's workers) does not.
+if ! (cd / && "$PYTHON" -c "import baichuan") 2>/dev/null; then export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"; fi
 if ! command -v baichuan >/dev/null; then
     mkdir -p "$WORK/bin"
     printf '#!%s\nimport sys\nfrom baichuan.cli import main\nsys.exit(main())\n' "$(command -v "$PYTHON")" > "$WORK/bin/baichuan"

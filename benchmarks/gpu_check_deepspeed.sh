@@ -60,7 +60,8 @@ run_ds() {  # run_ds NAME CONFIG [flags...]: one process under the deepspeed lau
 }
 
 echo "== runs =="
-time "$BAICHUAN" "${COMMON[@]}" --precision fp32 --out "$OUT/plain" > "$OUT/plain.log" 2>&1
+time "$BAICHUAN" "${COMMON[@]}" --precision fp32 --out "$OUT/plain" > "$OUT/plain.log" 2>&1 \
+    || { echo "FAILED: plain, the run without DeepSpeed (see $OUT/plain.log)"; tail -20 "$OUT/plain.log"; exit 1; }
 time run_ds z2 configs/deepspeed/zero2.json --precision fp32
 time run_ds z3 configs/deepspeed/zero3.json --precision fp32
 # Resume: a copy of the ZeRO-3 run without its step-6 checkpoint, continued from step 4.
