@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 16 in one script: every CUDA path run for real and measured, in <= 9 minutes on one GPU.
+# The GPU check of issue 16 in one script: every CUDA path run for real and measured, in <= 10 minutes on one GPU.
 #
 #   bash benchmarks/gpu_check.sh RESULTS              # on the GPU machine
 #   bash benchmarks/gpu_check.sh --rehearse RESULTS   # on a CPU: the same file, GPU lines "unmeasured (no CUDA)"
@@ -13,7 +13,8 @@
 # 3. benchmarks/gpu_report.py RESULTS: pytest -m cuda, bandwidth, layers, decode bf16/int8/int4 beside the HBM
 #    roofline, memory beside the published table, training MFU, the vLLM handoff; each section time-boxed
 #    (330 s in all), a section that fails or runs out of time writes "not measured: <reason>" on its lines.
-# 4. The DeepSpeed ZeRO-2/3 check (benchmarks/gpu_check_deepspeed.sh cuda), time-boxed at 150 s; its verdict is
+# 4. The DeepSpeed ZeRO-2/3 check (benchmarks/gpu_check_deepspeed.sh cuda), time-boxed at 210 s (on an H200 its six
+#    runs took 10-26 s each, about 150 s with the data: 150 s cut the last one off); its verdict is
 #    appended to RESULTS as the line deepspeed.zero. The rehearsal leaves it out (minutes of DeepSpeed on a CPU;
 #    rehearse it alone with `bash benchmarks/gpu_check_deepspeed.sh cpu`).
 set -uo pipefail
@@ -93,11 +94,11 @@ elif ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
     echo "deepspeed.zero: not measured: deepspeed is not installed (carry it in .whl/: benchmarks/gpu_wheels.sh)" >> "$RESULTS"
 else
     say "benchmarks/gpu_check_deepspeed.sh cuda"
-    timeout 150 bash benchmarks/gpu_check_deepspeed.sh cuda "$WORK/deepspeed" > "$WORK/deepspeed.log" 2>&1
+    timeout 210 bash benchmarks/gpu_check_deepspeed.sh cuda "$WORK/deepspeed" > "$WORK/deepspeed.log" 2>&1
     status=$?
     verdict="$(grep -E '^(ALL PASSED|FAILED)' "$WORK/deepspeed.log" | tail -1)"
     checks="$(grep -cE '^ok ' "$WORK/deepspeed.log")"
-    if [ $status = 124 ]; then verdict="not measured: ran past 150 s ($checks checks passed by then)"; fi
+    if [ $status = 124 ]; then verdict="not measured: ran past 210 s ($checks checks passed by then)"; fi
     echo "deepspeed.zero: ${verdict:-not measured: exit status $status, see the log} (exit $status; ZeRO-2/3 fp32 losses and weights == no DeepSpeed, ZeRO-3 resume, bf16 runs)" >> "$RESULTS"
     tail -15 "$WORK/deepspeed.log"
 fi
