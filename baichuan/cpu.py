@@ -64,9 +64,9 @@ AMX_INT8_MAX_ROWS = 16
 # instructions, on AVX-512 CPUs from these vendors (whose hardware prefetcher follows one stream a thread), else four
 # rows (the avx2 int8 tile: one) prefetched ahead. On a Zen 4 (1.29B shapes, weights on huge pages) the avx512bf16
 # build's bf16 took 0.73-0.98 of the time and its int8 0.87-1.00; the avx2 build's, forced there, 0.71-0.98 and
-# 0.71-0.97. On an AVX2-only AMD EPYC (the avx2 build) it took 1.11-1.26 and 0.98-1.14, so AMD CPUs without AVX-512
-# (Zen 3 and before) keep the prefetched tiles. Never measured on an Intel CPU, where the prefetch distances were
-# tuned. BAICHUAN_SINGLE_STREAM=1/0 decides instead.
+# 0.71-0.97. On an AVX2-only AMD EPYC (family 23; the avx2 build) it took 1.11-1.26 and 0.98-1.14, so AMD CPUs
+# without AVX-512 keep the prefetched tiles (a Zen 2 or Zen 3 not measured). Never measured on an Intel CPU, where the
+# prefetch distances were tuned. BAICHUAN_SINGLE_STREAM=1/0 decides instead.
 SINGLE_STREAM_VENDORS = ("AuthenticAMD",)
 ENV_SINGLE_STREAM = "BAICHUAN_SINGLE_STREAM"
 

@@ -426,7 +426,7 @@ def test_one_row_streams_alone_on_amd_avx512_cpus_unless_told(monkeypatch):
     monkeypatch.setattr(cpu, "kernel_targets", lambda: cpu.KERNEL_TARGETS)
     assert all(cpu.single_stream(target) for target in cpu.KERNEL_TARGETS)
     assert not cpu.single_stream(None)
-    monkeypatch.setattr(cpu, "kernel_targets", lambda: cpu.KERNEL_TARGETS[:1])  # AVX2 only (a Zen 3)
+    monkeypatch.setattr(cpu, "kernel_targets", lambda: cpu.KERNEL_TARGETS[:1])  # AVX2 only
     assert not cpu.single_stream("avx2")
     monkeypatch.setenv(cpu.ENV_SINGLE_STREAM, "1")
     assert cpu.single_stream("avx2")
