@@ -289,7 +289,9 @@ def test_bf16_every_build(build, shape):
 def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
     """Batched decoding: one pass over the weights serves up to 8 activation rows in register tiles whose shape
     depends on the row count (and more rows take more passes). Each row's sums run in the same order whatever
-    the tile, so int8, int4 and vdpbf16ps give every row bit for bit its result alone; the widening bf16 kernels
+    the tile, so int8, int4 and vdpbf16ps give every row bit for bit its result alone (avx2's int8 from 5 rows
+    takes 16 columns a step in order, up to 4 rows 32 in `quantize_activations`' split order: the same exact
+    block sums); the widening bf16 kernels
     may pair even and odd halves differently (fp32 rounding only), as may avx2's int8 tile of one row with group
     scales (8 blocks at a time). 130 outputs: whole tiles and a remainder."""
     generator = torch.Generator().manual_seed(rows)

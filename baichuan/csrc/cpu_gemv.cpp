@@ -22,7 +22,9 @@
 // int8: activations are quantized to int16 per block of B values (scale = block absmax / 32767, relative error
 // ~1.5e-5), so each pair of products is one `vpmaddwd` (or `vpdpwssd`) on weights widened to int16, summed in int32
 // within a block and in fp32 across blocks: about 3 instructions per 16 int8 weights with AVX2 and 2 per 32 with
-// VNNI, against 3 per 8 for widening to fp32 and FMA, so decoding comes much closer to the memory's rate.
+// VNNI, against 3 per 8 for widening to fp32 and FMA, so decoding comes much closer to the memory's rate. The avx2
+// tile of up to 4 activation rows widens 32 weights by three shifts where `vpmovsxbw` took two loads of 16 (the
+// activations in even/odd order to match): on an AVX2-only EPYC 0.85-0.92 of the time at one row (ab_kernels).
 // Activations are not quantized to int8 for `vpdpbusd`: that would add a per-row rounding error of ~4e-3, far
 // above the int16 codes' and close to the int8 weights' own.
 //
@@ -240,8 +242,10 @@ inline float block_absmax(const float* p, int64_t n) {
   return mx;
 }
 
-// int16 codes of x (M, K) per block of B values, in order: the int8 kernels' activations.
-Activations quantize_activations(const torch::Tensor& input, int64_t B) {
+// int16 codes of x (M, K) per block of B values: the int8 kernels' activations. In order, or where `split` (B a
+// multiple of 32) within each 32 columns the even ones' codes first, then the odd ones': the order in which the avx2
+// tile takes an int8 weight's low and high bytes (`Int8Tile::kSplit`).
+Activations quantize_activations(const torch::Tensor& input, int64_t B, bool split = false) {
   const torch::Tensor x = as_float(input);
   const int64_t M = x.size(0), nb = x.size(1) / B;
   Activations a = empty_activations(x, B, torch::kShort, false);
@@ -263,6 +267,16 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B) {
       const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + k + 8), inv));
       // packs works per 128-bit lane; the permute restores the order of k.
       _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+    }
+    for (int64_t k = 0; split && k < B; k += 32) {
+      // each 32-bit lane holds an even column's code in its low half and the next odd one's in its high half
+      const __m256i v0 = _mm256_loadu_si256((const __m256i*)(q + k));
+      const __m256i v1 = _mm256_loadu_si256((const __m256i*)(q + k + 16));
+      const __m256i even = _mm256_packs_epi32(_mm256_srai_epi32(_mm256_slli_epi32(v0, 16), 16),
+                                              _mm256_srai_epi32(_mm256_slli_epi32(v1, 16), 16));
+      const __m256i odd = _mm256_packs_epi32(_mm256_srai_epi32(v0, 16), _mm256_srai_epi32(v1, 16));
+      _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(even, 0xD8));
+      _mm256_storeu_si256((__m256i*)(q + k + 16), _mm256_permute4x64_epi64(odd, 0xD8));
     }
     S[i] = mx / 32767.0f;
   }
@@ -371,6 +385,10 @@ struct Int8Tile {
   const int16_t* x_quads;
   Output y;
   int64_t N, K, B, blocks, M;
+  // avx2: the activation codes in `quantize_activations`' split order (B a multiple of 32), so that each 32 weights
+  // load as 16 lanes of two bytes and two shifts make the even ones int16, one the odd ones, where
+  // `vpmovsxbw` widened 16 at a time. The same products in each block's exact int32 sum: the same bits.
+  bool split = false;
 
   // Weight rows per tile for MB activation rows: an int32 accumulator per (weight row, activation row), up to the 16
   // lanes `lane_sums` gathers them into (AVX-512), plus a vector per weight row, within the 32 (AVX-512) or 16
@@ -397,31 +415,65 @@ struct Int8Tile {
   void run(int64_t n, int64_t m) const {
     static_assert(R * MB <= 8 && (R == 1 || MB <= 2));
     if constexpr (kGroupScales && R == 1 && MB == 1) {
-      if (B == 32)
-        run_groups_of_one_row<32>(n, m);
-      else if (B == 64)
-        run_groups_of_one_row<64>(n, m);
+      if (B == 32 && split)
+        run_groups_of_one_row<32, true>(n, m);
+      else if (B == 64 && split)
+        run_groups_of_one_row<64, true>(n, m);
+      else if (split)
+        run_groups_of_one_row<0, true>(n, m);
       else
-        run_groups_of_one_row<0>(n, m);
+        run_groups_of_one_row<0, false>(n, m);
       return;
     }
+    if (split)
+      run_blocks<R, MB, true>(n, m);
+    else
+      run_blocks<R, MB, false>(n, m);
+  }
+
+  // The products of int8 weights widened to int16 against the int16 codes, kStep columns at a time: 32 in the split
+  // order (`split`), else 16 in order.
+  template <bool kSplit>
+  static constexpr int64_t kStep = kSplit ? 32 : 16;
+
+  // Weight row wr's kStep columns from k as int16 lanes: the even and the odd columns (kSplit), or in order.
+  template <bool kSplit>
+  static void widen(const int8_t* wr, __m256i (&out)[kSplit ? 2 : 1]) {
+    if constexpr (kSplit) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)wr);
+      out[0] = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+      out[1] = _mm256_srai_epi16(v, 8);
+    } else {
+      out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wr));
+    }
+  }
+
+  // acc plus the pair sums of kStep products: the widened weights against the codes from xr.
+  template <bool kSplit>
+  static __m256i dot(__m256i acc, const __m256i (&wv)[kSplit ? 2 : 1], const int16_t* xr) {
+    __m256i p = _mm256_madd_epi16(wv[0], _mm256_loadu_si256((const __m256i*)xr));
+    if constexpr (kSplit)
+      p = _mm256_add_epi32(p, _mm256_madd_epi16(wv[1], _mm256_loadu_si256((const __m256i*)(xr + 16))));
+    return _mm256_add_epi32(acc, p);
+  }
+
+  template <int R, int MB, bool kSplit>
+  void run_blocks(int64_t n, int64_t m) const {
     const int8_t* wn = w + n * K;
     const int16_t* x0 = xq + m * K;
     __m256 total = _mm256_setzero_ps();
     for (int64_t k0 = 0, b = 0; k0 < K; k0 += B, ++b) {
       __m256i iacc[R * MB];
       for (int i = 0; i < R * MB; ++i) iacc[i] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k0 + B; k += 16) {
+      for (int64_t k = k0; k < k0 + B; k += kStep<kSplit>) {
         // a single row where `single_stream`: one stream the hardware follows (Zen 4, avx2 build, ab_kernels: 0.71-0.97
         // of the time of prefetching kPrefetchRows ahead; benchmarks/README.md)
         if ((R > 1 || MB > 1 || !single_stream) && (k & 63) == 0)
           for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
-        __m256i xv[MB];
-        for (int j = 0; j < MB; ++j) xv[j] = _mm256_loadu_si256((const __m256i*)(x0 + j * K + k));
         for (int r = 0; r < R; ++r) {
-          const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k)));
-          for (int j = 0; j < MB; ++j)
-            iacc[r * MB + j] = _mm256_add_epi32(iacc[r * MB + j], _mm256_madd_epi16(wv, xv[j]));
+          __m256i wv[kSplit ? 2 : 1];
+          widen<kSplit>(wn + r * K + k, wv);
+          for (int j = 0; j < MB; ++j) iacc[r * MB + j] = dot<kSplit>(iacc[r * MB + j], wv, x0 + j * K + k);
         }
       }
       // lane r * MB + j: the scale of activation row j's block b
@@ -445,16 +497,18 @@ struct Int8Tile {
   // one vector and scaled by the 8 blocks' scales at once, with the block size a compile-time constant for 32 and
   // 64 so that 8 blocks' steps unroll (a head's 125696x1536 at G = 32 had taken 1.6x as long as with one scale a
   // row on a Zen 3, ab of 2026-12-01, benchmarks/README.md).
-  template <int GB>
+  template <int GB, bool kSplit>
   void run_groups_of_one_row(int64_t n, int64_t m) const {
     const int64_t block = GB > 0 ? GB : B;
     const int8_t* wn = w + n * K;
     const int16_t* x0 = xq + m * K;
     const uint16_t* gs = group_scales + n * blocks;
     const float* xsm = xs + m * blocks;
+    constexpr int64_t step_cols = kStep<kSplit>;
     const auto step = [&](__m256i acc, int64_t k) {
-      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + k)));
-      return _mm256_add_epi32(acc, _mm256_madd_epi16(wv, _mm256_loadu_si256((const __m256i*)(x0 + k))));
+      __m256i wv[kSplit ? 2 : 1];
+      widen<kSplit>(wn + k, wv);
+      return dot<kSplit>(acc, wv, x0 + k);
     };
     const auto prefetch = [&](int64_t k) { _mm_prefetch((const char*)(wn + kPrefetchRows * K + k), _MM_HINT_T0); };
     __m256 total = _mm256_setzero_ps();
@@ -465,13 +519,13 @@ struct Int8Tile {
       for (int i = 0; i < 8; ++i) sums[i] = _mm256_setzero_si256();
       if constexpr (GB > 0) {
 #pragma GCC unroll 32
-        for (int kk = 0; kk < 8 * GB; kk += 16) {
+        for (int kk = 0; kk < 8 * GB; kk += step_cols) {
           if ((kk & 63) == 0) prefetch(k0 + kk);
           sums[kk / GB] = step(sums[kk / GB], k0 + kk);
         }
       } else {
         for (int i = 0; i < 8; ++i)
-          for (int64_t k = k0 + i * block; k < k0 + (i + 1) * block; k += 16) {
+          for (int64_t k = k0 + i * block; k < k0 + (i + 1) * block; k += step_cols) {
             if ((k & 63) == 0) prefetch(k);
             sums[i] = step(sums[i], k);
           }
@@ -482,7 +536,7 @@ struct Int8Tile {
     }
     for (; b < blocks; ++b) {
       __m256i acc = _mm256_setzero_si256();
-      for (int64_t k = b * block; k < (b + 1) * block; k += 16) {
+      for (int64_t k = b * block; k < (b + 1) * block; k += step_cols) {
         if ((k & 63) == 0) prefetch(k);
         acc = step(acc, k);
       }
@@ -1119,7 +1173,13 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " columns, x has ", K);
   const bool grouped = scales.dim() == 2;
   const int64_t B = int8_scales_block(scales, N, K);
-  const Activations a = quantize_activations(x, B);
+#if defined(BAICHUAN_AVX512)
+  const bool split = false;
+#else
+  // not from 5 rows, where the split steps took 1.19-1.24 of the time (ab_kernels, 8 rows; benchmarks/README.md)
+  const bool split = B % 32 == 0 && M <= 4;
+#endif
+  const Activations a = quantize_activations(x, B, split);
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor xs_by_block = by_block(a.scales);
   const int8_t* w = weight.data_ptr<int8_t>();
@@ -1133,12 +1193,12 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
     const torch::Tensor x_quads;
 #endif
     const int16_t* quads = x_quads.defined() ? x_quads.data_ptr<int16_t>() : nullptr;
-    run_all(
-        Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, quads, output_of(y), N, K, B, a.blocks, M},
-        N, M, K);
+    run_all(Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, quads, output_of(y), N, K, B, a.blocks,
+                           M, split},
+            N, M, K);
   } else {
-    const Int8Tile<false> tile{
-        w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, nullptr, output_of(y), N, K, B, a.blocks, M};
+    const Int8Tile<false> tile{w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, nullptr, output_of(y),
+                               N, K, B, a.blocks, M, split};
 #if defined(BAICHUAN_AVX512)
     if (M == 1 && single_stream) {
       run_all(Int8StreamTile{tile}, N, M, K);
