@@ -244,7 +244,7 @@ inline float block_absmax(const float* p, int64_t n) {
 
 // int16 codes of x (M, K) per block of B values: the int8 kernels' activations. In order, or where `split` (B a
 // multiple of 32) within each 32 columns the even ones' codes first, then the odd ones': the order in which the avx2
-// tile takes an int8 weight's low and high bytes (`Int8Tile::kSplit`).
+// tile takes an int8 weight's low and high bytes (`Int8Tile::split`).
 Activations quantize_activations(const torch::Tensor& input, int64_t B, bool split = false) {
   const torch::Tensor x = as_float(input);
   const int64_t M = x.size(0), nb = x.size(1) / B;
@@ -414,21 +414,10 @@ struct Int8Tile {
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     static_assert(R * MB <= 8 && (R == 1 || MB <= 2));
-    if constexpr (kGroupScales && R == 1 && MB == 1) {
-      if (B == 32 && split)
-        run_groups_of_one_row<32, true>(n, m);
-      else if (B == 64 && split)
-        run_groups_of_one_row<64, true>(n, m);
-      else if (split)
-        run_groups_of_one_row<0, true>(n, m);
-      else
-        run_groups_of_one_row<0, false>(n, m);
-      return;
-    }
     if (split)
-      run_blocks<R, MB, true>(n, m);
+      run_steps<R, MB, true>(n, m);
     else
-      run_blocks<R, MB, false>(n, m);
+      run_steps<R, MB, false>(n, m);
   }
 
   // The products of int8 weights widened to int16 against the int16 codes, kStep columns at a time: 32 in the split
@@ -458,7 +447,12 @@ struct Int8Tile {
   }
 
   template <int R, int MB, bool kSplit>
-  void run_blocks(int64_t n, int64_t m) const {
+  void run_steps(int64_t n, int64_t m) const {
+    if constexpr (kGroupScales && R == 1 && MB == 1) {
+      if (B == 32) return run_groups_of_one_row<32, kSplit>(n, m);
+      if (B == 64) return run_groups_of_one_row<64, kSplit>(n, m);
+      return run_groups_of_one_row<0, kSplit>(n, m);
+    }
     const int8_t* wn = w + n * K;
     const int16_t* x0 = xq + m * K;
     __m256 total = _mm256_setzero_ps();
