@@ -54,6 +54,7 @@ SOURCES = (
     CSRC / "cpu_prompt_amx.cpp",
     CSRC / "cpu_attention_amx.cpp",
     CSRC / "cpu_amx_int8.cpp",
+    CSRC / "bindings.cpp",  # the Python module; each source declares what it offers in kernels.h
 )
 NAME = "baichuan_cpu_gemv"
 ENV_SWITCH = "BAICHUAN_CPU_KERNELS"
@@ -134,6 +135,7 @@ def load_target(isa: str) -> ModuleType | None:
             # Without -fopenmp, at::parallel_for (a header template) silently runs on one thread.
             extra_cflags=["-O3", *TARGET_FLAGS[isa], "-fopenmp"],
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, a build error: torch's kernels still work

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baichuan.cpu import kernel_targets, single_stream  # noqa: E402
-from baichuan.cpu_gemv import SOURCE, SOURCES, TARGET_FLAGS  # noqa: E402
+from baichuan.cpu_gemv import CSRC, SOURCE, SOURCES, TARGET_FLAGS  # noqa: E402
 from baichuan.hugepages import HugePageArena, huge_pages_available  # noqa: E402
 
 SHAPES = ("1536x1536", "4608x1536", "4096x1536", "1536x4096", "125696x1536")  # the 1.29B benchmark model's
@@ -52,6 +52,7 @@ def build(directory: Path, target: str, streamed: bool | None = None):
         sources=[str(source), *others],
         extra_cflags=["-O3", *TARGET_FLAGS[target], "-fopenmp"],
         extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(CSRC)],  # kernels.h, which a variant's copy includes
     )
     # as the package sets it unless told (copies of the source older than the setter lack it)
     if hasattr(module, "set_single_stream"):

@@ -16,8 +16,7 @@
 // (a decode kernel: for hundreds of rows `amx_int8_matmul` is faster); meanwhile the next block of 32 weight rows is
 // prefetched into L2.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "kernels.h"
 
 #if defined(__x86_64__) && defined(__AVX512BF16__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
@@ -33,11 +32,7 @@
 
 namespace baichuan_cpu_gemv {
 
-// cpu_gemv.cpp: the decode kernel's activation block for these scales (checked), and its codes and block scales.
-int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K);
-std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B);
-// cpu_prompt_amx.cpp: AMX-TILE and AMX-BF16, and the tile state granted to this process; the tiles' shapes.
-bool amx_ready();
+// cpu_prompt_amx.cpp: the tile state granted to this process; the tiles' shapes.
 #if defined(BAICHUAN_AMX_INT8)
 __attribute__((target("amx-tile,amx-bf16"))) void configure_tiles(const uint8_t (&rows)[8],
                                                                   const uint16_t (&colsb)[8]);
@@ -173,12 +168,12 @@ bool amx_int8_ready() {
 #endif
 }
 
-torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales) {
+at::Tensor amx_int8_int16_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   TORCH_CHECK(amx_int8_ready(), "amx_int8_int16_matmul: this build or CPU has no AMX-INT8 (see amx_int8_ready)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() &&
-                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "amx_int8_int16_matmul: x must be contiguous fp32 or bf16 (M, K) on the CPU");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar && weight.is_contiguous(),
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "amx_int8_int16_matmul: the weight must be contiguous int8 codes (N, K)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "amx_int8_int16_matmul: x has ", K, " inputs, the weight ", weight.size(1));
@@ -187,7 +182,7 @@ torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor&
   const int64_t B = int8_scales_block(scales, N, K);  // the activations' block: the weight's group, or up to 256
   TORCH_CHECK(B % 32 == 0, "amx_int8_int16_matmul: the group size must be a multiple of 32, got ", B);
   const int64_t step = B % 64 == 0 ? 64 : 32;  // inputs per tile step
-  torch::Tensor y = torch::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
 #if defined(BAICHUAN_AMX_INT8)
   if (M > 0 && N > 0) {
     const auto [codes, block_scales] = int16_activations(x, B);
@@ -201,7 +196,7 @@ torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor&
     const bool grouped = scales.dim() == 2;
     const float* rs = grouped ? nullptr : scales.data_ptr<float>();
     const at::BFloat16* gs = grouped ? scales.data_ptr<at::BFloat16>() : nullptr;
-    const bool bf16 = y.scalar_type() == torch::kBFloat16;
+    const bool bf16 = y.scalar_type() == at::kBFloat16;
     float* Y = bf16 ? nullptr : y.data_ptr<float>();
     at::BFloat16* Yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
     at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
@@ -210,15 +205,6 @@ torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor&
   }
 #endif
   return y;
-}
-
-void register_amx_int8(pybind11::module_& m) {
-  m.def("amx_int8_ready", &amx_int8_ready,
-        "whether amx_int8_int16_matmul runs here: built with it, AMX-INT8 and AMX-BF16, tiles permitted");
-  m.def("amx_int8_int16_matmul", &amx_int8_int16_matmul,
-        "(x @ weight.T) * scales on AMX-INT8 tiles, x's int16 codes as int8_gemv quantizes them, int8 weight (N, K), "
-        "fp32 scales (N,) or bf16 group scales (N, K/G), G a multiple of 32, N and K multiples of 32; fp32/bf16 x "
-        "(M, K), y in x's dtype");
 }
 
 }  // namespace baichuan_cpu_gemv

@@ -10,8 +10,7 @@
 // - O = P V, 2 x 2 C tiles per 32 dimensions, divided by the sums and rounded into y (B, T, H * D): the layout the
 //   output projection reads, so no transpose follows.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "kernels.h"
 
 #if defined(__x86_64__) && defined(__AVX512BF16__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
@@ -25,9 +24,6 @@
 #include <vector>
 
 namespace baichuan_cpu_gemv {
-
-bool amx_ready();                                                                                 // cpu_prompt_amx.cpp
-float softmax_numerators(const float* s, int64_t n, float scale, at::BFloat16* p);              // cpu_fused.cpp
 
 #if defined(BAICHUAN_AMX)
 #define BAICHUAN_AMX_FN __attribute__((target("amx-tile,amx-bf16")))
@@ -170,20 +166,22 @@ BAICHUAN_AMX_FN void attend_blocks(const Heads& a, int64_t t0, int64_t t1) {
 }
 #endif
 
-torch::Tensor amx_causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+}  // namespace
+
+at::Tensor amx_causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(amx_ready(), "amx_causal_attention: this build or CPU has no AMX-BF16 (see amx_ready)");
   for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == torch::kBFloat16 && t->device().is_cpu() && t->stride(3) == 1,
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->stride(3) == 1,
                 "amx_causal_attention: q, k, v bf16 (B, H, T, D) on the CPU with contiguous rows");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "amx_causal_attention: q, k, v of one shape");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   TORCH_CHECK(D % 32 == 0 && D > 0, "amx_causal_attention: the head size must be a multiple of 32, got ", D);
   TORCH_CHECK(k.stride(2) % 2 == 0, "amx_causal_attention: key rows must start on 32-bit boundaries");
-  torch::Tensor y = torch::empty({B, T, H * D}, q.options());
+  at::Tensor y = at::empty({B, T, H * D}, q.options());
 #if defined(BAICHUAN_AMX)
   if (y.numel() == 0) return y;
   const int64_t Tp = (T + 31) / 32 * 32, blocks = Tp / 32;
-  torch::Tensor keys = torch::empty({B * H * Tp * D}, q.options()), values = torch::empty({B * H * Tp * D}, q.options());
+  at::Tensor keys = at::empty({B * H * Tp * D}, q.options()), values = at::empty({B * H * Tp * D}, q.options());
   auto* packed_keys = reinterpret_cast<uint16_t*>(keys.data_ptr<at::BFloat16>());
   auto* packed_values = reinterpret_cast<uint16_t*>(values.data_ptr<at::BFloat16>());
   const auto* Q = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
@@ -202,13 +200,6 @@ torch::Tensor amx_causal_attention(const torch::Tensor& q, const torch::Tensor& 
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) { attend_blocks(heads, t0, t1); });
 #endif
   return y;
-}
-
-}  // namespace
-
-void register_attention_amx(pybind11::module_& m) {
-  m.def("amx_causal_attention", &amx_causal_attention,
-        "causal attention of bf16 q, k, v (B, H, T, D) on AMX tiles (D a multiple of 32), out (B, T, H * D)");
 }
 
 }  // namespace baichuan_cpu_gemv

@@ -11,23 +11,16 @@
 // dtype before the weight multiplies it, silu rounded before the product with `up`, each residual add rounded.
 // Attention is computed in fp32 from the cached keys/values and rounded once.
 
-#include <ATen/Parallel.h>
+#include <ATen/ops/linear.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-namespace baichuan_cpu_gemv {
+#include "kernels.h"
 
-// cpu_gemv.cpp
-torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales);
-torch::Tensor amx_int8_int16_matmul(const torch::Tensor& x, const torch::Tensor& weight,
-                                    const torch::Tensor& scales);  // cpu_amx_int8.cpp
-torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_and_zeros,
-                        int64_t group_size);
-torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight);
+namespace baichuan_cpu_gemv {
 
 namespace {
 
@@ -192,13 +185,13 @@ void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, floa
   });
 }
 
-void check_rows(const torch::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
-                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
-              name, ": contiguous fp32 or bf16 on the CPU");
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(
+      x.device().is_cpu() && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+      name, ": contiguous fp32 or bf16 on the CPU");
 }
 
-void check_norm(const torch::Tensor& x, const torch::Tensor& weight) {
+void check_norm(const at::Tensor& x, const at::Tensor& weight) {
   check_rows(x, "x");
   TORCH_CHECK(x.dim() > 0 && weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
                   weight.dim() == 1 && weight.size(0) == x.size(-1),
@@ -206,32 +199,36 @@ void check_norm(const torch::Tensor& x, const torch::Tensor& weight) {
 }
 
 template <class T>
-torch::Tensor rms_norm_of(const torch::Tensor& x, const torch::Tensor& weight, double eps, const T* residual = nullptr,
-                          T* sum = nullptr) {
-  auto out = torch::empty_like(x);
+at::Tensor rms_norm_of(const at::Tensor& x, const at::Tensor& weight, double eps, const T* residual = nullptr,
+                       T* sum = nullptr) {
+  auto out = at::empty_like(x);
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   rms_norm_rows(x.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(), rows, n, float(eps), residual, sum);
   return out;
 }
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_norm(x, weight);
-  if (x.scalar_type() == torch::kFloat) return rms_norm_of<float>(x, weight, eps);
+  if (x.scalar_type() == at::kFloat) return rms_norm_of<float>(x, weight, eps);
   return rms_norm_of<at::BFloat16>(x, weight, eps);
 }
 
 // (x + residual, RMSNorm of it): a decoder layer's residual add and the norm after it.
-std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
-                                        const torch::Tensor& weight, double eps) {
+std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                     double eps) {
   check_norm(x, weight);
   check_rows(residual, "residual");
   TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
               "residual: x's shape and dtype");
-  auto sum = torch::empty_like(x);
-  if (x.scalar_type() == torch::kFloat)
+  auto sum = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat)
     return {sum, rms_norm_of(x, weight, eps, residual.data_ptr<float>(), sum.data_ptr<float>())};
   return {sum, rms_norm_of(x, weight, eps, residual.data_ptr<at::BFloat16>(), sum.data_ptr<at::BFloat16>())};
 }
+
+namespace {
 
 template <class T>
 void add_rows(const T* x, const T* y, T* sum, int64_t rows, int64_t n) {
@@ -240,20 +237,24 @@ void add_rows(const T* x, const T* y, T* sum, int64_t rows, int64_t n) {
   });
 }
 
+}  // namespace
+
 // x + y in their dtype (fp32 or bf16, same shape), rows over the cores.
-torch::Tensor add(const torch::Tensor& x, const torch::Tensor& y) {
+at::Tensor add(const at::Tensor& x, const at::Tensor& y) {
   check_rows(x, "x");
   check_rows(y, "y");
   TORCH_CHECK(x.dim() > 0 && x.sizes() == y.sizes() && x.scalar_type() == y.scalar_type(),
               "x and y: same shape and dtype");
-  auto sum = torch::empty_like(x);
+  auto sum = at::empty_like(x);
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
-  if (x.scalar_type() == torch::kFloat)
+  if (x.scalar_type() == at::kFloat)
     add_rows(x.data_ptr<float>(), y.data_ptr<float>(), sum.data_ptr<float>(), rows, n);
   else
     add_rows(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), sum.data_ptr<at::BFloat16>(), rows, n);
   return sum;
 }
+
+namespace {
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
@@ -354,18 +355,22 @@ void silu_mul_rows(const T* gate, const T* up, T* out, int64_t n) {
   });
 }
 
-torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
+}  // namespace
+
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   check_rows(gate, "gate");
   check_rows(up, "up");
   TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), "gate and up: same shape, dtype");
-  auto out = torch::empty_like(gate);
-  if (gate.scalar_type() == torch::kFloat)
+  auto out = at::empty_like(gate);
+  if (gate.scalar_type() == at::kFloat)
     silu_mul_rows(gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), gate.numel());
   else
     silu_mul_rows(gate.data_ptr<at::BFloat16>(), up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
                   gate.numel());
   return out;
 }
+
+namespace {
 
 // One row of D values of x (in T) rotated at one position: x * cos + rotate_half(x) * sin in fp32, each value rounded
 // to T (position.py's `_apply_rotary` on the model's dtype), stored as O (T, the cache's dtype, or fp32).
@@ -408,8 +413,8 @@ inline void rotate_row(const T* x, const float* c, const float* s, int64_t D, O*
 // (S, D) tables. Returns x rotated, in x's dtype, contiguous.
 // One pass over x where the modules' ops made ~8 (casts, index, cat, neg, two products, a sum): benchmarks/README.md.
 template <class T>
-void rope_rows(const torch::Tensor& x, const int64_t* pos, bool per_row, const float* cos, const float* sin,
-               torch::Tensor& out) {
+void rope_rows(const at::Tensor& x, const int64_t* pos, bool per_row, const float* cos, const float* sin,
+               at::Tensor& out) {
   const int64_t B = x.size(0), H = x.size(1), T_ = x.size(2), D = x.size(3);
   const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
   const T* X = x.data_ptr<T>();
@@ -423,33 +428,35 @@ void rope_rows(const torch::Tensor& x, const int64_t* pos, bool per_row, const f
   });
 }
 
-torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
-                   const torch::Tensor& sin) {
+}  // namespace
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1 &&
-                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x: fp32 or bf16 (B, H, T, D) on the CPU with contiguous rows");
   const int64_t B = x.size(0), T_ = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0, "x: an even head size");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && cos.sizes() == sin.sizes(),
               "cos, sin: contiguous fp32 (S, D)");
-  TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.is_contiguous() &&
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                   ((positions.dim() == 1 && positions.size(0) == T_) ||
                    (positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T_)),
               "positions: contiguous int64 (T,) or (B, T)");
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t i = 0; i < positions.numel(); ++i)
     TORCH_CHECK(pos[i] >= 0 && pos[i] < cos.size(0), "position ", pos[i], " is outside the tables");
-  torch::Tensor out = torch::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (x.scalar_type() == torch::kFloat)
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.scalar_type() == at::kFloat)
     rope_rows<float>(x, pos, positions.dim() == 2, cos.data_ptr<float>(), sin.data_ptr<float>(), out);
   else
     rope_rows<at::BFloat16>(x, pos, positions.dim() == 2, cos.data_ptr<float>(), sin.data_ptr<float>(), out);
   return out;
 }
 
-torch::Tensor linear(const torch::Tensor& x, int64_t kind, const torch::Tensor& a, const torch::Tensor& b,
-                     int64_t group) {
+namespace {
+
+at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, int64_t group) {
   switch (kind) {
     case kBf16:
       return bf16_gemv(x, a);
@@ -522,23 +529,22 @@ struct LayerStep {
 };
 
 template <class T, class C>
-torch::Tensor run_layer(const torch::Tensor& x_in, const torch::Tensor& norm1, const torch::Tensor& norm2, double eps,
-                        const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
-                        const std::vector<int64_t>& groups, const torch::Tensor& k_cache,
-                        const torch::Tensor& v_cache, const std::vector<int64_t>& pos, const torch::Tensor& cos,
-                        const torch::Tensor& sin, int64_t n_heads) {
+at::Tensor run_layer(const at::Tensor& x_in, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                     const std::vector<at::Tensor>& weights, const std::vector<int64_t>& kinds,
+                     const std::vector<int64_t>& groups, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const std::vector<int64_t>& pos, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {
   const int64_t B = x_in.size(0), dim = x_in.size(-1), D = dim / n_heads;
-  const torch::Tensor x2 = x_in.reshape({B, dim});
-  auto lin = [&](const torch::Tensor& h, int i) {
-    torch::Tensor y = linear(h, kinds[i], weights[2 * i], weights[2 * i + 1], groups[i]);
+  const at::Tensor x2 = x_in.reshape({B, dim});
+  auto lin = [&](const at::Tensor& h, int i) {
+    at::Tensor y = linear(h, kinds[i], weights[2 * i], weights[2 * i + 1], groups[i]);
     return y.is_contiguous() ? y : y.contiguous();
   };
 
   // attention
-  torch::Tensor h = torch::empty_like(x2);
+  at::Tensor h = at::empty_like(x2);
   rms_norm_rows(x2.data_ptr<T>(), norm1.data_ptr<T>(), h.data_ptr<T>(), B, dim, float(eps));
-  const torch::Tensor qkv = lin(h, 0);  // (B, 3 * dim)
-  torch::Tensor q = torch::empty({B, n_heads, D}, x2.options().dtype(torch::kFloat));
+  const at::Tensor qkv = lin(h, 0);  // (B, 3 * dim)
+  at::Tensor q = at::empty({B, n_heads, D}, x2.options().dtype(at::kFloat));
   const LayerStep<T, C> step{B,
                              n_heads,
                              D,
@@ -552,33 +558,35 @@ torch::Tensor run_layer(const torch::Tensor& x_in, const torch::Tensor& norm1, c
                              k_cache.stride(2),
                              pos.data()};
   step.rope_and_store(qkv.data_ptr<T>(), q.data_ptr<float>());
-  torch::Tensor y = torch::empty_like(x2);
+  at::Tensor y = at::empty_like(x2);
   step.attend(q.data_ptr<float>(), y.data_ptr<T>());
-  const torch::Tensor o = lin(y, 1);
-  torch::Tensor x = x2.clone();
+  const at::Tensor o = lin(y, 1);
+  at::Tensor x = x2.clone();
   add_row(x.data_ptr<T>(), o.data_ptr<T>(), x.data_ptr<T>(), B * dim);  // x += o
 
   // MLP
   rms_norm_rows(x.data_ptr<T>(), norm2.data_ptr<T>(), h.data_ptr<T>(), B, dim, float(eps));
-  const torch::Tensor gate = lin(h, 2);
-  const torch::Tensor up = lin(h, 3);
-  torch::Tensor act = torch::empty_like(gate);
+  const at::Tensor gate = lin(h, 2);
+  const at::Tensor up = lin(h, 3);
+  at::Tensor act = at::empty_like(gate);
   silu_mul_rows(gate.data_ptr<T>(), up.data_ptr<T>(), act.data_ptr<T>(), gate.numel());
-  const torch::Tensor down = lin(act, 4);
+  const at::Tensor down = lin(act, 4);
   add_row(x.data_ptr<T>(), down.data_ptr<T>(), x.data_ptr<T>(), B * dim);
   return x.view(x_in.sizes());
 }
+
+}  // namespace
 
 // One decoder layer for the B rows of a decode step (one token each). x (B, 1, dim) fp32 or bf16; norms in x's
 // dtype; weights: two tensors per product (W_pack, o_proj, gate_proj, up_proj, down_proj), the second undefined
 // where the kind needs none; k_cache/v_cache: this layer's (B, H, S, D) in x's dtype (or bf16 for fp32 x), last
 // dimension contiguous; pos: each row's position (its keys and values land there; it attends to 0..pos);
 // cos/sin: RoPE's fp32 (S', D) tables covering every pos.
-torch::Tensor decode_layer(const torch::Tensor& x, const torch::Tensor& norm1, const torch::Tensor& norm2,
-                           double eps, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
-                           const std::vector<int64_t>& groups, const torch::Tensor& k_cache,
-                           const torch::Tensor& v_cache, const std::vector<int64_t>& pos, const torch::Tensor& cos,
-                           const torch::Tensor& sin, int64_t n_heads) {
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& kinds,
+                        const std::vector<int64_t>& groups, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const std::vector<int64_t>& pos, const at::Tensor& cos, const at::Tensor& sin,
+                        int64_t n_heads) {
   check_rows(x, "x");
   const auto dtype = x.scalar_type();
   const int64_t B = x.size(0), dim = x.size(-1);
@@ -594,33 +602,21 @@ torch::Tensor decode_layer(const torch::Tensor& x, const torch::Tensor& norm1, c
                   k_cache.device().is_cpu(),
               "k_cache, v_cache: (B, H, S, D) with contiguous rows");
   TORCH_CHECK(int64_t(pos.size()) == B, "one position per row");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && cos.sizes() == sin.sizes(),
               "cos, sin: contiguous fp32 (S, D)");
   for (const int64_t p : pos)
     TORCH_CHECK(p >= 0 && p < k_cache.size(2) && p < cos.size(0), "position ", p, " is outside the cache or tables");
   const auto cache = k_cache.scalar_type();
-  if (dtype == torch::kFloat && cache == torch::kFloat)
+  if (dtype == at::kFloat && cache == at::kFloat)
     return run_layer<float, float>(x, norm1, norm2, eps, weights, kinds, groups, k_cache, v_cache, pos, cos, sin,
                                    n_heads);
-  if (dtype == torch::kFloat && cache == torch::kBFloat16)
+  if (dtype == at::kFloat && cache == at::kBFloat16)
     return run_layer<float, at::BFloat16>(x, norm1, norm2, eps, weights, kinds, groups, k_cache, v_cache, pos, cos,
                                           sin, n_heads);
   TORCH_CHECK(cache == dtype, "the cache holds fp32 x in fp32 or bf16, bf16 x in bf16");
   return run_layer<at::BFloat16, at::BFloat16>(x, norm1, norm2, eps, weights, kinds, groups, k_cache, v_cache, pos,
                                                cos, sin, n_heads);
-}
-
-}  // namespace
-
-void register_fused(pybind11::module_& m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of fp32/bf16 rows (..., n) with a weight in their dtype");
-  m.def("add_rms_norm", &add_rms_norm,
-        "(x + residual, RMSNorm of it) for fp32/bf16 rows and a weight in their dtype, the sum rounded first");
-  m.def("add", &add, "x + y, fp32/bf16 of one shape, rounded as torch rounds it");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up, fp32/bf16");
-  m.def("rope", &rope, "RoPE over (B, H, T, D) queries or keys at the given positions, fp32/bf16");
-  m.def("decode_layer", &decode_layer, "one decoder layer for the one-token rows of a decode step");
 }
 
 }  // namespace baichuan_cpu_gemv

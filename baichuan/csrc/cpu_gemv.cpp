@@ -41,15 +41,15 @@
 // a shift and the odd one by a mask, with no shuffle; x is reordered once per call to match (evens, then odds).
 // All kernels split output rows over torch's own thread pool (at::parallel_for), so they never add threads to it.
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <tuple>
 #include <utility>
+
+#include "kernels.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__AVX512VNNI__)
@@ -195,16 +195,16 @@ int64_t int8_block(int64_t K) {
 
 // The activations' block for an int8 weight (N, K) with these scales, which it checks: the group size G for bf16
 // group scales (N, K/G), else `int8_block(K)` for fp32 scales (N,), one a row.
-int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K) {
+int64_t int8_scales_block(const at::Tensor& scales, int64_t N, int64_t K) {
   if (scales.dim() == 2) {
-    TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.size(0) == N && scales.size(1) > 0 &&
+    TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.size(0) == N && scales.size(1) > 0 &&
                     K % scales.size(1) == 0 && scales.is_contiguous(),
                 "group scales: contiguous bf16 (N, K/G)");
     const int64_t B = K / scales.size(1);
     TORCH_CHECK(B % 16 == 0 && B <= kMaxBlock, "group size must be a multiple of 16 up to ", kMaxBlock, ", got ", B);
     return B;
   }
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N && scales.is_contiguous(),
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
               "scales: contiguous fp32 (N,) or bf16 (N, K/G)");
   const int64_t B = int8_block(K);
   TORCH_CHECK(B > 0, "K must be a multiple of 16, got ", K);
@@ -214,19 +214,19 @@ int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K) {
 // Quantized activation rows: codes (M, K), int16 for int8 weights and int8 for int4 ones, and per block of B the
 // scale (and, for int4 weights, scale * sum(codes)).
 struct Activations {
-  torch::Tensor codes, scales, sums;  // sums: for int4 weights' zero points only
+  at::Tensor codes, scales, sums;     // sums: for int4 weights' zero points only
   int64_t blocks;                     // per row
 };
 
 // Codes (M, K) of `type`, and scales (and sums, where asked) per block of B, for fp32 rows x (M, K); to be filled.
-Activations empty_activations(const torch::Tensor& x, int64_t B, torch::ScalarType type, bool with_sums) {
+Activations empty_activations(const at::Tensor& x, int64_t B, at::ScalarType type, bool with_sums) {
   const int64_t M = x.size(0), K = x.size(1);
-  return {torch::empty({M, K}, x.options().dtype(type)), torch::empty({M, K / B}, x.options()),
-          with_sums ? torch::empty({M, K / B}, x.options()) : torch::Tensor(), K / B};
+  return {at::empty({M, K}, x.options().dtype(type)), at::empty({M, K / B}, x.options()),
+          with_sums ? at::empty({M, K / B}, x.options()) : at::Tensor(), K / B};
 }
 
 // x (M, K) as contiguous fp32: itself, or a widened copy of bf16 rows.
-torch::Tensor as_float(const torch::Tensor& x) { return x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat); }
+at::Tensor as_float(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
 
 // The largest |x| of n values (a multiple of 8), NaN where any is NaN (max_ps drops NaN; the output must not).
 inline float block_absmax(const float* p, int64_t n) {
@@ -245,10 +245,10 @@ inline float block_absmax(const float* p, int64_t n) {
 // int16 codes of x (M, K) per block of B values: the int8 kernels' activations. In order, or where `split` (B a
 // multiple of 32) within each 32 columns the even ones' codes first, then the odd ones': the order in which the avx2
 // tile takes an int8 weight's low and high bytes (`Int8Tile::split`).
-Activations quantize_activations(const torch::Tensor& input, int64_t B, bool split = false) {
-  const torch::Tensor x = as_float(input);
+Activations quantize_activations(const at::Tensor& input, int64_t B, bool split = false) {
+  const at::Tensor x = as_float(input);
   const int64_t M = x.size(0), nb = x.size(1) / B;
-  Activations a = empty_activations(x, B, torch::kShort, false);
+  Activations a = empty_activations(x, B, at::kShort, false);
   const float* X = x.data_ptr<float>();
   int16_t* Q = a.codes.data_ptr<int16_t>();
   float* S = a.scales.data_ptr<float>();
@@ -284,7 +284,7 @@ Activations quantize_activations(const torch::Tensor& input, int64_t B, bool spl
 }
 
 // The int16 codes (M, K) and block scales (M, K/B) of x, for the int8 prompt kernel (cpu_prompt_int8.cpp).
-std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B) {
+std::tuple<at::Tensor, at::Tensor> int16_activations(const at::Tensor& x, int64_t B) {
   const Activations a = quantize_activations(x, B);
   return {a.codes, a.scales};
 }
@@ -294,10 +294,10 @@ std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& 
 // scale * sum(codes). Within each chunk of `chunk` values (64 or 128; 32 where G is an odd multiple of 32), the
 // codes of the even columns come first, then the odd ones': the order in which the kernel unpacks the low and high
 // nibbles of chunk / 2 bytes.
-Activations quantize_activations_int8(const torch::Tensor& input, int64_t G, int64_t chunk) {
-  const torch::Tensor x = as_float(input);
+Activations quantize_activations_int8(const at::Tensor& input, int64_t G, int64_t chunk) {
+  const at::Tensor x = as_float(input);
   const int64_t M = x.size(0), groups = x.size(1) / G;
-  Activations a = empty_activations(x, G, torch::kChar, true);
+  Activations a = empty_activations(x, G, at::kChar, true);
   const float* X = x.data_ptr<float>();
   int8_t* Q = a.codes.data_ptr<int8_t>();
   float* S = a.scales.data_ptr<float>();
@@ -366,8 +366,8 @@ struct Output {
   }
 };
 
-Output output_of(torch::Tensor& y) {
-  if (y.scalar_type() == torch::kFloat) return {y.data_ptr<float>(), nullptr};
+Output output_of(at::Tensor& y) {
+  if (y.scalar_type() == at::kFloat) return {y.data_ptr<float>(), nullptr};
   return {nullptr, y.data_ptr<at::BFloat16>()};
 }
 
@@ -895,8 +895,8 @@ constexpr int64_t kBf16Step = 32;  // bf16 values per vdpbf16ps
 constexpr int64_t kBf16PrefetchBytes = 36 * 1024;
 
 // x (M, K) rounded to bf16 (itself where it is bf16 already), in order.
-torch::Tensor prepare_bf16_activations(const torch::Tensor& x) {
-  return x.scalar_type() == torch::kBFloat16 ? x : x.to(torch::kBFloat16);
+at::Tensor prepare_bf16_activations(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
 }
 
 struct Bf16Tile {
@@ -985,10 +985,10 @@ inline void widen_pairs(const uint16_t* p, __m256& even, __m256& odd) {
 
 // x (M, K) as fp32 with each whole step of kBf16Step values split into its even-indexed values, then its odd ones
 // (the order widen_pairs gives the weights in); the last K % kBf16Step values stay in place.
-torch::Tensor prepare_bf16_activations(const torch::Tensor& input) {
-  const torch::Tensor x = as_float(input);
+at::Tensor prepare_bf16_activations(const at::Tensor& input) {
+  const at::Tensor x = as_float(input);
   const int64_t M = x.size(0), K = x.size(1), full = K - K % kBf16Step, half = kBf16Step / 2;
-  torch::Tensor out = torch::empty_like(x);
+  at::Tensor out = at::empty_like(x);
   const float* X = x.data_ptr<float>();
   float* O = out.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
@@ -1126,18 +1126,18 @@ void run_all(const Tile& tile, int64_t N, int64_t M, int64_t row_bytes) {
   });
 }
 
-void check_activations(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16) &&
+void check_activations(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   x.is_contiguous() && x.device().is_cpu(),
               "x: contiguous fp32 or bf16 (M, K) on the CPU");
 }
 
 // Per-block values of the activation rows (M, blocks) as (blocks, M + 8), zero past row M, where the int8 tiles
 // load those of several rows at once; an undefined tensor (no operation dispatched) where no tile reads them.
-torch::Tensor by_block(const torch::Tensor& values) {
+at::Tensor by_block(const at::Tensor& values) {
   const int64_t M = values.size(0), blocks = values.size(1);
   if (M == 1) return {};
-  torch::Tensor out = torch::zeros({blocks, M + 8}, values.options());
+  at::Tensor out = at::zeros({blocks, M + 8}, values.options());
   const float* S = values.data_ptr<float>();
   float* O = out.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
@@ -1146,9 +1146,9 @@ torch::Tensor by_block(const torch::Tensor& values) {
 }
 
 // int16 codes (M, K) in passes of 8 rows (zero past M), each as (K / 4, 8, 4): Int8Tile::run_quads's activations.
-torch::Tensor quads_of(const torch::Tensor& codes) {
+at::Tensor quads_of(const at::Tensor& codes) {
   const int64_t M = codes.size(0), quads = codes.size(1) / 4;
-  torch::Tensor out = torch::zeros({(M + 7) / 8, quads, 8, 4}, codes.options());
+  at::Tensor out = at::zeros({(M + 7) / 8, quads, 8, 4}, codes.options());
   const int16_t* in = codes.data_ptr<int16_t>();
   int16_t* o = out.data_ptr<int16_t>();
   for (int64_t m = 0; m < M; ++m)
@@ -1157,11 +1157,11 @@ torch::Tensor quads_of(const torch::Tensor& codes) {
   return out;
 }
 
-const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales) {
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   check_activations(x);
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar && weight.is_contiguous(),
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight: contiguous int8 (N, K)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " columns, x has ", K);
@@ -1174,17 +1174,17 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   const bool split = B % 32 == 0 && M <= 4;
 #endif
   const Activations a = quantize_activations(x, B, split);
-  auto y = torch::empty({M, N}, x.options());
-  const torch::Tensor xs_by_block = by_block(a.scales);
+  auto y = at::empty({M, N}, x.options());
+  const at::Tensor xs_by_block = by_block(a.scales);
   const int8_t* w = weight.data_ptr<int8_t>();
   const int16_t* xq = a.codes.data_ptr<int16_t>();
   const float *xs = a.scales.data_ptr<float>(), *xs_by_block_data = data_or_null(xs_by_block);
   if (grouped) {
     const auto* group_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
 #if defined(BAICHUAN_AVX512)
-    const torch::Tensor x_quads = B <= kMaxQuadBlock && M >= 5 ? quads_of(a.codes) : torch::Tensor();
+    const at::Tensor x_quads = B <= kMaxQuadBlock && M >= 5 ? quads_of(a.codes) : at::Tensor();
 #else
-    const torch::Tensor x_quads;
+    const at::Tensor x_quads;
 #endif
     const int16_t* quads = x_quads.defined() ? x_quads.data_ptr<int16_t>() : nullptr;
     run_all(Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, quads, output_of(y), N, K, B, a.blocks,
@@ -1204,22 +1204,22 @@ torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& weight, con
   return y;
 }
 
-torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_and_zeros,
-                        int64_t group_size) {
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                     int64_t group_size) {
   check_activations(x);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous() &&
-                  packed.size(1) * 2 == K,
-              "packed: contiguous uint8 (N, K/2)");
+  TORCH_CHECK(
+      packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == K,
+      "packed: contiguous uint8 (N, K/2)");
   TORCH_CHECK(group_size % 32 == 0 && group_size <= kMaxBlock && K % group_size == 0,
               "group size must be a multiple of 32 up to ", kMaxBlock, " dividing K, got ", group_size);
   const int64_t groups = K / group_size;
-  TORCH_CHECK(scales_and_zeros.scalar_type() == torch::kBFloat16 && scales_and_zeros.is_contiguous() &&
-                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == groups &&
-                  scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
+                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == groups && scales_and_zeros.size(1) == N &&
+                  scales_and_zeros.size(2) == 2,
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
   const Activations a = quantize_activations_int8(x, group_size, kInt4Chunk);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   const Int4Tile tile{packed.data_ptr<uint8_t>(),
                       reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>()),
                       a.codes.data_ptr<int8_t>(),
@@ -1235,14 +1235,14 @@ torch::Tensor int4_gemv(const torch::Tensor& x, const torch::Tensor& packed, con
   return y;
 }
 
-torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
+at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight) {
   check_activations(x);
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous(),
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
               "weight: contiguous bf16 (N, K)");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight has ", weight.size(1), " columns, x has ", K);
-  const torch::Tensor xp = prepare_bf16_activations(x);
-  auto y = torch::empty({M, N}, x.options());
+  const at::Tensor xp = prepare_bf16_activations(x);
+  auto y = at::empty({M, N}, x.options());
   const Bf16Tile tile{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
 #if defined(BAICHUAN_AVX512BF16)
                       reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()),
@@ -1261,34 +1261,7 @@ torch::Tensor bf16_gemv(const torch::Tensor& x, const torch::Tensor& weight) {
 // The setting before (what the Python loader chose, for its test).
 bool set_single_stream(bool on) { return std::exchange(single_stream, on); }
 
-void register_fused(pybind11::module_& m);  // cpu_fused.cpp
-void register_prefill(pybind11::module_& m);  // cpu_prefill.cpp
-void register_prompt_int8(pybind11::module_& m);  // cpu_prompt_int8.cpp
-void register_prompt_bf16(pybind11::module_& m);  // cpu_prompt_bf16.cpp
-void register_prompt_amx(pybind11::module_& m);   // cpu_prompt_amx.cpp
-void register_attention_amx(pybind11::module_& m);  // cpu_attention_amx.cpp
-void register_amx_int8(pybind11::module_& m);       // cpu_amx_int8.cpp
+const char* build_target() { return kTarget; }
+const char* int4_activations() { return kInt4Activations; }
 
 }  // namespace baichuan_cpu_gemv
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace k = baichuan_cpu_gemv;
-  k::register_fused(m);
-  k::register_prefill(m);
-  k::register_prompt_int8(m);
-  k::register_prompt_bf16(m);
-  k::register_prompt_amx(m);
-  k::register_attention_amx(m);
-  k::register_amx_int8(m);
-  m.attr("target") = k::kTarget;
-  m.attr("int8_activations") = "int16";
-  m.attr("int4_activations") = k::kInt4Activations;
-  m.def("int8_gemv", &k::int8_gemv,
-        "(x @ weight.T) * scales, int8 weight (N, K), fp32 scales (N,) or bf16 group scales (N, K/G), "
-        "fp32/bf16 x (M, K), y in x's dtype");
-  m.def("int4_gemv", &k::int4_gemv, "x @ w.T for group-wise int4 w, packed (N, K/2), fp32/bf16 x (M, K)");
-  m.def("bf16_gemv", &k::bf16_gemv, "x @ weight.T, bf16 weight (N, K), fp32/bf16 x (M, K), y in x's dtype");
-  m.def("set_single_stream", &k::set_single_stream,
-        "bf16_gemv and int8_gemv with a scale a row of one activation row read one weight row at a time, "
-        "unprefetched; returns the setting before");
-}

@@ -18,12 +18,12 @@
 //
 // bf16 outputs are rounded to nearest even from the fp32 value, as torch's .to(torch.bfloat16) rounds.
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include <cstring>
 #include <vector>
+
+#include "kernels.h"
 
 namespace baichuan_cpu_gemv {
 namespace {
@@ -106,51 +106,55 @@ void int4_rows(const uint8_t* packed, const uint16_t* sz, T* out, int64_t n0, in
   });
 }
 
-void check_out(const torch::Tensor& out, int64_t start, int64_t N, int64_t K) {
+void check_out(const at::Tensor& out, int64_t start, int64_t N, int64_t K) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.device().is_cpu() &&
-                  (out.scalar_type() == torch::kFloat || out.scalar_type() == torch::kBFloat16),
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
               "out: contiguous fp32 or bf16 (rows, K) on the CPU");
   TORCH_CHECK(out.size(1) == K, "out has ", out.size(1), " columns, the weight ", K);
   TORCH_CHECK(start >= 0 && start + out.size(0) <= N, "rows ", start, "..", start + out.size(0), " of ", N);
 }
 
+}  // namespace
+
 // Rows [start, start + out.size(0)) of an int8 weight (N, K), times their fp32 scales, into out.
-void dequantize_int8(const torch::Tensor& weight, const torch::Tensor& scales, int64_t start, torch::Tensor out) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar && weight.is_contiguous(),
+void dequantize_int8(const at::Tensor& weight, const at::Tensor& scales, int64_t start, at::Tensor out) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight: contiguous int8 (N, K)");
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N && scales.is_contiguous(),
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
               "scales: contiguous fp32 (N,)");
   check_out(out, start, N, K);
   const int8_t* w = weight.data_ptr<int8_t>() + start * K;
   const float* s = scales.data_ptr<float>() + start;
-  if (out.scalar_type() == torch::kFloat)
+  if (out.scalar_type() == at::kFloat)
     int8_rows(w, s, out.data_ptr<float>(), out.size(0), K);
   else
     int8_rows(w, s, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), out.size(0), K);
 }
 
 // Rows [start, start + out.size(0)) of a group-wise int4 weight in `Int4Linear`'s plain layout, into out.
-void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scales_and_zeros, int64_t group_size,
-                     int64_t start, torch::Tensor out) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
+void dequantize_int4(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size, int64_t start,
+                     at::Tensor out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed: contiguous uint8 (N, K/2)");
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
               "group size must be a multiple of 32 dividing K, got ", group_size);
-  TORCH_CHECK(scales_and_zeros.scalar_type() == torch::kBFloat16 && scales_and_zeros.is_contiguous() &&
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
                   scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == K / group_size &&
                   scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
   check_out(out, start, N, K);
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
-  if (out.scalar_type() == torch::kFloat)
+  if (out.scalar_type() == at::kFloat)
     int4_rows(p, sz, out.data_ptr<float>(), start, out.size(0), N, K, group_size);
   else
     int4_rows(p, sz, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), start, out.size(0), N, K,
               group_size);
 }
+
+namespace {
 
 // int4 weights times int8 activations, for bf16 and fp32 prompts (every build). Each activation row's group g of G values
 // is quantized symmetrically, xq = round(x * 127 / amax), with scale xs = amax / 127 and sum sq = sum(xq). Then,
@@ -412,30 +416,32 @@ void repack_int4(const uint8_t* packed, const uint16_t* sz, int64_t n0, int64_t 
   }
 }
 
+}  // namespace
+
 // out (M, N) fp32 = x (M, K) (fp32 or bf16, activations quantized to int8 per group) @ int4 weight.T.
-void int4_matmul_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_and_zeros,
-                      int64_t group_size, torch::Tensor out) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
+void int4_matmul_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                      int64_t group_size, at::Tensor out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed: contiguous uint8 (N, K/2)");
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
               "group size must be a multiple of 32 dividing K, got ", group_size);
   TORCH_CHECK(N % 16 == 0, "output features must be a multiple of 16, got ", N);
-  TORCH_CHECK(scales_and_zeros.scalar_type() == torch::kBFloat16 && scales_and_zeros.is_contiguous() &&
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
                   scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == K / group_size &&
                   scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
               "scales_and_zeros: contiguous bf16 (K/group_size, N, 2)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.size(1) == K &&
-                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x: contiguous fp32 or bf16 (M, K) on the CPU");
   const int64_t M = x.size(0), groups = K / group_size;
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == torch::kFloat && out.size(0) == M &&
-                  out.size(1) == N,
-              "out: contiguous fp32 (M, N)");
-  auto xq = torch::empty({M, K}, torch::kChar);
-  auto xs = torch::empty({M, groups}, torch::kFloat);
-  auto xsum = torch::empty({M, groups}, torch::kInt);
-  if (x.scalar_type() == torch::kFloat)
+  TORCH_CHECK(
+      out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == M && out.size(1) == N,
+      "out: contiguous fp32 (M, N)");
+  auto xq = at::empty({M, K}, at::kChar);
+  auto xs = at::empty({M, groups}, at::kFloat);
+  auto xsum = at::empty({M, groups}, at::kInt);
+  if (x.scalar_type() == at::kFloat)
     quantize_activations(x.data_ptr<float>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>(),
                          M, K, group_size);
   else
@@ -473,17 +479,6 @@ void int4_matmul_int8(const torch::Tensor& x, const torch::Tensor& packed, const
       }
     }
   });
-}
-
-}  // namespace
-
-void register_prefill(pybind11::module_& m) {
-  m.def("dequantize_int8", &dequantize_int8,
-        "rows [start, start + out.size(0)) of int8 weight (N, K) times fp32 scales (N,) into out (fp32 or bf16)");
-  m.def("dequantize_int4", &dequantize_int4,
-        "rows [start, start + out.size(0)) of int4 packed (N, K/2), bf16 scales_and_zeros (K/G, N, 2) into out");
-  m.def("int4_matmul_int8", &int4_matmul_int8,
-        "out (M, N) fp32 = x (M, K) fp32/bf16, quantized to int8 per group, @ int4 packed (N, K/2) .T");
 }
 
 }  // namespace baichuan_cpu_gemv

@@ -17,8 +17,7 @@
 //   A tiles kept in L2 while every row pair's B tiles of that chunk pass through L1 once for the whole group; C tiles
 //   go to memory between chunks. Rows come kPanelPairs pairs (a panel) at a time.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include "kernels.h"
 
 #if defined(__x86_64__) && defined(__AVX512BF16__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
@@ -359,11 +358,11 @@ bool amx_ready() { return false; }
 namespace {
 
 // The checks the three products share (weight_inputs: K as the weight stores it).
-void check_product(const char* name, const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_inputs) {
+void check_product(const char* name, const at::Tensor& x, const at::Tensor& weight, int64_t weight_inputs) {
   TORCH_CHECK(amx_ready(), name, ": this build or CPU has no AMX-BF16 (see amx_ready)");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.device().is_cpu() && weight.device().is_cpu(), name,
               ": x (M, K) and weight (N, K) on the CPU");
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, name, ": x must be bf16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, name, ": x must be bf16");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), name, ": x and the weight must be contiguous");
   TORCH_CHECK(weight_inputs == x.size(1), name, ": x has ", x.size(1), " inputs, the weight ", weight_inputs);
   TORCH_CHECK(weight.size(0) % 32 == 0 && x.size(1) % 32 == 0 && x.size(1) > 0, name,
@@ -371,13 +370,13 @@ void check_product(const char* name, const torch::Tensor& x, const torch::Tensor
 }
 
 template <class Rows>
-torch::Tensor amx_matmul(const torch::Tensor& x, const Rows& weights, int64_t N) {
+at::Tensor amx_matmul(const at::Tensor& x, const Rows& weights, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-  torch::Tensor y = torch::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
 #if defined(BAICHUAN_AMX)
   if (M == 0 || N == 0) return y;
   const int64_t Mp = (M + 31) / 32 * 32;
-  torch::Tensor packed = torch::empty({Mp / 32, K / 32, 512}, x.options().dtype(torch::kInt));
+  at::Tensor packed = at::empty({Mp / 32, K / 32, 512}, x.options().dtype(at::kInt));
   pack_rows(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), M, K, Mp,
             reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()), K / 2);
   const auto* xp = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
@@ -387,9 +386,11 @@ torch::Tensor amx_matmul(const torch::Tensor& x, const Rows& weights, int64_t N)
   return y;
 }
 
-torch::Tensor amx_bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight) {
+}  // namespace
+
+at::Tensor amx_bf16_matmul(const at::Tensor& x, const at::Tensor& weight) {
   check_product("amx_bf16_matmul", x, weight, weight.size(1));
-  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16, "amx_bf16_matmul: the weight must be bf16");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "amx_bf16_matmul: the weight must be bf16");
 #if defined(BAICHUAN_AMX)
   const Bf16Rows rows{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), x.size(1)};
   return amx_matmul(x, rows, weight.size(0));
@@ -398,10 +399,10 @@ torch::Tensor amx_bf16_matmul(const torch::Tensor& x, const torch::Tensor& weigh
 #endif
 }
 
-torch::Tensor amx_int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales) {
+at::Tensor amx_int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
   check_product("amx_int8_matmul", x, weight, weight.size(1));
-  TORCH_CHECK(weight.scalar_type() == torch::kChar, "amx_int8_matmul: the weight must be int8 codes");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.dim() == 1 &&
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "amx_int8_matmul: the weight must be int8 codes");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 1 &&
                   scales.size(0) == weight.size(0),
               "amx_int8_matmul: scales must be contiguous fp32 (", weight.size(0), ",)");
 #if defined(BAICHUAN_AMX)
@@ -411,14 +412,14 @@ torch::Tensor amx_int8_matmul(const torch::Tensor& x, const torch::Tensor& weigh
 #endif
 }
 
-torch::Tensor amx_int4_matmul(const torch::Tensor& x, const torch::Tensor& packed,
-                              const torch::Tensor& scales_and_zeros, int64_t group_size) {
+at::Tensor amx_int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                           int64_t group_size) {
   check_product("amx_int4_matmul", x, packed, packed.size(1) * 2);
-  TORCH_CHECK(packed.scalar_type() == torch::kByte, "amx_int4_matmul: the weight must be int4 codes packed in uint8");
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "amx_int4_matmul: the weight must be int4 codes packed in uint8");
   const int64_t N = packed.size(0), K = x.size(1);
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
               "amx_int4_matmul: the group size must be a multiple of 32 dividing K, got ", group_size);
-  TORCH_CHECK(scales_and_zeros.scalar_type() == torch::kBFloat16 && scales_and_zeros.is_contiguous() &&
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
                   scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == K / group_size &&
                   scales_and_zeros.size(1) == N && scales_and_zeros.size(2) == 2,
               "amx_int4_matmul: scales_and_zeros must be contiguous bf16 (K/group_size, N, 2)");
@@ -428,20 +429,6 @@ torch::Tensor amx_int4_matmul(const torch::Tensor& x, const torch::Tensor& packe
 #else
   return {};
 #endif
-}
-
-}  // namespace
-
-void register_prompt_amx(pybind11::module_& m) {
-  m.def("amx_ready", &amx_ready,
-        "whether the amx_*_matmul kernels run here: built with them, AMX-BF16, tiles permitted");
-  m.def("amx_bf16_matmul", &amx_bf16_matmul,
-        "out (M, N) = x (M, K) @ weight (N, K).T on AMX tiles, bf16 in and out, N and K multiples of 32");
-  m.def("amx_int8_matmul", &amx_int8_matmul,
-        "out (M, N) = x (M, K) @ (weight (N, K) int8 * scales (N,) fp32).T on AMX tiles, bf16 x and out");
-  m.def("amx_int4_matmul", &amx_int4_matmul,
-        "out (M, N) = x (M, K) @ w.T, w the int4 packed (N, K/2) with bf16 scales_and_zeros (K/G, N, 2) dequantized "
-        "to bf16, on AMX tiles, bf16 x and out");
 }
 
 }  // namespace baichuan_cpu_gemv

@@ -9,12 +9,12 @@
 //   out (M, N) = x (M, K) @ weight (N, K).T, x fp32 or bf16 (widened first), out in x's dtype (bf16 rounded to
 //   nearest even from the fp32 sums, as torch's .to(torch.bfloat16) rounds).
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "kernels.h"
 
 namespace baichuan_cpu_gemv {
 namespace {
@@ -94,19 +94,21 @@ void widen_strip(const uint16_t* w, int64_t K, int64_t kc, float* strip) {
   }
 }
 
-torch::Tensor bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight) {
+}  // namespace
+
+at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "bf16_matmul takes x (M, K) and weight (N, K)");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "bf16_matmul: x must be fp32 or bf16, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16, "bf16_matmul: the weight must be bf16, got ",
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "bf16_matmul: the weight must be bf16, got ",
               weight.scalar_type());
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "bf16_matmul: x and the weight must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "bf16_matmul: x has ", K, " inputs, the weight ", weight.size(1));
   TORCH_CHECK(N % kStripCols == 0 && K % 8 == 0, "bf16_matmul: outputs must be a multiple of 16 and inputs of 8, "
               "got N=", N, ", K=", K);
-  const torch::Tensor xf = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
-  torch::Tensor out = torch::empty({M, N}, xf.options());
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor out = at::empty({M, N}, xf.options());
   if (M == 0 || N == 0) return out.to(x.scalar_type());
   if (K == 0) return out.zero_().to(x.scalar_type());
 
@@ -131,15 +133,7 @@ torch::Tensor bf16_matmul(const torch::Tensor& x, const torch::Tensor& weight) {
       }
     }
   });
-  return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
-}
-
-}  // namespace
-
-void register_prompt_bf16(pybind11::module_& m) {
-  m.def("bf16_matmul", &bf16_matmul,
-        "out (M, N) = x (M, K) fp32/bf16 @ bf16 weight (N, K).T, by fp32 FMAs on the widened weight; out in x's "
-        "dtype");
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 }  // namespace baichuan_cpu_gemv

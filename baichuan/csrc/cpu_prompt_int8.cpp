@@ -14,19 +14,15 @@
 // 2 weight vectors and a broadcast in registers; 256 inputs of the block's codes (16 KB) stay in L1 while every
 // activation row passes them, and the fp32 sums in `out` stay in L2.
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include <cstring>
 #include <tuple>
 #include <vector>
 
-namespace baichuan_cpu_gemv {
+#include "kernels.h"
 
-// cpu_gemv.cpp: the decode kernel's activation block for these scales (checked), and its codes and block scales.
-int64_t int8_scales_block(const torch::Tensor& scales, int64_t N, int64_t K);
-std::tuple<torch::Tensor, torch::Tensor> int16_activations(const torch::Tensor& x, int64_t B);
+namespace baichuan_cpu_gemv {
 
 namespace {
 
@@ -111,21 +107,22 @@ TileFn tile_for(int64_t rows) {
   }
 }
 
+}  // namespace
+
 // out (M, N) fp32 = x (M, K) (fp32 or bf16) @ (int8 weight (N, K) scaled).T, with scales fp32 (N,) per row or bf16
 // (N, K/G) per group of G inputs.
-void int8_matmul_int16(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
-                       torch::Tensor out) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kChar && weight.is_contiguous(),
+void int8_matmul_int16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, at::Tensor out) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight: contiguous int8 (N, K)");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(N % kTileCols == 0, "output features must be a multiple of 16, got ", N);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.size(1) == K &&
-                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x: contiguous fp32 or bf16 (M, ", K, ") on the CPU");
   const int64_t M = x.size(0);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == torch::kFloat && out.size(0) == M &&
-                  out.size(1) == N,
-              "out: contiguous fp32 (", M, ", ", N, ")");
+  TORCH_CHECK(
+      out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == M && out.size(1) == N,
+      "out: contiguous fp32 (", M, ", ", N, ")");
   const bool grouped = scales.dim() == 2;
   const int64_t B = int8_scales_block(scales, N, K);  // at most kChunkInputs
   if (M == 0) return;
@@ -168,14 +165,6 @@ void int8_matmul_int16(const torch::Tensor& x, const torch::Tensor& weight, cons
           }
     }
   });
-}
-
-}  // namespace
-
-void register_prompt_int8(pybind11::module_& m) {
-  m.def("int8_matmul_int16", &int8_matmul_int16,
-        "out (M, N) fp32 = x (M, K) fp32/bf16, quantized to int16 per block as the decode kernel does, @ (int8 "
-        "weight (N, K) scaled by fp32 (N,) or bf16 (N, K/G) scales).T");
 }
 
 }  // namespace baichuan_cpu_gemv
