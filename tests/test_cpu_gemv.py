@@ -293,7 +293,9 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
     takes 16 columns a step in order, up to 4 rows 32 in `quantize_activations`' split order: the same exact
     block sums); the widening bf16 kernels
     may pair even and odd halves differently (fp32 rounding only), as may avx2's int8 tile of one row with group
-    scales (8 blocks at a time). 130 outputs: whole tiles and a remainder."""
+    scales (8 blocks at a time); from two rows on, group scales too give each row the same bits in every tile
+    (the rows in the lanes of one accumulator from 5 rows with groups up to 64 columns, `run_pairs`/`run_quads`;
+    in tiles of one weight row past them). 130 outputs: whole tiles and a remainder."""
     generator = torch.Generator().manual_seed(rows)
     k = 1536
     x = torch.randn(rows, k, generator=generator).bfloat16()
@@ -303,9 +305,11 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
     scales_and_zeros = (torch.rand(k // 128, 130, 2, generator=generator) / 8).bfloat16()
     weight16 = torch.randn(130, k, generator=generator).bfloat16()
     group_scales = torch.rand(130, k // 32, generator=generator).bfloat16()
+    group_scales128 = torch.rand(130, k // 128, generator=generator).bfloat16()
     products = {
         "int8": lambda x: build.int8_gemv(x, weight8, scales),
         "int8 groups of 32": lambda x: build.int8_gemv(x, weight8, group_scales),
+        "int8 groups of 128": lambda x: build.int8_gemv(x, weight8, group_scales128),
         "int4": lambda x: build.int4_gemv(x, packed, scales_and_zeros, 128),
         "bf16": lambda x: build.bf16_gemv(x, weight16),
     }
@@ -313,9 +317,12 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
         xf = x.float()
         batch, alone = product(xf), torch.cat([product(xf[i : i + 1]) for i in range(rows)])
         if (name == "bf16" and build.target != "avx512bf16") or (
-            name == "int8 groups of 32" and build.target == "avx2"
+            name.startswith("int8 groups") and build.target == "avx2"
         ):
             assert rel(batch, alone.double()) < 1e-6, name
+            if name != "bf16":
+                two_rows = torch.cat([product(xf[i : i + 2]) for i in range(0, rows - 1, 2)])
+                assert torch.equal(batch[: len(two_rows)], two_rows), name
         else:
             assert torch.equal(batch, alone), name
 

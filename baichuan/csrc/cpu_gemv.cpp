@@ -79,8 +79,9 @@ constexpr int64_t kInt4PrefetchBytes = 16384;  // how far ahead the AVX-512 int4
 constexpr int64_t kInt4Chunk = 64;
 #endif
 
-// The largest group of int8 scales for which 5 to 8 activation rows go in quads (Int8Tile::run_quads).
-constexpr int64_t kMaxQuadBlock = 64;
+// The largest group of int8 scales for which 5 to 8 activation rows go in the lanes of one accumulator
+// (Int8Tile::run_quads, run_pairs): past it, the other tiles' reduction at the end of each block costs less.
+constexpr int64_t kMaxLaneBlock = 64;
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
 // 1.29B shapes (benchmarks/ab_kernels.py; benchmarks/README.md has the figures).
@@ -380,9 +381,10 @@ struct Int8Tile {
   const int16_t* xq;
   const float* xs;
   const float* xs_by_block;  // (blocks, M + 8): xs transposed, for the tiles of several activation rows
-  // AVX-512, group scales of at most kMaxQuadBlock columns and 5+ activation rows: the codes of each pass of 8 rows
-  // (zero past M) as (K / 4, 8, 4), four columns of each row in turn (`quads_of`); else null.
-  const int16_t* x_quads;
+  // Group scales of at most kMaxLaneBlock columns and 5+ activation rows: the codes of each pass of 8 rows (zero
+  // past M) as (K / W, 8, W), W columns of each row in turn (`rows_in_lanes`): quads (AVX-512) or pairs (AVX2),
+  // so that a vector holds the 8 rows' columns that one weight vector multiplies; else null.
+  const int16_t* x_lanes;
   Output y;
   int64_t N, K, B, blocks, M;
   // avx2: the activation codes in `quantize_activations`' split order (B a multiple of 32), so that each 32 weights
@@ -400,7 +402,8 @@ struct Int8Tile {
   // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) that took 17-34%
   // less time than four rows side by side on four of five shapes, 1-4% less on 1536x4096: four streams at once per
   // core read memory worse than one (and the prefetch kPrefetchRows ahead), however few instructions each takes.
-  static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : 1; }
+  // Group scales at 5+ rows (`run_pairs`): two, each activation vector loaded once for both.
+  static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : mb >= 5 && kGroupScales ? 2 : 1; }
 #endif
 
 #if !defined(BAICHUAN_AVX512)
@@ -413,11 +416,64 @@ struct Int8Tile {
   // activation row gets the same bits in a batch as alone.
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
-    static_assert(R * MB <= 8 && (R == 1 || MB <= 2));
-    if (split)
-      run_steps<R, MB, true>(n, m);
-    else
-      run_steps<R, MB, false>(n, m);
+    if constexpr (kGroupScales && MB >= 5) {
+      if (x_lanes) return run_pairs<R, MB>(n, m);
+      for (int r = 0; r < R; ++r) run_steps<1, MB, false>(n + r, m);  // groups past kMaxLaneBlock
+    } else {
+      static_assert(R * MB <= 8 && (R == 1 || MB <= 2));
+      if (split)
+        run_steps<R, MB, true>(n, m);
+      else
+        run_steps<R, MB, false>(n, m);
+    }
+  }
+
+  // Small groups (an 8-bit head's 32 columns) against 5 to 8 activation rows, as AVX-512's `run_quads`: the lanes
+  // of one accumulator are the activation rows, so a block ends in one conversion and one multiply-add a weight
+  // row where `lane_sums` took eight horizontal additions and two lane permutations a block. Each pair of weights,
+  // widened, goes to all 8 lanes (`vpshufd`) against the activation pairs (`x_lanes`). The same exact int32 block
+  // sums and multiply-adds as the other tiles: the same bits. The 1.29B head (125696x1536, groups of 32) at 8 rows
+  // took 0.80 of the time (ab_kernels, AVX2-only EPYC; benchmarks/README.md); with a scale a row (blocks of 256),
+  // 1.08-1.17 of it, so only groups take it.
+  template <int R, int MB>
+  void run_pairs(int64_t n, int64_t m) const {
+    const int8_t* wn = w + n * K;
+    const int16_t* xt = x_lanes + (m / kPassRows) * K * kPassRows;
+    __m256 total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+      for (int64_t k = b * B; k < (b + 1) * B; k += 8) {
+        if ((k & 63) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+        // 8 weights of each row as int16 in both 128-bit halves, for the in-lane `vpshufd` below
+        __m256i wide[R];
+        for (int r = 0; r < R; ++r)
+          wide[r] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(wn + r * K + k))));
+        const auto pair = [&](auto q_constant) {
+          constexpr int q = decltype(q_constant)::value;
+          __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + (k + 2 * q) * kPassRows));
+          if constexpr (R > 1) __asm__("" : "+x"(xv));  // one load for all R rows
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_shuffle_epi32(wide[r], q * 0x55), xv));
+        };
+        pair(std::integral_constant<int, 0>{});
+        pair(std::integral_constant<int, 1>{});
+        pair(std::integral_constant<int, 2>{});
+        pair(std::integral_constant<int, 3>{});
+      }
+      const __m256 sx = _mm256_loadu_ps(xs_by_block + b * (M + 8) + m);  // lane j: row m + j's block scale
+      for (int r = 0; r < R; ++r) {
+        const __m256 ws = _mm256_set1_ps(bf16_to_float(group_scales[(n + r) * blocks + b]));
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_mul_ps(sx, ws), total[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, total[r]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[j]);
+    }
   }
 
   // The products of int8 weights widened to int16 against the int16 codes, kStep columns at a time: 32 in the split
@@ -560,7 +616,7 @@ struct Int8Tile {
   void run(int64_t n, int64_t m) const {
     static_assert(R * MB <= 16);
     if constexpr (kGroupScales && MB >= 5) {
-      if (x_quads) return run_quads<R, MB>(n, m);
+      if (x_lanes) return run_quads<R, MB>(n, m);
     }
     const int8_t* wn = w + n * K;
     __m512 total = _mm512_setzero_ps();
@@ -608,12 +664,12 @@ struct Int8Tile {
   // Small blocks (an 8-bit head's groups of 32 columns) against 5 to 8 activation rows: there the lanes of one
   // accumulator are the activation rows, each pair of lanes a row's, so that a block's sums need one shuffle where
   // `lane_sums` takes three per accumulator (and as many accumulators as rows). Each 4 weights of a row, widened, go
-  // to all 8 lane pairs (`vpermq`), against the activation quads (`x_quads`): lane 2j sums columns 4i and 4i + 1
+  // to all 8 lane pairs (`vpermq`), against the activation quads (`x_lanes`): lane 2j sums columns 4i and 4i + 1
   // of row j, lane 2j + 1 columns 4i + 2 and 4i + 3. The same exact int32 block sums, so the same bits.
   template <int R, int MB>
   void run_quads(int64_t n, int64_t m) const {
     const int8_t* wn = w + n * K;
-    const int16_t* xt = x_quads + (m / kPassRows) * K * kPassRows;
+    const int16_t* xt = x_lanes + (m / kPassRows) * K * kPassRows;
     __m512i quad[4];
     for (int q = 0; q < 4; ++q) quad[q] = _mm512_set1_epi64(q);
     __m512 total[R];
@@ -1151,15 +1207,15 @@ at::Tensor by_block(const at::Tensor& values) {
   return out;
 }
 
-// int16 codes (M, K) in passes of 8 rows (zero past M), each as (K / 4, 8, 4): Int8Tile::run_quads's activations.
-at::Tensor quads_of(const at::Tensor& codes) {
-  const int64_t M = codes.size(0), quads = codes.size(1) / 4;
-  at::Tensor out = at::zeros({(M + 7) / 8, quads, 8, 4}, codes.options());
+// int16 codes (M, K) in passes of 8 rows (zero past M), each as (K / W, 8, W): `Int8Tile::x_lanes`.
+at::Tensor rows_in_lanes(const at::Tensor& codes, int64_t W) {
+  const int64_t M = codes.size(0), runs = codes.size(1) / W;
+  at::Tensor out = at::zeros({(M + 7) / 8, runs, 8, W}, codes.options());
   const int16_t* in = codes.data_ptr<int16_t>();
   int16_t* o = out.data_ptr<int16_t>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < quads; ++i)
-      std::memcpy(o + (((m / 8) * quads + i) * 8 + m % 8) * 4, in + (m * quads + i) * 4, 4 * sizeof(int16_t));
+    for (int64_t i = 0; i < runs; ++i)
+      std::memcpy(o + (((m / 8) * runs + i) * 8 + m % 8) * W, in + (m * runs + i) * W, W * sizeof(int16_t));
   return out;
 }
 
@@ -1188,12 +1244,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   if (grouped) {
     const auto* group_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
 #if defined(BAICHUAN_AVX512)
-    const at::Tensor x_quads = B <= kMaxQuadBlock && M >= 5 ? quads_of(a.codes) : at::Tensor();
+    constexpr int64_t lane_columns = 4;  // a 512-bit vector: 8 rows of 4 int16
 #else
-    const at::Tensor x_quads;
+    constexpr int64_t lane_columns = 2;
 #endif
-    const int16_t* quads = x_quads.defined() ? x_quads.data_ptr<int16_t>() : nullptr;
-    run_all(Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, quads, output_of(y), N, K, B, a.blocks,
+    const at::Tensor x_lanes = B <= kMaxLaneBlock && M >= 5 ? rows_in_lanes(a.codes, lane_columns) : at::Tensor();
+    const int16_t* lanes = x_lanes.defined() ? x_lanes.data_ptr<int16_t>() : nullptr;
+    run_all(Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, lanes, output_of(y), N, K, B, a.blocks,
                            M, split},
             N, M, K);
   } else {
