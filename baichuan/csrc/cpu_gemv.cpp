@@ -383,7 +383,8 @@ struct Int8Tile {
   const float* xs_by_block;  // (blocks, M + 8): xs transposed, for the tiles of several activation rows
   // Group scales of at most kMaxLaneBlock columns and 5+ activation rows: the codes of each pass of 8 rows (zero
   // past M) as (K / W, 8, W), W columns of each row in turn (`rows_in_lanes`): quads (AVX-512) or pairs (AVX2),
-  // so that a vector holds the 8 rows' columns that one weight vector multiplies; else null.
+  // so that a vector holds the 8 rows' columns that one weight vector multiplies; AVX2, a call of 3-4 rows: the
+  // codes as `rows_in_halves` lays them out; else null.
   const int16_t* x_lanes;
   Output y;
   int64_t N, K, B, blocks, M;
@@ -402,8 +403,8 @@ struct Int8Tile {
   // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) that took 17-34%
   // less time than four rows side by side on four of five shapes, 1-4% less on 1536x4096: four streams at once per
   // core read memory worse than one (and the prefetch kPrefetchRows ahead), however few instructions each takes.
-  // Group scales at 5+ rows (`run_pairs`): two, each activation vector loaded once for both.
-  static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : mb >= 5 && kGroupScales ? 2 : 1; }
+  // Group scales at 3+ rows (`run_pairs`, `run_halves`): two, each activation vector loaded once for both.
+  static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : mb >= 3 && kGroupScales ? 2 : 1; }
 #endif
 
 #if !defined(BAICHUAN_AVX512)
@@ -419,6 +420,14 @@ struct Int8Tile {
     if constexpr (kGroupScales && MB >= 5) {
       if (x_lanes) return run_pairs<R, MB>(n, m);
       for (int r = 0; r < R; ++r) run_steps<1, MB, false>(n + r, m);  // groups past kMaxLaneBlock
+    } else if constexpr (kGroupScales && MB >= 3) {
+      if (x_lanes && M <= 4) return run_halves<R, MB>(n, m);
+      for (int r = 0; r < R; ++r) {  // larger groups, or a batch's last pass of 3-4 rows
+        if (split)
+          run_steps<1, MB, true>(n + r, m);
+        else
+          run_steps<1, MB, false>(n + r, m);
+      }
     } else {
       static_assert(R * MB <= 8 && (R == 1 || MB <= 2));
       if (split)
@@ -435,6 +444,49 @@ struct Int8Tile {
   // sums and multiply-adds as the other tiles: the same bits. The 1.29B head (125696x1536, groups of 32) at 8 rows
   // took 0.80 of the time (ab_kernels, AVX2-only EPYC; benchmarks/README.md); with a scale a row (blocks of 256),
   // 1.08-1.17 of it, so only groups take it.
+  // The same for 3 or 4 activation rows (a call of at most 4): lanes j and j + 4 are row j's, the low and the high 8
+  // of each 16 columns, so that one `vpmovsxbw` of 16 weights serves all 8 lanes (`vpshufd` picks pair q of each
+  // half) against the activation pairs laid out to match (`rows_in_halves`); a block ends in one addition of the
+  // two halves, a conversion and a multiply-add a weight row. The same exact block sums: the same bits.
+  template <int R, int MB>
+  void run_halves(int64_t n, int64_t m) const {
+    const int8_t* wn = w + n * K;
+    __m128 total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+      for (int64_t k = b * B; k < (b + 1) * B; k += 16) {
+        if ((k & 63) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+        __m256i wide[R];
+        for (int r = 0; r < R; ++r) wide[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k)));
+        const auto pair = [&](auto q_constant) {
+          constexpr int q = decltype(q_constant)::value;
+          __m256i xv = _mm256_loadu_si256((const __m256i*)(x_lanes + (k + 4 * q) * 4));
+          if constexpr (R > 1) __asm__("" : "+x"(xv));  // one load for all R rows
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_shuffle_epi32(wide[r], q * 0x55), xv));
+        };
+        pair(std::integral_constant<int, 0>{});
+        pair(std::integral_constant<int, 1>{});
+        pair(std::integral_constant<int, 2>{});
+        pair(std::integral_constant<int, 3>{});
+      }
+      const __m128 sx = _mm_loadu_ps(xs_by_block + b * (M + 8) + m);  // lane j: row m + j's block scale
+      for (int r = 0; r < R; ++r) {
+        const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+        const __m128 ws = _mm_set1_ps(bf16_to_float(group_scales[(n + r) * blocks + b]));
+        total[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(sx, ws), total[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, total[r]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[j]);
+    }
+  }
+
   template <int R, int MB>
   void run_pairs(int64_t n, int64_t m) const {
     const int8_t* wn = w + n * K;
@@ -1219,6 +1271,24 @@ at::Tensor rows_in_lanes(const at::Tensor& codes, int64_t W) {
   return out;
 }
 
+#if !defined(BAICHUAN_AVX512)
+// int16 codes of 3 or 4 rows (M, K) as (K / 16, 4, 2, 4, 2), zero past M: for each 16 columns and pair q, the 4 rows'
+// columns 2q and 2q + 1, then their columns 8 + 2q and 9 + 2q (`Int8Tile::run_halves`).
+at::Tensor rows_in_halves(const at::Tensor& codes) {
+  const int64_t M = codes.size(0), K = codes.size(1);
+  at::Tensor out = at::zeros({K / 16, 4, 2, 4, 2}, codes.options());
+  const int16_t* in = codes.data_ptr<int16_t>();
+  int16_t* o = out.data_ptr<int16_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K / 16; ++c)
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t h = 0; h < 2; ++h)
+          std::memcpy(o + (((c * 4 + q) * 2 + h) * 4 + m) * 2, in + m * K + c * 16 + h * 8 + 2 * q,
+                      2 * sizeof(int16_t));
+  return out;
+}
+#endif
+
 const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
@@ -1232,8 +1302,10 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
 #if defined(BAICHUAN_AVX512)
   const bool split = false;
 #else
+  // 3-4 rows against small groups: `run_halves`, over codes in order
+  const bool halves = grouped && B <= kMaxLaneBlock && (M == 3 || M == 4);
   // not from 5 rows, where the split steps took 1.19-1.24 of the time (ab_kernels, 8 rows; benchmarks/README.md)
-  const bool split = B % 32 == 0 && M <= 4;
+  const bool split = B % 32 == 0 && M <= 4 && !halves;
 #endif
   const Activations a = quantize_activations(x, B, split);
   auto y = at::empty({M, N}, x.options());
@@ -1244,11 +1316,12 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   if (grouped) {
     const auto* group_scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
 #if defined(BAICHUAN_AVX512)
-    constexpr int64_t lane_columns = 4;  // a 512-bit vector: 8 rows of 4 int16
+    const at::Tensor x_lanes = B <= kMaxLaneBlock && M >= 5 ? rows_in_lanes(a.codes, 4) : at::Tensor();
 #else
-    constexpr int64_t lane_columns = 2;
+    const at::Tensor x_lanes = halves                         ? rows_in_halves(a.codes)
+                               : B <= kMaxLaneBlock && M >= 5 ? rows_in_lanes(a.codes, 2)
+                                                              : at::Tensor();
 #endif
-    const at::Tensor x_lanes = B <= kMaxLaneBlock && M >= 5 ? rows_in_lanes(a.codes, lane_columns) : at::Tensor();
     const int16_t* lanes = x_lanes.defined() ? x_lanes.data_ptr<int16_t>() : nullptr;
     run_all(Int8Tile<true>{w, nullptr, group_scales, xq, xs, xs_by_block_data, lanes, output_of(y), N, K, B, a.blocks,
                            M, split},
