@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "kernels.h"
@@ -80,7 +81,7 @@ constexpr int64_t kInt4Chunk = 64;
 #endif
 
 // The largest group of int8 scales for which 5 to 8 activation rows go in the lanes of one accumulator
-// (Int8Tile::run_quads, run_pairs): past it, the other tiles' reduction at the end of each block costs less.
+// (Int8Tile::run_quads, run_lanes): past it, the other tiles' reduction at the end of each block costs less.
 constexpr int64_t kMaxLaneBlock = 64;
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
@@ -403,7 +404,7 @@ struct Int8Tile {
   // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) that took 17-34%
   // less time than four rows side by side on four of five shapes, 1-4% less on 1536x4096: four streams at once per
   // core read memory worse than one (and the prefetch kPrefetchRows ahead), however few instructions each takes.
-  // Group scales at 3+ rows (`run_pairs`, `run_halves`): two, each activation vector loaded once for both.
+  // Group scales at 3+ rows (`run_lanes`): two, each activation vector loaded once for both.
   static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : mb >= 3 && kGroupScales ? 2 : 1; }
 #endif
 
@@ -418,10 +419,10 @@ struct Int8Tile {
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     if constexpr (kGroupScales && MB >= 5) {
-      if (x_lanes) return run_pairs<R, MB>(n, m);
+      if (x_lanes) return run_lanes<R, MB, false>(n, m);
       for (int r = 0; r < R; ++r) run_steps<1, MB, false>(n + r, m);  // groups past kMaxLaneBlock
     } else if constexpr (kGroupScales && MB >= 3) {
-      if (x_lanes && M <= 4) return run_halves<R, MB>(n, m);
+      if (x_lanes && M <= 4) return run_lanes<R, MB, true>(n, m);
       for (int r = 0; r < R; ++r) {  // larger groups, or a batch's last pass of 3-4 rows
         if (split)
           run_steps<1, MB, true>(n + r, m);
@@ -437,75 +438,48 @@ struct Int8Tile {
     }
   }
 
-  // Small groups (an 8-bit head's 32 columns) against 5 to 8 activation rows, as AVX-512's `run_quads`: the lanes
-  // of one accumulator are the activation rows, so a block ends in one conversion and one multiply-add a weight
-  // row where `lane_sums` took eight horizontal additions and two lane permutations a block. Each pair of weights,
-  // widened, goes to all 8 lanes (`vpshufd`) against the activation pairs (`x_lanes`). The same exact int32 block
-  // sums and multiply-adds as the other tiles: the same bits. The 1.29B head (125696x1536, groups of 32) at 8 rows
-  // took 0.80 of the time (ab_kernels, AVX2-only EPYC; benchmarks/README.md); with a scale a row (blocks of 256),
-  // 1.08-1.17 of it, so only groups take it.
-  // The same for 3 or 4 activation rows (a call of at most 4): lanes j and j + 4 are row j's, the low and the high 8
-  // of each 16 columns, so that one `vpmovsxbw` of 16 weights serves all 8 lanes (`vpshufd` picks pair q of each
-  // half) against the activation pairs laid out to match (`rows_in_halves`); a block ends in one addition of the
-  // two halves, a conversion and a multiply-add a weight row. The same exact block sums: the same bits.
-  template <int R, int MB>
-  void run_halves(int64_t n, int64_t m) const {
+  // Small groups (an 8-bit head's 32 columns) against 3 to 8 activation rows, as AVX-512's `run_quads`: the lanes
+  // of one accumulator are the activation rows, so a block ends in one conversion and one multiply-add a weight row
+  // where `lane_sums` took eight horizontal additions and two lane permutations a block. The same exact int32 block
+  // sums and multiply-adds as the other tiles: the same bits.
+  // - 5 to 8 rows (pairs): each pair of weights, widened, goes to all 8 lanes (`vpshufd`) against the rows' pairs
+  //   (`rows_in_lanes`). The 1.29B head (125696x1536, groups of 32) at 8 rows took 0.80 of the time (ab_kernels,
+  //   AVX2-only EPYC; benchmarks/README.md); with a scale a row (blocks of 256) 1.08-1.17 of it, so only groups.
+  // - a call of 3 or 4 rows (kHalves): lanes j and j + 4 are row j's, the low and the high 8 of each 16 columns, so
+  //   one `vpmovsxbw` of 16 weights serves all 8 lanes (`vpshufd` picks pair q of each half) against the codes laid
+  //   out to match (`rows_in_halves`), and a block first adds the two halves. The head at 4 rows: 0.72 of the time.
+  template <int R, int MB, bool kHalves>
+  void run_lanes(int64_t n, int64_t m) const {
+    constexpr int64_t kStepCols = kHalves ? 16 : 8;   // weights of a row a step: four pairs a lane
+    constexpr int64_t kVectorRows = kHalves ? 4 : 8;  // activation rows a vector holds
     const int8_t* wn = w + n * K;
-    __m128 total[R];
-    for (int r = 0; r < R; ++r) total[r] = _mm_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      __m256i acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-      for (int64_t k = b * B; k < (b + 1) * B; k += 16) {
-        if ((k & 63) == 0)
-          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
-        __m256i wide[R];
-        for (int r = 0; r < R; ++r) wide[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k)));
-        const auto pair = [&](auto q_constant) {
-          constexpr int q = decltype(q_constant)::value;
-          __m256i xv = _mm256_loadu_si256((const __m256i*)(x_lanes + (k + 4 * q) * 4));
-          if constexpr (R > 1) __asm__("" : "+x"(xv));  // one load for all R rows
-          for (int r = 0; r < R; ++r)
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_shuffle_epi32(wide[r], q * 0x55), xv));
-        };
-        pair(std::integral_constant<int, 0>{});
-        pair(std::integral_constant<int, 1>{});
-        pair(std::integral_constant<int, 2>{});
-        pair(std::integral_constant<int, 3>{});
-      }
-      const __m128 sx = _mm_loadu_ps(xs_by_block + b * (M + 8) + m);  // lane j: row m + j's block scale
-      for (int r = 0; r < R; ++r) {
-        const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
-        const __m128 ws = _mm_set1_ps(bf16_to_float(group_scales[(n + r) * blocks + b]));
-        total[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(sx, ws), total[r]);
-      }
-    }
+    const int16_t* xt = kHalves ? x_lanes : x_lanes + (m / kPassRows) * K * kPassRows;
+    // lane j: row m + j's sum (128 bits for the halves: 0.94-0.96 of the time of 256 at 4 rows, ab_kernels)
+    std::conditional_t<kHalves, __m128, __m256> total[R];
     for (int r = 0; r < R; ++r) {
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, total[r]);
-      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[j]);
+      if constexpr (kHalves)
+        total[r] = _mm_setzero_ps();
+      else
+        total[r] = _mm256_setzero_ps();
     }
-  }
-
-  template <int R, int MB>
-  void run_pairs(int64_t n, int64_t m) const {
-    const int8_t* wn = w + n * K;
-    const int16_t* xt = x_lanes + (m / kPassRows) * K * kPassRows;
-    __m256 total[R];
-    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
       __m256i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-      for (int64_t k = b * B; k < (b + 1) * B; k += 8) {
+      for (int64_t k = b * B; k < (b + 1) * B; k += kStepCols) {
         if ((k & 63) == 0)
           for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
-        // 8 weights of each row as int16 in both 128-bit halves, for the in-lane `vpshufd` below
+        // each 128-bit half: 8 weights of the row as int16 (pairs: the same 8 in both), for the in-lane `vpshufd`
         __m256i wide[R];
-        for (int r = 0; r < R; ++r)
-          wide[r] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(wn + r * K + k))));
+        for (int r = 0; r < R; ++r) {
+          const int8_t* wr = wn + r * K + k;
+          if constexpr (kHalves)
+            wide[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wr));
+          else
+            wide[r] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)wr)));
+        }
         const auto pair = [&](auto q_constant) {
           constexpr int q = decltype(q_constant)::value;
-          __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + (k + 2 * q) * kPassRows));
+          __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + (k + kStepCols / 4 * q) * kVectorRows));
           if constexpr (R > 1) __asm__("" : "+x"(xv));  // one load for all R rows
           for (int r = 0; r < R; ++r)
             acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_shuffle_epi32(wide[r], q * 0x55), xv));
@@ -515,15 +489,24 @@ struct Int8Tile {
         pair(std::integral_constant<int, 2>{});
         pair(std::integral_constant<int, 3>{});
       }
-      const __m256 sx = _mm256_loadu_ps(xs_by_block + b * (M + 8) + m);  // lane j: row m + j's block scale
+      const float* sx = xs_by_block + b * (M + 8) + m;  // row m + j's block scale at j
       for (int r = 0; r < R; ++r) {
-        const __m256 ws = _mm256_set1_ps(bf16_to_float(group_scales[(n + r) * blocks + b]));
-        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_mul_ps(sx, ws), total[r]);
+        const float ws = bf16_to_float(group_scales[(n + r) * blocks + b]);
+        if constexpr (kHalves) {
+          const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+          total[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(_mm_loadu_ps(sx), _mm_set1_ps(ws)), total[r]);
+        } else {
+          const __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(sx), _mm256_set1_ps(ws));
+          total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), scales, total[r]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
       alignas(32) float sums[8];
-      _mm256_store_ps(sums, total[r]);
+      if constexpr (kHalves)
+        _mm_store_ps(sums, total[r]);
+      else
+        _mm256_store_ps(sums, total[r]);
       for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[j]);
     }
   }
@@ -1273,7 +1256,7 @@ at::Tensor rows_in_lanes(const at::Tensor& codes, int64_t W) {
 
 #if !defined(BAICHUAN_AVX512)
 // int16 codes of 3 or 4 rows (M, K) as (K / 16, 4, 2, 4, 2), zero past M: for each 16 columns and pair q, the 4 rows'
-// columns 2q and 2q + 1, then their columns 8 + 2q and 9 + 2q (`Int8Tile::run_halves`).
+// columns 2q and 2q + 1, then their columns 8 + 2q and 9 + 2q (`Int8Tile::run_lanes`).
 at::Tensor rows_in_halves(const at::Tensor& codes) {
   const int64_t M = codes.size(0), K = codes.size(1);
   at::Tensor out = at::zeros({K / 16, 4, 2, 4, 2}, codes.options());
@@ -1302,7 +1285,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
 #if defined(BAICHUAN_AVX512)
   const bool split = false;
 #else
-  // 3-4 rows against small groups: `run_halves`, over codes in order
+  // 3-4 rows against small groups: `run_lanes`, over codes in order
   const bool halves = grouped && B <= kMaxLaneBlock && (M == 3 || M == 4);
   // not from 5 rows, where the split steps took 1.19-1.24 of the time (ab_kernels, 8 rows; benchmarks/README.md)
   const bool split = B % 32 == 0 && M <= 4 && !halves;
