@@ -80,8 +80,8 @@ constexpr int64_t kInt4PrefetchBytes = 16384;  // how far ahead the AVX-512 int4
 constexpr int64_t kInt4Chunk = 64;
 #endif
 
-// The largest group of int8 scales for which 5 to 8 activation rows go in the lanes of one accumulator
-// (Int8Tile::run_quads, run_lanes): past it, the other tiles' reduction at the end of each block costs less.
+// The largest group of int8 scales for which 3 (AVX2) or 5 (AVX-512) to 8 activation rows go in the lanes of one
+// accumulator (Int8Tile::run_lanes, run_quads): past it, the other tiles' reduction at each block's end costs less.
 constexpr int64_t kMaxLaneBlock = 64;
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
