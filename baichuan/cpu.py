@@ -1,7 +1,7 @@
 """What this CPU computes natively, and the row counts at which each CPU product changes kernels.
 
 Every probe of the CPU's features lives here: whether torch's (oneDNN's) half-precision matmuls are native or
-emulated, and which build of our own kernels (`cpu_gemv`, `csrc/cpu_gemv.cpp`) this CPU can run.
+emulated, and which build of our own kernels (`cpu_gemv`, `csrc/`) this CPU can run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-# The builds of `csrc/cpu_gemv.cpp`, lowest first; each needs the features of the ones before it.
+# The builds of our kernels (`csrc/`), lowest first; each needs the features of the ones before it.
 #   avx2        AVX2 + FMA (Haswell, Zen 1 and later)
 #   avx512      AVX-512 F/BW/VL/DQ + VNNI (Cascade Lake, Ice Lake, Zen 4 and later; Skylake-X runs avx2)
 #   avx512bf16  the above + AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later)

@@ -1,4 +1,4 @@
-"""Our CPU kernels (`csrc/cpu_gemv.cpp`): weight-only int8/int4 and bf16 products for decoding, compiled on
+"""Our CPU kernels (`csrc/cpu_gemv*.cpp`): weight-only int8/int4 and bf16 products for decoding, compiled on
 first use, once per instruction set, and cached by torch.
 
 torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` run out of arithmetic before memory on
@@ -47,6 +47,9 @@ SOURCE = CSRC / "cpu_gemv.cpp"
 # Every source of the one extension built per target; each defines its own functions in the module.
 SOURCES = (
     SOURCE,
+    CSRC / "cpu_gemv_int8.cpp",
+    CSRC / "cpu_gemv_int4.cpp",
+    CSRC / "cpu_gemv_bf16.cpp",
     CSRC / "cpu_fused.cpp",
     CSRC / "cpu_prefill.cpp",
     CSRC / "cpu_prompt_int8.cpp",

@@ -1,14 +1,15 @@
 """A/B of variants of our CPU kernel source, timed interleaved in one process.
 
 Tuning a kernel (a prefetch distance, a tile shape) moves decode speed by a few percent, less than this kind of
-machine drifts between two runs of `bench_kernels.py`. Here each variant is a directory holding its own copy of
-`cpu_gemv.cpp` (the other sources are the package's); every variant is built for one target under its own
-extension name, checked to agree with the first (to 2% of the output's norm), then timed in alternating rounds
-over the same pool of weights (on transparent huge pages where the system offers them, as our loads place the
-weights; --small-pages for torch's allocator), so a drift of the machine slows all of them alike:
+machine drifts between two runs of `bench_kernels.py`. Here each variant is a directory holding its own copies of
+the files of `baichuan/csrc/` it changes (say `cpu_gemv_int4.cpp`, or `gemv.h`); the package's files fill in the
+rest, so an empty directory is the package as it is. Every variant is built for one target under its own extension
+name, checked to agree with the first (to 2% of the output's norm), then timed in alternating rounds over the same
+pool of weights (on transparent huge pages where the system offers them, as our loads place the weights;
+--small-pages for torch's allocator), so a drift of the machine slows all of them alike:
 
     mkdir -p /tmp/ab/base /tmp/ab/try
-    cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/base/ && cp baichuan/csrc/cpu_gemv.cpp /tmp/ab/try/   # edit try/
+    cp baichuan/csrc/cpu_gemv_int4.cpp /tmp/ab/try/   # edit try/; base stays empty: the package's sources
     python benchmarks/ab_kernels.py /tmp/ab/base /tmp/ab/try --dtype int4 --target avx2 --rows 1
 
 Each line gives the median time per call of each variant and its ratio to the first (below 1: faster). Run it
@@ -24,8 +25,10 @@ the same copy, one of them named by --stream-off):
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baichuan.cpu import kernel_targets, single_stream  # noqa: E402
-from baichuan.cpu_gemv import CSRC, SOURCE, SOURCES, TARGET_FLAGS  # noqa: E402
+from baichuan.cpu_gemv import CSRC, SOURCES, TARGET_FLAGS  # noqa: E402
 from baichuan.hugepages import HugePageArena, huge_pages_available  # noqa: E402
 
 SHAPES = ("1536x1536", "4608x1536", "4096x1536", "1536x4096", "125696x1536")  # the 1.29B benchmark model's
@@ -43,22 +46,30 @@ SHAPES = ("1536x1536", "4608x1536", "4096x1536", "1536x4096", "125696x1536")  # 
 def build(directory: Path, target: str, streamed: bool | None = None):
     from torch.utils import cpp_extension
 
-    source = directory / SOURCE.name
-    if not source.is_file():
-        raise SystemExit(f"{directory} has no {SOURCE.name}")
-    others = [str(source) for source in SOURCES if source.name != SOURCE.name]
-    module = cpp_extension.load(
-        name=f"baichuan_ab_{directory.name}_{target}",
-        sources=[str(source), *others],
-        extra_cflags=["-O3", *TARGET_FLAGS[target], "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(CSRC)],  # kernels.h, which a variant's copy includes
-    )
+    if not directory.is_dir():
+        raise SystemExit(f"{directory} is not a directory")
+    unknown = sorted(p.name for p in directory.iterdir() if p.is_file() and not (CSRC / p.name).is_file())
+    if unknown:
+        raise SystemExit(f"{directory}: {', '.join(unknown)} not among the files of {CSRC}")
+    # the package's csrc/ with the variant's files laid over it, so each source includes the variant's headers
+    with tempfile.TemporaryDirectory(prefix=f"ab-{directory.name}-") as scratch:
+        tree = Path(scratch)
+        for file in CSRC.iterdir():
+            if file.is_file():
+                shutil.copy(
+                    directory / file.name if (directory / file.name).is_file() else file, tree / file.name
+                )
+        module = cpp_extension.load(
+            name=f"baichuan_ab_{directory.name}_{target}",
+            sources=[str(tree / source.name) for source in SOURCES],
+            extra_cflags=["-O3", *TARGET_FLAGS[target], "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
     # as the package sets it unless told (copies of the source older than the setter lack it)
     if hasattr(module, "set_single_stream"):
         module.set_single_stream(single_stream(target) if streamed is None else streamed)
     elif streamed is not None:
-        raise SystemExit(f"{source} has no single stream to set (set_single_stream)")
+        raise SystemExit(f"{directory}: its sources have no single stream to set (set_single_stream)")
     return module
 
 
@@ -100,7 +111,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("variants", nargs="+", type=Path, help="directories, each with its own cpu_gemv.cpp")
+    parser.add_argument(
+        "variants", nargs="+", type=Path, help="directories, each with the csrc/ files it changes"
+    )
     parser.add_argument("--dtype", choices=("bf16", "int8", "int4"), default="int4", help="weight format")
     parser.add_argument("--target", choices=sorted(TARGET_FLAGS), default="avx2", help="build target")
     parser.add_argument("--rows", type=int, default=1, help="activation rows")

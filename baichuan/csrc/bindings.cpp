@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("target") = k::build_target();
   m.attr("int8_activations") = "int16";
   m.attr("int4_activations") = k::int4_activations();
-  // cpu_gemv.cpp
+  // cpu_gemv*.cpp
   m.def("int8_gemv", &k::int8_gemv,
         "(x @ weight.T) * scales, int8 weight (N, K), fp32 scales (N,) or bf16 group scales (N, K/G), "
         "fp32/bf16 x (M, K), y in x's dtype");

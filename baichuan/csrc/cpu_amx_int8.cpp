@@ -1,8 +1,8 @@
 // int8 weights against the decode kernel's int16 activation codes on AMX-INT8 tiles (avx512bf16 build, CPUs with
 // AMX-INT8), with a scale a row or bf16 scales per group of G inputs (G a multiple of 32: an 8-bit model's head has
-// groups of 32). The same arithmetic as `int8_gemv` (cpu_gemv.cpp): exact int32 sums per activation block of B inputs
-// (G, or up to 256 for row scales), then out += float(sum) * block scale (* group scale) in fp32, and out *= the row's
-// scale; so it is as accurate as the mat-vec (the codes' relative error ~1.5e-5; bf16 activations, as
+// groups of 32). The same arithmetic as `int8_gemv` (cpu_gemv_int8.cpp): exact int32 sums per activation block of B
+// inputs (G, or up to 256 for row scales), then out += float(sum) * block scale (* group scale) in fp32, and out *= the
+// row's scale; so it is as accurate as the mat-vec (the codes' relative error ~1.5e-5; bf16 activations, as
 // `amx_int8_matmul` takes them, ~2e-3), at a cost that hardly grows with the rows.
 //
 // An int16 code is 256 * hi + lo, hi its signed high byte and lo its unsigned low byte, so a weight row's sum over a

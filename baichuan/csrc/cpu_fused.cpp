@@ -1,7 +1,7 @@
 // The work of a decode step around the weight products, fused: RMSNorm, SwiGLU, and one call that runs a whole
 // decoder layer for the few rows of a decode step (RMSNorm, the qkv product, RoPE, the write into the KV cache,
 // attention of one query over the cache, the output product, the residual adds, the MLP). Built into the same
-// extension as cpu_gemv.cpp (one build per target), whose int8/int4/bf16 products it calls directly.
+// extension as cpu_gemv*.cpp (one build per target), whose int8/int4/bf16 products it calls directly.
 //
 // Why: at 1.5k hidden a decode step dispatched ~80 PyTorch operations a layer besides the products (each a few
 // microseconds of dispatch and allocation), about 15% of the step. Here a layer is one call.

@@ -17,7 +17,8 @@
 
 namespace baichuan_cpu_gemv {
 
-// cpu_gemv.cpp: weight-only products for the few activation rows of decoding.
+// cpu_gemv.cpp, cpu_gemv_int8.cpp, cpu_gemv_int4.cpp, cpu_gemv_bf16.cpp (gemv.h): weight-only products for the
+// few activation rows of decoding.
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                      int64_t group_size);
