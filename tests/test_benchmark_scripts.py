@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 import sys
+import types
+from pathlib import Path
 
+import pytest
 import torch
+from torch.utils import cpp_extension
 
 from baichuan.checkpoint import save_model
+from baichuan.cpu_gemv import CSRC, SOURCES
 from baichuan.model import Baichuan
 from tests.conftest import benchmark_script, tiny_config
 
@@ -30,3 +35,37 @@ def test_profile_decode_alternates_steps_and_products(tmp_path, monkeypatch, cap
         out,
     )
     assert re.search(r"^PyTorch operations dispatched by one decode step: [\d,]+$", out, re.M)
+
+
+def test_ab_kernels_builds_a_variant_from_csrc_with_its_own_files_laid_over(tmp_path, monkeypatch):
+    """A variant directory holds only the csrc/ files it changes (a source, a header); every source of the build
+    then sees them, and the package's files fill in the rest. No compiler runs: the build call is recorded."""
+    ab_kernels = benchmark_script("ab_kernels")
+    variant = tmp_path / "try"
+    variant.mkdir()
+    (variant / "cpu_gemv_int8.cpp").write_text("// the variant's int8 source\n")
+    (variant / "gemv.h").write_text("// the variant's header\n")
+    built = {}
+
+    def load(name, sources, **options):
+        tree = Path(sources[0]).parent
+        built.update(
+            name=name, files={path.name: path.read_text() for path in tree.iterdir()}, sources=sources
+        )
+        return types.SimpleNamespace(set_single_stream=lambda on: built.update(single_stream=on))
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    ab_kernels.build(variant, "avx2", streamed=True)
+    assert built["name"] == "baichuan_ab_try_avx2"
+    assert [Path(source).name for source in built["sources"]] == [source.name for source in SOURCES]
+    assert built["files"]["cpu_gemv_int8.cpp"] == "// the variant's int8 source\n"
+    assert built["files"]["gemv.h"] == "// the variant's header\n"
+    assert built["files"]["cpu_gemv_int4.cpp"] == (CSRC / "cpu_gemv_int4.cpp").read_text()
+    assert built["files"]["kernels.h"] == (CSRC / "kernels.h").read_text()
+    assert built["single_stream"] is True
+
+    (variant / "cpu_gemv_old.cpp").write_text("")
+    with pytest.raises(SystemExit, match=r"cpu_gemv_old\.cpp not among the files of .*csrc"):
+        ab_kernels.build(variant, "avx2")
+    with pytest.raises(SystemExit, match="is not a directory"):
+        ab_kernels.build(tmp_path / "absent", "avx2")
