@@ -23,6 +23,16 @@
 
 namespace baichuan_cpu_gemv {
 
+#if defined(BAICHUAN_AVX512BF16)
+constexpr const char* kTarget = "avx512bf16";
+#elif defined(BAICHUAN_AVX512)
+constexpr const char* kTarget = "avx512";
+#else
+constexpr const char* kTarget = "avx2";
+#endif
+// The integer type activations are rounded to for int4 weights (int8 weights always take int16 codes).
+constexpr const char* kInt4Activations = "int8";
+
 int64_t int8_block(int64_t K) {
   for (int64_t b = kMaxBlock; b >= 16; b /= 2)
     if (K % b == 0) return b;

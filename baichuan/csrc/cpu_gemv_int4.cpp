@@ -19,7 +19,7 @@ constexpr int64_t kInt4Chunk = 64;
 struct Int4Tile {
   const uint8_t* packed;
   const uint16_t* scales_and_zeros;
-  const int8_t* xq;  // kInt4Activations
+  const int8_t* xq;  // int8 codes (`int4_activations`)
   const float* xs;
   const float* xsums;
   Output y;

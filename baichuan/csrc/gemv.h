@@ -38,16 +38,6 @@
 
 namespace baichuan_cpu_gemv {
 
-#if defined(BAICHUAN_AVX512BF16)
-constexpr const char* kTarget = "avx512bf16";
-#elif defined(BAICHUAN_AVX512)
-constexpr const char* kTarget = "avx512";
-#else
-constexpr const char* kTarget = "avx2";
-#endif
-// The integer type activations are rounded to for int4 weights (int8 weights always take int16 codes).
-constexpr const char* kInt4Activations = "int8";
-
 constexpr int64_t kMaxBlock = 256;  // int32 safety: 256/16 vpmaddwd sums of 2 * 32767 * 128 per lane < 2^31
 // Weight rows ahead that each tile prefetches: 16, then 8, now 6, each measured faster at one activation row on the
 // 1.29B shapes (benchmarks/ab_kernels.py; benchmarks/README.md has the figures).
