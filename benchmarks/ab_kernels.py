@@ -20,6 +20,10 @@ Every variant reads one activation row as the package would on this CPU (`cpu.si
 the same copy, one of them named by --stream-off):
 
     python benchmarks/ab_kernels.py /tmp/on /tmp/off --stream-on /tmp/on --stream-off /tmp/off --dtype bf16
+
+--amx times the AMX kernels a batch goes to on a CPU with AMX (the avx512bf16 target) in place of the mat-vecs:
+
+    python benchmarks/ab_kernels.py /tmp/ab/base /tmp/ab/try --dtype bf16 --target avx512bf16 --amx --rows 8
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baichuan.cpu import kernel_targets, single_stream  # noqa: E402
+from baichuan.cpu import has_amx, kernel_targets, single_stream  # noqa: E402
 from baichuan.cpu_gemv import CSRC, SOURCES, TARGET_FLAGS  # noqa: E402
 from baichuan.hugepages import HugePageArena, huge_pages_available  # noqa: E402
 
@@ -99,7 +103,16 @@ def weights(
     return tensors if arena is None else tuple(arena.place(t) for t in tensors)
 
 
-def product(module, dtype: str, x: torch.Tensor, w: tuple, group_size: int) -> torch.Tensor:
+def product(
+    module, dtype: str, x: torch.Tensor, w: tuple, group_size: int, amx: bool = False
+) -> torch.Tensor:
+    """The decode mat-vec of this weight format, or with `amx` the AMX kernel the package gives batches of it."""
+    if amx:
+        if dtype == "int4":
+            return module.amx_int4_matmul(x, *w, group_size)
+        if dtype == "int8":
+            return module.amx_int8_int16_matmul(x, *w)
+        return module.amx_bf16_matmul(x, *w)
     if dtype == "int4":
         return module.int4_gemv(x, *w, group_size)
     if dtype == "int8":
@@ -117,6 +130,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "int8", "int4"), default="int4", help="weight format")
     parser.add_argument("--target", choices=sorted(TARGET_FLAGS), default="avx2", help="build target")
     parser.add_argument("--rows", type=int, default=1, help="activation rows")
+    parser.add_argument(
+        "--amx",
+        action="store_true",
+        help="time the AMX kernels batches take (amx_bf16_matmul, amx_int8_int16_matmul, amx_int4_matmul; the "
+        "avx512bf16 target on a CPU with AMX) in place of the mat-vecs",
+    )
     parser.add_argument("--shapes", default=",".join(SHAPES), help="NxK products, comma-separated")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
     parser.add_argument(
@@ -163,6 +182,8 @@ def main() -> None:
                 parser.error(f"{directory} is not one of the variants")
             if streamed.setdefault(directory, setting) != setting:
                 parser.error(f"{directory} is named by both --stream-on and --stream-off")
+    if args.amx and (args.target != "avx512bf16" or not has_amx()):
+        parser.error("--amx needs the avx512bf16 target on a CPU with AMX")
     modules = [build(directory, args.target, streamed.get(directory)) for directory in args.variants]
     generator = torch.Generator().manual_seed(0)
     arena = None if args.small_pages or not huge_pages_available() else HugePageArena()
@@ -175,9 +196,9 @@ def main() -> None:
             for _ in range(copies - 1)
         ]
         x = torch.randn(args.rows, K, generator=generator).bfloat16()
-        expected = product(modules[0], args.dtype, x, one, args.group_size).float()
+        expected = product(modules[0], args.dtype, x, one, args.group_size, args.amx).float()
         for directory, module in zip(args.variants[1:], modules[1:], strict=True):
-            got = product(module, args.dtype, x, one, args.group_size).float()
+            got = product(module, args.dtype, x, one, args.group_size, args.amx).float()
             # Relative to the whole output, not per value: a variant that rounds activations differently (int8
             # against int16 codes) moves each output by ~1% of the output's scale, not of its own size.
             error = ((got - expected).norm() / expected.norm()).item()
@@ -190,14 +211,15 @@ def main() -> None:
             for i, module in enumerate(modules):
                 start = time.perf_counter()
                 for w in pool:
-                    product(module, args.dtype, x, w, args.group_size)
+                    product(module, args.dtype, x, w, args.group_size, args.amx)
                 seconds[i].append((time.perf_counter() - start) / len(pool))
         medians = [statistics.median(s) * 1e6 for s in seconds]
         timings = "  ".join(f"{d.name} {m:.0f} µs" for d, m in zip(args.variants, medians, strict=True))
         ratios = " ".join(f"{m / medians[0]:.3f}" for m in medians[1:])
         pages = "4 KiB pages" if arena is None else "huge pages"
+        kernel = "AMX" if args.amx else "mat-vec"
         print(
-            f"{args.dtype} {shape}, {args.rows} row(s), {args.target}, {pages}: {timings}; ÷ first {ratios}",
+            f"{args.dtype} {shape}, {args.rows} row(s), {args.target} {kernel}, {pages}: {timings}; ÷ first {ratios}",
             flush=True,
         )
 

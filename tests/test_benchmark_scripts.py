@@ -69,3 +69,35 @@ def test_ab_kernels_builds_a_variant_from_csrc_with_its_own_files_laid_over(tmp_
         ab_kernels.build(variant, "avx2")
     with pytest.raises(SystemExit, match="is not a directory"):
         ab_kernels.build(tmp_path / "absent", "avx2")
+
+
+def test_ab_kernels_times_the_amx_kernels_batches_take_with_amx():
+    """--amx times the kernel a batch of each weight format goes to on an AMX CPU, not the mat-vec."""
+    ab_kernels = benchmark_script("ab_kernels")
+    calls = []
+
+    def kernel(name):
+        return lambda *operands: calls.append((name, len(operands)))
+
+    names = (
+        "bf16_gemv",
+        "int8_gemv",
+        "int4_gemv",
+        "amx_bf16_matmul",
+        "amx_int8_int16_matmul",
+        "amx_int4_matmul",
+    )
+    module = types.SimpleNamespace(**{name: kernel(name) for name in names})
+    x = torch.zeros(8, 64)
+    for amx in (False, True):
+        ab_kernels.product(module, "bf16", x, (None,), 32, amx)
+        ab_kernels.product(module, "int8", x, (None, None), 32, amx)
+        ab_kernels.product(module, "int4", x, (None, None), 32, amx)
+    assert calls == [
+        ("bf16_gemv", 2),
+        ("int8_gemv", 3),
+        ("int4_gemv", 4),
+        ("amx_bf16_matmul", 2),
+        ("amx_int8_int16_matmul", 3),
+        ("amx_int4_matmul", 4),
+    ]
