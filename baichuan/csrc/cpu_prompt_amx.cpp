@@ -8,10 +8,12 @@
 // The weight's rows are the A tiles (16 rows of 32 values). x is B, the operand AMX needs in pairs of k interleaved
 // ("VNNI" order): repacked once per call (a gather per tile row), a pair of row tiles' steps together. C tiles are then
 // (16 outputs x 16 rows), transposed on the way out. A task takes blocks of 32 outputs (2 A tiles) across x's rows
-// (2 B tiles at a time: 4 C tiles, the 8 tiles all used), in one of two ways:
+// (2 B tiles at a time: 4 C tiles, the 8 tiles all used; 1 and 2 C tiles where x's rows end in the first B tile),
+// in one of two ways:
 // - a few rows (up to kFewRowPairs pairs): block by block, all of K at once. bf16 rows are read where they lie; int8
-//   and int4 rows are widened to bf16 into a buffer of the task's in tile order, and the next block's rows are
-//   prefetched into L2 meanwhile (for bf16 that only slowed it down);
+//   and int4 rows are widened to bf16 into a buffer of the task's in tile order. The next block's rows are prefetched
+//   into L2 meanwhile (bf16 too since its decode batches use one row tile: 0.87-0.95 of the time at 5 and 8 rows,
+//   0.74-0.93 at 160, 0.80-1.14 at 32; Emerald Rapids, 1.29B shapes);
 // - more: a group of blocks copied (or widened) into tile order (which also spares A tile loads whose rows lie a
 //   multiple of 4 KB apart, in the same cache sets), then K in chunks of kChunkSteps steps, each chunk of the group's
 //   A tiles kept in L2 while every row pair's B tiles of that chunk pass through L1 once for the whole group; C tiles
@@ -121,13 +123,15 @@ inline BlockTiles tile_order(const uint16_t* tiles) { return {tiles, 1024, 512, 
 inline uint16_t* tile_row(uint16_t* tiles, int64_t r) { return tiles + r / 16 * 512 + r % 16 * 32; }
 
 // The weights `run_blocks` multiplies, 32 rows (a block) at a time: `into_tiles` in tile order into a buffer (copied,
-// or widened to bf16); bf16 rows also where they lie (kInPlace: `rows_of`), int8 and int4 only widened (their
-// `block_start` and `block_bytes` for the prefetch of the next block).
+// or widened to bf16); bf16 rows also where they lie (kInPlace: `rows_of`), int8 and int4 only widened. Each gives
+// `block_start` and `block_bytes` for the prefetch of the next block.
 struct Bf16Rows {
   static constexpr bool kScaled = false, kInPlace = true;
   const uint16_t* weight;
   int64_t K;
   const uint16_t* rows_of(int64_t b) const { return weight + b * 32 * K; }
+  const void* block_start(int64_t b) const { return rows_of(b); }
+  int64_t block_bytes() const { return 64 * K; }
   BAICHUAN_AMX_FN void into_tiles(int64_t b, uint16_t* tiles) const {
     for (int64_t r = 0; r < 32; ++r) {
       const uint16_t* w = weight + (b * 32 + r) * K;
@@ -225,9 +229,11 @@ BAICHUAN_AMX_FN inline void transpose16(const float* c, __m512 (&r)[16]) {
 
 // One block's 4 C tiles over steps [s0, s1) of a row pair (xt: its B tiles), from zero or from the sums in c (1024
 // floats); the sums are left in c. Meanwhile up to per_step lines a step from `prefetch` on, short of prefetch_end.
+// A pair whose second row tile lies past x's rows (`first_tile_only`: up to 16 rows, as a decode batch) multiplies
+// its first alone, half the tile products: at 8 rows 0.57-0.73 of the time (bf16, 1.29B shapes, Emerald Rapids).
 BAICHUAN_AMX_FN inline void multiply_steps(const BlockTiles& a, const uint8_t* xt, int64_t s0, int64_t s1, bool resume,
                                            float* c, const char*& prefetch, const char* prefetch_end,
-                                           int64_t per_step) {
+                                           int64_t per_step, bool first_tile_only) {
   if (resume) {
     _tile_loadd(0, c, 64);
     _tile_loadd(1, c + 256, 64);
@@ -243,11 +249,13 @@ BAICHUAN_AMX_FN inline void multiply_steps(const BlockTiles& a, const uint8_t* x
     _tile_loadd(4, a.values + s * a.step, a.stride);
     _tile_loadd(5, a.values + s * a.step + a.second, a.stride);
     _tile_loadd(6, xt + s * 2048, 64);
-    _tile_loadd(7, xt + s * 2048 + 1024, 64);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    if (!first_tile_only) {
+      _tile_loadd(7, xt + s * 2048 + 1024, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
     for (int64_t i = 0; i < per_step && prefetch < prefetch_end; ++i, prefetch += 64)
       _mm_prefetch(prefetch, _MM_HINT_T1);
   }
@@ -294,14 +302,14 @@ BAICHUAN_AMX_FN void few_rows(const Rows& weights, const uint8_t* xp, uint16_t* 
     } else {
       weights.into_tiles(b, tiles);
       a = tile_order(tiles);
-      if (b + 1 < b1) {  // the next block's lines, spread over this block's steps
-        next = static_cast<const char*>(weights.block_start(b + 1));
-        next_end = next + weights.block_bytes();
-        per_step = (weights.block_bytes() / 64 + steps * pairs - 1) / (steps * pairs);
-      }
+    }
+    if (b + 1 < b1) {  // the next block's lines, spread over this block's steps
+      next = static_cast<const char*>(weights.block_start(b + 1));
+      next_end = next + weights.block_bytes();
+      per_step = (weights.block_bytes() / 64 + steps * pairs - 1) / (steps * pairs);
     }
     for (int64_t pair = 0; pair < pairs; ++pair) {
-      multiply_steps(a, xp + pair * steps * 2048, 0, steps, false, c, next, next_end, per_step);
+      multiply_steps(a, xp + pair * steps * 2048, 0, steps, false, c, next, next_end, per_step, M - 32 * pair <= 16);
       store_sums(weights, c, b, pair, Y, M, N);
     }
   }
@@ -330,7 +338,7 @@ BAICHUAN_AMX_FN void many_rows(const Rows& weights, const uint8_t* xp, uint16_t*
             float* cb = c + ((b - g0) * panel + pair - p0) * 1024;
             const char* none = nullptr;
             multiply_steps(tile_order(tiles + (b - g0) * 32 * K), xp + pair * steps * 2048, s0, s1, s0 > 0, cb,
-                           none, none, 0);
+                           none, none, 0, M - 32 * pair <= 16);
             if (s1 == steps) store_sums(weights, cb, b, pair, Y, M, N);
           }
       }
