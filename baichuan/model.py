@@ -189,7 +189,14 @@ def _add_and_norm(x: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> tuple[torc
 
 
 # How `decode_layer` (csrc/cpu_fused.cpp) runs each product of a layer: the choice the layer's own forward makes.
-_TORCH_PRODUCT, _BF16_PRODUCT, _INT8_PRODUCT, _INT4_PRODUCT, _AMX_INT8_PRODUCT = 0, 1, 2, 3, 4
+_TORCH_PRODUCT, _BF16_PRODUCT, _INT8_PRODUCT, _INT4_PRODUCT, _AMX_INT8_PRODUCT, _AMX_BF16_PRODUCT = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+)
 
 
 def _plain(module: nn.Module) -> bool:
@@ -224,15 +231,13 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
                 return _BF16_PRODUCT, weight, weight, 0
             return None
         if dtype is torch.bfloat16:
-            amx = cpu_gemv.amx_prompts(rows, weight)
-            if rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous() and not amx:
-                return _BF16_PRODUCT, weight, weight, 0  # the second tensor is unused
-            # The module's forward: our prompt kernels (AVX2 or AMX), or the fp32 GEMM on a widened copy.
-            if (
-                amx
-                or cpu_gemv.bf16_prompts(rows, weight)
-                or (rows >= UPCAST_MIN_ROWS and half_is_emulated(dtype))
-            ):
+            # the second tensor is unused
+            if cpu_gemv.amx_prompts(rows, weight):
+                return (_AMX_BF16_PRODUCT, weight, weight, 0) if weight.is_contiguous() else None
+            if rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous():
+                return _BF16_PRODUCT, weight, weight, 0
+            # The module's forward: our AVX2 prompt kernel, or the fp32 GEMM on a widened copy.
+            if cpu_gemv.bf16_prompts(rows, weight) or (rows >= UPCAST_MIN_ROWS and half_is_emulated(dtype)):
                 return None
         return _TORCH_PRODUCT, weight, weight, 0
     if kind is Int8Linear:

@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from baichuan import cpu, cpu_gemv, model
-from baichuan.model import _BF16_PRODUCT, _TORCH_PRODUCT, Linear, _fused_product
+from baichuan.model import (
+    _AMX_BF16_PRODUCT,
+    _BF16_PRODUCT,
+    _TORCH_PRODUCT,
+    Linear,
+    _fused_layer,
+    _fused_product,
+)
 from tests.conftest import kernel_build, on_one_thread, random_bf16_linear, require_cpu_kernels
+from tests.test_fused import decode_both_ways, tiny_model
 
 
 def operands(rows: int, N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,18 +152,33 @@ def test_linear_gives_short_bf16_prompts_to_the_kernel(amx_calls, monkeypatch):
     assert linear.weight.grad is not None
 
 
-def test_the_fused_decode_layer_leaves_larger_bf16_batches_to_the_kernel(amx_calls, monkeypatch):
+def test_the_fused_decode_layer_gives_bf16_batches_to_the_kernel(amx_calls, monkeypatch):
     # past the AMX kernel's rows, as where bf16 is native: torch's product (elsewhere other prompt paths)
     monkeypatch.setattr(cpu_gemv, "_bf16_prompt_min_rows", lambda: None)
     monkeypatch.setattr(model, "half_is_emulated", lambda dtype: False)
     linear = Linear(64, 96, bias=False).bfloat16()
     assert _fused_product(linear, cpu.AMX_BF16_MIN_ROWS - 1, torch.bfloat16)[0] == _BF16_PRODUCT
-    assert _fused_product(linear, cpu.AMX_BF16_MIN_ROWS, torch.bfloat16) is None  # the module's forward
+    for rows in (cpu.AMX_BF16_MIN_ROWS, cpu.BF16_GEMV_MAX_ROWS, cpu.AMX_BF16_MAX_ROWS):
+        kind, weight, _, _ = _fused_product(linear, rows, torch.bfloat16)
+        assert kind == _AMX_BF16_PRODUCT and weight is linear.weight
+    transposed = Linear(96, 64, bias=False).bfloat16()
+    transposed.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t())  # not contiguous
+    assert _fused_product(transposed, cpu.AMX_BF16_MIN_ROWS, torch.bfloat16) is None  # the module's forward
     assert (
         _fused_product(Linear(64, 48, bias=False).bfloat16(), cpu.BF16_GEMV_MAX_ROWS, torch.bfloat16)[0]
         == _BF16_PRODUCT
     )
     assert _fused_product(linear, cpu.AMX_BF16_MAX_ROWS + 1, torch.bfloat16)[0] == _TORCH_PRODUCT
+
+
+def test_fused_batched_decode_matches_the_modules(amx):
+    """A bf16 batch of 8 through the fused layer (the AMX kernel called from C++) and through the modules (from
+    Linear): the same products, so the same logits up to the fused path's own roundings."""
+    tiny = tiny_model(torch.bfloat16, None)
+    layer = _fused_layer(tiny.model.layers[0], 8, torch.bfloat16)
+    assert layer is not None and set(layer[4]) == {_AMX_BF16_PRODUCT}
+    (fused, _), (plain, _) = decode_both_ways(tiny, 8, torch.bfloat16)
+    assert ((fused - plain).norm() / plain.norm()).item() < 2e-2
 
 
 # --- int8 codes (amx_int8_matmul) -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ namespace baichuan_cpu_gemv {
 namespace {
 
 // How a linear layer's product runs: the same choice the layer's own forward makes (see model.py).
-enum LinearKind : int64_t { kTorch = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kAmxInt8 = 4 };
+enum LinearKind : int64_t { kTorch = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kAmxInt8 = 4, kAmxBf16 = 5 };
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return float(v); }
@@ -466,6 +466,8 @@ at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const 
       return int4_gemv(x, a, b, group);
     case kAmxInt8:
       return amx_int8_int16_matmul(x, a, b);
+    case kAmxBf16:
+      return amx_bf16_matmul(x, a);
     default:
       return at::linear(x, a);
   }
