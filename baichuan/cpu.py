@@ -38,11 +38,13 @@ UPCAST_MIN_ROWS = 16
 # 0.24-0.38 at 32, 0.67-0.93 at 512; our mat-vec in chunks of 8 rows about ties it at 16 (Zen 3, 1.29B shapes).
 BF16_PROMPT_MIN_ROWS = BF16_GEMV_MAX_ROWS + 1
 # bf16 on a CPU with AMX (the avx512bf16 build): from AMX_BF16_MIN_ROWS to AMX_BF16_MAX_ROWS rows, our AMX kernel
-# (cpu_gemv's `amx_bf16_matmul`), in place of our mat-vec below 9 rows (time ÷ its: 1.06-1.27 at 4 rows, 0.76-0.92
-# at 5, 0.64-0.78 at 8) and of torch's oneDNN GEMM above, which reorders the whole weight on every call (time ÷
-# torch's, a layer's 5 products: 0.66 at 16 rows, 0.58 at 64, 0.70 at 128, 0.82 at 192, 0.93 at 256, 1.08 at 384,
-# 1.10 at 512). Xeon with AMX, 1.29B shapes.
-AMX_BF16_MIN_ROWS = 5
+# (cpu_gemv's `amx_bf16_matmul`), in place of our mat-vec below 9 rows and of torch's oneDNN GEMM above, which
+# reorders the whole weight on every call (time ÷ torch's, a layer's 5 products: 0.66 at 16 rows, 0.58 at 64, 0.70
+# at 128, 0.82 at 192, 0.93 at 256, 1.08 at 384, 1.10 at 512; Xeon with AMX, 1.29B shapes). Since a decode batch
+# multiplies one row tile alone, time ÷ the mat-vec's, a decode step's products: 1.02 at 2 rows (0.98-1.06 a shape),
+# 0.96 at 3 (0.92-1.01), 0.91 at 4 (0.88-0.96), 0.85 at 5 (Emerald Rapids, 1.29B shapes, 2026-12-05); whole batch-4
+# decodes 39.5 against 38.5 tok/s, batch 3 29.1 against 27.6 (noise of the VM: rounds 35.3-45.8).
+AMX_BF16_MIN_ROWS = 4
 AMX_BF16_MAX_ROWS = 256
 # int8 (per-row scales) and int4 weights against bf16 rows, where the CPU has AMX (the avx512bf16 build): from
 # AMX_QUANTIZED_MIN_ROWS to AMX_QUANTIZED_MAX_ROWS rows, our AMX kernels (cpu_gemv's `amx_int8_matmul`,
