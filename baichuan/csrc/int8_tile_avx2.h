@@ -1,0 +1,251 @@
+// The avx2 build's int8 decode tile (int8_tile.h includes it after the operands it reads).
+
+#pragma once
+
+namespace baichuan_cpu_gemv {
+
+// kGroupScales: a compile-time choice, as a test per block cost the per-row kernel 6-15% on a Zen 3 (ab_kernels).
+template <bool kGroupScales>
+struct Int8Tile : Int8Operands {
+  // Weight rows per tile for MB activation rows: an int32 accumulator per (weight row, activation row) plus a vector
+  // per weight row, within the 16 registers.
+  static constexpr int kPassRows = 8;
+  // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) that took 17-34%
+  // less time than four rows side by side on four of five shapes, 1-4% less on 1536x4096: four streams at once per
+  // core read memory worse than one (and the prefetch kPrefetchRows ahead), however few instructions each takes.
+  // Group scales at 3+ rows (`run_lanes`): two, each activation vector loaded once for both.
+  static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : mb >= 3 && kGroupScales ? 2 : 1; }
+
+  // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 8: each weight vector is widened once for all MB.
+  // At the end of each block the R * MB int32 sums are reduced into the lanes of one vector (lane r * MB + j), which
+  // gathers the fp32 sums across blocks in one register where one per pair spilled at 8 rows
+  // (benchmarks/ab_kernels.py, avx2 on an Emerald Rapids: 4 rows 15-19% and 8 rows 0-9% faster, 2-3 rows unchanged,
+  // 1 row 0-5% slower).
+  // A block sum is exact in int32 (at most 256 products of 127 * 32767) and so the same in every tile shape, so each
+  // activation row gets the same bits in a batch as alone.
+  template <int R, int MB>
+  void run(int64_t n, int64_t m) const {
+    if constexpr (kGroupScales && MB >= 5) {
+      if (x_lanes) return run_lanes<R, MB, false>(n, m);
+      for (int r = 0; r < R; ++r) run_steps<1, MB, false>(n + r, m);  // groups past kMaxLaneBlock
+    } else if constexpr (kGroupScales && MB >= 3) {
+      if (x_lanes && M <= 4) return run_lanes<R, MB, true>(n, m);
+      for (int r = 0; r < R; ++r) {  // larger groups, or a batch's last pass of 3-4 rows
+        if (split)
+          run_steps<1, MB, true>(n + r, m);
+        else
+          run_steps<1, MB, false>(n + r, m);
+      }
+    } else {
+      static_assert(R * MB <= 8 && (R == 1 || MB <= 2));
+      if (split)
+        run_steps<R, MB, true>(n, m);
+      else
+        run_steps<R, MB, false>(n, m);
+    }
+  }
+
+  // Small groups (an 8-bit head's 32 columns) against 3 to 8 activation rows, as AVX-512's `run_quads`: the lanes
+  // of one accumulator are the activation rows, so a block ends in one conversion and one multiply-add a weight row
+  // where `lane_sums` took eight horizontal additions and two lane permutations a block. The same exact int32 block
+  // sums and multiply-adds as the other tiles: the same bits.
+  // - 5 to 8 rows (pairs): each pair of weights, widened, goes to all 8 lanes (`vpshufd`) against the rows' pairs
+  //   (`rows_in_lanes`). The 1.29B head (125696x1536, groups of 32) at 8 rows took 0.80 of the time (ab_kernels,
+  //   AVX2-only EPYC; benchmarks/README.md); with a scale a row (blocks of 256) 1.08-1.17 of it, so only groups.
+  // - a call of 3 or 4 rows (kHalves): lanes j and j + 4 are row j's, the low and the high 8 of each 16 columns, so
+  //   one `vpmovsxbw` of 16 weights serves all 8 lanes (`vpshufd` picks pair q of each half) against the codes laid
+  //   out to match (`rows_in_halves`), and a block first adds the two halves. The head at 4 rows: 0.72 of the time.
+  template <int R, int MB, bool kHalves>
+  void run_lanes(int64_t n, int64_t m) const {
+    constexpr int64_t kStepCols = kHalves ? 16 : 8;   // weights of a row a step: four pairs a lane
+    constexpr int64_t kVectorRows = kHalves ? 4 : 8;  // activation rows a vector holds
+    const int8_t* wn = w + n * K;
+    const int16_t* xt = kHalves ? x_lanes : x_lanes + (m / kPassRows) * K * kPassRows;
+    // lane j: row m + j's sum (128 bits for the halves: 0.94-0.96 of the time of 256 at 4 rows, ab_kernels)
+    std::conditional_t<kHalves, __m128, __m256> total[R];
+    for (int r = 0; r < R; ++r) {
+      if constexpr (kHalves)
+        total[r] = _mm_setzero_ps();
+      else
+        total[r] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+      for (int64_t k = b * B; k < (b + 1) * B; k += kStepCols) {
+        if ((k & 63) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+        // each 128-bit half: 8 weights of the row as int16 (pairs: the same 8 in both), for the in-lane `vpshufd`
+        __m256i wide[R];
+        for (int r = 0; r < R; ++r) {
+          const int8_t* wr = wn + r * K + k;
+          if constexpr (kHalves)
+            wide[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wr));
+          else
+            wide[r] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)wr)));
+        }
+        const auto pair = [&](auto q_constant) {
+          constexpr int q = decltype(q_constant)::value;
+          __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + (k + kStepCols / 4 * q) * kVectorRows));
+          if constexpr (R > 1) __asm__("" : "+x"(xv));  // one load for all R rows
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_shuffle_epi32(wide[r], q * 0x55), xv));
+        };
+        pair(std::integral_constant<int, 0>{});
+        pair(std::integral_constant<int, 1>{});
+        pair(std::integral_constant<int, 2>{});
+        pair(std::integral_constant<int, 3>{});
+      }
+      const float* sx = xs_by_block + b * (M + 8) + m;  // row m + j's block scale at j
+      for (int r = 0; r < R; ++r) {
+        const float ws = bf16_to_float(group_scales[(n + r) * blocks + b]);
+        if constexpr (kHalves) {
+          const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+          total[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(_mm_loadu_ps(sx), _mm_set1_ps(ws)), total[r]);
+        } else {
+          const __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(sx), _mm256_set1_ps(ws));
+          total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), scales, total[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float sums[8];
+      if constexpr (kHalves)
+        _mm_store_ps(sums, total[r]);
+      else
+        _mm256_store_ps(sums, total[r]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[j]);
+    }
+  }
+
+  // The products of int8 weights widened to int16 against the int16 codes, kStep columns at a time: 32 in the split
+  // order (`split`), else 16 in order.
+  template <bool kSplit>
+  static constexpr int64_t kStep = kSplit ? 32 : 16;
+
+  // Weight row wr's kStep columns from k as int16 lanes: the even and the odd columns (kSplit), or in order.
+  template <bool kSplit>
+  static void widen(const int8_t* wr, __m256i (&out)[kSplit ? 2 : 1]) {
+    if constexpr (kSplit) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)wr);
+      out[0] = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+      out[1] = _mm256_srai_epi16(v, 8);
+    } else {
+      out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wr));
+    }
+  }
+
+  // acc plus the pair sums of kStep products: the widened weights against the codes from xr.
+  template <bool kSplit>
+  static __m256i dot(__m256i acc, const __m256i (&wv)[kSplit ? 2 : 1], const int16_t* xr) {
+    __m256i p = _mm256_madd_epi16(wv[0], _mm256_loadu_si256((const __m256i*)xr));
+    if constexpr (kSplit)
+      p = _mm256_add_epi32(p, _mm256_madd_epi16(wv[1], _mm256_loadu_si256((const __m256i*)(xr + 16))));
+    return _mm256_add_epi32(acc, p);
+  }
+
+  template <int R, int MB, bool kSplit>
+  void run_steps(int64_t n, int64_t m) const {
+    if constexpr (kGroupScales && R == 1 && MB == 1) {
+      if (B == 32) return run_groups_of_one_row<32, kSplit>(n, m);
+      if (B == 64) return run_groups_of_one_row<64, kSplit>(n, m);
+      return run_groups_of_one_row<0, kSplit>(n, m);
+    }
+    const int8_t* wn = w + n * K;
+    const int16_t* x0 = xq + m * K;
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t k0 = 0, b = 0; k0 < K; k0 += B, ++b) {
+      __m256i iacc[R * MB];
+      for (int i = 0; i < R * MB; ++i) iacc[i] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + B; k += kStep<kSplit>) {
+        // a single row where `single_stream`: one stream the hardware follows (Zen 4, avx2 build, ab_kernels: 0.71-0.97
+        // of the time of prefetching kPrefetchRows ahead; benchmarks/README.md)
+        if ((R > 1 || MB > 1 || !single_stream) && (k & 63) == 0)
+          for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) {
+          __m256i wv[kSplit ? 2 : 1];
+          widen<kSplit>(wn + r * K + k, wv);
+          for (int j = 0; j < MB; ++j) iacc[r * MB + j] = dot<kSplit>(iacc[r * MB + j], wv, x0 + j * K + k);
+        }
+      }
+      // lane r * MB + j: the scale of activation row j's block b
+      __m256 block_scales;
+      if constexpr (MB == 1)
+        block_scales = _mm256_set1_ps(xs[m * blocks + b]);
+      else if constexpr (R == 1)
+        block_scales = _mm256_loadu_ps(xs_by_block + b * (M + 8) + m);
+      else
+        block_scales = _mm256_castpd_ps(_mm256_broadcast_sd((const double*)(xs_by_block + b * (M + 8) + m)));
+      if constexpr (kGroupScales) block_scales = _mm256_mul_ps(block_scales, weight_scales<R, MB>(n, b));
+      total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums<R * MB>(iacc)), block_scales, total);
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, total);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[r * MB + j] * row_scale(n + r));
+  }
+
+  // Group scales, one weight row against one activation row: the int32 sums of 8 blocks gathered into the lanes of
+  // one vector and scaled by the 8 blocks' scales at once, with the block size a compile-time constant for 32 and
+  // 64 so that 8 blocks' steps unroll (a head's 125696x1536 at G = 32 had taken 1.6x as long as with one scale a
+  // row on a Zen 3, ab of 2026-12-01, benchmarks/README.md).
+  template <int GB, bool kSplit>
+  void run_groups_of_one_row(int64_t n, int64_t m) const {
+    const int64_t block = GB > 0 ? GB : B;
+    const int8_t* wn = w + n * K;
+    const int16_t* x0 = xq + m * K;
+    const uint16_t* gs = group_scales + n * blocks;
+    const float* xsm = xs + m * blocks;
+    constexpr int64_t step_cols = kStep<kSplit>;
+    const auto step = [&](__m256i acc, int64_t k) {
+      __m256i wv[kSplit ? 2 : 1];
+      widen<kSplit>(wn + k, wv);
+      return dot<kSplit>(acc, wv, x0 + k);
+    };
+    const auto prefetch = [&](int64_t k) { _mm_prefetch((const char*)(wn + kPrefetchRows * K + k), _MM_HINT_T0); };
+    __m256 total = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+      const int64_t k0 = b * block;
+      __m256i sums[8];
+      for (int i = 0; i < 8; ++i) sums[i] = _mm256_setzero_si256();
+      if constexpr (GB > 0) {
+#pragma GCC unroll 32
+        for (int kk = 0; kk < 8 * GB; kk += step_cols) {
+          if ((kk & 63) == 0) prefetch(k0 + kk);
+          sums[kk / GB] = step(sums[kk / GB], k0 + kk);
+        }
+      } else {
+        for (int i = 0; i < 8; ++i)
+          for (int64_t k = k0 + i * block; k < k0 + (i + 1) * block; k += step_cols) {
+            if ((k & 63) == 0) prefetch(k);
+            sums[i] = step(sums[i], k);
+          }
+      }
+      const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(gs + b))), 16);
+      const __m256 scales8 = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_loadu_ps(xsm + b));
+      total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums<8>(sums)), scales8, total);
+    }
+    for (; b < blocks; ++b) {
+      __m256i acc = _mm256_setzero_si256();
+      for (int64_t k = b * block; k < (b + 1) * block; k += step_cols) {
+        if ((k & 63) == 0) prefetch(k);
+        acc = step(acc, k);
+      }
+      total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(bf16_to_float(gs[b]) * xsm[b]), total);
+    }
+    y.set(m * N + n, hsum(total));
+  }
+
+  // lane r * MB + j: the group scale of weight row n + r in block b
+  template <int R, int MB>
+  __m256 weight_scales(int64_t n, int64_t b) const {
+    if constexpr (R == 1) return _mm256_set1_ps(bf16_to_float(group_scales[n * blocks + b]));
+    alignas(32) float lanes[8] = {};
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) lanes[r * MB + j] = bf16_to_float(group_scales[(n + r) * blocks + b]);
+    return _mm256_load_ps(lanes);
+  }
+};
+
+}  // namespace baichuan_cpu_gemv
