@@ -189,14 +189,12 @@ def _add_and_norm(x: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> tuple[torc
 
 
 # How `decode_layer` (csrc/cpu_fused.cpp) runs each product of a layer: the choice the layer's own forward makes.
-_TORCH_PRODUCT, _BF16_PRODUCT, _INT8_PRODUCT, _INT4_PRODUCT, _AMX_INT8_PRODUCT, _AMX_BF16_PRODUCT = (
-    0,
-    1,
-    2,
-    3,
-    4,
-    5,
-)
+_TORCH_PRODUCT = 0
+_BF16_PRODUCT = 1
+_INT8_PRODUCT = 2
+_INT4_PRODUCT = 3
+_AMX_INT8_PRODUCT = 4
+_AMX_BF16_PRODUCT = 5
 
 
 def _plain(module: nn.Module) -> bool:
@@ -231,8 +229,7 @@ def _fused_product(module: nn.Module, rows: int, dtype: torch.dtype) -> tuple | 
                 return _BF16_PRODUCT, weight, weight, 0
             return None
         if dtype is torch.bfloat16:
-            # the second tensor is unused
-            if cpu_gemv.amx_prompts(rows, weight):
+            if cpu_gemv.amx_prompts(rows, weight):  # (the second tensor of both kinds is unused)
                 return (_AMX_BF16_PRODUCT, weight, weight, 0) if weight.is_contiguous() else None
             if rows <= cpu_gemv._bf16_max_rows() and weight.is_contiguous():
                 return _BF16_PRODUCT, weight, weight, 0

@@ -161,9 +161,10 @@ def test_the_fused_decode_layer_gives_bf16_batches_to_the_kernel(amx_calls, monk
     for rows in (cpu.AMX_BF16_MIN_ROWS, cpu.BF16_GEMV_MAX_ROWS, cpu.AMX_BF16_MAX_ROWS):
         kind, weight, _, _ = _fused_product(linear, rows, torch.bfloat16)
         assert kind == _AMX_BF16_PRODUCT and weight is linear.weight
-    transposed = Linear(96, 64, bias=False).bfloat16()
-    transposed.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t())  # not contiguous
-    assert _fused_product(transposed, cpu.AMX_BF16_MIN_ROWS, torch.bfloat16) is None  # the module's forward
+    strided = Linear(64, 96, bias=False).bfloat16()
+    # (96, 64), not contiguous
+    strided.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t())
+    assert _fused_product(strided, cpu.AMX_BF16_MIN_ROWS, torch.bfloat16) is None  # the module's forward
     assert (
         _fused_product(Linear(64, 48, bias=False).bfloat16(), cpu.BF16_GEMV_MAX_ROWS, torch.bfloat16)[0]
         == _BF16_PRODUCT
