@@ -94,6 +94,14 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"Baichuan recomputes every decoder layer; every_n_layers={every_n_layers} is not supported"
             )
+        # transformers wraps torch's checkpoint in a partial; anything else (its `offload=True` since 5.25) would
+        # be silently dropped here, so it is refused.
+        function = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
+        if enable and function not in (None, torch.utils.checkpoint.checkpoint):
+            raise ValueError(
+                "Baichuan recomputes each decoder layer with torch.utils.checkpoint itself: activation offloading "
+                "and custom checkpoint functions are not supported"
+            )
         self.model.gradient_checkpointing = enable
 
     def forward(

@@ -1,5 +1,7 @@
 """The transformers face: Auto classes on official directories, parity with the original, generate."""
 
+import functools
+import inspect
 import itertools
 import json
 
@@ -144,19 +146,47 @@ def test_save_pretrained_round_trip(tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
 
 
+def checkpointing_switch(model):
+    """What transformers' Trainer switches recomputation on with: `activation_checkpointing_enable` since 5.25 (the
+    old `gradient_checkpointing_enable` warns, and goes in v6), before that the old name."""
+    return getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+
+
 def test_gradient_checkpointing_enable_as_the_trainer_calls_it():
-    """transformers 5's Trainer calls gradient_checkpointing_enable, which passes every_n_layers: the recompute
-    must switch on and give the same gradients."""
+    """The Trainer passes every_n_layers where the switch takes it: the recompute must switch on and give the same
+    gradients."""
     model = tiny_hf_model("baichuan2-7b", hidden=64, heads=4, ffn=96, vocab=128).train()
     ids = torch.randint(0, 128, (2, 9))
     model(ids, labels=ids).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable()
-    assert model.model.gradient_checkpointing and model.is_gradient_checkpointing
+    switch = checkpointing_switch(model)
+    switch(**({"every_n_layers": 1} if "every_n_layers" in inspect.signature(switch).parameters else {}))
+    assert model.model.gradient_checkpointing
     model(ids, labels=ids).loss.backward()
     for a, b in zip(plain, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_checkpointing_refuses_what_it_would_drop():
+    """A sparser recompute, or another checkpoint function (transformers 5.25 wraps torch's to offload activations to
+    the host), would be silently ignored by the trunk's own recompute: both are refused, and recomputation stays off,
+    through the hook transformers calls and through its switch where that takes them."""
+    model = tiny_hf_model("baichuan2-7b", hidden=64, heads=4, ffn=96, vocab=128).train()
+    with pytest.raises(ValueError, match="every_n_layers=2"):
+        model._set_gradient_checkpointing(True, every_n_layers=2)
+    offloading = functools.partial(lambda function, *args, **kwargs: function(*args, **kwargs))
+    with pytest.raises(ValueError, match="offloading"):
+        model._set_gradient_checkpointing(True, gradient_checkpointing_func=offloading)
+    switch = checkpointing_switch(model)
+    if "offload" in inspect.signature(switch).parameters:
+        with pytest.raises(ValueError, match="offloading"):
+            switch(offload=True)
+    assert not model.model.gradient_checkpointing
+    model._set_gradient_checkpointing(
+        True, gradient_checkpointing_func=functools.partial(torch.utils.checkpoint.checkpoint)
+    )
+    assert model.model.gradient_checkpointing
 
 
 @pytest.mark.parametrize("variant", ["baichuan1_13b", "baichuan2_7b", "baichuan2_13b"])
