@@ -32,6 +32,13 @@ struct Int8Operands {
   bool split = false;
 
   float row_scale(int64_t n) const { return scales ? scales[n] : 1.f; }  // group scales: applied per block
+
+  // A tile's sums, lane r * MB + j for weight row n + r and activation row m + j, scaled by their rows' scales.
+  template <int R, int MB>
+  void set_tile(const float* sums, int64_t n, int64_t m) const {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[r * MB + j] * row_scale(n + r));
+  }
 };
 
 }  // namespace baichuan_cpu_gemv

@@ -186,8 +186,7 @@ struct Int8Tile : Int8Operands {
     }
     alignas(32) float sums[8];
     _mm256_store_ps(sums, total);
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[r * MB + j] * row_scale(n + r));
+    set_tile<R, MB>(sums, n, m);
   }
 
   // Group scales, one weight row against one activation row: the int32 sums of 8 blocks gathered into the lanes of

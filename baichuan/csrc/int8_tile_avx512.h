@@ -64,8 +64,7 @@ struct Int8Tile : Int8Operands {
     }
     alignas(64) float sums[16];
     _mm512_store_ps(sums, total);
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[r * MB + j] * row_scale(n + r));
+    set_tile<R, MB>(sums, n, m);
   }
 
   // Small blocks (an 8-bit head's groups of 32 columns) against 5 to 8 activation rows: there the lanes of one
