@@ -168,7 +168,7 @@ struct Int8Tile : Int8Operands {
           for (int j = 0; j < MB; ++j) iacc[r * MB + j] = dot<kSplit>(iacc[r * MB + j], wv, x0 + j * K + k);
         }
         // each accumulator kept in its register: else GCC adds into a fresh one and copies it back, a move per
-        // product (objdump: 8 of a step's 27 instructions at 8 rows). Not at 4 rows, where it cost 1-8%
+        // product (objdump: 8 of a step's 30 instructions at 8 rows). Not at 4 rows, where it cost 1-8%
         // (ab_kernels, benchmarks/README.md)
         if constexpr (R * MB >= 5)
           for (int i = 0; i < R * MB; ++i) __asm__("" : "+x"(iacc[i]));
