@@ -89,8 +89,14 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
                             M, split}},
             N, M, K);
   } else {
-    const Int8Tile<false> tile{{w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data, nullptr, output_of(y),
-                                N, K, B, a.blocks, M, split}};
+#if defined(BAICHUAN_AVX512)
+    const at::Tensor x_lanes;
+#else
+    const at::Tensor x_lanes = M >= 8 ? rows_in_lanes(a.codes, 16) : at::Tensor();  // `Int8Tile::run_steps`
+#endif
+    const Int8Tile<false> tile{{w, scales.data_ptr<float>(), nullptr, xq, xs, xs_by_block_data,
+                                x_lanes.defined() ? x_lanes.data_ptr<int16_t>() : nullptr, output_of(y), N, K, B,
+                                a.blocks, M, split}};
 #if defined(BAICHUAN_AVX512)
     if (M == 1 && single_stream) {
       run_all(Int8StreamTile{tile}, N, M, K);

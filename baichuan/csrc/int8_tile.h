@@ -22,7 +22,8 @@ struct Int8Operands {
   // Group scales of at most kMaxLaneBlock columns and 5+ activation rows: the codes of each pass of 8 rows (zero
   // past M) as (K / W, 8, W), W columns of each row in turn (`rows_in_lanes`): quads (AVX-512) or pairs (AVX2),
   // so that a vector holds the 8 rows' columns that one weight vector multiplies; AVX2, a call of 3-4 rows: the
-  // codes as `rows_in_halves` lays them out; else null.
+  // codes as `rows_in_halves` lays them out; AVX2, a scale a row and 8+ activation rows: each pass's codes as
+  // (K / 16, 8, 16); else null.
   const int16_t* x_lanes;
   Output y;
   int64_t N, K, B, blocks, M;

@@ -40,9 +40,18 @@ struct Int8Tile : Int8Operands {
       static_assert(R * MB <= 8 && (R == 1 || MB <= 2));
       if (split)
         run_steps<R, MB, true>(n, m);
+      else if constexpr (MB == kPassRows)
+        run_full_pass<R>(n, m);
       else
         run_steps<R, MB, false>(n, m);
     }
+  }
+
+  // A whole pass of rows in a function of its own: inlined into `run_all`, GCC kept the accumulators on the stack
+  // (objdump) once the steps read the interleaved codes.
+  template <int R>
+  [[gnu::noinline]] void run_full_pass(int64_t n, int64_t m) const {
+    run_steps<R, kPassRows, false>(n, m);
   }
 
   // Small groups (an 8-bit head's 32 columns) against 3 to 8 activation rows, as AVX-512's `run_quads`: the lanes
@@ -153,6 +162,11 @@ struct Int8Tile : Int8Operands {
     }
     const int8_t* wn = w + n * K;
     const int16_t* x0 = xq + m * K;
+    // A scale a row, a whole pass: the codes interleaved by 16 columns (`x_lanes`), so that every product reads
+    // base + constant. Row by row, each product's load took an index register, which costs the 3-operand
+    // `vpmaddwd` an extra micro-op (ab_kernels at 8 rows: 0.87-0.96 of the time; benchmarks/README.md).
+    constexpr bool kInterleaved = !kGroupScales && !kSplit && MB == kPassRows;
+    const int16_t* xi = kInterleaved ? x_lanes + (m / kPassRows) * K * kPassRows : nullptr;
     __m256 total = _mm256_setzero_ps();
     for (int64_t k0 = 0, b = 0; k0 < K; k0 += B, ++b) {
       __m256i iacc[R * MB];
@@ -165,7 +179,8 @@ struct Int8Tile : Int8Operands {
         for (int r = 0; r < R; ++r) {
           __m256i wv[kSplit ? 2 : 1];
           widen<kSplit>(wn + r * K + k, wv);
-          for (int j = 0; j < MB; ++j) iacc[r * MB + j] = dot<kSplit>(iacc[r * MB + j], wv, x0 + j * K + k);
+          for (int j = 0; j < MB; ++j)
+            iacc[r * MB + j] = dot<kSplit>(iacc[r * MB + j], wv, kInterleaved ? xi + k * MB + j * 16 : x0 + j * K + k);
         }
         // each accumulator kept in its register: else GCC adds into a fresh one and copies it back, a move per
         // product (objdump: 8 of a step's 30 instructions at 8 rows). Not at 4 rows, where it cost 1-8%
