@@ -328,6 +328,44 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
             assert torch.equal(batch, alone), name
 
 
+@pytest.mark.parametrize("rows", [5, 8, 13])
+def test_threads_claiming_chunks_compute_each_output_once(build, rows):
+    """From `kClaimedChunksMinRows` activation rows the threads claim chunks of 64 output rows as they go (a
+    product of at least 4 chunks a thread): every output is computed once, as one thread computes it alone."""
+    generator = torch.Generator().manual_seed(rows)
+    n, k = 64 * 21 + 5, 512
+    x = torch.randn(rows, k, generator=generator)
+    products = {
+        "int8": (
+            build.int8_gemv,
+            torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator),
+            torch.rand(n, generator=generator),
+        ),
+        "int8 groups of 32": (
+            build.int8_gemv,
+            torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator),
+            torch.rand(n, k // 32, generator=generator).bfloat16(),
+        ),
+        "int4": (
+            build.int4_gemv,
+            torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
+            (torch.rand(k // 128, n, 2, generator=generator) / 8).bfloat16(),
+            128,
+        ),
+        "bf16": (build.bf16_gemv, torch.randn(n, k, generator=generator).bfloat16()),
+    }
+    threads = torch.get_num_threads()
+    for name, (product, *operands) in products.items():
+        torch.set_num_threads(max(threads, 2))
+        try:
+            claimed = product(x, *operands)
+            torch.set_num_threads(1)
+            alone = product(x, *operands)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(claimed, alone), name
+
+
 @pytest.mark.parametrize("rows", [1, 4, 8, 11])
 def test_int8_gives_the_same_bits_in_every_build(rows):
     """The int8 tiles of every build sum each activation block exactly in int32 and add it to a row's fp32 sum
