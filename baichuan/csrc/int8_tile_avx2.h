@@ -13,8 +13,9 @@ struct Int8Tile : Int8Operands {
   // One activation row: one weight row at a time. On a Zen 3 (ab_kernels, one row, 1.29B shapes) that took 17-34%
   // less time than four rows side by side on four of five shapes, 1-4% less on 1536x4096: four streams at once per
   // core read memory worse than one (and the prefetch kPrefetchRows ahead), however few instructions each takes.
-  // Group scales at 3+ rows (`run_lanes`): two, each activation vector loaded once for both.
-  static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : mb >= 3 && kGroupScales ? 2 : 1; }
+  // Group scales at 3-4 rows (`run_lanes`): two, each activation vector loaded once for both; at 5+ (`run_pairs`):
+  // four, an accumulator and a broadcast each beside the activation vector they share.
+  static constexpr int weight_rows(int mb) { return mb == 1 ? 1 : mb == 2 ? 2 : !kGroupScales ? 1 : mb >= 5 ? 4 : 2; }
 
   // Rows [n, n + R) against activation rows [m, m + MB), R * MB <= 8: each weight vector is widened once for all MB.
   // At the end of each block the R * MB int32 sums are reduced into the lanes of one vector (lane r * MB + j), which
@@ -26,10 +27,10 @@ struct Int8Tile : Int8Operands {
   template <int R, int MB>
   void run(int64_t n, int64_t m) const {
     if constexpr (kGroupScales && MB >= 5) {
-      if (x_lanes) return run_lanes<R, MB, false>(n, m);
+      if (x_lanes) return run_pairs<R, MB>(n, m);
       for (int r = 0; r < R; ++r) run_steps<1, MB, false>(n + r, m);  // groups past kMaxLaneBlock
     } else if constexpr (kGroupScales && MB >= 3) {
-      if (x_lanes && M <= 4) return run_lanes<R, MB, true>(n, m);
+      if (x_lanes && M <= 4) return run_lanes<R, MB>(n, m);
       for (int r = 0; r < R; ++r) {  // larger groups, or a batch's last pass of 3-4 rows
         if (split)
           run_steps<1, MB, true>(n + r, m);
@@ -54,48 +55,31 @@ struct Int8Tile : Int8Operands {
     run_steps<R, kPassRows, false>(n, m);
   }
 
-  // Small groups (an 8-bit head's 32 columns) against 3 to 8 activation rows, as AVX-512's `run_quads`: the lanes
+  // Small groups (an 8-bit head's 32 columns) against 3 or 4 activation rows, as AVX-512's `run_quads`: the lanes
   // of one accumulator are the activation rows, so a block ends in one conversion and one multiply-add a weight row
-  // where `lane_sums` took eight horizontal additions and two lane permutations a block. The same exact int32 block
-  // sums and multiply-adds as the other tiles: the same bits.
-  // - 5 to 8 rows (pairs): each pair of weights, widened, goes to all 8 lanes (`vpshufd`) against the rows' pairs
-  //   (`rows_in_lanes`). The 1.29B head (125696x1536, groups of 32) at 8 rows took 0.80 of the time (ab_kernels,
-  //   AVX2-only EPYC; benchmarks/README.md); with a scale a row (blocks of 256) 1.08-1.17 of it, so only groups.
-  // - a call of 3 or 4 rows (kHalves): lanes j and j + 4 are row j's, the low and the high 8 of each 16 columns, so
-  //   one `vpmovsxbw` of 16 weights serves all 8 lanes (`vpshufd` picks pair q of each half) against the codes laid
-  //   out to match (`rows_in_halves`), and a block first adds the two halves. The head at 4 rows: 0.72 of the time.
-  template <int R, int MB, bool kHalves>
+  // where `lane_sums` took eight horizontal additions and two lane permutations a block. Lanes j and j + 4 are row
+  // j's, the low and the high 8 of each 16 columns, so one `vpmovsxbw` of 16 weights serves all 8 lanes (`vpshufd`
+  // picks pair q of each half) against the codes laid out to match (`rows_in_halves`), and a block first adds the
+  // two halves. The 1.29B head (125696x1536, groups of 32) at 4 rows took 0.72 of the time of the tiles of one weight
+  // row (ab_kernels, AVX2-only EPYC; benchmarks/README.md). The same exact int32 block sums and multiply-adds as the
+  // other tiles: the same bits.
+  template <int R, int MB>
   void run_lanes(int64_t n, int64_t m) const {
-    constexpr int64_t kStepCols = kHalves ? 16 : 8;   // weights of a row a step: four pairs a lane
-    constexpr int64_t kVectorRows = kHalves ? 4 : 8;  // activation rows a vector holds
+    constexpr int64_t kStepCols = 16;  // weights of a row a step: four pairs a lane
     const int8_t* wn = w + n * K;
-    const int16_t* xt = kHalves ? x_lanes : x_lanes + (m / kPassRows) * K * kPassRows;
-    // lane j: row m + j's sum (128 bits for the halves: 0.94-0.96 of the time of 256 at 4 rows, ab_kernels)
-    std::conditional_t<kHalves, __m128, __m256> total[R];
-    for (int r = 0; r < R; ++r) {
-      if constexpr (kHalves)
-        total[r] = _mm_setzero_ps();
-      else
-        total[r] = _mm256_setzero_ps();
-    }
+    __m128 total[R];  // lane j: row m + j's sum (0.94-0.96 of the time of 256 bits at 4 rows, ab_kernels)
+    for (int r = 0; r < R; ++r) total[r] = _mm_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
       __m256i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
       for (int64_t k = b * B; k < (b + 1) * B; k += kStepCols) {
         if ((k & 63) == 0)
           for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
-        // each 128-bit half: 8 weights of the row as int16 (pairs: the same 8 in both), for the in-lane `vpshufd`
-        __m256i wide[R];
-        for (int r = 0; r < R; ++r) {
-          const int8_t* wr = wn + r * K + k;
-          if constexpr (kHalves)
-            wide[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)wr));
-          else
-            wide[r] = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)wr)));
-        }
+        __m256i wide[R];  // each 128-bit half: 8 weights of the row as int16
+        for (int r = 0; r < R; ++r) wide[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k)));
         const auto pair = [&](auto q_constant) {
           constexpr int q = decltype(q_constant)::value;
-          __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + (k + kStepCols / 4 * q) * kVectorRows));
+          __m256i xv = _mm256_loadu_si256((const __m256i*)(x_lanes + (k + 4 * q) * 4));
           if constexpr (R > 1) __asm__("" : "+x"(xv));  // one load for all R rows
           for (int r = 0; r < R; ++r)
             acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_shuffle_epi32(wide[r], q * 0x55), xv));
@@ -108,21 +92,61 @@ struct Int8Tile : Int8Operands {
       const float* sx = xs_by_block + b * (M + 8) + m;  // row m + j's block scale at j
       for (int r = 0; r < R; ++r) {
         const float ws = bf16_to_float(group_scales[(n + r) * blocks + b]);
-        if constexpr (kHalves) {
-          const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
-          total[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(_mm_loadu_ps(sx), _mm_set1_ps(ws)), total[r]);
-        } else {
-          const __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(sx), _mm256_set1_ps(ws));
-          total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), scales, total[r]);
+        const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+        total[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(_mm_loadu_ps(sx), _mm_set1_ps(ws)), total[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, total[r]);
+      for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[j]);
+    }
+  }
+
+  // Small groups against 5 to 8 activation rows, the lanes of each accumulator the activation rows as in
+  // `run_lanes`, the codes of each pass laid out in pairs (`rows_in_lanes`: a vector holds the 8 rows' two columns
+  // that one pair of weights multiplies). Each block of the R weight rows is first widened to int16 on the stack,
+  // so that a pair of weights reaches all 8 lanes by a broadcast from memory (a load), where a shuffle of a widened
+  // vector had taken one of the three vector ports a product (ab_kernels, the head at 8 rows: 0.85 of the time,
+  // benchmarks/README.md). The same exact int32 block sums and multiply-adds: the same bits.
+  template <int R, int MB>
+  void run_pairs(int64_t n, int64_t m) const {
+    const int8_t* wn = w + n * K;
+    const int16_t* xt = x_lanes + (m / kPassRows) * K * kPassRows;  // (K / 2, 8, 2)
+    alignas(32) int16_t wide[R][kMaxLaneBlock];
+    __m256 total[R];  // lane j: row m + j's sum
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = b * B;
+      if ((k0 & 63) == 0 || B < 64)
+        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k0), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r)
+        for (int64_t k = 0; k < B; k += 16)
+          _mm256_store_si256((__m256i*)(wide[r] + k),
+                             _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wn + r * K + k0 + k))));
+      __m256i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+      const int16_t* xb = xt + k0 * kPassRows;
+      // B a run-time bound: unrolled for B = 32 or 64 at compile time it took 1.00-1.02 of the time, this 0.85-0.88
+      for (int64_t k = 0; k < B; k += 2) {
+        __m256i xv = _mm256_loadu_si256((const __m256i*)(xb + k * kPassRows));
+        __asm__("" : "+x"(xv));  // one load for all R rows
+        for (int r = 0; r < R; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, wide[r] + k, sizeof(pair));
+          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_set1_epi32(pair), xv));
+          __asm__("" : "+x"(acc[r]));
         }
+      }
+      const float* sx = xs_by_block + b * (M + 8) + m;  // row m + j's block scale at j
+      for (int r = 0; r < R; ++r) {
+        const __m256 ws = _mm256_set1_ps(bf16_to_float(group_scales[(n + r) * blocks + b]));
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_mul_ps(_mm256_loadu_ps(sx), ws), total[r]);
       }
     }
     for (int r = 0; r < R; ++r) {
       alignas(32) float sums[8];
-      if constexpr (kHalves)
-        _mm_store_ps(sums, total[r]);
-      else
-        _mm256_store_ps(sums, total[r]);
+      _mm256_store_ps(sums, total[r]);
       for (int j = 0; j < MB; ++j) y.set((m + j) * N + n + r, sums[j]);
     }
   }
