@@ -295,7 +295,7 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
     may pair even and odd halves differently (fp32 rounding only), as may avx2's int8 tile of one row with group
     scales (8 blocks at a time); from two rows on, group scales too give each row the same bits in every tile
     (the rows in the lanes of one accumulator with groups up to 64 columns: `run_quads`, and avx2's `run_lanes`
-    from 3 rows; tiles of one weight row past them). 130 outputs: whole tiles and a remainder."""
+    at 3-4 rows and `run_pairs` from 5; tiles of one weight row past them). 130 outputs: whole tiles and a remainder."""
     generator = torch.Generator().manual_seed(rows)
     k = 1536
     x = torch.randn(rows, k, generator=generator).bfloat16()

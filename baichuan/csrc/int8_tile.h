@@ -8,7 +8,8 @@
 namespace baichuan_cpu_gemv {
 
 // The largest group of int8 scales for which 3 (AVX2) or 5 (AVX-512) to 8 activation rows go in the lanes of one
-// accumulator (Int8Tile::run_lanes, run_quads): past it, the other tiles' reduction at each block's end costs less.
+// accumulator (Int8Tile::run_lanes and run_pairs, run_quads): past it, the other tiles' reduction at each block's
+// end costs less.
 constexpr int64_t kMaxLaneBlock = 64;
 
 // What an int8 tile multiplies: the weight, its scales, the activation rows' codes and scales, where they go.
