@@ -48,8 +48,8 @@ struct Int8Tile : Int8Operands {
     }
   }
 
-  // A whole pass of rows in a function of its own: inlined into `run_all`, GCC kept the accumulators on the stack
-  // (objdump) once the steps read the interleaved codes.
+  // The 8-row pass (the one that reads interleaved codes) in a function of its own: 5-7-row passes reading them,
+  // inlined into `run_all`, had their accumulators kept on the stack by GCC (objdump).
   template <int R>
   [[gnu::noinline]] void run_full_pass(int64_t n, int64_t m) const {
     run_steps<R, kPassRows, false>(n, m);
@@ -107,8 +107,8 @@ struct Int8Tile : Int8Operands {
   // `run_lanes`, the codes of each pass laid out in pairs (`rows_in_lanes`: a vector holds the 8 rows' two columns
   // that one pair of weights multiplies). Each block of the R weight rows is first widened to int16 on the stack,
   // so that a pair of weights reaches all 8 lanes by a broadcast from memory (a load), where a shuffle of a widened
-  // vector had taken one of the three vector ports a product (ab_kernels, the head at 8 rows: 0.85 of the time,
-  // benchmarks/README.md). The same exact int32 block sums and multiply-adds: the same bits.
+  // vector had taken one of the three vector ports a product (ab_kernels, the head at 8 rows: 0.85-0.95 of the
+  // time, benchmarks/README.md). The same exact int32 block sums and multiply-adds: the same bits.
   template <int R, int MB>
   void run_pairs(int64_t n, int64_t m) const {
     const int8_t* wn = w + n * K;
@@ -118,8 +118,7 @@ struct Int8Tile : Int8Operands {
     for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k0 = b * B;
-      if ((k0 & 63) == 0 || B < 64)
-        for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k0), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(wn + (kPrefetchRows + r) * K + k0), _MM_HINT_T0);
       for (int r = 0; r < R; ++r)
         for (int64_t k = 0; k < B; k += 16)
           _mm256_store_si256((__m256i*)(wide[r] + k),
@@ -188,7 +187,8 @@ struct Int8Tile : Int8Operands {
     const int16_t* x0 = xq + m * K;
     // A scale a row, a whole pass: the codes interleaved by 16 columns (`x_lanes`), so that every product reads
     // base + constant. Row by row, each product's load took an index register, which costs the 3-operand
-    // `vpmaddwd` an extra micro-op (ab_kernels at 8 rows: 0.87-0.96 of the time; benchmarks/README.md).
+    // `vpmaddwd` an extra micro-op (ab_kernels at 8 rows: 0.84-1.05 of the time, below 1 on four of five shapes;
+    // benchmarks/README.md).
     constexpr bool kInterleaved = !kGroupScales && !kSplit && MB == kPassRows;
     const int16_t* xi = kInterleaved ? x_lanes + (m / kPassRows) * K * kPassRows : nullptr;
     __m256 total = _mm256_setzero_ps();
