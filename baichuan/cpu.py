@@ -13,11 +13,16 @@ import warnings
 
 import torch
 
-# The builds of our kernels (`csrc/`), lowest first; each needs the features of the ones before it.
+# The builds of our kernels (`csrc/`), lowest first; each needs the features of the AVX2 ones, avx512bf16 those of
+# avx512 too (avx2vnni is not among avx512's: Ice Lake and Zen 4 have AVX-512 VNNI but not AVX-VNNI).
 #   avx2        AVX2 + FMA (Haswell, Zen 1 and later)
+#   avx2vnni    the above + AVX-VNNI (Alder Lake and later cores without AVX-512, Sapphire Rapids, Zen 5)
 #   avx512      AVX-512 F/BW/VL/DQ + VNNI (Cascade Lake, Ice Lake, Zen 4 and later; Skylake-X runs avx2)
 #   avx512bf16  the above + AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later)
-KERNEL_TARGETS = ("avx2", "avx512", "avx512bf16")
+KERNEL_TARGETS = ("avx2", "avx2vnni", "avx512", "avx512bf16")
+# The builds whose tiles are the AVX2 ones (`csrc/int8_tile_avx2.h`; avx2vnni only fuses int8's multiply and add),
+# which the routes made for the avx2 build take as well.
+AVX2_TARGETS = ("avx2", "avx2vnni")
 
 # Row thresholds: how many activation rows (tokens in a forward) a product must have before a kernel changes.
 # The measurements behind each are in benchmarks/README.md, with the CPU they were taken on.
@@ -121,11 +126,21 @@ def kernel_targets() -> tuple[str, ...]:
     """The builds of our kernels this CPU (and its operating system) can run, lowest first; () without AVX2."""
     if not has_avx2():
         return ()
-    if not (_probe("_is_avx512_supported") and _probe("_is_vnni_supported")):
-        return KERNEL_TARGETS[:1]
-    if not _probe("_is_avx512_bf16_supported"):
-        return KERNEL_TARGETS[:2]
-    return KERNEL_TARGETS
+    targets = ["avx2"]
+    if has_avx_vnni():
+        targets.append("avx2vnni")
+    if _probe("_is_avx512_supported") and _probe("_is_vnni_supported"):
+        targets.append("avx512")
+        if _probe("_is_avx512_bf16_supported"):
+            targets.append("avx512bf16")
+    return tuple(targets)
+
+
+@functools.cache
+def has_avx_vnni() -> bool:
+    """Whether the CPU has AVX-VNNI (`vpdpwssd` on 256-bit vectors, VEX-encoded), as Linux's /proc/cpuinfo flags say
+    (torch has no probe for it); False elsewhere, where the avx2 build runs instead."""
+    return "avx_vnni" in cpuinfo_field("flags").split()
 
 
 def kernel_target(requested: str | None = None, supported: tuple[str, ...] | None = None) -> str | None:
@@ -181,7 +196,7 @@ def bf16_prompt_min_rows(target: str | None) -> int | None:
     """Activation rows from which our bf16 prompt kernel (the build for `target`) takes bf16 products here; None
     where torch's GEMMs stay: native bf16 (oneDNN's), or an AVX-512 CPU (MKL's AVX-512 fp32 GEMM, against which
     the kernel's AVX2 FMAs were never measured), even with a lower build forced."""
-    if target != "avx2" or not half_is_emulated(torch.bfloat16):
+    if target not in AVX2_TARGETS or not half_is_emulated(torch.bfloat16):
         return None
     return BF16_PROMPT_MIN_ROWS if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
 

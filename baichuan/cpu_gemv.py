@@ -6,11 +6,11 @@ decode-sized products (they widen every weight to float), and its bf16 mat-vec d
 these kernels do pairs of int8 x int16 products per instruction (int4 x int8: 32 or, with VNNI, 64 products), and
 bf16 products with `vdpbf16ps` or two FMAs per 32-bit lane, and so stream weights much closer to the memory's rate.
 
-Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx512 (with VNNI) or
-avx512bf16 (which also multiplies short bf16, int8 and int4 prompts on AMX tiles where the CPU has them:
+Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx2vnni (AVX2 with AVX-VNNI),
+avx512 (with VNNI) or avx512bf16 (which also multiplies short bf16, int8 and int4 prompts on AMX tiles where the CPU has them:
 `amx_ready`). Each build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
 extension cache), so a cache shared between machines never hands a CPU a kernel it cannot run.
-BAICHUAN_CPU_ISA=avx2 (or avx512) forces a lower target; one the CPU cannot run is clamped, with a warning.
+BAICHUAN_CPU_ISA=avx2 (or avx2vnni, avx512) forces a lower target; one the CPU cannot run is clamped, with a warning.
 They need an x86 CPU with AVX2 and a C++ compiler; where either is missing, or the build fails, or
 BAICHUAN_CPU_KERNELS=0 is set, `load()` gives None and the callers keep torch's kernels.
 """
@@ -78,6 +78,7 @@ TARGET_FLAGS = {
         "-mavx512vnni",
     ],
 }
+TARGET_FLAGS["avx2vnni"] = [*TARGET_FLAGS["avx2"], "-mavxvnni"]
 TARGET_FLAGS["avx512bf16"] = [*TARGET_FLAGS["avx512"], "-mavx512bf16"]
 
 
@@ -352,7 +353,7 @@ def widens_fp32_rows() -> bool:
     """Whether our bf16 mat-vec here multiplies fp32 activation rows as they are, each bf16 weight widened to
     fp32 (the avx2 and avx512 builds): the products of an fp32 weight holding the same values, at half the bytes
     read. The avx512bf16 build rounds the rows to bf16 for `vdpbf16ps`."""
-    return target() in ("avx2", "avx512")
+    return target() in ("avx2", "avx2vnni", "avx512")
 
 
 def autocast_enabled(device_type: str) -> bool:

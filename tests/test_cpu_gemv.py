@@ -318,7 +318,7 @@ def test_a_batch_gives_each_row_what_it_gets_alone(build, rows):
         batch, alone = product(xf), torch.cat([product(xf[i : i + 1]) for i in range(rows)])
         if name == "bf16" and build.target != "avx512bf16":
             assert rel(batch, alone.double()) < 1e-6, name
-        elif name.startswith("int8 groups") and build.target == "avx2":
+        elif name.startswith("int8 groups") and build.target in cpu.AVX2_TARGETS:
             assert rel(batch, alone.double()) < 1e-6, name
             # each pair of rows against a call of those two, but for a batch's last pass of one row (as alone)
             paired = rows - (rows % 8 == 1)
@@ -370,7 +370,8 @@ def test_threads_claiming_chunks_compute_each_output_once(build, rows):
 def test_int8_gives_the_same_bits_in_every_build(rows):
     """The int8 tiles of every build sum each activation block exactly in int32 and add it to a row's fp32 sum
     with one multiply-add, block after block (as the AMX-INT8 kernel does), so a row gets the same bits from the
-    avx2, avx512 and avx512bf16 builds: a scale a row, and group scales against several activation rows."""
+    avx2, avx2vnni (`vpdpwssd`), avx512 and avx512bf16 builds: a scale a row, and group scales against several
+    activation rows."""
     builds = [kernel_build(target) for target in cpu.kernel_targets()]
     if len(builds) < 2:
         skip_platform(f"this CPU runs one build of the kernels ({builds[0].target}): nothing to compare")
@@ -464,7 +465,42 @@ def test_the_target_is_the_highest_the_cpu_runs_or_a_lower_one_asked_for():
         assert cpu.kernel_target("avx512bf16", ("avx2",)) == "avx2"
     with pytest.warns(UserWarning, match="unknown CPU kernel target 'sse2'"):
         assert cpu.kernel_target("sse2", ("avx2", "avx512")) == "avx512"
-    assert cpu.kernel_targets() in ((), everything[:1], everything[:2], everything)
+    with pytest.warns(UserWarning, match="cannot run the avx2vnni kernels .*using avx512bf16"):
+        assert cpu.kernel_target("avx2vnni", ("avx2", "avx512", "avx512bf16")) == "avx512bf16"
+    assert cpu.kernel_target("avx2vnni", everything) == "avx2vnni"
+    targets = cpu.kernel_targets()
+    assert targets == () or (targets[0] == "avx2" and list(targets) == sorted(targets, key=everything.index))
+    assert ("avx2vnni" in targets) == (bool(targets) and cpu.has_avx_vnni())
+
+
+@pytest.mark.parametrize(
+    ("avx_vnni", "avx512", "bf16", "expected"),
+    [
+        (False, False, False, ("avx2",)),  # Haswell, Zen 3
+        (True, False, False, ("avx2", "avx2vnni")),  # Alder Lake
+        (False, True, False, ("avx2", "avx512")),  # Ice Lake
+        (False, True, True, ("avx2", "avx512", "avx512bf16")),  # Zen 4
+        (True, True, True, ("avx2", "avx2vnni", "avx512", "avx512bf16")),  # Sapphire Rapids, Zen 5
+    ],
+)
+def test_the_builds_a_cpu_runs_follow_its_features(monkeypatch, avx_vnni, avx512, bf16, expected):
+    """AVX-VNNI (VEX) and AVX-512 VNNI come separately: an Ice Lake or a Zen 4 has the second, an Alder Lake the
+    first, so avx2vnni is a build of its own beside the AVX-512 ones, not below them."""
+    probes = {"_is_avx512_supported": avx512, "_is_vnni_supported": avx512, "_is_avx512_bf16_supported": bf16}
+    monkeypatch.setattr(cpu, "has_avx2", lambda: True)
+    monkeypatch.setattr(cpu, "has_avx_vnni", lambda: avx_vnni)
+    monkeypatch.setattr(cpu, "_probe", probes.__getitem__)
+    cpu.kernel_targets.cache_clear()
+    try:
+        assert cpu.kernel_targets() == expected
+        assert cpu.kernel_target() == expected[-1]
+    finally:
+        cpu.kernel_targets.cache_clear()
+
+
+def test_avx_vnni_is_read_from_the_cpu_flags():
+    flags = cpu.cpuinfo_field("flags").split()
+    assert cpu.has_avx_vnni() == ("avx_vnni" in flags)
 
 
 def test_one_row_streams_alone_on_amd_avx512_cpus_unless_told(monkeypatch):
@@ -503,6 +539,7 @@ def test_each_build_is_named_after_its_target(kernels):
     gives one CPU another's build."""
     assert [cpu_gemv.build_name(t) for t in cpu.KERNEL_TARGETS] == [
         "baichuan_cpu_gemv_avx2",
+        "baichuan_cpu_gemv_avx2vnni",
         "baichuan_cpu_gemv_avx512",
         "baichuan_cpu_gemv_avx512bf16",
     ]
@@ -511,6 +548,10 @@ def test_each_build_is_named_after_its_target(kernels):
     )
     assert "-mavx512f" not in cpu_gemv.TARGET_FLAGS["avx2"]
     assert "-mavx512bf16" not in cpu_gemv.TARGET_FLAGS["avx512"]
+    assert (
+        "-mavxvnni" not in cpu_gemv.TARGET_FLAGS["avx512"]
+        and "-mavxvnni" in cpu_gemv.TARGET_FLAGS["avx2vnni"]
+    )
 
 
 def test_a_lower_target_forced_by_the_environment():

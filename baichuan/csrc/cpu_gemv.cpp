@@ -27,6 +27,8 @@ namespace baichuan_cpu_gemv {
 constexpr const char* kTarget = "avx512bf16";
 #elif defined(BAICHUAN_AVX512)
 constexpr const char* kTarget = "avx512";
+#elif defined(BAICHUAN_AVXVNNI)
+constexpr const char* kTarget = "avx2vnni";
 #else
 constexpr const char* kTarget = "avx2";
 #endif

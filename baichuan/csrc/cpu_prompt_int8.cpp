@@ -20,7 +20,7 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels.h"
+#include "gemv.h"  // add_pair_sums; kernels.h
 
 namespace baichuan_cpu_gemv {
 
@@ -75,8 +75,8 @@ void int8_tile(const int16_t* xq, const float* xs, int64_t K, int64_t blocks, in
         int32_t two;
         std::memcpy(&two, xq + r * K + k, sizeof two);
         const __m256i xv = _mm256_set1_epi32(two);
-        dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(w0, xv));
-        dot[r][1] = _mm256_add_epi32(dot[r][1], _mm256_madd_epi16(w1, xv));
+        dot[r][0] = add_pair_sums(dot[r][0], w0, xv);
+        dot[r][1] = add_pair_sums(dot[r][1], w1, xv);
         // As in cpu_prefill.cpp's int4 tile: keeps the compiler from re-associating the adds into a tree that
         // spills the products.
         asm("" : "+x"(dot[r][0]), "+x"(dot[r][1]));

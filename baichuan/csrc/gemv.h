@@ -5,6 +5,8 @@
 //
 //   avx2        AVX2 + FMA: 256-bit vectors, `vpmaddwd` for int8, `vpmaddubsw` for int4, bf16 widened to fp32 for
 //               FMA;
+//   avx2vnni    the above + AVX-VNNI (Alder Lake and later Intel cores without AVX-512, Sapphire Rapids, Zen 5):
+//               int8's `vpmaddwd` and add in one `vpdpwssd` (`add_pair_sums`);
 //   avx512      AVX-512 F/BW/VL/DQ + VNNI: 512-bit vectors, `vpdpwssd` for int8 (multiply pairs of int16 and
 //               accumulate in int32, one instruction where AVX2 needs two), `vpdpbusd` for int4 (quads of bytes);
 //   avx512bf16  the above + AVX512-BF16: `vdpbf16ps` for the bf16 product; and where the CPU has AMX-BF16,
@@ -35,6 +37,8 @@
 #if defined(__AVX512BF16__)
 #define BAICHUAN_AVX512BF16 1
 #endif
+#elif defined(__AVXVNNI__)
+#define BAICHUAN_AVXVNNI 1
 #endif
 
 namespace baichuan_cpu_gemv {
@@ -64,6 +68,17 @@ inline int32_t hsum(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
   return _mm_cvtsi128_si32(s);
+}
+
+// acc plus the sums of adjacent pairs of int16 products of a and b, in int32: one `vpdpwssd` where the build has
+// AVX-VNNI, else `vpmaddwd` and an add, which on AVX2 bound the int8 tiles of several activation rows (three vector
+// ports, benchmarks/README.md). Exact in int32 either way: the same bits.
+inline __m256i add_pair_sums(__m256i acc, __m256i a, __m256i b) {
+#if defined(BAICHUAN_AVXVNNI)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
 }
 
 inline float bf16_to_float(uint16_t v) {

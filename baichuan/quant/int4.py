@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baichuan import cpu_gemv
-from baichuan.cpu import half_is_emulated
+from baichuan.cpu import AVX2_TARGETS, half_is_emulated
 from baichuan.quant.kernels import (
     KERNEL_DTYPE,
     ROW_CHUNK,
@@ -335,7 +335,9 @@ class Int4Linear(nn.Module):
             return False
         module = cpu_gemv.load()
         return (
-            module is not None and module.target == "avx2" and takes_int4_int8(module, x, self.out_features)
+            module is not None
+            and module.target in AVX2_TARGETS
+            and takes_int4_int8(module, x, self.out_features)
         )
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:

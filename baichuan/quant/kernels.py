@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from baichuan.cpu import half_is_emulated, has_amx
+from baichuan.cpu import AVX2_TARGETS, half_is_emulated, has_amx
 
 # torch's CPU weight-only kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) are vectorised for bf16
 # activations and much slower with fp32 or fp16 ones (benchmarks/README.md), so the CPU path always computes in
@@ -115,7 +115,7 @@ def int8_matmul_int16(
     if not (
         INT8_INT16_PROMPTS
         and module is not None
-        and module.target == "avx2"
+        and module.target in AVX2_TARGETS
         and out_features % 16 == 0
         and in_features % 16 == 0
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
