@@ -6,11 +6,12 @@ decode-sized products (they widen every weight to float), and its bf16 mat-vec d
 these kernels do pairs of int8 x int16 products per instruction (int4 x int8: 32 or, with VNNI, 64 products), and
 bf16 products with `vdpbf16ps` or two FMAs per 32-bit lane, and so stream weights much closer to the memory's rate.
 
-Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx2vnni (AVX2 with AVX-VNNI),
-avx512 (with VNNI) or avx512bf16 (which also multiplies short bf16, int8 and int4 prompts on AMX tiles where the CPU has them:
-`amx_ready`). Each build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
+Which build runs is decided from the CPU's features (`cpu.kernel_target`): avx2, avx2vnni (AVX2 with
+AVX-VNNI), avx512 (with VNNI) or avx512bf16 (which also multiplies short bf16, int8 and int4 prompts on AMX tiles
+where the CPU has them: `amx_ready`). Each build is named after its target (`baichuan_cpu_gemv_avx512bf16`, its own directory in torch's
 extension cache), so a cache shared between machines never hands a CPU a kernel it cannot run.
-BAICHUAN_CPU_ISA=avx2 (or avx2vnni, avx512) forces a lower target; one the CPU cannot run is clamped, with a warning.
+BAICHUAN_CPU_ISA=avx2 (or avx2vnni, avx512) forces a lower target; one the CPU cannot run is clamped, with a
+warning.
 They need an x86 CPU with AVX2 and a C++ compiler; where either is missing, or the build fails, or
 BAICHUAN_CPU_KERNELS=0 is set, `load()` gives None and the callers keep torch's kernels.
 """
@@ -32,6 +33,7 @@ from baichuan.cpu import (
     AMX_INT8_MAX_ROWS,
     AMX_INT8_MIN_ROWS,
     AMX_QUANTIZED_MIN_ROWS,
+    AVX2_TARGETS,
     GEMV_MAX_ROWS,
     amx_bf16_max_rows,
     amx_int8_max_rows,
@@ -353,7 +355,7 @@ def widens_fp32_rows() -> bool:
     """Whether our bf16 mat-vec here multiplies fp32 activation rows as they are, each bf16 weight widened to
     fp32 (the avx2 and avx512 builds): the products of an fp32 weight holding the same values, at half the bytes
     read. The avx512bf16 build rounds the rows to bf16 for `vdpbf16ps`."""
-    return target() in ("avx2", "avx2vnni", "avx512")
+    return target() in (*AVX2_TARGETS, "avx512")
 
 
 def autocast_enabled(device_type: str) -> bool:

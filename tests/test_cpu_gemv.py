@@ -498,9 +498,17 @@ def test_the_builds_a_cpu_runs_follow_its_features(monkeypatch, avx_vnni, avx512
         cpu.kernel_targets.cache_clear()
 
 
-def test_avx_vnni_is_read_from_the_cpu_flags():
+def test_avx_vnni_is_read_from_the_cpu_flags(monkeypatch):
     flags = cpu.cpuinfo_field("flags").split()
     assert cpu.has_avx_vnni() == ("avx_vnni" in flags)
+    # a whole flag: AVX-512 VNNI (Ice Lake, Zen 4) is not AVX-VNNI
+    for line, expected in (("fpu avx2 avx512_vnni", False), ("fpu avx2 avx_vnni avx512f", True), ("", False)):
+        monkeypatch.setattr(cpu, "cpuinfo_field", lambda name, line=line: line if name == "flags" else "")
+        cpu.has_avx_vnni.cache_clear()
+        try:
+            assert cpu.has_avx_vnni() is expected, line
+        finally:
+            cpu.has_avx_vnni.cache_clear()
 
 
 def test_one_row_streams_alone_on_amd_avx512_cpus_unless_told(monkeypatch):
